@@ -1,0 +1,55 @@
+// Picks the tfjs backend: tfjs-node-gpu, then tfjs-node when the user has installed them, else wasm, else cpu.
+import * as tf from "@tensorflow/tfjs-core";
+
+/** Backend names a user can ask for. */
+export const BACKENDS = ["tensorflow-gpu", "tensorflow", "wasm", "cpu"] as const;
+export type BackendName = (typeof BACKENDS)[number];
+
+/** A backend that was asked for but cannot be used here. */
+export class BackendError extends Error {
+  override name = "BackendError";
+}
+
+const PACKAGES: Record<BackendName, string> = {
+  "tensorflow-gpu": "@tensorflow/tfjs-node-gpu",
+  tensorflow: "@tensorflow/tfjs-node",
+  wasm: "@tensorflow/tfjs-backend-wasm",
+  cpu: "@tensorflow/tfjs-backend-cpu",
+};
+
+async function tryBackend(name: BackendName): Promise<string | null> {
+  try {
+    await import(PACKAGES[name]);
+  } catch {
+    return null;
+  }
+  const registered = name === "tensorflow-gpu" ? "tensorflow" : name;
+  try {
+    if (!(await tf.setBackend(registered))) return null;
+    await tf.ready();
+  } catch {
+    return null;
+  }
+  return registered;
+}
+
+/**
+ * Sets the best available backend (or the one asked for) and returns a description like "wasm (SIMD)".
+ * Throws BackendError when a forced backend is not installed.
+ */
+export async function initBackend(force?: string): Promise<string> {
+  if (force !== undefined) {
+    if (!(BACKENDS as readonly string[]).includes(force)) throw new BackendError(`unknown backend "${force}" (choose from ${BACKENDS.join(", ")})`);
+    const got = await tryBackend(force as BackendName);
+    if (!got) throw new BackendError(`backend "${force}" is not available: install ${PACKAGES[force as BackendName]}`);
+    return await describeBackend(force as BackendName);
+  }
+  for (const name of BACKENDS) if (await tryBackend(name)) return await describeBackend(name);
+  throw new BackendError("no tfjs backend could be started");
+}
+
+async function describeBackend(name: BackendName): Promise<string> {
+  if (name !== "wasm") return name;
+  const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT").catch(() => false);
+  return simd ? "wasm (SIMD)" : "wasm (no SIMD)";
+}

@@ -1,0 +1,224 @@
+// The Llama forward pass, by hand on tfjs-core ops. Read it top to bottom:
+//   embed → for each layer: x + attention(rmsnorm(x)), then + mlp(rmsnorm(x)) → final rmsnorm → head.
+// Every intermediate that matters passes through `site(name, value)`, which can cache it or replace it.
+// Site names follow TransformerLens: hook_embed, blocks.{l}.hook_resid_pre, blocks.{l}.attn.hook_z,
+// blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid, blocks.{l}.hook_mlp_out, blocks.{l}.hook_resid_post,
+// ln_final.hook_normalized.
+import * as tf from "@tensorflow/tfjs-core";
+import type { LlamaConfig } from "../io/config.js";
+import { ropeTables } from "./rope.js";
+
+/**
+ * One decoder layer's weights. Matrices are stored transposed from Hugging Face's [out, in] to [in, out], so
+ * that every projection is a plain x·W (tfjs's wasm matmul is ~10x slower with a transposed operand).
+ */
+export interface LlamaLayer {
+  inputNorm: tf.Tensor1D;
+  q: tf.Tensor2D;
+  k: tf.Tensor2D;
+  v: tf.Tensor2D;
+  o: tf.Tensor2D;
+  qBias?: tf.Tensor1D;
+  kBias?: tf.Tensor1D;
+  vBias?: tf.Tensor1D;
+  oBias?: tf.Tensor1D;
+  postNorm: tf.Tensor1D;
+  gate: tf.Tensor2D;
+  up: tf.Tensor2D;
+  down: tf.Tensor2D;
+  gateBias?: tf.Tensor1D;
+  upBias?: tf.Tensor1D;
+  downBias?: tf.Tensor1D;
+}
+
+/** A loaded model: config plus weights kept per layer (so one layer can be moved in or out at a time). */
+export interface LlamaModel {
+  config: LlamaConfig;
+  embed: tf.Tensor2D; // [vocab, hidden]
+  layers: LlamaLayer[];
+  finalNorm: tf.Tensor1D;
+  lmHead: tf.Tensor2D; // [hidden, vocab]: the embedding transposed when tied
+}
+
+/** A hook sees a site's value and returns the value to use instead (return the input to only observe). */
+export type Hook = (value: tf.Tensor, site: string) => tf.Tensor;
+
+/** What one forward call should do besides computing logits. */
+export interface ForwardOptions {
+  /** True length of each row; rows are right-padded to the common length. Default: all full. */
+  lengths?: number[];
+  /** Sites to cache: a list of names, or a predicate. Cached tensors belong to the caller. */
+  cache?: Iterable<string> | ((site: string) => boolean);
+  /** Per-site hooks that edit or replace the value (patching). */
+  hooks?: Record<string, Hook>;
+  /** Start at `blocks.{layer}.hook_resid_pre` with this residual [B, T, H], skipping the layers before. */
+  start?: { layer: number; resid: tf.Tensor };
+  /** Last layer to run (inclusive). Stopping before the last layer skips the final norm and the head. */
+  stopAfter?: number;
+  /** Which logits: "all" → [B, T, V] (default), "none", or [batch, position] pairs → [N, V]. */
+  logitsAt?: "all" | "none" | Array<[number, number]>;
+}
+
+/** Logits (null when not asked for or stopped early) and the cached sites. */
+export interface ForwardResult {
+  logits: tf.Tensor | null;
+  cache: Record<string, tf.Tensor>;
+}
+
+/** Per-call context shared by the block functions. */
+interface Ctx {
+  cfg: LlamaConfig;
+  site: (name: string, value: tf.Tensor) => tf.Tensor;
+  cos: tf.Tensor2D; // [T, head_dim]
+  sin: tf.Tensor2D;
+  maskBias: tf.Tensor; // [B, 1, 1, T, T]: 0 where a query may attend to a key, −1e9 elsewhere
+}
+
+/** x · W (+ b) for x [..., in] and W [in, out]. */
+function linear(x: tf.Tensor, w: tf.Tensor2D, b?: tf.Tensor1D): tf.Tensor {
+  const lead = x.shape.slice(0, -1);
+  const y = tf.matMul(tf.reshape(x, [-1, w.shape[0]]), w);
+  return tf.reshape(b ? tf.add(y, b) : y, [...lead, w.shape[1]]);
+}
+
+/** RMSNorm: x / sqrt(mean(x²) + eps) · w, over the last axis. */
+function rmsNorm(x: tf.Tensor, w: tf.Tensor1D, eps: number): tf.Tensor {
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.square(x), -1, true), eps))), w);
+}
+
+/** RoPE in the half-rotation layout: x·cos + rotate_half(x)·sin, x [B, heads, T, head_dim]. */
+function rope(x: tf.Tensor, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor {
+  const half = x.shape[3]! / 2;
+  const [x1, x2] = tf.split(x, [half, half], 3);
+  const rotated = tf.concat([tf.neg(x2!), x1!], 3);
+  return tf.add(tf.mul(x, cos), tf.mul(rotated, sin));
+}
+
+/** Grouped-query causal self-attention; consecutive query heads share one kv head. Returns [B, T, H]. */
+function attention(p: LlamaLayer, x: tf.Tensor, l: number, ctx: Ctx): tf.Tensor {
+  const { numHeads: nH, numKvHeads: nKv, headDim: d } = ctx.cfg;
+  const [B, T] = x.shape as [number, number, number];
+  const g = nH / nKv;
+  const heads = (w: tf.Tensor2D, b: tf.Tensor1D | undefined, n: number, perm: number[]) =>
+    tf.transpose(tf.reshape(linear(x, w, b), [B, T, n, d]), perm);
+  const q = rope(heads(p.q, p.qBias, nH, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nH, T, d]
+  const k = rope(heads(p.k, p.kBias, nKv, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nKv, T, d]
+  const v = heads(p.v, p.vBias, nKv, [0, 2, 1, 3]);
+  // Query heads kv·g … kv·g+g−1 read kv head kv: view q as [B, nKv, g·T, d] and attend per kv head.
+  const scores = tf.mul(tf.matMul(tf.reshape(q, [B, nKv, g * T, d]), tf.transpose(k, [0, 1, 3, 2])), 1 / Math.sqrt(d));
+  const probs = tf.softmax(tf.add(tf.reshape(scores, [B, nKv, g, T, T]), ctx.maskBias), -1);
+  const z = tf.transpose(tf.reshape(tf.matMul(tf.reshape(probs, [B, nKv, g * T, T]), v), [B, nH, T, d]), [0, 2, 1, 3]);
+  const zHooked = ctx.site(`blocks.${l}.attn.hook_z`, z); // [B, T, heads, head_dim]
+  return linear(tf.reshape(zHooked, [B, T, nH * d]), p.o, p.oBias);
+}
+
+/** SwiGLU MLP: down(silu(gate(x)) · up(x)). */
+function mlp(p: LlamaLayer, x: tf.Tensor): tf.Tensor {
+  const gate = linear(x, p.gate, p.gateBias);
+  return linear(tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(x, p.up, p.upBias)), p.down, p.downBias);
+}
+
+/** One decoder layer, pre-norm residual: returns the residual stream after the layer. */
+function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor {
+  const eps = ctx.cfg.rmsNormEps;
+  const x = ctx.site(`blocks.${l}.hook_resid_pre`, resid);
+  const attnOut = ctx.site(`blocks.${l}.hook_attn_out`, attention(p, rmsNorm(x, p.inputNorm, eps), l, ctx));
+  const mid = ctx.site(`blocks.${l}.hook_resid_mid`, tf.add(x, attnOut));
+  const mlpOut = ctx.site(`blocks.${l}.hook_mlp_out`, mlp(p, rmsNorm(mid, p.postNorm, eps)));
+  return ctx.site(`blocks.${l}.hook_resid_post`, tf.add(mid, mlpOut));
+}
+
+/** Final norm and unembedding, at all positions ([B, T, V]) or at chosen ones ([N, V]). */
+function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>): tf.Tensor {
+  const [B, T, H] = resid.shape as [number, number, number];
+  const normed = ctx.site("ln_final.hook_normalized", rmsNorm(resid, model.finalNorm, ctx.cfg.rmsNormEps));
+  if (at === "all") return linear(normed, model.lmHead);
+  for (const [b, t] of at) if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
+  const rows = tf.gather(tf.reshape(normed, [B * T, H]), tf.tensor1d(at.map(([b, t]) => b * T + t), "int32"));
+  return linear(rows, model.lmHead);
+}
+
+/** Additive attention mask [B, 1, 1, T, T]: causal, and keys past a row's length are hidden. */
+function maskBias(lengths: number[], T: number): tf.Tensor {
+  const m = new Float32Array(lengths.length * T * T);
+  lengths.forEach((len, b) => {
+    for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) if (k > q || k >= len) m[(b * T + q) * T + k] = -1e9;
+  });
+  return tf.tensor(m, [lengths.length, 1, 1, T, T]);
+}
+
+/**
+ * Runs the model on right-padded token ids [B][T]. Optionally caches or replaces any hook site, starts from a
+ * given residual at a layer, stops after a layer, and computes logits only where asked.
+ */
+export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions = {}): ForwardResult {
+  const cfg = model.config;
+  const B = ids.length;
+  const T = ids[0]?.length ?? 0;
+  if (B === 0 || T === 0) throw new RangeError("forward needs at least one row of at least one token");
+  if (ids.some((r) => r.length !== T)) throw new RangeError("all rows of ids must have the same (padded) length");
+  for (const r of ids) for (const id of r) if (!(Number.isInteger(id) && id >= 0 && id < cfg.vocabSize)) throw new RangeError(`token id ${id} outside the vocabulary [0, ${cfg.vocabSize})`);
+  const lengths = opts.lengths ?? ids.map(() => T);
+  if (lengths.length !== B || lengths.some((n) => !(Number.isInteger(n) && n >= 1 && n <= T))) throw new RangeError("lengths must give 1..T for each row");
+  const first = opts.start?.layer ?? 0;
+  const last = opts.stopAfter ?? cfg.numLayers - 1;
+  if (first < 0 || first > cfg.numLayers || last < first - 1 || last >= cfg.numLayers) throw new RangeError(`layer range ${first}..${last} is outside 0..${cfg.numLayers - 1}`);
+
+  const cached: Record<string, tf.Tensor> = {};
+  const wanted = opts.cache === undefined ? () => false : typeof opts.cache === "function" ? opts.cache : ((s) => (n: string) => s.has(n))(new Set(opts.cache));
+  const site = (name: string, value: tf.Tensor): tf.Tensor => {
+    const hook = opts.hooks?.[name];
+    let v = value;
+    if (hook) {
+      v = hook(value, name);
+      if (!tf.util.arraysEqual(v.shape, value.shape)) throw new Error(`hook for ${name} returned shape [${v.shape}], expected [${value.shape}]`);
+    }
+    if (wanted(name)) cached[name] = tf.keep(tf.clone(v));
+    return v;
+  };
+  const tables = ropeTables(cfg, T);
+  const ctx: Ctx = {
+    cfg,
+    site,
+    cos: tf.tensor2d(tables.cos, [T, cfg.headDim]),
+    sin: tf.tensor2d(tables.sin, [T, cfg.headDim]),
+    maskBias: maskBias(lengths, T),
+  };
+  try {
+    let resid = opts.start
+      ? tf.clone(opts.start.resid)
+      : tf.tidy(() => tf.clone(site("hook_embed", tf.gather(model.embed, tf.tensor2d(ids, [B, T], "int32")))));
+    if (!tf.util.arraysEqual(resid.shape, [B, T, cfg.hiddenSize])) throw new RangeError(`start residual has shape [${resid.shape}], expected [${[B, T, cfg.hiddenSize]}]`);
+    for (let l = first; l <= last; l++) {
+      const prev = resid;
+      resid = tf.tidy(() => tf.clone(block(model.layers[l]!, l, prev, ctx)));
+      prev.dispose();
+    }
+    const at = opts.logitsAt ?? "all";
+    const logits = last === cfg.numLayers - 1 && at !== "none" ? tf.tidy(() => head(model, resid, ctx, at)) : null;
+    resid.dispose();
+    return { logits, cache: cached };
+  } catch (e) {
+    for (const t of Object.values(cached)) t.dispose();
+    throw e;
+  } finally {
+    ctx.cos.dispose();
+    ctx.sin.dispose();
+    ctx.maskBias.dispose();
+  }
+}
+
+/** Frees every weight of a model. */
+export function disposeModel(model: LlamaModel): void {
+  const seen = new Set<tf.Tensor>();
+  const free = (t: tf.Tensor | undefined) => {
+    if (t && !seen.has(t)) {
+      seen.add(t);
+      t.dispose();
+    }
+  };
+  free(model.embed);
+  free(model.lmHead);
+  free(model.finalNorm);
+  for (const p of model.layers) for (const t of Object.values(p)) free(t as tf.Tensor);
+}
