@@ -1,0 +1,90 @@
+// The command line as a user runs it (the compiled dist/src/cli.js that `npm test` builds first).
+import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { describe, expect, it } from "vitest";
+import { readSafetensors } from "../src/io/safetensors.js";
+import { randomWeights, writeModelFolder } from "./random-model.js";
+import type { OracleConfig } from "./oracle.js";
+import { maxAbsDiff } from "./helpers.js";
+
+const CLI = path.resolve("dist/src/cli.js");
+const run = (...args: string[]) => {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+};
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-cli-"));
+
+/** A one-line error and a non-zero exit, no stack trace. */
+function expectCleanError(r: ReturnType<typeof run>, msg: RegExp) {
+  expect(r.code).not.toBe(0);
+  const lines = r.err.trim().split("\n").filter((l) => !l.startsWith("backend:"));
+  expect(lines).toHaveLength(1);
+  expect(lines[0]).toMatch(/^prefprobe: error: /);
+  expect(lines[0]).toMatch(msg);
+  expect(r.err).not.toMatch(/\n\s+at /);
+}
+
+const small: OracleConfig = {
+  hidden: 8, inter: 12, layers: 2, heads: 2, kvHeads: 1, headDim: 4, vocab: 20, eps: 1e-5, theta: 10000,
+  rope: { kind: "default" }, tied: false, attnBias: false, mlpBias: false,
+};
+const goodFolder = () => writeModelFolder({ cfg: small, seed: 1, dtype: "F32", shards: 1 }, randomWeights(small, 1));
+
+describe("prefprobe logits", () => {
+  it("shows sensible next tokens for stories260k", () => {
+    const r = run("logits", "--model", "fixtures/models/stories260k", "--text", "Once upon a time");
+    expect(r.code).toBe(0);
+    expect(r.err).toMatch(/backend: wasm/);
+    expect(r.out).toMatch(/tokens \(5\): 1 /);
+    const top = r.out.split("\n").find((l) => l.includes("%"))!;
+    expect(top).toMatch(/","/); // "Once upon a time" → ","
+    expect(Number(top.trim().split("%")[0])).toBeGreaterThan(50);
+  });
+
+  it("writes logits and resid that agree with the reference implementation (ids used as-is)", () => {
+    const exp = readSafetensors("fixtures/models/llama-tiny-b/expected.safetensors");
+    const ids = Array.from(exp.get("input_ids")!.data as Int32Array);
+    const out = path.join(tmp(), "o.safetensors");
+    const r = run("logits", "--model", "fixtures/models/llama-tiny-b", "--ids", ids.join(","), "--out", out, "--resid");
+    expect(r.code).toBe(0);
+    const got = readSafetensors(out);
+    expect(Array.from(got.get("input_ids")!.data as Int32Array)).toEqual(ids);
+    expect(got.get("resid")!.shape).toEqual(exp.get("resid")!.shape);
+    expect(maxAbsDiff(got.get("logits")!.data as Float32Array, exp.get("logits")!.data as Float32Array)).toBeLessThanOrEqual(1e-4);
+    expect(maxAbsDiff(got.get("resid")!.data as Float32Array, exp.get("resid")!.data as Float32Array)).toBeLessThanOrEqual(1e-4);
+  });
+
+  it("runs on the cpu backend when forced", () => {
+    const r = run("logits", "--model", "fixtures/models/llama-tiny-b", "--ids", "1,2,3", "--backend", "cpu");
+    expect(r.code).toBe(0);
+    expect(r.err).toMatch(/backend: cpu/);
+  });
+});
+
+describe("bad input gives a one-line error and a non-zero exit", () => {
+  const cases: Array<[string, () => string[], RegExp]> = [
+    ["missing folder", () => ["logits", "--model", "/nonexistent/model", "--ids", "1"], /not a folder/],
+    ["missing config", () => { const d = goodFolder(); fs.rmSync(path.join(d, "config.json")); return ["logits", "--model", d, "--ids", "1"]; }, /no config.json/],
+    ["missing weights", () => { const d = goodFolder(); fs.rmSync(path.join(d, "model.safetensors")); return ["logits", "--model", d, "--ids", "1"]; }, /no model.safetensors/],
+    ["wrong shapes", () => { const d = goodFolder(); const c = JSON.parse(fs.readFileSync(path.join(d, "config.json"), "utf8")); c.intermediate_size = 13; fs.writeFileSync(path.join(d, "config.json"), JSON.stringify(c)); return ["logits", "--model", d, "--ids", "1"]; }, /has shape .* config implies/],
+    ["corrupt safetensors", () => { const d = goodFolder(); const f = path.join(d, "model.safetensors"); fs.truncateSync(f, fs.statSync(f).size - 10); return ["logits", "--model", d, "--ids", "1"]; }, /not a valid safetensors file/],
+    ["unsupported rope type", () => { const d = goodFolder(); const c = JSON.parse(fs.readFileSync(path.join(d, "config.json"), "utf8")); c.rope_scaling = { rope_type: "yarn", factor: 4 }; fs.writeFileSync(path.join(d, "config.json"), JSON.stringify(c)); return ["logits", "--model", d, "--ids", "1"]; }, /rope_scaling type "yarn" is not supported/],
+    ["config not JSON", () => { const d = goodFolder(); fs.writeFileSync(path.join(d, "config.json"), "{"); return ["logits", "--model", d, "--ids", "1"]; }, /not valid JSON/],
+    ["id outside vocabulary", () => ["logits", "--model", "fixtures/models/llama-tiny-b", "--ids", "1,99"], /outside the vocabulary/],
+    ["ids not numbers", () => ["logits", "--model", "fixtures/models/llama-tiny-b", "--ids", "1,x"], /comma-separated/],
+    ["text without tokenizer", () => ["logits", "--model", "fixtures/models/llama-tiny-b", "--text", "hi"], /no tokenizer.json/],
+    ["both text and ids", () => ["logits", "--model", "fixtures/models/stories260k", "--text", "hi", "--ids", "1"], /exactly one of/],
+    ["output folder missing", () => ["logits", "--model", "fixtures/models/stories260k", "--ids", "1", "--out", "/nonexistent/dir/o.safetensors"], /does not exist/],
+    ["backend not installed", () => ["logits", "--model", "fixtures/models/stories260k", "--ids", "1", "--backend", "tensorflow"], /not available: install @tensorflow\/tfjs-node/],
+    ["llama2c file truncated", () => { const d = tmp(); const f = path.join(d, "m.bin"); fs.writeFileSync(f, fs.readFileSync("fixtures/reference/stories260K/stories260K.bin").subarray(0, 5000)); return ["convert-llama2c", f, "fixtures/reference/stories260K/tok512.bin", path.join(d, "out")]; }, /header implies/],
+  ];
+  it.each(cases)("%s", (_name, args, msg) => expectCleanError(run(...args()), msg));
+
+  it("--debug shows the stack trace", () => {
+    const r = run("--debug", "logits", "--model", "/nonexistent/model", "--ids", "1");
+    expect(r.code).not.toBe(0);
+    expect(r.err).toMatch(/\n\s+at /);
+  });
+});

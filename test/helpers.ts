@@ -1,0 +1,26 @@
+// Shared test helpers: backend selection and array comparison.
+import * as tf from "@tensorflow/tfjs-core";
+import { beforeAll } from "vitest";
+import { initBackend } from "../src/model/backend.js";
+
+/** Runs this test file on the named backend (wasm unless PREFPROBE_TEST_BACKEND says otherwise). */
+export function useBackend(name = process.env.PREFPROBE_TEST_BACKEND ?? "wasm"): void {
+  beforeAll(async () => {
+    await initBackend(name);
+    if (tf.getBackend() !== name) throw new Error(`wanted backend ${name}, got ${tf.getBackend()}`);
+  });
+}
+
+/** Largest |a[i] − b[i]| over two equal-length arrays (throws on a length mismatch). */
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} vs ${b.length}`);
+  let m = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i]! - b[i]!);
+    if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
+  }
+  return m;
+}
+
+/** Flattens nested number arrays row-major. */
+export const flat = (x: number[][]): number[] => x.flat();
