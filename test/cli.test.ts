@@ -78,6 +78,7 @@ describe("bad input gives a one-line error and a non-zero exit", () => {
     ["both text and ids", () => ["logits", "--model", "fixtures/models/stories260k", "--text", "hi", "--ids", "1"], /exactly one of/],
     ["output folder missing", () => ["logits", "--model", "fixtures/models/stories260k", "--ids", "1", "--out", "/nonexistent/dir/o.safetensors"], /does not exist/],
     ["backend not installed", () => ["logits", "--model", "fixtures/models/stories260k", "--ids", "1", "--backend", "tensorflow"], /not available: install @tensorflow\/tfjs-node/],
+    ["too large for the wasm heap", () => { const d = goodFolder(); const c = JSON.parse(fs.readFileSync(path.join(d, "config.json"), "utf8")); Object.assign(c, { hidden_size: 4096, intermediate_size: 14336, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 8, head_dim: 128, vocab_size: 128256 }); fs.writeFileSync(path.join(d, "config.json"), JSON.stringify(c)); return ["logits", "--model", d, "--ids", "1"]; }, /need 29\.\d+ GiB as float32.*4 GiB heap/],
     ["llama2c file truncated", () => { const d = tmp(); const f = path.join(d, "m.bin"); fs.writeFileSync(f, fs.readFileSync("fixtures/reference/stories260K/stories260K.bin").subarray(0, 5000)); return ["convert-llama2c", f, "fixtures/reference/stories260K/tok512.bin", path.join(d, "out")]; }, /header implies/],
   ];
   it.each(cases)("%s", (_name, args, msg) => expectCleanError(run(...args()), msg));
