@@ -1,0 +1,165 @@
+// LASSO as scikit-learn's `Lasso`: minimize (1/(2n))‖y − Xw − b‖² + α‖w‖₁ on standardized columns (zero mean,
+// unit population std; a constant column gets coefficient 0). Coordinate descent on the Gram matrix XᵀX/n and
+// Xᵀy/n, which are computed on tfjs; α is chosen by K-fold CV over a log-spaced path.
+import * as tf from "@tensorflow/tfjs-core";
+import { columnStats, isConstant, kFolds, logSpace, pickRows, seededRandom } from "./stats.js";
+
+/** One fitted model: coefficients in standardized units plus what is needed to predict raw rows. */
+export interface LassoFit {
+  alpha: number;
+  coef: number[]; // per standardized column
+  intercept: number; // = mean(y) in standardized coordinates
+  mu: number[];
+  sd: number[];
+  iterations: number;
+}
+
+/** The result of choosing α by cross-validation, with the path and stability selection. */
+export interface LassoCVResult {
+  alpha: number;
+  coef: number[];
+  intercept: number;
+  nonzero: number[]; // column indices with coef ≠ 0
+  path: Array<{ alpha: number; cvMse: number; cvSe: number; nonzero: number }>;
+  stability: number[]; // per column: fraction of bootstrap refits (at the chosen α) where it is non-zero
+  folds: number;
+}
+
+interface Moments {
+  G: Float64Array; // p × p: Xsᵀ Xs / n
+  c: Float64Array; // p: Xsᵀ (y − ȳ) / n
+  ybar: number;
+  mu: Float64Array;
+  sd: Float64Array;
+  active: boolean[]; // non-constant columns
+}
+
+/** Standardizes X with its own statistics and forms XᵀX/n and Xᵀy/n on tfjs. */
+function moments(X: Float64Array, n: number, p: number, y: Float64Array): Moments {
+  const { mu, sd } = columnStats(X, n, p);
+  const active = Array.from(sd, (s, j) => !isConstant(s, mu[j]!));
+  let ybar = 0;
+  for (let i = 0; i < n; i++) ybar += y[i]! / n;
+  const Xs = new Float32Array(n * p);
+  for (let i = 0; i < n; i++) for (let j = 0; j < p; j++) Xs[i * p + j] = active[j] ? (X[i * p + j]! - mu[j]!) / sd[j]! : 0;
+  const yc = Float32Array.from(y, (v) => v - ybar);
+  const [G, c] = tf.tidy(() => {
+    const Xt = tf.tensor2d(Xs, [n, p]);
+    return [tf.div(tf.matMul(Xt, Xt, true, false), n).dataSync(), tf.div(tf.matMul(Xt, tf.tensor2d(yc, [n, 1]), true, false), n).dataSync()];
+  });
+  return { G: Float64Array.from(G!), c: Float64Array.from(c!), ybar, mu, sd, active };
+}
+
+const soft = (z: number, a: number) => (z > a ? z - a : z < -a ? z + a : 0);
+
+/** Coordinate descent from a warm start `w` (modified in place) until the largest update is below tol. */
+function descend(m: Moments, alpha: number, w: Float64Array, tol = 1e-10, maxIter = 100_000): number {
+  const p = w.length;
+  for (let it = 1; it <= maxIter; it++) {
+    let maxDelta = 0;
+    for (let j = 0; j < p; j++) {
+      if (!m.active[j]) continue;
+      let r = m.c[j]!;
+      for (let k = 0; k < p; k++) if (k !== j) r -= m.G[j * p + k]! * w[k]!;
+      const next = soft(r, alpha) / m.G[j * p + j]!;
+      maxDelta = Math.max(maxDelta, Math.abs(next - w[j]!));
+      w[j] = next;
+    }
+    if (maxDelta < tol) return it;
+  }
+  return maxIter;
+}
+
+/** Largest useful α: above it every coefficient is zero. */
+function alphaMax(m: Moments): number {
+  let a = 0;
+  m.c.forEach((v, j) => {
+    if (m.active[j]) a = Math.max(a, Math.abs(v));
+  });
+  return a;
+}
+
+/** Fits the LASSO path (warm-started, largest α first) on one data set. */
+export function lassoPath(X: Float64Array, n: number, p: number, y: Float64Array, alphas: number[]): LassoFit[] {
+  const m = moments(X, n, p, y);
+  const w = new Float64Array(p);
+  return alphas.map((alpha) => {
+    const iterations = descend(m, alpha, w);
+    return { alpha, coef: Array.from(w), intercept: m.ybar, mu: Array.from(m.mu), sd: Array.from(m.sd), iterations };
+  });
+}
+
+/** Fits one α. */
+export function lassoFit(X: Float64Array, n: number, p: number, y: Float64Array, alpha: number): LassoFit {
+  return lassoPath(X, n, p, y, [alpha])[0]!;
+}
+
+/** Predicts raw rows with a fit. */
+export function lassoPredict(fit: LassoFit, X: Float64Array, n: number, p: number): Float64Array {
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    let s = fit.intercept;
+    for (let j = 0; j < p; j++) if (fit.coef[j] !== 0) s += (fit.coef[j]! * (X[i * p + j]! - fit.mu[j]!)) / fit.sd[j]!;
+    out[i] = s;
+  }
+  return out;
+}
+
+/** LASSO with α chosen by K-fold CV (minimum mean squared error), plus stability selection at that α. */
+export function lassoCV(
+  X: Float64Array,
+  n: number,
+  p: number,
+  y: Float64Array,
+  opts: { folds?: number; nAlphas?: number; eps?: number; seed?: number; stabilityReps?: number } = {},
+): LassoCVResult {
+  const K = Math.max(2, Math.min(opts.folds ?? 5, n));
+  const rand = seededRandom(opts.seed ?? 0);
+  const full = moments(X, n, p, y);
+  const aMax = alphaMax(full);
+  const alphas = aMax > 0 ? logSpace(aMax, aMax * (opts.eps ?? 1e-3), opts.nAlphas ?? 50) : [1];
+  const fold = kFolds(n, K, rand);
+  const errs: number[][] = alphas.map(() => []);
+  for (let k = 0; k < K; k++) {
+    const train = [...Array(n).keys()].filter((i) => fold[i] !== k);
+    const test = [...Array(n).keys()].filter((i) => fold[i] === k);
+    if (train.length < 2 || test.length === 0) continue;
+    const fits = lassoPath(pickRows(X, p, train), train.length, p, Float64Array.from(train, (i) => y[i]!), alphas);
+    const Xte = pickRows(X, p, test);
+    fits.forEach((f, a) => {
+      const pred = lassoPredict(f, Xte, test.length, p);
+      let se = 0;
+      test.forEach((i, t) => (se += (pred[t]! - y[i]!) ** 2));
+      errs[a]!.push(se / test.length);
+    });
+  }
+  const path = alphas.map((alpha, a) => {
+    const e = errs[a]!;
+    const mu = e.reduce((s, v) => s + v, 0) / e.length;
+    const sd = Math.sqrt(e.reduce((s, v) => s + (v - mu) ** 2, 0) / Math.max(1, e.length - 1));
+    return { alpha, cvMse: mu, cvSe: sd / Math.sqrt(e.length), nonzero: 0 };
+  });
+  const fullPath = lassoPath(X, n, p, y, alphas);
+  fullPath.forEach((f, a) => (path[a]!.nonzero = f.coef.filter((c) => c !== 0).length));
+  let best = 0;
+  path.forEach((pt, a) => {
+    if (pt.cvMse < path[best]!.cvMse) best = a;
+  });
+  const fit = fullPath[best]!;
+  const reps = opts.stabilityReps ?? 100;
+  const counts = new Array<number>(p).fill(0);
+  for (let r = 0; r < reps; r++) {
+    const rows = Array.from({ length: n }, () => Math.floor(rand() * n));
+    const f = lassoFit(pickRows(X, p, rows), n, p, Float64Array.from(rows, (i) => y[i]!), fit.alpha);
+    f.coef.forEach((c, j) => (counts[j]! += c !== 0 ? 1 : 0));
+  }
+  return {
+    alpha: fit.alpha,
+    coef: fit.coef,
+    intercept: fit.intercept,
+    nonzero: fit.coef.flatMap((c, j) => (c !== 0 ? [j] : [])),
+    path,
+    stability: counts.map((c) => (reps > 0 ? c / reps : NaN)),
+    folds: K,
+  };
+}

@@ -1,0 +1,129 @@
+// PCA of activation differences, and the low-rank patch h_base + U_k U_kᵀ (h_tuned − h_base).
+// The second-moment matrix DᵀD/N (or the Gram DDᵀ/N when there are fewer rows than columns) is formed on
+// tfjs; its eigendecomposition is cyclic Jacobi in float64. The PCA is uncentered on purpose: the patch must
+// span the differences themselves, their mean direction included.
+import * as tf from "@tensorflow/tfjs-core";
+import { gaussian } from "./stats.js";
+
+/** Eigenvalues (descending) and unit eigenvectors (rows of `vectors`, n × n) of a symmetric matrix. */
+export function symmetricEigen(A: Float64Array, n: number, opts: { maxSweeps?: number } = {}): { values: Float64Array; vectors: Float64Array } {
+  const a = Float64Array.from(A);
+  const v = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) v[i * n + i] = 1;
+  for (let sweep = 0; sweep < (opts.maxSweeps ?? 100); sweep++) {
+    let off = 0;
+    let total = 0;
+    for (let i = 0; i < n; i++)
+      for (let j = 0; j < n; j++) {
+        total += a[i * n + j]! ** 2;
+        if (i !== j) off += a[i * n + j]! ** 2;
+      }
+    if (off <= 1e-30 * total || off === 0) break;
+    for (let p = 0; p < n - 1; p++)
+      for (let q = p + 1; q < n; q++) {
+        const apq = a[p * n + q]!;
+        if (apq === 0) continue;
+        const theta = (a[q * n + q]! - a[p * n + p]!) / (2 * apq);
+        const t = Math.sign(theta || 1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
+        const c = 1 / Math.sqrt(t * t + 1);
+        const s = t * c;
+        for (let k = 0; k < n; k++) {
+          const akp = a[k * n + p]!;
+          const akq = a[k * n + q]!;
+          a[k * n + p] = c * akp - s * akq;
+          a[k * n + q] = s * akp + c * akq;
+        }
+        for (let k = 0; k < n; k++) {
+          const apk = a[p * n + k]!;
+          const aqk = a[q * n + k]!;
+          a[p * n + k] = c * apk - s * aqk;
+          a[q * n + k] = s * apk + c * aqk;
+        }
+        for (let k = 0; k < n; k++) {
+          const vkp = v[k * n + p]!;
+          const vkq = v[k * n + q]!;
+          v[k * n + p] = c * vkp - s * vkq;
+          v[k * n + q] = s * vkp + c * vkq;
+        }
+      }
+  }
+  const order = Array.from({ length: n }, (_, i) => i).sort((x, y) => a[y * n + y]! - a[x * n + x]!);
+  const values = Float64Array.from(order, (i) => a[i * n + i]!);
+  const vectors = new Float64Array(n * n);
+  order.forEach((col, r) => {
+    for (let k = 0; k < n; k++) vectors[r * n + k] = v[k * n + col]!;
+  });
+  return { values, vectors };
+}
+
+/** Principal directions of the rows of D (N × H): components (k × H, orthonormal rows) and variance ratios. */
+export interface PcaResult {
+  components: Float32Array; // rank × H, row-major
+  rank: number; // number of components returned
+  eigenvalues: number[]; // of DᵀD/N, descending (length = rank)
+  explainedVarianceRatio: number[];
+}
+
+/** PCA (uncentered) of difference rows D [N, H]. */
+export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
+  const [N, H] = D.shape;
+  const useGram = N < H;
+  const m = useGram ? N : H;
+  const M = Float64Array.from(tf.tidy(() => tf.div(useGram ? tf.matMul(D, D, false, true) : tf.matMul(D, D, true, false), N).dataSync()));
+  // symmetrize the float32 product exactly
+  for (let i = 0; i < m; i++) for (let j = i + 1; j < m; j++) M[i * m + j] = M[j * m + i] = (M[i * m + j]! + M[j * m + i]!) / 2;
+  const { values, vectors } = symmetricEigen(M, m);
+  const total = values.reduce((s, x) => s + Math.max(0, x), 0);
+  let components: Float32Array;
+  if (!useGram) components = Float32Array.from(vectors);
+  else {
+    // v = Dᵀu / ‖Dᵀu‖ for each Gram eigenvector u with a positive eigenvalue
+    const U = tf.tensor2d(Float32Array.from(vectors), [m, m]);
+    components = tf.tidy(() => {
+      const V = tf.matMul(U, D); // [m, H]
+      const norms = tf.maximum(tf.norm(V, 2, 1, true), 1e-30);
+      return tf.div(V, norms).dataSync() as Float32Array;
+    });
+    U.dispose();
+  }
+  const rank = m;
+  return {
+    components,
+    rank,
+    eigenvalues: Array.from(values),
+    explainedVarianceRatio: Array.from(values, (v) => (total > 0 ? Math.max(0, v) / total : 0)),
+  };
+}
+
+/** The first k rows of a component matrix as a [k, H] tensor. */
+export function topComponents(p: PcaResult, k: number, H: number): tf.Tensor2D {
+  return tf.tensor2d(p.components.subarray(0, k * H), [k, H]);
+}
+
+/** A random k-dimensional orthonormal basis of R^H ([k, H]) by Gram–Schmidt on Gaussian rows. */
+export function randomSubspace(k: number, H: number, rand: () => number): tf.Tensor2D {
+  const rows: Float64Array[] = [];
+  while (rows.length < k) {
+    const v = Float64Array.from({ length: H }, () => gaussian(rand));
+    for (const r of rows) {
+      let d = 0;
+      for (let j = 0; j < H; j++) d += v[j]! * r[j]!;
+      for (let j = 0; j < H; j++) v[j] -= d * r[j]!;
+    }
+    const norm = Math.sqrt(v.reduce((s, x) => s + x * x, 0));
+    if (norm > 1e-8) rows.push(v.map((x) => x / norm));
+  }
+  const out = new Float32Array(k * H);
+  rows.forEach((r, i) => out.set(r, i * H));
+  return tf.tensor2d(out, [k, H]);
+}
+
+/** h_base + (h_tuned − h_base) U ᵀU: the difference projected on the rows of U [k, H]; h are [..., H]. */
+export function projectPatch(hBase: tf.Tensor, hTuned: tf.Tensor, U: tf.Tensor2D): tf.Tensor {
+  return tf.tidy(() => {
+    const H = hBase.shape[hBase.shape.length - 1]!;
+    const diff = tf.reshape(tf.sub(hTuned, hBase), [-1, H]);
+    const proj = tf.matMul(tf.matMul(diff, U, false, true), U);
+    return tf.add(hBase, tf.reshape(proj, hBase.shape));
+  });
+}
