@@ -12,6 +12,13 @@ import { convertLlama2c } from "./io/llama2c.js";
 import { logitsAndResid } from "./model/resid.js";
 import { greedy } from "./model/generate.js";
 import { disposeModel } from "./model/llama.js";
+import { readPairs, tokenizePairs } from "./io/pairs.js";
+import { PairsLog, modelFingerprint, writeRunOutputs } from "./io/results.js";
+import { renderReport } from "./io/report.js";
+import { DEFAULT_SETTINGS, checkCompatible, runAnalysis, type Results, type RunSettings } from "./analysis/run.js";
+import { SITES, type Direction, type Site } from "./analysis/patching.js";
+import { findings } from "./analysis/findings.js";
+import cliProgress from "cli-progress";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
@@ -126,6 +133,170 @@ program
     const cfg = convertLlama2c(modelFile, tokFile, outDir);
     console.log(`wrote ${outDir}: ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, heads ${cfg.numHeads}/${cfg.numKvHeads}, vocab ${cfg.vocabSize}`);
   });
+
+const int = (name: string, min: number) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new UsageError(`${name} must be an integer ≥ ${min}, got "${v}"`);
+  return n;
+};
+const float = (name: string, ok: (x: number) => boolean, what: string) => (v: string) => {
+  const n = Number(v);
+  if (v.trim() === "" || !Number.isFinite(n) || !ok(n)) throw new UsageError(`${name} must be ${what}, got "${v}"`);
+  return n;
+};
+
+program
+  .command("run")
+  .description("the causal-probe analysis: margins, layer patching with controls, LASSO, probes, low-rank PCA, logit lens")
+  .requiredOption("--base <dir>", "base model (Hugging Face Llama folder)")
+  .requiredOption("--tuned <dir>", "preference-tuned model with the same architecture and vocabulary")
+  .requiredOption("--pairs <file>", "JSONL(.gz): {prompt,chosen,rejected}, HH-RLHF {chosen,rejected}, or {prompt_ids,chosen_ids,rejected_ids}")
+  .requiredOption("--out <dir>", "output folder for results.json, report.html, pairs.jsonl, activations.safetensors")
+  .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
+  .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
+  .option("--skip-bad", "count and skip malformed lines instead of stopping")
+  .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
+  .addOption(new Option("--positions <which>", "positions a patch replaces").choices(["all", "response"]).default("all"))
+  .option("--alpha <a>", "patch strength: h = h_base + α (h_tuned − h_base)", float("--alpha", () => true, "a number"), 1)
+  .option("--sites <list>", `comma-separated sites to patch (${SITES.join(", ")})`, "resid_post")
+  .option("--layers <list>", "comma-separated layers to patch (default: all)")
+  .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default("tuned->base"))
+  .option("--no-controls", "skip the random-direction and mean-ablation controls")
+  .option("--pca-layer <l>", "layer for low-rank reconstruction (default: first within 5% of the best recovery)", int("--pca-layer", 0))
+  .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), 0.5)
+  .option("--folds <k>", "K for cross-validation", int("--folds", 2), 5)
+  .option("--C <c>", "inverse L2 strength of the probes", float("--C", (x) => x > 0, "positive"), 1)
+  .option("--bootstrap <n>", "bootstrap resamples for recovery CIs", int("--bootstrap", 0), 1000)
+  .option("--stability <n>", "bootstrap refits for LASSO stability selection", int("--stability", 0), 100)
+  .option("--batch <n>", "pairs per forward batch", int("--batch", 1), 4)
+  .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), 0)
+  .addOption(backendOption())
+  .action(async (o: Record<string, unknown>) => {
+    const sites = String(o.sites).split(",").map((x) => x.trim());
+    for (const x of sites) if (!(SITES as readonly string[]).includes(x)) throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);
+    const layers = o.layers === undefined ? null : String(o.layers).split(",").map((x) => int("--layers", 0)(x.trim()));
+    const settings: RunSettings = {
+      ...DEFAULT_SETTINGS,
+      perToken: !!o.perToken,
+      positions: o.positions as "all" | "response",
+      alpha: o.alpha as number,
+      sites: sites as Site[],
+      layers,
+      directions: o.direction === "both" ? ["tuned->base", "base->tuned"] : [o.direction as Direction],
+      controls: o.controls !== false,
+      seed: o.seed as number,
+      folds: o.folds as number,
+      C: o.C as number,
+      stabilityReps: o.stability as number,
+      bootstrap: o.bootstrap as number,
+      pcaLayer: (o.pcaLayer as number | undefined) ?? null,
+      pcaTestFrac: o.pcaTestFrac as number,
+      batchPairs: o.batch as number,
+    };
+    const outDir = String(o.out);
+    prepareOutDir(outDir);
+    const backend = await startBackend(o.backend as string | undefined);
+    const t0 = performance.now();
+    const base = loadModel(String(o.base));
+    const tuned = loadModel(String(o.tuned));
+    checkCompatible(base, tuned);
+    if (layers) for (const l of layers) if (l >= base.config.numLayers) throw new UsageError(`--layers: layer ${l} is outside 0..${base.config.numLayers - 1}`);
+    if (settings.pcaLayer !== null && settings.pcaLayer >= base.config.numLayers) throw new UsageError(`--pca-layer ${settings.pcaLayer} is outside 0..${base.config.numLayers - 1}`);
+    const tok = loadTokenizer(String(o.base));
+    const raw = readPairs(String(o.pairs), { skipBad: !!o.skipBad });
+    const tp = tokenizePairs(raw.pairs, tok, base.config.vocabSize, { maxTokens: o.maxTokens as number | undefined, limit: o.limit as number | undefined, skipBad: !!o.skipBad });
+    if (tp.pairs.length === 0) throw new UsageError(`no usable pairs in ${o.pairs} (${tp.tooLong} longer than --max-tokens, ${raw.bad.length + tp.bad.length} malformed)`);
+    process.stderr.write(`pairs: ${tp.pairs.length} used, ${tp.tooLong} skipped as longer than --max-tokens, ${raw.bad.length + tp.bad.length} malformed lines skipped\n`);
+    const log = new PairsLog(path.join(outDir, "pairs.jsonl"));
+    const bar = new cliProgress.SingleBar({ format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false }, cliProgress.Presets.shades_classic);
+    const tty = process.stderr.isTTY;
+    let started = false;
+    let results: Results;
+    try {
+      results = await runAnalysis(base, tuned, tp.pairs, settings, {
+        onStage: (stage, total) => {
+          if (!tty) return void process.stderr.write(`${stage} (${total})…\n`);
+          if (started) bar.stop();
+          bar.start(total, 0, { stage: stage.padEnd(24) });
+          started = true;
+        },
+        onProgress: (d) => tty && bar.update(d),
+        onPair: (rec) => log.write(rec),
+      });
+    } finally {
+      if (started) bar.stop();
+      log.close();
+    }
+    const words = findings(results);
+    const meta = {
+      settings,
+      inputs: { base: path.resolve(String(o.base)), tuned: path.resolve(String(o.tuned)), pairs: path.resolve(String(o.pairs)) },
+      skipped: { too_long: tp.tooLong, malformed: [...raw.bad, ...tp.bad] },
+      backend,
+      versions: { prefprobe: packageVersion(), "tfjs-core": tf.version_core, node: process.version },
+      fingerprints: { base: modelFingerprint(String(o.base)), tuned: modelFingerprint(String(o.tuned)) },
+      findings: words,
+      total_ms: performance.now() - t0,
+    };
+    const html = await renderReport(results, words, {
+      base: `${meta.inputs.base} (sha256 ${meta.fingerprints.base.slice(0, 12)}…)`,
+      tuned: `${meta.inputs.tuned} (sha256 ${meta.fingerprints.tuned.slice(0, 12)}…)`,
+      pairs: `${meta.inputs.pairs}: ${tp.pairs.length} used, ${tp.tooLong} too long, ${meta.skipped.malformed.length} malformed`,
+      settings: JSON.stringify(settings),
+      backend,
+      versions: JSON.stringify(meta.versions),
+    }, tp.pairs);
+    writeRunOutputs(outDir, results, meta, html);
+    console.log(summaryTable(results));
+    console.log("\nFindings:");
+    for (const w of words) console.log(`  - ${w}`);
+    console.log(`\nreport: ${path.join(outDir, "report.html")}`);
+    console.log(`results: ${path.join(outDir, "results.json")}`);
+    disposeModel(base);
+    disposeModel(tuned);
+  });
+
+/** A per-layer table of the main numbers for the terminal. */
+function summaryTable(r: Results): string {
+  const f = (x: number | undefined, d = 3) => (x === undefined || Number.isNaN(x) ? "-" : x.toFixed(d));
+  const head = ["layer", "recovery", "95% CI", "random", "mean-abl", "lasso", "probe b", "probe t", "lens gap"];
+  const rows = [head];
+  for (let l = 0; l < r.num_layers; l++) {
+    const p = r.patching.find((x) => x.layer === l && x.site === "resid_post" && x.direction === "tuned->base") ?? r.patching.find((x) => x.layer === l);
+    rows.push([
+      String(l),
+      f(p?.recovery),
+      p ? `${f(p.recovery_ci[0], 2)}..${f(p.recovery_ci[1], 2)}` : "-",
+      f(p?.controls?.random_direction.recovery),
+      f(p?.controls?.mean_ablation.recovery),
+      f(r.lasso?.coef[l]),
+      f(r.probes.find((x) => x.model === "base" && x.layer === l)?.accuracy, 2),
+      f(r.probes.find((x) => x.model === "tuned" && x.layer === l)?.accuracy, 2),
+      f(r.logit_lens.tuned[l + 1]! - r.logit_lens.base[l + 1]!),
+    ]);
+  }
+  const w = head.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)));
+  return rows.map((row) => row.map((x, c) => x.padStart(w[c]!)).join("  ")).join("\n");
+}
+
+function packageVersion(): string {
+  try {
+    return JSON.parse(fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8")).version;
+  } catch {
+    return "unknown";
+  }
+}
+
+/** Creates the output folder (or checks an existing one is a folder we can write into). */
+function prepareOutDir(dir: string): void {
+  if (fs.existsSync(dir) && !fs.statSync(dir).isDirectory()) throw new UsageError(`--out ${dir} exists and is not a folder`);
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+    fs.accessSync(dir, fs.constants.W_OK);
+  } catch (e) {
+    throw new UsageError(`cannot write to --out ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+  }
+}
 
 function checkWritable(file: string): void {
   const dir = path.dirname(path.resolve(file));

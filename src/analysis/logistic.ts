@@ -41,13 +41,13 @@ export function lbfgs(fg: (x: Float64Array) => { f: number; g: Float64Array }, x
     for (let i = S.length - 1; i >= 0; i--) {
       const a = dot(S[i]!, q) / dot(Y[i]!, S[i]!);
       alphas[i] = a;
-      for (let j = 0; j < n; j++) q[j] -= a * Y[i]![j]!;
+      for (let j = 0; j < n; j++) q[j]! -= a * Y[i]![j]!;
     }
     const gamma = S.length ? dot(S[S.length - 1]!, Y[Y.length - 1]!) / dot(Y[Y.length - 1]!, Y[Y.length - 1]!) : 1 / Math.max(1, gn);
-    for (let j = 0; j < n; j++) q[j] *= gamma;
+    for (let j = 0; j < n; j++) q[j]! *= gamma;
     for (let i = 0; i < S.length; i++) {
       const bta = dot(Y[i]!, q) / dot(Y[i]!, S[i]!);
-      for (let j = 0; j < n; j++) q[j] += S[i]![j]! * (alphas[i]! - bta);
+      for (let j = 0; j < n; j++) q[j]! += S[i]![j]! * (alphas[i]! - bta);
     }
     const d = q.map((v) => -v);
     let slope = dot(g, d);

@@ -108,7 +108,7 @@ export function randomSubspace(k: number, H: number, rand: () => number): tf.Ten
     for (const r of rows) {
       let d = 0;
       for (let j = 0; j < H; j++) d += v[j]! * r[j]!;
-      for (let j = 0; j < H; j++) v[j] -= d * r[j]!;
+      for (let j = 0; j < H; j++) v[j]! -= d * r[j]!;
     }
     const norm = Math.sqrt(v.reduce((s, x) => s + x * x, 0));
     if (norm > 1e-8) rows.push(v.map((x) => x / norm));

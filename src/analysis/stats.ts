@@ -45,11 +45,11 @@ export const mean = (xs: ArrayLike<number>): number => {
 export function columnStats(X: Float64Array, n: number, p: number): { mu: Float64Array; sd: Float64Array } {
   const mu = new Float64Array(p);
   const sd = new Float64Array(p);
-  for (let i = 0; i < n; i++) for (let j = 0; j < p; j++) mu[j] += X[i * p + j]! / n;
+  for (let i = 0; i < n; i++) for (let j = 0; j < p; j++) mu[j]! += X[i * p + j]! / n;
   for (let i = 0; i < n; i++)
     for (let j = 0; j < p; j++) {
       const d = X[i * p + j]! - mu[j]!;
-      sd[j] += (d * d) / n;
+      sd[j]! += (d * d) / n;
     }
   for (let j = 0; j < p; j++) sd[j] = Math.sqrt(sd[j]!);
   return { mu, sd };

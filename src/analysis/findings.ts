@@ -1,0 +1,64 @@
+// The headline findings of a run, in plain words computed from the numbers.
+import type { Results } from "./run.js";
+
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3));
+
+/** Sentences summarizing a run, most important first. */
+export function findings(r: Results): string[] {
+  const out: string[] = [];
+  const s = r.summary;
+  out.push(
+    `Over ${r.n_pairs} pairs the tuned model's mean margin is ${num(s.mean_margin_tuned)} vs the base model's ${num(s.mean_margin_base)} ` +
+      `(mean gap ${num(s.mean_gap)}); the tuned model prefers the chosen response in ${pct(s.tuned_prefers_chosen)} of pairs, the base in ${pct(s.base_prefers_chosen)}.`,
+  );
+  if (Math.abs(s.mean_gap) < 1e-6) out.push("The mean gap is essentially zero, so recovery ratios (gain / gap) are not meaningful for this data.");
+  for (const dir of ["tuned->base", "base->tuned"] as const) {
+    for (const site of ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const) {
+      const e = r.patching.filter((p) => p.direction === dir && p.site === site);
+      if (!e.length) continue;
+      const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
+      const first90 = e.find((p) => p.recovery >= 0.9);
+      let line = `Patching ${site} (${dir}): recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})`;
+      line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
+      if (best.controls) {
+        const rndMax = Math.max(...e.map((p) => Math.abs(p.controls!.random_direction.recovery)));
+        line += ` Controls at that layer: a random direction of the same norm recovers ${pct(best.controls.random_direction.recovery)}, mean-ablation ${pct(best.controls.mean_ablation.recovery)} (largest random-direction |recovery| over layers: ${pct(rndMax)}).`;
+      }
+      out.push(line);
+    }
+  }
+  if (r.lasso) {
+    const nz = r.lasso.nonzero_layers;
+    const stable = r.lasso.stability.map((v, l) => [l, v] as const).filter(([, v]) => v >= 0.8).map(([l]) => l);
+    out.push(
+      nz.length
+        ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${stable.length ? stable.join(", ") : "none"}.`
+        : `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) keeps no layer: per-layer activation distances do not predict the per-pair gap better than its mean.`,
+    );
+  }
+  for (const model of ["base", "tuned"] as const) {
+    const p = r.probes.filter((x) => x.model === model);
+    if (!p.length) continue;
+    const best = p.reduce((a, b) => (b.accuracy > a.accuracy ? b : a));
+    out.push(`Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy (difference-of-means direction: ${pct(best.diff_means_accuracy)}).`);
+  }
+  if (r.pca) {
+    const cum: number[] = [];
+    r.pca.explained_variance_ratio.reduce((a, v) => (cum.push(a + v), a + v), 0);
+    const k90 = cum.findIndex((c) => c >= 0.9) + 1;
+    const first = r.pca.recovery.find((x) => x.recovery >= 0.9);
+    out.push(
+      `Low-rank patching at layer ${r.pca.layer} (${r.pca.chosen_by}): ${k90} principal direction${k90 === 1 ? " explains" : "s explain"} 90% of the activation difference; ` +
+        (first
+          ? `patching only the top ${first.k} recover${first.k === 1 ? "s" : ""} ${pct(first.recovery)} of the held-out gap, vs ${pct(first.random_subspace)} for a random ${first.k}-dimensional subspace.`
+          : `no k below the full width recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}).`),
+    );
+  }
+  const lens = r.logit_lens;
+  const gaps = lens.tuned.map((t, i) => t - lens.base[i]!);
+  const finalGap = gaps[gaps.length - 1]!;
+  const emerge = gaps.findIndex((g) => Math.abs(finalGap) > 1e-9 && g / finalGap >= 0.5);
+  if (emerge >= 0) out.push(`Logit lens: half of the final margin gap is readable from the residual stream by ${lens.layers[emerge] === "embed" ? "the embedding" : `layer ${lens.layers[emerge]}`}.`);
+  return out;
+}

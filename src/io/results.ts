@@ -1,0 +1,80 @@
+// Writes a run's outputs: results.json, activations.safetensors, report.html (each atomically) and the
+// streaming pairs.jsonl log; plus model fingerprints for provenance.
+import * as crypto from "node:crypto";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import type { Results, PairRecord } from "../analysis/run.js";
+import { writeSafetensors, type TensorToWrite } from "./safetensors.js";
+import { writeFileAtomic } from "./model.js";
+
+/** sha256 over a model folder's config.json and weight files (names and bytes), read in chunks. */
+export function modelFingerprint(dir: string): string {
+  const h = crypto.createHash("sha256");
+  const files = fs.readdirSync(dir).filter((f) => f === "config.json" || f.endsWith(".safetensors") || f === "model.safetensors.index.json").sort();
+  const buf = Buffer.alloc(1 << 20);
+  for (const f of files) {
+    h.update(f);
+    const fd = fs.openSync(path.join(dir, f), "r");
+    try {
+      for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0; ) h.update(buf.subarray(0, n));
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+  return h.digest("hex");
+}
+
+/** Appends one JSON record per line as pairs finish; the file always holds whole lines. */
+export class PairsLog {
+  private fd: number;
+  constructor(readonly file: string) {
+    this.fd = fs.openSync(file, "w");
+  }
+  write(rec: PairRecord): void {
+    fs.writeSync(this.fd, JSON.stringify(rec) + "\n");
+  }
+  close(): void {
+    fs.closeSync(this.fd);
+  }
+}
+
+/** results.json content: everything but the large float arrays, which go to activations.safetensors. */
+export function resultsJson(r: Results, meta: Record<string, unknown>): Record<string, unknown> {
+  const { mean_diff: _md, pca, ...rest } = r;
+  const pcaOut = pca ? (({ components: _c, ...p }) => p)(pca) : null;
+  return { schema: "prefprobe.results/1", ...meta, ...rest, pca: pcaOut };
+}
+
+/** The activation summaries as tensors readable from Python (safetensors.numpy.load_file). */
+export function activationTensors(r: Results): Record<string, TensorToWrite> {
+  const n = r.n_pairs;
+  const L = r.num_layers;
+  const t: Record<string, TensorToWrite> = {
+    distance: { dtype: "F32", shape: [n, L], data: r.pairs.flatMap((p) => p.distance) },
+    cosine_distance: { dtype: "F32", shape: [n, L], data: r.pairs.flatMap((p) => p.cosine_distance) },
+    margin_base: { dtype: "F64", shape: [n], data: r.pairs.map((p) => p.margin.base) },
+    margin_tuned: { dtype: "F64", shape: [n], data: r.pairs.map((p) => p.margin.tuned) },
+    mean_diff_resid_post: { dtype: "F32", shape: [L, r.hidden_size], data: r.mean_diff },
+  };
+  const groups = new Map<string, typeof r.patching>();
+  for (const p of r.patching) {
+    const k = `gains.${p.direction.replace("->", "_to_")}.${p.site}`;
+    groups.set(k, [...(groups.get(k) ?? []), p]);
+  }
+  for (const [k, ps] of groups) t[k] = { dtype: "F64", shape: [ps.length, n], data: ps.flatMap((p) => p.gains) };
+  if (r.pca) {
+    const rank = r.pca.components.length / r.hidden_size;
+    t.pca_components = { dtype: "F32", shape: [rank, r.hidden_size], data: r.pca.components };
+    t.pca_explained_variance_ratio = { dtype: "F64", shape: [r.pca.explained_variance_ratio.length], data: r.pca.explained_variance_ratio };
+  }
+  return t;
+}
+
+/** Writes results.json, activations.safetensors and report.html into outDir. */
+export function writeRunOutputs(outDir: string, r: Results, meta: Record<string, unknown>, reportHtml: string): string[] {
+  const files = [path.join(outDir, "results.json"), path.join(outDir, "activations.safetensors"), path.join(outDir, "report.html")];
+  writeFileAtomic(files[0]!, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
+  writeSafetensors(files[1]!, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
+  writeFileAtomic(files[2]!, reportHtml);
+  return files;
+}

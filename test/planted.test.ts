@@ -1,0 +1,134 @@
+// The analysis on a planted pair: the tuned model equals stories260k except a rank-r change inside one layer's
+// mlp.down_proj, so the right answers are known exactly.
+import * as tf from "@tensorflow/tfjs-core";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadModel } from "../src/io/model.js";
+import { loadTokenizer } from "../src/io/tokenizer.js";
+import { tokenizePairs, type Pair } from "../src/io/pairs.js";
+import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
+import { DEFAULT_SETTINGS, runAnalysis, type Results } from "../src/analysis/run.js";
+import { useBackend } from "./helpers.js";
+
+useBackend();
+
+const K = 2;
+const RANK = 2;
+let base: LlamaModel;
+let tuned: LlamaModel;
+let pairs: Pair[];
+let res: Results;
+
+/** tuned = base with down_proj of layer K plus Σ_i s_i v_i u_iᵀ (stored [in, out]). */
+function plant(m: LlamaModel): LlamaModel {
+  const [I, H] = m.layers[K]!.down.shape;
+  const delta = tf.tidy(() => {
+    const terms = Array.from({ length: RANK }, (_, i) => {
+      const v = tf.tensor2d(Array.from({ length: I }, (_, j) => Math.cos(0.7 * j + i)), [I, 1]);
+      const u = tf.tensor2d(Array.from({ length: H }, (_, j) => Math.sin(1.3 * j + 2 * i)), [1, H]);
+      return tf.mul(tf.matMul(v, u), 0.4 / (i + 1));
+    });
+    return tf.addN(terms);
+  });
+  const down = tf.add(m.layers[K]!.down, delta) as tf.Tensor2D;
+  delta.dispose();
+  return { ...m, layers: m.layers.map((p, l) => (l === K ? { ...p, down } : p)) };
+}
+
+const names = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna"];
+const things = ["a little dog", "a red ball", "a sad bird", "a new friend"];
+
+beforeAll(async () => {
+  base = loadModel("fixtures/models/stories260k");
+  tuned = plant(base);
+  const tok = loadTokenizer("fixtures/models/stories260k")!;
+  const raw = Array.from({ length: 14 }, (_, i) => {
+    const n = names[i % names.length]!;
+    const t = things[i % things.length]!;
+    return { line: i + 1, prompt: `Once upon a time, ${n} saw ${t}.`, chosen: `${n} smiled and said hello.`, rejected: `${n} was angry and went home.` };
+  });
+  pairs = tokenizePairs(raw, tok, base.config.vocabSize).pairs;
+  res = await runAnalysis(base, tuned, pairs, { ...DEFAULT_SETTINGS, bootstrap: 200, stabilityReps: 20, batchPairs: 3 });
+}, 120_000);
+
+afterAll(() => {
+  tuned.layers[K]!.down.dispose();
+  disposeModel(base);
+});
+
+describe("planted rank-r change at one layer", () => {
+  it("resid_post gains are 0 before layer K and equal the per-pair gap from K on", () => {
+    const gaps = res.pairs.map((p) => p.gap);
+    expect(Math.min(...gaps.map(Math.abs))).toBeGreaterThan(1e-3); // the plant actually changes margins
+    for (const e of res.patching) {
+      expect(e.site).toBe("resid_post");
+      e.gains.forEach((g, i) => {
+        if (e.layer < K) expect(Math.abs(g), `layer ${e.layer} pair ${i}`).toBeLessThanOrEqual(1e-4);
+        else expect(Math.abs(g - gaps[i]!), `layer ${e.layer} pair ${i}`).toBeLessThanOrEqual(1e-4);
+      });
+      expect(e.recovery).toBeCloseTo(e.layer < K ? 0 : 1, 4);
+    }
+  });
+
+  it("PCA at layer K is rank r and the k = r patch recovers ≥ 99% of the held-out gap", () => {
+    expect(res.pca!.layer).toBe(K);
+    const ev = res.pca!.explained_variance_ratio;
+    expect(ev.slice(0, RANK).reduce((a, b) => a + b, 0)).toBeGreaterThanOrEqual(0.999);
+    expect(ev.slice(0, RANK - 1).reduce((a, b) => a + b, 0)).toBeLessThan(0.999); // and not rank r − 1
+    const atR = res.pca!.recovery.find((x) => x.k === RANK)!;
+    expect(atR.recovery).toBeGreaterThanOrEqual(0.99);
+    expect(Math.abs(atR.random_subspace)).toBeLessThan(0.5);
+    expect(new Set([...res.pca!.train_pairs, ...res.pca!.test_pairs]).size).toBe(pairs.length);
+  });
+
+  it("margins agree with the forward pass's own log-probabilities", () => {
+    for (const rec of res.pairs) {
+      const p = pairs[rec.index]!;
+      for (const [name, m] of [["base", base], ["tuned", tuned]] as const) {
+        const lp = (resp: number[]) => {
+          const ids = [...p.promptIds, ...resp];
+          const { logits } = forward(m, [ids]);
+          const L = (logits!.arraySync() as number[][][])[0]!;
+          logits!.dispose();
+          let s = 0;
+          for (let t = p.promptIds.length; t < ids.length; t++) {
+            const row = L[t - 1]!;
+            const mx = Math.max(...row);
+            const lse = mx + Math.log(row.reduce((a, v) => a + Math.exp(v - mx), 0));
+            s += row[ids[t]!]! - lse;
+          }
+          return s;
+        };
+        const c = lp(p.chosenIds);
+        const r = lp(p.rejectedIds);
+        expect(rec.logp[name].chosen).toBeCloseTo(c, 3);
+        expect(rec.logp[name].rejected).toBeCloseTo(r, 3);
+        expect(rec.margin[name]).toBeCloseTo(c - r, 3);
+      }
+    }
+  });
+
+  it("LASSO gives weight to no layer before K, controls stay small, the logit lens gap appears at K", () => {
+    for (let l = 0; l < K; l++) expect(res.lasso!.coef[l]).toBe(0); // distances are exactly 0 there: constant columns
+    expect(res.pairs.every((p) => p.distance.slice(0, K).every((d) => d === 0))).toBe(true);
+    const lensGap = res.logit_lens.tuned.map((t, i) => t - res.logit_lens.base[i]!);
+    for (let i = 0; i <= K; i++) expect(Math.abs(lensGap[i]!)).toBeLessThan(1e-4); // embed … layer K−1
+    expect(Math.abs(lensGap[K + 1]!)).toBeGreaterThan(1e-3);
+    const atK = res.patching.find((e) => e.layer === K)!;
+    expect(Math.abs(atK.controls!.random_direction.recovery)).toBeLessThan(0.9);
+    expect(res.probes).toHaveLength(2 * base.config.numLayers);
+  });
+
+  it("is deterministic for a seed", async () => {
+    const again = await runAnalysis(base, tuned, pairs.slice(0, 6), { ...DEFAULT_SETTINGS, bootstrap: 50, stabilityReps: 5, batchPairs: 4, seed: 3 });
+    const twice = await runAnalysis(base, tuned, pairs.slice(0, 6), { ...DEFAULT_SETTINGS, bootstrap: 50, stabilityReps: 5, batchPairs: 2, seed: 3 });
+    expect(twice.patching.map((e) => e.recovery_ci)).toEqual(again.patching.map((e) => e.recovery_ci));
+    expect(twice.lasso!.stability).toEqual(again.lasso!.stability);
+    expect(twice.pca!.test_pairs).toEqual(again.pca!.test_pairs);
+  });
+
+  it("leaves no tensors behind", async () => {
+    const before = tf.memory().numTensors;
+    await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"], directions: ["tuned->base", "base->tuned"] });
+    expect(tf.memory().numTensors).toBe(before);
+  });
+});
