@@ -149,7 +149,9 @@ describe("PCA and low-rank patching", () => {
         const r = seededRandom(seed);
         // decaying spectrum so the top directions are well separated
         const D = Array.from({ length: N }, () => Array.from({ length: H }, (_, j) => gaussian(r) * 3 ** -j));
-        const res = tf.tidy(() => pcaOfDifferences(tf.tensor2d(D)));
+        const Dt = tf.tensor2d(D);
+        const res = pcaOfDifferences(Dt);
+        Dt.dispose();
         const cov = Array.from({ length: H }, (_, i) => Array.from({ length: H }, (_, j) => D.reduce((s, row) => s + row[i]! * row[j]!, 0) / N));
         const k = Math.min(2, N, H);
         const ref = naiveTopEigen(cov, k);

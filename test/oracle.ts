@@ -112,7 +112,7 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
         const m = Math.max(...scores);
         const e = scores.map((v) => Math.exp(v - m));
         const sum = e.reduce((a, b) => a + b, 0);
-        for (let s = 0; s <= t; s++) for (let j = 0; j < d; j++) z[t]![h * d + j] += (e[s]! / sum) * V[s]![kvh * d + j]!;
+        for (let s = 0; s <= t; s++) for (let j = 0; j < d; j++) z[t]![h * d + j]! += (e[s]! / sum) * V[s]![kvh * d + j]!;
       }
     }
     const attnOut = z.map((row) => matVec(p("self_attn.o_proj.weight"), H, cfg.heads * d, row, cfg.attnBias ? pb("self_attn.o_proj.bias") : undefined));

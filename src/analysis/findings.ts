@@ -12,10 +12,11 @@ export function findings(r: Results): string[] {
     `Over ${r.n_pairs} pairs the tuned model's mean margin is ${num(s.mean_margin_tuned)} vs the base model's ${num(s.mean_margin_base)} ` +
       `(mean gap ${num(s.mean_gap)}); the tuned model prefers the chosen response in ${pct(s.tuned_prefers_chosen)} of pairs, the base in ${pct(s.base_prefers_chosen)}.`,
   );
-  if (Math.abs(s.mean_gap) < 1e-6) out.push("The mean gap is essentially zero, so recovery ratios (gain / gap) are not meaningful for this data.");
+  const noGap = r.patching.length > 0 && r.patching.every((p) => Number.isNaN(p.recovery));
+  if (noGap) out.push("The two models' margins do not differ (mean gap at rounding level), so there is no gap to recover: recovery ratios are not reported.");
   for (const dir of ["tuned->base", "base->tuned"] as const) {
     for (const site of ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const) {
-      const e = r.patching.filter((p) => p.direction === dir && p.site === site);
+      const e = r.patching.filter((p) => p.direction === dir && p.site === site && Number.isFinite(p.recovery));
       if (!e.length) continue;
       const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const first90 = e.find((p) => p.recovery >= 0.9);
@@ -43,7 +44,7 @@ export function findings(r: Results): string[] {
     const best = p.reduce((a, b) => (b.accuracy > a.accuracy ? b : a));
     out.push(`Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy (difference-of-means direction: ${pct(best.diff_means_accuracy)}).`);
   }
-  if (r.pca) {
+  if (r.pca && r.pca.recovery.every((x) => Number.isFinite(x.recovery))) {
     const cum: number[] = [];
     r.pca.explained_variance_ratio.reduce((a, v) => (cum.push(a + v), a + v), 0);
     const k90 = cum.findIndex((c) => c >= 0.9) + 1;

@@ -303,10 +303,13 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
 
   // ---- Recovery with bootstrap CIs.
   const gap = Float64Array.from({ length: n }, (_, i) => marginTuned[i]! - marginBase[i]!);
+  // A recovery ratio needs a gap to recover: below rounding level of the margins it is reported as NaN (null).
+  const scale = mean(Array.from(marginBase, Math.abs)) + mean(Array.from(marginTuned, Math.abs));
+  const gapTooSmall = !(Math.abs(mean(gap)) > 1e-6 * scale);
   const summarize = (g: Float64Array, seed: number): GainSummary => ({
     gains: Array.from(g),
-    recovery: mean(g) / mean(gap),
-    recovery_ci: bootstrapRatioCI(g, gap, s.bootstrap, seededRandom(seed)),
+    recovery: gapTooSmall ? NaN : mean(g) / mean(gap),
+    recovery_ci: gapTooSmall ? [NaN, NaN] : bootstrapRatioCI(g, gap, s.bootstrap, seededRandom(seed)),
   });
   const patching: PatchingEntry[] = combos.map((c, ci) => ({
     direction: c.direction,
@@ -354,7 +357,7 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
   t0 = performance.now();
   let pca: Results["pca"] = null;
   if (n >= 2) {
-    const rp = patching.filter((p) => p.direction === "tuned->base" && p.site === "resid_post");
+    const rp = patching.filter((p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery));
     let layer: number;
     let chosenBy: string;
     if (s.pcaLayer !== null) {
@@ -367,7 +370,7 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
       chosenBy = "first layer whose resid_post recovery is within 5% of the maximum";
     } else {
       layer = Math.floor(L / 2);
-      chosenBy = "middle layer (no resid_post tuned->base patching was run)";
+      chosenBy = "middle layer (no finite resid_post tuned->base recovery: not patched, or zero mean gap)";
     }
     const order = permutation(n, seededRandom(s.seed + 17));
     const nTest = Math.min(n - 1, Math.max(1, Math.round(n * s.pcaTestFrac)));
@@ -435,7 +438,12 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
       test_pairs: testIdx,
       n_rows: rows.length,
       explained_variance_ratio: p.explainedVarianceRatio,
-      recovery: ks.map((k, ki) => ({ k, k_used: Math.min(k, p.rank), recovery: mean(gainsK[ki]!.real) / mg, random_subspace: mean(gainsK[ki]!.random) / mg })),
+      recovery: ks.map((k, ki) => ({
+        k,
+        k_used: Math.min(k, p.rank),
+        recovery: gapTooSmall ? NaN : mean(gainsK[ki]!.real) / mg,
+        random_subspace: gapTooSmall ? NaN : mean(gainsK[ki]!.random) / mg,
+      })),
       components: p.components.slice(0, Math.min(p.rank, H) * H),
     };
   }
