@@ -19,6 +19,8 @@ import { DEFAULT_SETTINGS, checkCompatible, runAnalysis, type Results, type RunS
 import { SITES, type Direction, type Site } from "./analysis/patching.js";
 import { findings } from "./analysis/findings.js";
 import cliProgress from "cli-progress";
+import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type TuneSettings } from "./model/dpo.js";
+import { saveModel } from "./io/model.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
@@ -254,6 +256,102 @@ program
     console.log(`results: ${path.join(outDir, "results.json")}`);
     disposeModel(base);
     disposeModel(tuned);
+  });
+
+program
+  .command("tune")
+  .description("DPO-tune a model on preference pairs (reference = the starting model) and save an HF folder")
+  .requiredOption("--model <dir>", "starting model (Hugging Face Llama folder); also the DPO reference")
+  .requiredOption("--pairs <file>", "training pairs (same formats as run)")
+  .requiredOption("--out <dir>", "folder to write the tuned model into (must not exist, or use --force)")
+  .option("--beta <b>", "DPO β", float("--beta", (x) => x > 0, "positive"), DEFAULT_TUNE.beta)
+  .option("--lr <lr>", "Adam learning rate", float("--lr", (x) => x > 0, "positive"), DEFAULT_TUNE.lr)
+  .option("--epochs <n>", "passes over the pairs", int("--epochs", 1), DEFAULT_TUNE.epochs)
+  .option("--batch <n>", "pairs per step", int("--batch", 1), DEFAULT_TUNE.batchPairs)
+  .option("--train <patterns>", "comma-separated weight name patterns to train (substring or glob, e.g. layers.2.mlp.down_proj)", "*")
+  .option("--rank <r>", "train a rank-r update of each matrix (merged on save) instead of the full matrix", int("--rank", 1))
+  .option("--seed <s>", "random seed (shuffling, low-rank init)", int("--seed", 0), DEFAULT_TUNE.seed)
+  .option("--eval <file>", "held-out pairs: report margins and reward accuracy before and after")
+  .option("--limit <n>", "use the first n pairs", int("--limit", 1))
+  .option("--max-tokens <n>", "skip pairs longer than n tokens", int("--max-tokens", 2))
+  .option("--force", "replace --out if it exists")
+  .addOption(backendOption())
+  .action(async (o: Record<string, unknown>) => {
+    const out = String(o.out);
+    if (fs.existsSync(out) && !o.force) throw new UsageError(`--out ${out} already exists (use --force to replace it)`);
+    if (!fs.existsSync(path.dirname(path.resolve(out)))) throw new UsageError(`cannot write ${out}: folder ${path.dirname(path.resolve(out))} does not exist`);
+    const settings: TuneSettings = {
+      beta: o.beta as number,
+      lr: o.lr as number,
+      epochs: o.epochs as number,
+      batchPairs: o.batch as number,
+      train: String(o.train).split(",").map((x) => x.trim()).filter(Boolean),
+      rank: (o.rank as number | undefined) ?? null,
+      seed: o.seed as number,
+    };
+    const backend = await startBackend(o.backend as string | undefined);
+    const model = loadModel(String(o.model));
+    const tok = loadTokenizer(String(o.model));
+    const load = (file: string, limit?: number) => {
+      const raw = readPairs(file);
+      const tp = tokenizePairs(raw.pairs, tok, model.config.vocabSize, { maxTokens: o.maxTokens as number | undefined, limit });
+      if (tp.pairs.length === 0) throw new UsageError(`no usable pairs in ${file} (${tp.tooLong} longer than --max-tokens)`);
+      return tp;
+    };
+    const train = load(String(o.pairs), o.limit as number | undefined);
+    const evalSet = o.eval ? load(String(o.eval)) : null;
+    process.stderr.write(`training pairs: ${train.pairs.length} (${train.tooLong} skipped as too long)\n`);
+    const bar = new cliProgress.SingleBar(
+      { format: "DPO [{bar}] {value}/{total} | loss {loss} | reward acc {acc} | reward margin {margin} | ETA {eta_formatted}", hideCursor: true },
+      cliProgress.Presets.shades_classic,
+    );
+    const tty = process.stderr.isTTY;
+    let started = false;
+    const t0 = performance.now();
+    const res = await tuneDPO(model, train.pairs, settings, (m, total) => {
+      const vals = { loss: m.loss.toFixed(4), acc: m.rewardAccuracy.toFixed(2), margin: m.rewardMargin.toFixed(3) };
+      if (tty) {
+        if (!started) bar.start(total, 0, vals);
+        started = true;
+        bar.update(m.step, vals);
+      } else if (m.step === total || m.step % 10 === 0) process.stderr.write(`step ${m.step}/${total} loss ${vals.loss} reward acc ${vals.acc} reward margin ${vals.margin}\n`);
+    });
+    if (started) bar.stop();
+    const trainMs = performance.now() - t0;
+    const evaluation = evalSet ? evaluatePairs(model, res.model, evalSet.pairs) : null;
+    // write into a temporary sibling folder, then move it into place: never a half-written model
+    const tmp = `${out}.tmp-${process.pid}`;
+    fs.rmSync(tmp, { recursive: true, force: true });
+    saveModel(res.model, tmp);
+    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]) {
+      const src = path.join(String(o.model), f);
+      if (fs.existsSync(src)) fs.copyFileSync(src, path.join(tmp, f));
+    }
+    const last = res.history[res.history.length - 1]!;
+    const record = {
+      producer: "prefprobe tune",
+      command: `prefprobe ${process.argv.slice(2).join(" ")}`,
+      base_model: path.resolve(String(o.model)),
+      pairs: path.resolve(String(o.pairs)),
+      n_pairs: train.pairs.length,
+      settings,
+      trained: res.trained,
+      backend,
+      versions: { prefprobe: packageVersion(), "tfjs-core": tf.version_core, node: process.version },
+      train_ms: trainMs,
+      final_step: last,
+      history: res.history,
+      held_out: evaluation,
+    };
+    fs.writeFileSync(path.join(tmp, "tune.json"), JSON.stringify(record, null, 1) + "\n");
+    fs.rmSync(out, { recursive: true, force: true });
+    fs.renameSync(tmp, out);
+    console.log(`trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${settings.rank ? ` (rank-${settings.rank} updates)` : ""} for ${res.history.length} steps in ${(trainMs / 1000).toFixed(1)} s`);
+    console.log(`last step: loss ${last.loss.toFixed(4)}, reward accuracy ${last.rewardAccuracy.toFixed(2)}, reward margin ${last.rewardMargin.toFixed(3)}`);
+    if (evaluation) {
+      console.log(`held-out (${evaluation.pairs} pairs): mean margin ${evaluation.meanMarginBase.toFixed(3)} → ${evaluation.meanMarginTuned.toFixed(3)}; reward accuracy ${(100 * evaluation.rewardAccuracy).toFixed(1)}%; prefers chosen ${(100 * evaluation.basePrefersChosen).toFixed(1)}% → ${(100 * evaluation.tunedPrefersChosen).toFixed(1)}%`);
+    }
+    console.log(`wrote ${out}`);
   });
 
 /** A per-layer table of the main numbers for the terminal. */

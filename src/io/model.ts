@@ -167,3 +167,45 @@ export function writeFileAtomic(file: string, text: string | Uint8Array): void {
   fs.writeFileSync(tmp, text);
   fs.renameSync(tmp, file);
 }
+
+/** One weight of a loaded model: its Hugging Face name, tensor, and whether it is a matrix stored [in, out]. */
+export interface WeightRef {
+  name: string;
+  tensor: tf.Tensor;
+  matrix: boolean;
+}
+
+/** Every weight of a model by Hugging Face name (the head only when untied). */
+export function weightRefs(model: LlamaModel): WeightRef[] {
+  const refs: WeightRef[] = [{ name: "model.embed_tokens.weight", tensor: model.embed, matrix: false }];
+  model.layers.forEach((p, l) => {
+    for (const [k, t] of Object.entries(p)) if (t) refs.push({ name: `model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`, tensor: t as tf.Tensor, matrix: MATRICES.has(k as LayerKey) });
+  });
+  refs.push({ name: "model.norm.weight", tensor: model.finalNorm, matrix: false });
+  if (!model.config.tieWordEmbeddings) refs.push({ name: "lm_head.weight", tensor: model.lmHead, matrix: true });
+  return refs;
+}
+
+/**
+ * A model sharing every weight of `model` except those named in `replace` (Hugging Face names, values in
+ * the model's own layout). With tied embeddings a new embedding also becomes the head.
+ */
+export function withWeights(model: LlamaModel, replace: Map<string, tf.Tensor>): LlamaModel {
+  const layers = model.layers.map((p, l) => {
+    const q: Record<string, tf.Tensor | undefined> = { ...p };
+    for (const k of Object.keys(p)) {
+      const t = replace.get(`model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`);
+      if (t) q[k] = t;
+    }
+    return q as unknown as LlamaLayer;
+  });
+  const embed = (replace.get("model.embed_tokens.weight") ?? model.embed) as tf.Tensor2D;
+  const tiedHead = model.config.tieWordEmbeddings && replace.has("model.embed_tokens.weight") ? (tf.transpose(embed) as tf.Tensor2D) : null;
+  return {
+    config: model.config,
+    embed,
+    layers,
+    finalNorm: (replace.get("model.norm.weight") ?? model.finalNorm) as tf.Tensor1D,
+    lmHead: tiedHead ?? ((replace.get("lm_head.weight") ?? model.lmHead) as tf.Tensor2D),
+  };
+}

@@ -10,7 +10,8 @@ export function escapeHtml(s: string): string {
 }
 
 async function svg(spec: TopLevelSpec): Promise<string> {
-  const view = new vega.View(vega.parse(compile(spec).spec), { renderer: "none" });
+  const withConfig = { ...spec, config: { legend: { labelLimit: 400 }, axis: { labelLimit: 300 } } } as TopLevelSpec;
+  const view = new vega.View(vega.parse(compile(withConfig).spec), { renderer: "none" });
   try {
     return await view.toSVG();
   } finally {
@@ -34,8 +35,8 @@ function recoverySpec(r: Results): TopLevelSpec | null {
   if (!rows.length) return null;
   const enc = {
     x: { field: "layer", type: "ordinal" as const, title: "layer" },
-    color: { field: "series", type: "nominal" as const, title: "site" },
-    strokeDash: { field: "kind", type: "nominal" as const, title: "patch", sort: ["patch", "random direction", "mean ablation"] },
+    color: { field: "kind", type: "nominal" as const, title: "patch", sort: ["patch", "random direction", "mean ablation"] },
+    strokeDash: { field: "series", type: "nominal" as const, title: "site (direction)" },
   };
   return {
     $schema: "https://vega.github.io/schema/vega-lite/v5.json",
@@ -120,7 +121,7 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
   if (!r.pca) return [];
   const p = r.pca;
   let cum = 0;
-  const spec = p.explained_variance_ratio.slice(0, 32).map((v, i) => ((cum += v), { component: i + 1, ratio: v, cumulative: cum }));
+  const spec = p.explained_variance_ratio.slice(0, 16).map((v, i) => ((cum += v), { component: i + 1, ratio: v, cumulative: cum }));
   const rec = p.recovery.flatMap((x) => [
     { k: x.k, recovery: x.recovery, subspace: "top-k principal directions" },
     { k: x.k, recovery: x.random_subspace, subspace: "random k-dim subspace" },
