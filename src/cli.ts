@@ -323,7 +323,7 @@ program
     const tmp = `${out}.tmp-${process.pid}`;
     fs.rmSync(tmp, { recursive: true, force: true });
     saveModel(res.model, tmp);
-    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]) {
+    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "LICENSE"]) {
       const src = path.join(String(o.model), f);
       if (fs.existsSync(src)) fs.copyFileSync(src, path.join(tmp, f));
     }
@@ -331,8 +331,8 @@ program
     const record = {
       producer: "prefprobe tune",
       command: `prefprobe ${process.argv.slice(2).join(" ")}`,
-      base_model: path.resolve(String(o.model)),
-      pairs: path.resolve(String(o.pairs)),
+      base_model: String(o.model),
+      pairs: String(o.pairs),
       n_pairs: train.pairs.length,
       settings,
       trained: res.trained,

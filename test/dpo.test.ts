@@ -43,6 +43,8 @@ describe("DPO", () => {
     expect(selectWeights(base, ["model.layers.*.mlp.up_proj"]).map((w) => w.name)).toHaveLength(5);
     expect(selectWeights(base, ["*"]).length).toBe(weightRefs(base).length);
     expect(selectWeights(base, ["nope"])).toHaveLength(0);
+    expect(selectWeights(base, ["layers.1.mlp"]).map((w) => w.name)).toEqual(["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]);
+    expect(selectWeights(base, ["ayers.1.mlp"])).toHaveLength(0); // plain patterns match whole name parts
   });
 
   it("the gradient of the margin matches central finite differences", () => {

@@ -48,12 +48,12 @@ export function findings(r: Results): string[] {
     const cum: number[] = [];
     r.pca.explained_variance_ratio.reduce((a, v) => (cum.push(a + v), a + v), 0);
     const k90 = cum.findIndex((c) => c >= 0.9) + 1;
-    const first = r.pca.recovery.find((x) => x.recovery >= 0.9);
+    const first = r.pca.recovery.find((x) => x.recovery >= 0.9 && x.k < r.hidden_size);
     out.push(
       `Low-rank patching at layer ${r.pca.layer} (${r.pca.chosen_by}): ${k90} principal direction${k90 === 1 ? " explains" : "s explain"} 90% of the activation difference; ` +
         (first
           ? `patching only the top ${first.k} recover${first.k === 1 ? "s" : ""} ${pct(first.recovery)} of the held-out gap, vs ${pct(first.random_subspace)} for a random ${first.k}-dimensional subspace.`
-          : `no k below the full width recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}).`),
+          : `no k below the full width (${r.hidden_size}) recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}, k = ${r.pca.recovery[r.pca.recovery.length - 2]?.k ?? 1}: ${pct(r.pca.recovery[r.pca.recovery.length - 2]?.recovery ?? NaN)}).`),
     );
   }
   const lens = r.logit_lens;

@@ -61,7 +61,11 @@ export async function enableGradients(): Promise<void> {
 
 /** The weights a list of patterns selects. */
 export function selectWeights(model: LlamaModel, patterns: string[]): WeightRef[] {
-  const toRegex = (p: string) => new RegExp(p.includes("*") ? `^(model\\.)?${p.split("*").map((s) => s.replace(/[.+?^${}()|[\]\\]/g, "\\$&")).join(".*")}(\\.weight|\\.bias)?$` : p.replace(/[.+?^${}()|[\]\\]/g, "\\$&"));
+  const esc = (x: string) => x.replace(/[.+?^${}()|[\]\\]/g, "\\$&");
+  // a glob matches the whole name (model. prefix and .weight/.bias suffix optional); a plain pattern matches
+  // whole dot-separated parts, so layers.1.mlp does not also select layers.11.mlp
+  const toRegex = (p: string) =>
+    new RegExp(p.includes("*") ? `^(model\\.)?${p.split("*").map(esc).join(".*")}(\\.weight|\\.bias)?$` : `(^|\\.)${esc(p)}(\\.|$)`);
   const res = patterns.map(toRegex);
   return weightRefs(model).filter((w) => res.some((r) => r.test(w.name)));
 }

@@ -1,0 +1,60 @@
+// `prefprobe tune` as a user runs it: a loadable HF folder with its record, and clean errors.
+import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { describe, expect, it } from "vitest";
+import { loadConfig } from "../src/io/config.js";
+import { readSafetensors } from "../src/io/safetensors.js";
+
+const CLI = path.resolve("dist/src/cli.js");
+const run = (...args: string[]) => {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+};
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-tune-"));
+const MODEL = "fixtures/models/stories260k";
+const TRAIN = "fixtures/data/stories/train.jsonl";
+
+describe("prefprobe tune", () => {
+  it("writes an HF folder that prefprobe loads, with tokenizer, licence and tune.json", () => {
+    const out = path.join(tmp(), "tuned");
+    const r = run("tune", "--model", MODEL, "--pairs", TRAIN, "--limit", "8", "--eval", "fixtures/data/stories/test.jsonl", "--out", out, "--epochs", "1", "--batch", "4", "--train", "layers.1.mlp", "--rank", "2", "--lr", "0.01");
+    expect(r.code, r.err).toBe(0);
+    expect(r.out).toMatch(/trained 3 weights \(rank-2 updates\) for 2 steps/);
+    expect(r.out).toMatch(/held-out \(120 pairs\): mean margin -0\.043 →/);
+    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "LICENSE", "tune.json"]) expect(fs.existsSync(path.join(out, f)), f).toBe(true);
+    expect(loadConfig(out).numLayers).toBe(5);
+    const a = readSafetensors(path.join(MODEL, "model.safetensors"));
+    const b = readSafetensors(path.join(out, "model.safetensors"));
+    for (const [name, t] of a) {
+      const changed = (t.data as Float32Array).some((v, i) => v !== (b.get(name)!.data as Float32Array)[i]);
+      expect(changed, name).toBe(/^model\.layers\.1\.mlp\./.test(name));
+    }
+    const rec = JSON.parse(fs.readFileSync(path.join(out, "tune.json"), "utf8"));
+    expect(rec.history).toHaveLength(2);
+    expect(rec.settings.rank).toBe(2);
+    expect(rec.held_out.pairs).toBe(120);
+    const logits = run("logits", "--model", out, "--text", "Once upon a time");
+    expect(logits.code).toBe(0);
+    expect(fs.readdirSync(path.dirname(out))).toEqual(["tuned"]); // no temporary folder left behind
+  });
+
+  const bad: Array<[string, (o: string) => string[], RegExp]> = [
+    ["a pattern that matches nothing", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.9.nothing"], /matches no weight/],
+    ["an existing output folder", (o) => (fs.mkdirSync(o), ["--pairs", TRAIN, "--out", o]), /already exists \(use --force/],
+    ["a bad learning rate", (o) => ["--pairs", TRAIN, "--out", o, "--lr", "-1"], /--lr must be positive/],
+    ["a missing pairs file", (o) => ["--pairs", "/nonexistent.jsonl", "--out", o], /cannot read/],
+  ];
+  it.each(bad)("%s gives a one-line error and writes nothing", (_n, args, msg) => {
+    const o = path.join(tmp(), "t");
+    const existed = args(o);
+    const r = run("tune", "--model", MODEL, ...existed);
+    expect(r.code).not.toBe(0);
+    const lines = r.err.trim().split("\n").filter((l) => l.startsWith("prefprobe: error:"));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(msg);
+    expect(r.err).not.toMatch(/\n\s+at /);
+    expect(fs.existsSync(path.join(o, "model.safetensors"))).toBe(false);
+  });
+});
