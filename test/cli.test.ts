@@ -1,20 +1,14 @@
 // The command line as a user runs it (the compiled dist/src/cli.js that `npm test` builds first).
-import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../src/io/safetensors.js";
 import { randomWeights, writeModelFolder } from "./random-model.js";
 import type { OracleConfig } from "./oracle.js";
-import { maxAbsDiff } from "./helpers.js";
+import { maxAbsDiff, runCli, tmpDir } from "./helpers.js";
 
-const CLI = path.resolve("dist/src/cli.js");
-const run = (...args: string[]) => {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-};
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-cli-"));
+const run = runCli;
+const tmp = tmpDir;
 
 /** A one-line error and a non-zero exit, no stack trace. */
 function expectCleanError(r: ReturnType<typeof run>, msg: RegExp) {

@@ -1,4 +1,8 @@
 // Shared test helpers: backend selection and array comparison.
+import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { beforeAll } from "vitest";
 import { initBackend } from "../src/model/backend.js";
@@ -24,3 +28,12 @@ export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
 
 /** Flattens nested number arrays row-major. */
 export const flat = (x: number[][]): number[] => x.flat();
+
+/** Runs the compiled CLI (built by `npm test` before vitest) with arguments; returns exit code and output. */
+export function runCli(...args: string[]): { code: number | null; out: string; err: string } {
+  const r = spawnSync(process.execPath, [path.resolve("dist/src/cli.js"), ...args], { encoding: "utf8" });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+/** A fresh temporary folder. */
+export const tmpDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-test-"));

@@ -5,6 +5,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { writeSafetensors, type DType } from "../src/io/safetensors.js";
+import { seededRandom } from "../src/analysis/stats.js";
 import type { OracleConfig, Weights } from "./oracle.js";
 
 export interface RandomModelSpec {
@@ -56,17 +57,8 @@ export const arbConfig: fc.Arbitrary<OracleConfig> = fc
     mlpBias: r.mlpBias,
   }));
 
-/** Deterministic small PRNG (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic PRNG shared with the analysis code (mulberry32). */
+export const rng = seededRandom;
 
 /** HF tensor names and shapes for a config (written here independently of src/io/model.ts). */
 export function shapesOf(c: OracleConfig): Record<string, number[]> {

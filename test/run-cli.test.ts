@@ -1,18 +1,14 @@
 // `prefprobe run` end to end as a user runs it, and its input checks.
-import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import { readSafetensors } from "../src/io/safetensors.js";
 import { readPairs, splitHH } from "../src/io/pairs.js";
+import { runCli, tmpDir } from "./helpers.js";
 
 const CLI = path.resolve("dist/src/cli.js");
-const run = (...args: string[]) => {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-};
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-run-"));
+const run = runCli;
+const tmp = tmpDir;
 const MODEL = "fixtures/models/stories260k";
 
 function writePairs(lines: unknown[]): string {

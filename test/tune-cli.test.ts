@@ -1,18 +1,13 @@
 // `prefprobe tune` as a user runs it: a loadable HF folder with its record, and clean errors.
-import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
+import { runCli, tmpDir } from "./helpers.js";
 import { describe, expect, it } from "vitest";
 import { loadConfig } from "../src/io/config.js";
 import { readSafetensors } from "../src/io/safetensors.js";
 
-const CLI = path.resolve("dist/src/cli.js");
-const run = (...args: string[]) => {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8" });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-};
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-tune-"));
+const run = runCli;
+const tmp = tmpDir;
 const MODEL = "fixtures/models/stories260k";
 const TRAIN = "fixtures/data/stories/train.jsonl";
 

@@ -2,7 +2,7 @@
 // unit population std; a constant column gets coefficient 0). Coordinate descent on the Gram matrix XᵀX/n and
 // Xᵀy/n, which are computed on tfjs; α is chosen by K-fold CV over a log-spaced path.
 import * as tf from "@tensorflow/tfjs-core";
-import { columnStats, isConstant, kFolds, logSpace, pickRows, seededRandom } from "./stats.js";
+import { columnStats, isConstant, kFolds, logSpace, pickRows, seededRandom, standardizedLinear } from "./stats.js";
 
 /** One fitted model: coefficients in standardized units plus what is needed to predict raw rows. */
 export interface LassoFit {
@@ -96,13 +96,7 @@ export function lassoFit(X: Float64Array, n: number, p: number, y: Float64Array,
 
 /** Predicts raw rows with a fit. */
 export function lassoPredict(fit: LassoFit, X: Float64Array, n: number, p: number): Float64Array {
-  const out = new Float64Array(n);
-  for (let i = 0; i < n; i++) {
-    let s = fit.intercept;
-    for (let j = 0; j < p; j++) if (fit.coef[j] !== 0) s += (fit.coef[j]! * (X[i * p + j]! - fit.mu[j]!)) / fit.sd[j]!;
-    out[i] = s;
-  }
-  return out;
+  return standardizedLinear(X, n, p, fit.coef, fit.intercept, fit.mu, fit.sd);
 }
 
 /** LASSO with α chosen by K-fold CV (minimum mean squared error), plus stability selection at that α. */

@@ -2,7 +2,7 @@
 //   minimize ½‖w‖² + C · Σᵢ log(1 + exp(−sᵢ (w·xᵢ + b))),  sᵢ = ±1, intercept b not penalized.
 // L-BFGS in float64; the n × d products run on tfjs. Features are standardized with training statistics.
 import * as tf from "@tensorflow/tfjs-core";
-import { columnStats, isConstant, kFolds, mean, pickRows, seededRandom } from "./stats.js";
+import { columnStats, isConstant, kFolds, mean, pickRows, seededRandom, standardizedLinear } from "./stats.js";
 
 /** A fitted probe: weights in standardized feature units, intercept, and the standardization. */
 export interface LogisticFit {
@@ -121,13 +121,7 @@ export function logisticFit(X: Float64Array, n: number, d: number, labels: Array
 
 /** Decision values w·standardize(x) + b for rows X. */
 export function logisticDecision(fit: LogisticFit, X: Float64Array, n: number, d: number): Float64Array {
-  const out = new Float64Array(n);
-  for (let i = 0; i < n; i++) {
-    let z = fit.b;
-    for (let j = 0; j < d; j++) if (!isConstant(fit.sd[j]!, fit.mu[j]!)) z += (fit.w[j]! * (X[i * d + j]! - fit.mu[j]!)) / fit.sd[j]!;
-    out[i] = z;
-  }
-  return out;
+  return standardizedLinear(X, n, d, fit.w, fit.b, fit.mu, fit.sd);
 }
 
 /** Probe accuracies by K-fold CV where `groups[i]` keeps related rows (a pair's two rows) in one fold. */

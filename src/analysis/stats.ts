@@ -58,6 +58,17 @@ export function columnStats(X: Float64Array, n: number, p: number): { mu: Float6
 /** True when a column's spread is zero up to rounding relative to its scale (it then carries no signal). */
 export const isConstant = (sd: number, mu: number): boolean => !(sd > 1e-12 * Math.max(1, Math.abs(mu)));
 
+/** b + Σ_j w_j (x_j − μ_j)/σ_j for each row of X: a linear model fitted on standardized columns (constant columns skipped). */
+export function standardizedLinear(X: Float64Array, n: number, p: number, w: ArrayLike<number>, b: number, mu: ArrayLike<number>, sd: ArrayLike<number>): Float64Array {
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    let z = b;
+    for (let j = 0; j < p; j++) if (w[j] !== 0 && !isConstant(sd[j]!, mu[j]!)) z += (w[j]! * (X[i * p + j]! - mu[j]!)) / sd[j]!;
+    out[i] = z;
+  }
+  return out;
+}
+
 /** Rows of X picked by index. */
 export function pickRows(X: Float64Array, p: number, rows: number[]): Float64Array {
   const out = new Float64Array(rows.length * p);
