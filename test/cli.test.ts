@@ -4,7 +4,7 @@ import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../src/io/safetensors.js";
 import { randomWeights, writeModelFolder } from "./random-model.js";
-import type { OracleConfig } from "./oracle.js";
+import { oracleForward, type OracleConfig } from "./oracle.js";
 import { maxAbsDiff, runCli, tmpDir } from "./helpers.js";
 
 const run = runCli;
@@ -48,6 +48,24 @@ describe("prefprobe logits", () => {
     expect(got.get("resid")!.shape).toEqual(exp.get("resid")!.shape);
     expect(maxAbsDiff(got.get("logits")!.data as Float32Array, exp.get("logits")!.data as Float32Array)).toBeLessThanOrEqual(1e-4);
     expect(maxAbsDiff(got.get("resid")!.data as Float32Array, exp.get("resid")!.data as Float32Array)).toBeLessThanOrEqual(1e-4);
+  });
+
+  it("agrees with the float64 oracle on an unseen sharded BF16 llama3 folder past the original context", () => {
+    const cfg: OracleConfig = {
+      hidden: 24, inter: 40, layers: 3, heads: 6, kvHeads: 2, headDim: 6, vocab: 40, eps: 1e-5, theta: 500000,
+      rope: { kind: "llama3", factor: 8, low: 1, high: 4, orig: 16 }, tied: false, attnBias: false, mlpBias: false,
+    };
+    const w = randomWeights(cfg, 99);
+    const dir = writeModelFolder({ cfg, seed: 99, dtype: "BF16", shards: 2 }, w);
+    const ids = Array.from({ length: 48 }, (_, i) => (i * 11 + 5) % 40);
+    const out = path.join(tmp(), "o.safetensors");
+    const r = run("logits", "--model", dir, "--ids", ids.join(","), "--out", out, "--resid");
+    expect(r.code, r.err).toBe(0);
+    const got = readSafetensors(out);
+    const ref = oracleForward(cfg, w, ids);
+    expect(maxAbsDiff(got.get("logits")!.data as Float32Array, ref.logits.flat())).toBeLessThanOrEqual(1e-4);
+    const resid = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"].flatMap((s) => ref.sites[s]!.flat());
+    expect(maxAbsDiff(got.get("resid")!.data as Float32Array, resid)).toBeLessThanOrEqual(1e-4);
   });
 
   it("runs on the cpu backend when forced", () => {

@@ -46,7 +46,7 @@ function recoverySpec(r: Results): TopLevelSpec | null {
     data: { values: rows },
     layer: [
       { mark: { type: "errorbar", ticks: true }, encoding: { ...enc, y: { field: "lo", type: "quantitative", title: "recovery (mean gain / mean gap)" }, y2: { field: "hi" } } },
-      { mark: { type: "line", point: true }, encoding: { ...enc, y: { field: "recovery", type: "quantitative" } } },
+      { mark: { type: "line", point: true }, encoding: { ...enc, y: { field: "recovery", type: "quantitative", title: "recovery (mean gain / mean gap)" } } },
       { mark: { type: "rule", color: "#888" }, data: { values: [{ y: 0 }, { y: 1 }] }, encoding: { y: { field: "y", type: "quantitative" } } },
     ],
   } as TopLevelSpec;
@@ -69,7 +69,7 @@ function probeSpec(r: Results): TopLevelSpec | null {
         mark: { type: "line", point: true },
         encoding: {
           x: { field: "layer", type: "ordinal" },
-          y: { field: "accuracy", type: "quantitative", scale: { domain: [0, 1] } },
+          y: { field: "accuracy", type: "quantitative", title: "cross-validated accuracy", scale: { domain: [0, 1] } },
           color: { field: "model", type: "nominal" },
           strokeDash: { field: "method", type: "nominal" },
         },
@@ -145,7 +145,7 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
       title: "Held-out recovery vs k",
       data: { values: rec },
       layer: [
-        { mark: { type: "line", point: true }, encoding: { x: { field: "k", type: "quantitative", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative" }, color: { field: "subspace", type: "nominal" } } },
+        { mark: { type: "line", point: true }, encoding: { x: { field: "k", type: "quantitative", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative", title: "held-out recovery" }, color: { field: "subspace", type: "nominal" } } },
         { mark: { type: "rule", color: "#888" }, data: { values: [{ y: 0 }, { y: 1 }] }, encoding: { y: { field: "y", type: "quantitative" } } },
       ],
     } as TopLevelSpec,
