@@ -205,6 +205,10 @@ program
     if (layers) for (const l of layers) if (l >= base.config.numLayers) throw new UsageError(`--layers: layer ${l} is outside 0..${base.config.numLayers - 1}`);
     if (settings.pcaLayer !== null && settings.pcaLayer >= base.config.numLayers) throw new UsageError(`--pca-layer ${settings.pcaLayer} is outside 0..${base.config.numLayers - 1}`);
     const tok = loadTokenizer(String(o.base));
+    const tokFiles = [String(o.base), String(o.tuned)].map((d) => path.join(d, "tokenizer.json"));
+    if (tokFiles.every((f) => fs.existsSync(f)) && !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))) {
+      process.stderr.write("warning: the base and tuned tokenizer.json files differ; pairs are tokenized with the base model's\n");
+    }
     const raw = readPairs(String(o.pairs), { skipBad: !!o.skipBad });
     const tp = tokenizePairs(raw.pairs, tok, base.config.vocabSize, { maxTokens: o.maxTokens as number | undefined, limit: o.limit as number | undefined, skipBad: !!o.skipBad });
     if (tp.pairs.length === 0) throw new UsageError(`no usable pairs in ${o.pairs} (${tp.tooLong} longer than --max-tokens, ${raw.bad.length + tp.bad.length} malformed)`);

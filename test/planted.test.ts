@@ -132,3 +132,31 @@ describe("planted rank-r change at one layer", () => {
     expect(tf.memory().numTensors).toBe(before);
   });
 });
+
+describe("position masks", () => {
+  it("response masks cover exactly the response tokens of each row; all masks every real token", async () => {
+    const { makeBatch, positionMask } = await import("../src/analysis/batch.js");
+    const batch = makeBatch([
+      { index: 0, line: 1, promptIds: [1, 2, 3], chosenIds: [4, 5], rejectedIds: [6] },
+      { index: 1, line: 2, promptIds: [1], chosenIds: [7, 8, 9, 10], rejectedIds: [11, 12] },
+    ]);
+    expect(batch.T).toBe(5);
+    const resp = (positionMask(batch, "response").arraySync() as number[][][]).map((r) => r.map((x) => x[0]));
+    const all = (positionMask(batch, "all").arraySync() as number[][][]).map((r) => r.map((x) => x[0]));
+    expect(resp).toEqual([
+      [0, 0, 0, 1, 1],
+      [0, 0, 0, 1, 0],
+      [0, 1, 1, 1, 1],
+      [0, 1, 1, 0, 0],
+    ]);
+    expect(all).toEqual([
+      [1, 1, 1, 1, 1],
+      [1, 1, 1, 1, 0],
+      [1, 1, 1, 1, 1],
+      [1, 1, 1, 0, 0],
+    ]);
+    // the logits that score each response token sit one position earlier
+    expect(batch.logitsAt.slice(0, 3)).toEqual([[0, 2], [0, 3], [1, 2]]);
+    expect(batch.targets.slice(0, 3)).toEqual([4, 5, 6]);
+  });
+});
