@@ -126,6 +126,13 @@ describe("planted rank-r change at one layer", () => {
     expect(twice.pca!.test_pairs).toEqual(again.pca!.test_pairs);
   });
 
+  it("works on any slice of the pairs (indices need not start at 0)", async () => {
+    const r = await runAnalysis(base, tuned, pairs.slice(5, 13), { ...DEFAULT_SETTINGS, bootstrap: 20, stabilityReps: 2 });
+    expect(r.pca!.layer).toBe(K);
+    expect(r.pca!.recovery.find((x) => x.k === RANK)!.recovery).toBeGreaterThanOrEqual(0.99);
+    expect(r.pairs.map((p) => p.index)).toEqual([5, 6, 7, 8, 9, 10, 11, 12]);
+  });
+
   it("leaves no tensors behind", async () => {
     const before = tf.memory().numTensors;
     await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"], directions: ["tuned->base", "base->tuned"] });

@@ -357,95 +357,9 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
   t0 = performance.now();
   let pca: Results["pca"] = null;
   if (n >= 2) {
-    const rp = patching.filter((p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery));
-    let layer: number;
-    let chosenBy: string;
-    if (s.pcaLayer !== null) {
-      if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`--pca-layer ${s.pcaLayer} is outside 0..${L - 1}`);
-      layer = s.pcaLayer;
-      chosenBy = "--pca-layer";
-    } else if (rp.length) {
-      const best = Math.max(...rp.map((p) => p.recovery));
-      layer = rp.find((p) => p.recovery >= best - 0.05 * Math.abs(best))!.layer;
-      chosenBy = "first layer whose resid_post recovery is within 5% of the maximum";
-    } else {
-      layer = Math.floor(L / 2);
-      chosenBy = "middle layer (no finite resid_post tuned->base recovery: not patched, or zero mean gap)";
-    }
-    const order = permutation(n, seededRandom(s.seed + 17));
-    const nTest = Math.min(n - 1, Math.max(1, Math.round(n * s.pcaTestFrac)));
-    const testIdx = order.slice(0, nTest).sort((a, b) => a - b);
-    const trainIdx = order.slice(nTest).sort((a, b) => a - b);
-    const site = hookName("resid_post", layer);
-    const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { lengths: batch.lengths, stopAfter: layer, cache: [site] }).cache[site]!;
-    const chunks = (idx: number[]) => {
-      const out: Pair[][] = [];
-      for (let i = 0; i < idx.length; i += s.batchPairs) out.push(idx.slice(i, i + s.batchPairs).map((j) => pairs[j]!));
-      return out;
-    };
-    cb.onStage?.(`PCA at layer ${layer}`, n);
-    done = 0;
-    const rows: Float32Array[] = [];
-    for (const bp of chunks(trainIdx)) {
-      const batch = makeBatch(bp);
-      const hb = upTo(base, batch);
-      const ht = upTo(tuned, batch);
-      const diff = tf.tidy(() => tf.sub(ht, hb).dataSync() as Float32Array);
-      for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
-      tf.dispose([hb, ht]);
-      done += bp.length;
-      cb.onProgress?.(done);
-      await tick();
-    }
-    const D = tf.tensor2d(concat(rows, H), [rows.length, H]);
-    const p = pcaOfDifferences(D);
-    D.dispose();
-    const ks: number[] = [];
-    for (let k = 1; k < H; k *= 2) ks.push(k);
-    ks.push(H);
-    const gainsK = ks.map(() => ({ real: [] as number[], random: [] as number[] }));
-    const testGap: number[] = [];
-    for (const bp of chunks(testIdx)) {
-      const batch = makeBatch(bp);
-      const hb = upTo(base, batch);
-      const ht = upTo(tuned, batch);
-      const mask = positionMask(batch, s.positions);
-      ks.forEach((k, ki) => {
-        const kk = Math.min(k, p.rank);
-        const U = tf.tensor2d(p.components.subarray(0, kk * H), [kk, H]);
-        const R = randomSubspace(k, H, seededRandom(s.seed * 31 + k));
-        for (const [which, basis] of [["real", U], ["random", R]] as const) {
-          const value = tf.tidy(() => mixPatch(hb, projectPatch(hb, ht, basis), mask, s.alpha));
-          const logits = runPatched(base, batch, "resid_post", layer, value, {});
-          const m = marginsOf(responseLogprobs(logits, batch, s.perToken));
-          tf.dispose([logits, value]);
-          bp.forEach((pr, i) => gainsK[ki]![which].push(m[i]! - marginBase[pr.index]!));
-        }
-        tf.dispose([U, R]);
-      });
-      for (const pr of bp) testGap.push(gap[pr.index]!);
-      tf.dispose([hb, ht, mask]);
-      done += bp.length;
-      cb.onProgress?.(done);
-      await tick();
-    }
-    const mg = mean(testGap);
-    pca = {
-      layer,
-      site: "resid_post",
-      chosen_by: chosenBy,
-      train_pairs: trainIdx,
-      test_pairs: testIdx,
-      n_rows: rows.length,
-      explained_variance_ratio: p.explainedVarianceRatio,
-      recovery: ks.map((k, ki) => ({
-        k,
-        k_used: Math.min(k, p.rank),
-        recovery: gapTooSmall ? NaN : mean(gainsK[ki]!.real) / mg,
-        random_subspace: gapTooSmall ? NaN : mean(gainsK[ki]!.random) / mg,
-      })),
-      components: p.components.slice(0, Math.min(p.rank, H) * H),
-    };
+    const { layer, chosenBy } = choosePcaLayer(patching, s, L);
+    pca = await lowRank(base, tuned, pairs, layer, s, { marginBase, gap, gapTooSmall }, cb);
+    pca.chosen_by = chosenBy;
   }
   timings.pca = performance.now() - t0;
 
@@ -471,6 +385,109 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
     logit_lens: { layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)], base: lensMean(lens.base), tuned: lensMean(lens.tuned) },
     mean_diff: meanDiff,
     timings_ms: timings,
+  };
+}
+
+/** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
+function choosePcaLayer(patching: PatchingEntry[], s: RunSettings, L: number): { layer: number; chosenBy: string } {
+  if (s.pcaLayer !== null) {
+    if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`--pca-layer ${s.pcaLayer} is outside 0..${L - 1}`);
+    return { layer: s.pcaLayer, chosenBy: "--pca-layer" };
+  }
+  const rp = patching.filter((p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery));
+  if (!rp.length) return { layer: Math.floor(L / 2), chosenBy: "middle layer (no finite resid_post tuned->base recovery: not patched, or zero mean gap)" };
+  const best = Math.max(...rp.map((p) => p.recovery));
+  return { layer: rp.find((p) => p.recovery >= best - 0.05 * Math.abs(best))!.layer, chosenBy: "first layer whose resid_post recovery is within 5% of the maximum" };
+}
+
+/** Positions (into the pairs array) in batches of `size`. */
+function chunks(idx: number[], size: number): number[][] {
+  const out: number[][] = [];
+  for (let i = 0; i < idx.length; i += size) out.push(idx.slice(i, i + size));
+  return out;
+}
+
+/**
+ * PCA of per-position h_tuned − h_base at resid_post of `layer` over the response positions of a training
+ * split, then the held-out recovery of patching only the top-k directions (and a random k-dim subspace).
+ */
+async function lowRank(
+  base: LlamaModel,
+  tuned: LlamaModel,
+  pairs: Pair[],
+  layer: number,
+  s: RunSettings,
+  scores: { marginBase: Float64Array; gap: Float64Array; gapTooSmall: boolean },
+  cb: RunCallbacks,
+): Promise<NonNullable<Results["pca"]>> {
+  const n = pairs.length;
+  const H = base.config.hiddenSize;
+  const order = permutation(n, seededRandom(s.seed + 17));
+  const nTest = Math.min(n - 1, Math.max(1, Math.round(n * s.pcaTestFrac)));
+  const testIdx = order.slice(0, nTest).sort((a, b) => a - b);
+  const trainIdx = order.slice(nTest).sort((a, b) => a - b);
+  const site = hookName("resid_post", layer);
+  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { lengths: batch.lengths, stopAfter: layer, cache: [site] }).cache[site]!;
+  cb.onStage?.(`PCA at layer ${layer}`, n);
+  let done = 0;
+  const rows: Float32Array[] = [];
+  for (const js of chunks(trainIdx, s.batchPairs)) {
+    const batch = makeBatch(js.map((j) => pairs[j]!));
+    const hb = upTo(base, batch);
+    const ht = upTo(tuned, batch);
+    const diff = tf.tidy(() => tf.sub(ht, hb).dataSync() as Float32Array);
+    for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
+    tf.dispose([hb, ht]);
+    cb.onProgress?.((done += js.length));
+    await tick();
+  }
+  const D = tf.tensor2d(concat(rows, H), [rows.length, H]);
+  const p = pcaOfDifferences(D);
+  D.dispose();
+  const ks: number[] = [];
+  for (let k = 1; k < H; k *= 2) ks.push(k);
+  ks.push(H);
+  const gainsK = ks.map(() => ({ real: [] as number[], random: [] as number[] }));
+  const testGap: number[] = [];
+  for (const js of chunks(testIdx, s.batchPairs)) {
+    const batch = makeBatch(js.map((j) => pairs[j]!));
+    const hb = upTo(base, batch);
+    const ht = upTo(tuned, batch);
+    const mask = positionMask(batch, s.positions);
+    ks.forEach((k, ki) => {
+      const kk = Math.min(k, p.rank);
+      const U = tf.tensor2d(p.components.subarray(0, kk * H), [kk, H]);
+      const R = randomSubspace(k, H, seededRandom(s.seed * 31 + k));
+      for (const [which, basis] of [["real", U], ["random", R]] as const) {
+        const value = tf.tidy(() => mixPatch(hb, projectPatch(hb, ht, basis), mask, s.alpha));
+        const logits = runPatched(base, batch, "resid_post", layer, value, {});
+        const m = marginsOf(responseLogprobs(logits, batch, s.perToken));
+        tf.dispose([logits, value]);
+        js.forEach((j, i) => gainsK[ki]![which].push(m[i]! - scores.marginBase[j]!));
+      }
+      tf.dispose([U, R]);
+    });
+    for (const j of js) testGap.push(scores.gap[j]!);
+    tf.dispose([hb, ht, mask]);
+    cb.onProgress?.((done += js.length));
+    await tick();
+  }
+  const mg = mean(testGap);
+  return {
+    layer,
+    site: "resid_post",
+    chosen_by: "",
+    train_pairs: trainIdx,
+    test_pairs: testIdx,
+    n_rows: rows.length,
+    explained_variance_ratio: p.explainedVarianceRatio,
+    recovery: ks.map((k, ki) => ({
+      k,
+      k_used: Math.min(k, p.rank),
+      recovery: scores.gapTooSmall ? NaN : mean(gainsK[ki]!.real) / mg,
+      random_subspace: scores.gapTooSmall ? NaN : mean(gainsK[ki]!.random) / mg,
+    })),
+    components: p.components.slice(0, Math.min(p.rank, H) * H),
   };
 }
 
