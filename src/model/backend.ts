@@ -38,6 +38,8 @@ async function tryBackend(name: BackendName): Promise<string | null> {
  * Throws BackendError when a forced backend is not installed.
  */
 export async function initBackend(force?: string): Promise<string> {
+  // Production mode silences tfjs's own console advice (we report the backend ourselves).
+  tf.env().set("PROD", true);
   if (force !== undefined) {
     if (!(BACKENDS as readonly string[]).includes(force)) throw new BackendError(`unknown backend "${force}" (choose from ${BACKENDS.join(", ")})`);
     const got = await tryBackend(force as BackendName);
