@@ -95,11 +95,6 @@ export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
   };
 }
 
-/** The first k rows of a component matrix as a [k, H] tensor. */
-export function topComponents(p: PcaResult, k: number, H: number): tf.Tensor2D {
-  return tf.tensor2d(p.components.subarray(0, k * H), [k, H]);
-}
-
 /** A random k-dimensional orthonormal basis of R^H ([k, H]) by Gram–Schmidt on Gaussian rows. */
 export function randomSubspace(k: number, H: number, rand: () => number): tf.Tensor2D {
   const rows: Float64Array[] = [];

@@ -136,19 +136,13 @@ export function loadModel(dir: string): LlamaModel {
 
 /** The model's weights by Hugging Face name and in Hugging Face layout (tied models omit lm_head.weight). */
 export function namedWeights(model: LlamaModel): Map<string, { shape: number[]; data: Float32Array }> {
-  const m = new Map<string, { shape: number[]; data: Float32Array }>();
-  const put = (name: string, t: tf.Tensor, matrix: boolean) => {
-    const data = t.dataSync() as Float32Array;
-    if (!matrix) m.set(name, { shape: t.shape, data: Float32Array.from(data) });
-    else m.set(name, { shape: [t.shape[1]!, t.shape[0]!], data: transposeData(data, t.shape[0]!, t.shape[1]!) });
-  };
-  put("model.embed_tokens.weight", model.embed, false);
-  model.layers.forEach((p, l) => {
-    for (const [k, t] of Object.entries(p)) if (t) put(`model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`, t as tf.Tensor, MATRICES.has(k as LayerKey));
-  });
-  put("model.norm.weight", model.finalNorm, false);
-  if (!model.config.tieWordEmbeddings) put("lm_head.weight", model.lmHead, true);
-  return m;
+  return new Map(
+    weightRefs(model).map(({ name, tensor: t, matrix }) => {
+      const data = t.dataSync() as Float32Array;
+      if (!matrix) return [name, { shape: t.shape, data: Float32Array.from(data) }];
+      return [name, { shape: [t.shape[1]!, t.shape[0]!], data: transposeData(data, t.shape[0]!, t.shape[1]!) }];
+    }),
+  );
 }
 
 /** Writes config.json and model.safetensors for a model (F32 by default, or BF16/F16). */
