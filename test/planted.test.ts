@@ -126,6 +126,25 @@ describe("planted rank-r change at one layer", () => {
     expect(twice.pca!.test_pairs).toEqual(again.pca!.test_pairs);
   });
 
+  it("every site and both directions give the answers the plant implies", async () => {
+    const r = await runAnalysis(base, tuned, pairs.slice(0, 6), {
+      ...DEFAULT_SETTINGS, sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], bootstrap: 10, stabilityReps: 2,
+    });
+    const gaps = r.pairs.map((p) => p.gap);
+    const gainsOf = (direction: string, site: string, layer: number) => r.patching.find((e) => e.direction === direction && e.site === site && e.layer === layer)!.gains;
+    const zero = (g: number[]) => g.forEach((v) => expect(Math.abs(v)).toBeLessThanOrEqual(1e-4));
+    const full = (g: number[]) => g.forEach((v, i) => expect(Math.abs(v - gaps[i]!)).toBeLessThanOrEqual(1e-4));
+    for (const dir of ["tuned->base", "base->tuned"]) {
+      for (let l = 0; l < base.config.numLayers; l++) {
+        (l < K ? zero : full)(gainsOf(dir, "resid_post", l));
+        (l <= K ? zero : full)(gainsOf(dir, "resid_pre", l)); // resid_pre l = resid_post l−1
+        if (l <= K) zero(gainsOf(dir, "attn_out", l)); // attention up to K sees identical inputs
+        if (l < K) zero(gainsOf(dir, "mlp_out", l));
+      }
+      full(gainsOf(dir, "mlp_out", K)); // the planted change lives in this MLP's output
+    }
+  });
+
   it("works on any slice of the pairs (indices need not start at 0)", async () => {
     const r = await runAnalysis(base, tuned, pairs.slice(5, 13), { ...DEFAULT_SETTINGS, bootstrap: 20, stabilityReps: 2 });
     expect(r.pca!.layer).toBe(K);
