@@ -5,7 +5,7 @@ import * as path from "node:path";
 import { Command, Option } from "commander";
 import * as tf from "@tensorflow/tfjs-core";
 import { initBackend, BACKENDS } from "./model/backend.js";
-import { loadModel } from "./io/model.js";
+import { loadModel, saveModelFolder } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
@@ -13,14 +13,12 @@ import { logitsAndResid } from "./model/resid.js";
 import { greedy } from "./model/generate.js";
 import { disposeModel } from "./model/llama.js";
 import { readPairs, tokenizePairs } from "./io/pairs.js";
-import { PairsLog, modelFingerprint, writeRunOutputs } from "./io/results.js";
-import { renderReport } from "./io/report.js";
+import { PairsLog, writeRun } from "./io/results.js";
 import { DEFAULT_SETTINGS, checkCompatible, runAnalysis, type Results, type RunSettings } from "./analysis/run.js";
 import { SITES, type Direction, type Site } from "./analysis/patching.js";
-import { findings } from "./analysis/findings.js";
+import { findings, summaryTable } from "./analysis/findings.js";
 import cliProgress from "cli-progress";
 import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type TuneSettings } from "./model/dpo.js";
-import { saveModel } from "./io/model.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
@@ -234,25 +232,15 @@ program
       log.close();
     }
     const words = findings(results);
-    const meta = {
+    await writeRun(outDir, results, {
       settings,
-      inputs: { base: path.resolve(String(o.base)), tuned: path.resolve(String(o.tuned)), pairs: path.resolve(String(o.pairs)) },
+      inputs: { base: String(o.base), tuned: String(o.tuned), pairs: String(o.pairs) },
       skipped: { too_long: tp.tooLong, malformed: [...raw.bad, ...tp.bad] },
       backend,
-      versions: { prefprobe: packageVersion(), "tfjs-core": tf.version_core, node: process.version },
-      fingerprints: { base: modelFingerprint(String(o.base)), tuned: modelFingerprint(String(o.tuned)) },
+      versions: versions(),
       findings: words,
       total_ms: performance.now() - t0,
-    };
-    const html = await renderReport(results, words, {
-      base: `${meta.inputs.base} (sha256 ${meta.fingerprints.base.slice(0, 12)}…)`,
-      tuned: `${meta.inputs.tuned} (sha256 ${meta.fingerprints.tuned.slice(0, 12)}…)`,
-      pairs: `${meta.inputs.pairs}: ${tp.pairs.length} used, ${tp.tooLong} too long, ${meta.skipped.malformed.length} malformed`,
-      settings: JSON.stringify(settings),
-      backend,
-      versions: JSON.stringify(meta.versions),
     }, tp.pairs);
-    writeRunOutputs(outDir, results, meta, html);
     console.log(summaryTable(results));
     console.log("\nFindings:");
     for (const w of words) console.log(`  - ${w}`);
@@ -323,14 +311,6 @@ program
     if (started) bar.stop();
     const trainMs = performance.now() - t0;
     const evaluation = evalSet ? evaluatePairs(model, res.model, evalSet.pairs) : null;
-    // write into a temporary sibling folder, then move it into place: never a half-written model
-    const tmp = `${out}.tmp-${process.pid}`;
-    fs.rmSync(tmp, { recursive: true, force: true });
-    saveModel(res.model, tmp);
-    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "LICENSE"]) {
-      const src = path.join(String(o.model), f);
-      if (fs.existsSync(src)) fs.copyFileSync(src, path.join(tmp, f));
-    }
     const last = res.history[res.history.length - 1]!;
     const record = {
       producer: "prefprobe tune",
@@ -341,15 +321,13 @@ program
       settings,
       trained: res.trained,
       backend,
-      versions: { prefprobe: packageVersion(), "tfjs-core": tf.version_core, node: process.version },
+      versions: versions(),
       train_ms: trainMs,
       final_step: last,
       history: res.history,
       held_out: evaluation,
     };
-    fs.writeFileSync(path.join(tmp, "tune.json"), JSON.stringify(record, null, 1) + "\n");
-    fs.rmSync(out, { recursive: true, force: true });
-    fs.renameSync(tmp, out);
+    saveModelFolder(res.model, out, { copyFrom: String(o.model), extraFiles: { "tune.json": JSON.stringify(record, null, 1) + "\n" } });
     console.log(`trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${settings.rank ? ` (rank-${settings.rank} updates)` : ""} for ${res.history.length} steps in ${(trainMs / 1000).toFixed(1)} s`);
     console.log(`last step: loss ${last.loss.toFixed(4)}, reward accuracy ${last.rewardAccuracy.toFixed(2)}, reward margin ${last.rewardMargin.toFixed(3)}`);
     if (evaluation) {
@@ -358,35 +336,15 @@ program
     console.log(`wrote ${out}`);
   });
 
-/** A per-layer table of the main numbers for the terminal. */
-function summaryTable(r: Results): string {
-  const f = (x: number | undefined, d = 3) => (x === undefined || Number.isNaN(x) ? "-" : x.toFixed(d));
-  const head = ["layer", "recovery", "95% CI", "random", "mean-abl", "lasso", "probe b", "probe t", "lens gap"];
-  const rows = [head];
-  for (let l = 0; l < r.num_layers; l++) {
-    const p = r.patching.find((x) => x.layer === l && x.site === "resid_post" && x.direction === "tuned->base") ?? r.patching.find((x) => x.layer === l);
-    rows.push([
-      String(l),
-      f(p?.recovery),
-      p ? `${f(p.recovery_ci[0], 2)}..${f(p.recovery_ci[1], 2)}` : "-",
-      f(p?.controls?.random_direction.recovery),
-      f(p?.controls?.mean_ablation.recovery),
-      f(r.lasso?.coef[l]),
-      f(r.probes.find((x) => x.model === "base" && x.layer === l)?.accuracy, 2),
-      f(r.probes.find((x) => x.model === "tuned" && x.layer === l)?.accuracy, 2),
-      f(r.logit_lens.tuned[l + 1]! - r.logit_lens.base[l + 1]!),
-    ]);
-  }
-  const w = head.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)));
-  return rows.map((row) => row.map((x, c) => x.padStart(w[c]!)).join("  ")).join("\n");
-}
-
-function packageVersion(): string {
+/** Versions recorded with every output. */
+function versions(): Record<string, string> {
+  let prefprobe = "unknown";
   try {
-    return JSON.parse(fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8")).version;
+    prefprobe = JSON.parse(fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8")).version;
   } catch {
-    return "unknown";
+    /* running from an unusual layout: keep "unknown" */
   }
+  return { prefprobe, "tfjs-core": tf.version_core, node: process.version };
 }
 
 /** Creates the output folder (or checks an existing one is a folder we can write into). */

@@ -63,3 +63,26 @@ export function findings(r: Results): string[] {
   if (emerge >= 0) out.push(`Logit lens: half of the final margin gap is readable from the residual stream by ${lens.layers[emerge] === "embed" ? "the embedding" : `layer ${lens.layers[emerge]}`}.`);
   return out;
 }
+
+/** A per-layer table of the main numbers for the terminal. */
+export function summaryTable(r: Results): string {
+  const f = (x: number | undefined, d = 3) => (x === undefined || Number.isNaN(x) ? "-" : x.toFixed(d));
+  const head = ["layer", "recovery", "95% CI", "random", "mean-abl", "lasso", "probe b", "probe t", "lens gap"];
+  const rows = [head];
+  for (let l = 0; l < r.num_layers; l++) {
+    const p = r.patching.find((x) => x.layer === l && x.site === "resid_post" && x.direction === "tuned->base") ?? r.patching.find((x) => x.layer === l);
+    rows.push([
+      String(l),
+      f(p?.recovery),
+      p ? `${f(p.recovery_ci[0], 2)}..${f(p.recovery_ci[1], 2)}` : "-",
+      f(p?.controls?.random_direction.recovery),
+      f(p?.controls?.mean_ablation.recovery),
+      f(r.lasso?.coef[l]),
+      f(r.probes.find((x) => x.model === "base" && x.layer === l)?.accuracy, 2),
+      f(r.probes.find((x) => x.model === "tuned" && x.layer === l)?.accuracy, 2),
+      f(r.logit_lens.tuned[l + 1]! - r.logit_lens.base[l + 1]!),
+    ]);
+  }
+  const w = head.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)));
+  return rows.map((row) => row.map((x, c) => x.padStart(w[c]!)).join("  ")).join("\n");
+}

@@ -155,6 +155,28 @@ export function saveModel(model: LlamaModel, dir: string, dtype: Extract<DType, 
   writeFileAtomic(path.join(dir, "config.json"), JSON.stringify(configToJson(model.config, torchDtype), null, 2) + "\n");
 }
 
+/**
+ * Writes a complete model folder (config, weights, tokenizer files and licence copied from `copyFrom`, any
+ * extra files) into a temporary sibling, then moves it into place, replacing `dir`: never a half-written model.
+ */
+export function saveModelFolder(model: LlamaModel, dir: string, opts: { copyFrom?: string; extraFiles?: Record<string, string> } = {}): void {
+  const tmp = `${dir}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  try {
+    saveModel(model, tmp);
+    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "LICENSE"]) {
+      const src = opts.copyFrom ? path.join(opts.copyFrom, f) : "";
+      if (src && fs.existsSync(src)) fs.copyFileSync(src, path.join(tmp, f));
+    }
+    for (const [name, text] of Object.entries(opts.extraFiles ?? {})) fs.writeFileSync(path.join(tmp, name), text);
+    fs.rmSync(dir, { recursive: true, force: true });
+    fs.renameSync(tmp, dir);
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+}
+
 /** Writes a text file through a temporary file and a rename, so it is never half-written. */
 export function writeFileAtomic(file: string, text: string | Uint8Array): void {
   const tmp = `${file}.tmp-${process.pid}`;

@@ -3,7 +3,9 @@
 import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import type { Results, PairRecord } from "../analysis/run.js";
+import type { Results, PairRecord, RunSettings } from "../analysis/run.js";
+import type { Pair } from "./pairs.js";
+import { renderReport } from "./report.js";
 import { writeSafetensors, type TensorToWrite } from "./safetensors.js";
 import { writeFileAtomic } from "./model.js";
 
@@ -77,4 +79,35 @@ export function writeRunOutputs(outDir: string, r: Results, meta: Record<string,
   writeSafetensors(files[1]!, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
   writeFileAtomic(files[2]!, reportHtml);
   return files;
+}
+
+/** What a run records about itself besides its results. */
+export interface RunMeta {
+  settings: RunSettings;
+  inputs: { base: string; tuned: string; pairs: string };
+  skipped: { too_long: number; malformed: Array<{ line: number; reason: string }> };
+  backend: string;
+  versions: Record<string, string>;
+  findings: string[];
+  total_ms: number;
+}
+
+/** Fingerprints the models, renders the report and writes every output of a run into outDir. */
+export async function writeRun(outDir: string, r: Results, meta: RunMeta, pairs: Pair[]): Promise<void> {
+  const inputs = { base: path.resolve(meta.inputs.base), tuned: path.resolve(meta.inputs.tuned), pairs: path.resolve(meta.inputs.pairs) };
+  const fingerprints = { base: modelFingerprint(meta.inputs.base), tuned: modelFingerprint(meta.inputs.tuned) };
+  const html = await renderReport(
+    r,
+    meta.findings,
+    {
+      base: `${inputs.base} (sha256 ${fingerprints.base.slice(0, 12)}…)`,
+      tuned: `${inputs.tuned} (sha256 ${fingerprints.tuned.slice(0, 12)}…)`,
+      pairs: `${inputs.pairs}: ${r.n_pairs} used, ${meta.skipped.too_long} too long, ${meta.skipped.malformed.length} malformed`,
+      settings: JSON.stringify(meta.settings),
+      backend: meta.backend,
+      versions: JSON.stringify(meta.versions),
+    },
+    pairs,
+  );
+  writeRunOutputs(outDir, r, { ...meta, inputs, fingerprints }, html);
 }
