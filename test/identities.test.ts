@@ -114,5 +114,10 @@ describe("forward identities", () => {
     expect(() => forward(model, [[1, 200]])).toThrow(/outside the vocabulary/);
     expect(() => forward(model, [[1, 2], [3]])).toThrow(/same \(padded\) length/);
     expect(() => forward(model, [[1, 2]], { lengths: [3] })).toThrow(/lengths/);
+    const before = tf.memory().numTensors;
+    const wrong = tf.zeros([1, 3, 64]);
+    expect(() => forward(model, [[1, 2]], { start: { layer: 1, resid: wrong } })).toThrow(/start residual has shape \[1,3,64\], expected \[1,2,64\]/);
+    wrong.dispose();
+    expect(tf.memory().numTensors).toBe(before);
   });
 });

@@ -160,6 +160,9 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   for (const r of ids) for (const id of r) if (!(Number.isInteger(id) && id >= 0 && id < cfg.vocabSize)) throw new RangeError(`token id ${id} outside the vocabulary [0, ${cfg.vocabSize})`);
   const lengths = opts.lengths ?? ids.map(() => T);
   if (lengths.length !== B || lengths.some((n) => !(Number.isInteger(n) && n >= 1 && n <= T))) throw new RangeError("lengths must give 1..T for each row");
+  if (opts.start && !tf.util.arraysEqual(opts.start.resid.shape, [B, T, cfg.hiddenSize])) {
+    throw new RangeError(`start residual has shape [${opts.start.resid.shape}], expected [${[B, T, cfg.hiddenSize]}]`);
+  }
   const first = opts.start?.layer ?? 0;
   const last = opts.stopAfter ?? cfg.numLayers - 1;
   if (first < 0 || first > cfg.numLayers || last < first - 1 || last >= cfg.numLayers) throw new RangeError(`layer range ${first}..${last} is outside 0..${cfg.numLayers - 1}`);
@@ -188,7 +191,6 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     let resid = opts.start
       ? tf.clone(opts.start.resid)
       : tf.tidy(() => tf.clone(site("hook_embed", tf.gather(model.embed, tf.tensor2d(ids, [B, T], "int32")))));
-    if (!tf.util.arraysEqual(resid.shape, [B, T, cfg.hiddenSize])) throw new RangeError(`start residual has shape [${resid.shape}], expected [${[B, T, cfg.hiddenSize]}]`);
     for (let l = first; l <= last; l++) {
       const prev = resid;
       resid = tf.tidy(() => tf.clone(block(model.layers[l]!, l, prev, ctx)));
