@@ -22,6 +22,18 @@ async function svg(spec: TopLevelSpec): Promise<string> {
 const W = 520;
 const H = 260;
 
+/** A vega-lite chart of `values` with a title and size; `body` holds its mark and encoding, or its layers. */
+function chart(title: string, values: object[], body: object, width = W, height = H): TopLevelSpec {
+  return { $schema: "https://vega.github.io/schema/vega-lite/v5.json", width, height, title, data: { values }, ...body } as TopLevelSpec;
+}
+
+/** A layer of grey horizontal reference lines at the given y values. */
+const referenceLines = (ys: number[], dash?: number[]) => ({
+  mark: { type: "rule", color: "#888", ...(dash ? { strokeDash: dash } : {}) },
+  data: { values: ys.map((y) => ({ y })) },
+  encoding: { y: { field: "y", type: "quantitative" } },
+});
+
 function recoverySpec(r: Results): TopLevelSpec | null {
   const rows = r.patching.flatMap((p) => {
     const series = `${p.site} (${p.direction})`;
@@ -38,18 +50,17 @@ function recoverySpec(r: Results): TopLevelSpec | null {
     color: { field: "kind", type: "nominal" as const, title: "patch", sort: ["patch", "random direction", "mean ablation"] },
     strokeDash: { field: "series", type: "nominal" as const, title: "site (direction)" },
   };
-  return {
-    $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-    width: W,
-    height: H,
-    title: "Recovery of the margin gap by patched layer (95% bootstrap CI)",
-    data: { values: rows },
-    layer: [
-      { mark: { type: "errorbar", ticks: true }, encoding: { ...enc, y: { field: "lo", type: "quantitative", title: "recovery (mean gain / mean gap)" }, y2: { field: "hi" } } },
-      { mark: { type: "line", point: true }, encoding: { ...enc, y: { field: "recovery", type: "quantitative", title: "recovery (mean gain / mean gap)" } } },
-      { mark: { type: "rule", color: "#888" }, data: { values: [{ y: 0 }, { y: 1 }] }, encoding: { y: { field: "y", type: "quantitative" } } },
-    ],
-  } as TopLevelSpec;
+  return chart(
+    "Recovery of the margin gap by patched layer (95% bootstrap CI)",
+    rows,
+    {
+      layer: [
+        { mark: { type: "errorbar", ticks: true }, encoding: { ...enc, y: { field: "lo", type: "quantitative", title: "recovery (mean gain / mean gap)" }, y2: { field: "hi" } } },
+        { mark: { type: "line", point: true }, encoding: { ...enc, y: { field: "recovery", type: "quantitative", title: "recovery (mean gain / mean gap)" } } },
+        referenceLines([0, 1]),
+      ],
+    },
+  );
 }
 
 function probeSpec(r: Results): TopLevelSpec | null {
@@ -58,25 +69,24 @@ function probeSpec(r: Results): TopLevelSpec | null {
     { layer: p.layer, accuracy: p.accuracy, model: p.model, method: "logistic regression" },
     { layer: p.layer, accuracy: p.diff_means_accuracy, model: p.model, method: "difference of means" },
   ]);
-  return {
-    $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-    width: W,
-    height: H,
-    title: "Probe accuracy (chosen vs rejected, K-fold CV by pair)",
-    data: { values: rows },
-    layer: [
-      {
-        mark: { type: "line", point: true },
-        encoding: {
-          x: { field: "layer", type: "ordinal" },
-          y: { field: "accuracy", type: "quantitative", title: "cross-validated accuracy", scale: { domain: [0, 1] } },
-          color: { field: "model", type: "nominal" },
-          strokeDash: { field: "method", type: "nominal" },
+  return chart(
+    "Probe accuracy (chosen vs rejected, K-fold CV by pair)",
+    rows,
+    {
+      layer: [
+        {
+          mark: { type: "line", point: true },
+          encoding: {
+            x: { field: "layer", type: "ordinal" },
+            y: { field: "accuracy", type: "quantitative", title: "cross-validated accuracy", scale: { domain: [0, 1] } },
+            color: { field: "model", type: "nominal" },
+            strokeDash: { field: "method", type: "nominal" },
+          },
         },
-      },
-      { mark: { type: "rule", color: "#888", strokeDash: [2, 2] }, data: { values: [{ y: 0.5 }] }, encoding: { y: { field: "y", type: "quantitative" } } },
-    ],
-  } as TopLevelSpec;
+        referenceLines([0.5], [2, 2]),
+      ],
+    },
+  );
 }
 
 function lassoSpecs(r: Results): TopLevelSpec[] {
@@ -84,36 +94,39 @@ function lassoSpecs(r: Results): TopLevelSpec[] {
   const l = r.lasso;
   const coef = l.coef.map((c, layer) => ({ layer, value: c, stability: l.stability[layer] }));
   return [
-    {
-      $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-      width: W / 2 - 20,
-      height: H,
-      title: `LASSO coefficients (standardized), α = ${l.alpha.toPrecision(3)}`,
-      data: { values: coef },
-      mark: "bar",
-      encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "value", type: "quantitative", title: "coefficient" } },
-    } as TopLevelSpec,
-    {
-      $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-      width: W / 2 - 20,
-      height: H,
-      title: "Stability selection (fraction of refits ≠ 0)",
-      data: { values: coef },
-      mark: "bar",
-      encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "stability", type: "quantitative", scale: { domain: [0, 1] } } },
-    } as TopLevelSpec,
-    {
-      $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-      width: W,
-      height: H * 0.7,
-      title: "LASSO cross-validation curve (± 1 s.e.)",
-      data: { values: l.path.map((p) => ({ alpha: p.alpha, mse: p.cvMse, lo: p.cvMse - p.cvSe, hi: p.cvMse + p.cvSe, chosen: p.alpha === l.alpha })) },
-      layer: [
-        { mark: "errorband", encoding: { x: { field: "alpha", type: "quantitative", scale: { type: "log" } }, y: { field: "lo", type: "quantitative", title: "CV mean squared error" }, y2: { field: "hi" } } },
-        { mark: "line", encoding: { x: { field: "alpha", type: "quantitative", scale: { type: "log" } }, y: { field: "mse", type: "quantitative" } } },
-        { mark: { type: "rule", color: "firebrick" }, transform: [{ filter: "datum.chosen" }], encoding: { x: { field: "alpha", type: "quantitative" } } },
-      ],
-    } as TopLevelSpec,
+    chart(
+      `LASSO coefficients (standardized), α = ${l.alpha.toPrecision(3)}`,
+      coef,
+      {
+        mark: "bar",
+        encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "value", type: "quantitative", title: "coefficient" } },
+      },
+      W / 2 - 20,
+      H,
+    ),
+    chart(
+      "Stability selection (fraction of refits ≠ 0)",
+      coef,
+      {
+        mark: "bar",
+        encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "stability", type: "quantitative", scale: { domain: [0, 1] } } },
+      },
+      W / 2 - 20,
+      H,
+    ),
+    chart(
+      "LASSO cross-validation curve (± 1 s.e.)",
+      l.path.map((p) => ({ alpha: p.alpha, mse: p.cvMse, lo: p.cvMse - p.cvSe, hi: p.cvMse + p.cvSe, chosen: p.alpha === l.alpha })),
+      {
+        layer: [
+          { mark: "errorband", encoding: { x: { field: "alpha", type: "quantitative", scale: { type: "log" } }, y: { field: "lo", type: "quantitative", title: "CV mean squared error" }, y2: { field: "hi" } } },
+          { mark: "line", encoding: { x: { field: "alpha", type: "quantitative", scale: { type: "log" } }, y: { field: "mse", type: "quantitative" } } },
+          { mark: { type: "rule", color: "firebrick" }, transform: [{ filter: "datum.chosen" }], encoding: { x: { field: "alpha", type: "quantitative" } } },
+        ],
+      },
+      W,
+      H * 0.7,
+    ),
   ];
 }
 
@@ -127,28 +140,30 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
     { k: x.k, recovery: x.random_subspace, subspace: "random k-dim subspace" },
   ]);
   return [
-    {
-      $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-      width: W / 2 - 20,
-      height: H,
-      title: `PCA spectrum of h_tuned − h_base, layer ${p.layer}`,
-      data: { values: spec },
-      layer: [
-        { mark: "bar", encoding: { x: { field: "component", type: "ordinal" }, y: { field: "ratio", type: "quantitative", title: "explained variance ratio", scale: { domain: [0, 1] } } } },
-        { mark: { type: "line", color: "firebrick", point: true }, encoding: { x: { field: "component", type: "ordinal" }, y: { field: "cumulative", type: "quantitative" } } },
-      ],
-    } as TopLevelSpec,
-    {
-      $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-      width: W / 2 - 20,
-      height: H,
-      title: "Held-out recovery vs k",
-      data: { values: rec },
-      layer: [
-        { mark: { type: "line", point: true }, encoding: { x: { field: "k", type: "quantitative", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative", title: "held-out recovery" }, color: { field: "subspace", type: "nominal" } } },
-        { mark: { type: "rule", color: "#888" }, data: { values: [{ y: 0 }, { y: 1 }] }, encoding: { y: { field: "y", type: "quantitative" } } },
-      ],
-    } as TopLevelSpec,
+    chart(
+      `PCA spectrum of h_tuned − h_base, layer ${p.layer}`,
+      spec,
+      {
+        layer: [
+          { mark: "bar", encoding: { x: { field: "component", type: "ordinal" }, y: { field: "ratio", type: "quantitative", title: "explained variance ratio", scale: { domain: [0, 1] } } } },
+          { mark: { type: "line", color: "firebrick", point: true }, encoding: { x: { field: "component", type: "ordinal" }, y: { field: "cumulative", type: "quantitative" } } },
+        ],
+      },
+      W / 2 - 20,
+      H,
+    ),
+    chart(
+      "Held-out recovery vs k",
+      rec,
+      {
+        layer: [
+          { mark: { type: "line", point: true }, encoding: { x: { field: "k", type: "quantitative", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative", title: "held-out recovery" }, color: { field: "subspace", type: "nominal" } } },
+          referenceLines([0, 1]),
+        ],
+      },
+      W / 2 - 20,
+      H,
+    ),
   ];
 }
 
@@ -157,19 +172,18 @@ function lensSpec(r: Results): TopLevelSpec {
     { layer, order: i, margin: r.logit_lens.base[i], model: "base" },
     { layer, order: i, margin: r.logit_lens.tuned[i], model: "tuned" },
   ]);
-  return {
-    $schema: "https://vega.github.io/schema/vega-lite/v5.json",
-    width: W,
-    height: H,
-    title: "Logit lens: mean margin read from each layer's residual stream",
-    data: { values: rows },
-    mark: { type: "line", point: true },
-    encoding: {
-      x: { field: "layer", type: "ordinal", sort: { field: "order" } },
-      y: { field: "margin", type: "quantitative", title: "mean margin (nats)" },
-      color: { field: "model", type: "nominal" },
+  return chart(
+    "Logit lens: mean margin read from each layer's residual stream",
+    rows,
+    {
+      mark: { type: "line", point: true },
+      encoding: {
+        x: { field: "layer", type: "ordinal", sort: { field: "order" } },
+        y: { field: "margin", type: "quantitative", title: "mean margin (nats)" },
+        color: { field: "model", type: "nominal" },
     },
-  } as TopLevelSpec;
+    },
+  );
 }
 
 /** Renders the whole report. `meta` rows are shown as a settings table; pairs give example texts. */
