@@ -99,6 +99,11 @@ describe("DPO", () => {
     for (const [i, j, k, l] of [[0, 1, 0, 1], [5, 50, 3, 60], [10, 171, 2, 40]] as const) {
       expect(Math.abs(d[i]![k]! * d[j]![l]! - d[i]![l]! * d[j]![k]!)).toBeLessThan(1e-5 * scale);
     }
+    // seed 0 reproduces the same low-rank initialization, hence the same trained weight
+    const again = await tuneDPO(base, train.slice(0, 8), { ...DEFAULT_TUNE, train: ["layers.2.mlp.down_proj"], rank: 1, epochs: 1, lr: 2e-2, seed: 0 });
+    const twice = await tuneDPO(base, train.slice(0, 8), { ...DEFAULT_TUNE, train: ["layers.2.mlp.down_proj"], rank: 1, epochs: 1, lr: 2e-2, seed: 0 });
+    expect(Array.from(twice.ownTensors[0]!.dataSync())).toEqual(Array.from(again.ownTensors[0]!.dataSync()));
+    tf.dispose([...again.ownTensors, ...twice.ownTensors]);
     const ev = evaluatePairs(base, res.model, test);
     expect(ev.meanMarginTuned).toBeGreaterThan(ev.meanMarginBase);
     tf.dispose(res.ownTensors);

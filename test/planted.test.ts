@@ -124,6 +124,10 @@ describe("planted rank-r change at one layer", () => {
     expect(twice.patching.map((e) => e.recovery_ci)).toEqual(again.patching.map((e) => e.recovery_ci));
     expect(twice.lasso!.stability).toEqual(again.lasso!.stability);
     expect(twice.pca!.test_pairs).toEqual(again.pca!.test_pairs);
+    // with the same batching, the random controls repeat too (seed 0 included: tfjs reads seed 0 as "none")
+    const s0 = { ...DEFAULT_SETTINGS, bootstrap: 5, stabilityReps: 2, batchPairs: 3, seed: 0, layers: [K, K + 1] }; // where h_tuned ≠ h_base
+    const [r1, r2] = [await runAnalysis(base, tuned, pairs.slice(0, 6), s0), await runAnalysis(base, tuned, pairs.slice(0, 6), s0)];
+    expect(r2.patching.map((e) => e.controls!.random_direction.gains)).toEqual(r1.patching.map((e) => e.controls!.random_direction.gains));
   });
 
   it("every site and both directions give the answers the plant implies", async () => {

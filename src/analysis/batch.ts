@@ -46,13 +46,21 @@ export function makeBatch(pairs: Pair[]): PairBatch {
   };
 }
 
+/**
+ * log p(target) at each of batch.logitsAt from logits [N, V] → [N]. Differentiable (a gather along axis 0
+ * of the flattened log-softmax), so training scores responses with the same code as the analysis.
+ */
+export function tokenLogprobs(logits: tf.Tensor, batch: PairBatch): tf.Tensor1D {
+  return tf.tidy(() => {
+    const V = logits.shape[1]!;
+    const flat = tf.reshape(tf.logSoftmax(logits, -1), [-1]);
+    return tf.gather(flat, tf.tensor1d(batch.targets.map((t, i) => i * V + t), "int32")) as tf.Tensor1D;
+  });
+}
+
 /** Per-row response log-probability (sum, or mean with perToken) from logits [N, V] at batch.logitsAt. */
 export function responseLogprobs(logits: tf.Tensor, batch: PairBatch, perToken: boolean): Float64Array {
-  const lp = tf.tidy(() => {
-    const logp = tf.logSoftmax(logits, -1);
-    const idx = tf.tensor2d(batch.targets.map((t, i) => [i, t]), [batch.targets.length, 2], "int32");
-    return tf.gatherND(logp, idx).dataSync();
-  });
+  const lp = tf.tidy(() => tokenLogprobs(logits, batch).dataSync());
   const rows = batch.ids.length;
   const sum = new Float64Array(rows);
   const count = new Float64Array(rows);

@@ -9,7 +9,7 @@ import { lassoCV, type LassoCVResult } from "./lasso.js";
 import { probeCV } from "./logistic.js";
 import { hookName, mixPatch, randomPatch, runPatched, sitesNeeded, type Direction, type Site } from "./patching.js";
 import { pcaOfDifferences, projectPatch, randomSubspace } from "./pca.js";
-import { bootstrapRatioCI, mean, permutation, seededRandom } from "./stats.js";
+import { bootstrapRatioCI, mean, permutation, seededRandom, tfSeed } from "./stats.js";
 
 /** Every choice the analysis makes; defaults in DEFAULT_SETTINGS. */
 export interface RunSettings {
@@ -236,7 +236,7 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
       const mReal = score(mixPatch(dstRun.cache[site]!, srcRun.cache[site]!, patchMask, s.alpha));
       for (let i = 0; i < bp.length; i++) real[ci]![off + i] = gain(mReal, i);
       if (s.controls) {
-        const mRnd = score(randomPatch(dstRun.cache[site]!, srcRun.cache[site]!, patchMask, s.alpha, s.seed * 1000003 + bi * 7919 + ci));
+        const mRnd = score(randomPatch(dstRun.cache[site]!, srcRun.cache[site]!, patchMask, s.alpha, tfSeed(s.seed, bi, ci)));
         for (let i = 0; i < bp.length; i++) rnd[ci]![off + i] = gain(mRnd, i);
       }
     });

@@ -12,6 +12,16 @@ export function seededRandom(seed: number): () => number {
   };
 }
 
+/**
+ * A seed for tfjs's random ops from integer parts, never 0: tfjs treats a seed of 0 as "no seed" and draws
+ * from Math.random, which would make a seeded run irreproducible.
+ */
+export function tfSeed(...parts: number[]): number {
+  let h = 0x811c9dc5;
+  for (const p of parts) h = Math.imul(h ^ (p >>> 0), 0x01000193) >>> 0;
+  return (h % 2147483646) + 1;
+}
+
 /** A standard normal draw (Box–Muller) from a uniform source. */
 export function gaussian(rand: () => number): number {
   const u = 1 - rand();

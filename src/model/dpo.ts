@@ -5,8 +5,8 @@
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../io/pairs.js";
 import { weightRefs, withWeights, type WeightRef } from "../io/model.js";
-import { makeBatch, marginsOf, responseLogprobs, type PairBatch } from "../analysis/batch.js";
-import { permutation, seededRandom } from "../analysis/stats.js";
+import { makeBatch, marginsOf, responseLogprobs, tokenLogprobs, type PairBatch } from "../analysis/batch.js";
+import { permutation, seededRandom, tfSeed } from "../analysis/stats.js";
 import { forward, type LlamaModel } from "./llama.js";
 
 /** DPO settings. */
@@ -70,15 +70,14 @@ export function selectWeights(model: LlamaModel, patterns: string[]): WeightRef[
   return weightRefs(model).filter((w) => res.some((r) => r.test(w.name)));
 }
 
-/** Per-row response log-probabilities, differentiably (sums over response tokens). */
+/** Per-row response log-probabilities, differentiably (sums over response tokens, as a row-assignment matmul). */
 function rowLogprobs(model: LlamaModel, batch: PairBatch): tf.Tensor1D {
   const { logits } = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt });
-  const V = model.config.vocabSize;
-  const tokenLp = tf.sum(tf.mul(tf.logSoftmax(logits!), tf.oneHot(tf.tensor1d(batch.targets, "int32"), V)), -1); // [N]
+  const N = batch.targets.length;
   const rows = batch.ids.length;
-  const assign = new Float32Array(rows * batch.targets.length);
-  batch.rowOf.forEach((r, i) => (assign[r * batch.targets.length + i] = 1));
-  return tf.reshape(tf.matMul(tf.tensor2d(assign, [rows, batch.targets.length]), tf.reshape(tokenLp, [-1, 1])), [rows]) as tf.Tensor1D;
+  const assign = new Float32Array(rows * N);
+  batch.rowOf.forEach((r, i) => (assign[r * N + i] = 1));
+  return tf.reshape(tf.matMul(tf.tensor2d(assign, [rows, N]), tf.reshape(tokenLogprobs(logits!, batch), [-1, 1])), [rows]) as tf.Tensor1D;
 }
 
 /** Response log-probabilities of the reference model for each pair: [chosen, rejected]. */
@@ -117,7 +116,7 @@ export async function tuneDPO(
     if (s.rank !== null && w.tensor.rank === 2) {
       const [inDim, outDim] = w.matrix ? w.tensor.shape : [w.tensor.shape[1]!, w.tensor.shape[0]!];
       const r = Math.min(s.rank, inDim!, outDim!);
-      const A = tf.variable(tf.randomNormal([inDim!, r], 0, 1 / Math.sqrt(inDim!), "float32", s.seed * 7919 + i), true, `A_${i}`);
+      const A = tf.variable(tf.randomNormal([inDim!, r], 0, 1 / Math.sqrt(inDim!), "float32", tfSeed(s.seed, i)), true, `A_${i}`);
       const B = tf.variable(tf.zeros([r, outDim!]), true, `B_${i}`);
       lowRank.set(w.name, { base: w.tensor, A, B });
     } else full.set(w.name, tf.variable(w.tensor, true, `W_${i}`));
