@@ -3,13 +3,13 @@
 // Run: npx tsx bench/forward.ts [model-folder]
 import * as tf from "@tensorflow/tfjs-core";
 import { initBackend } from "../src/model/backend.js";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { disposeModel, forward } from "../src/model/llama.js";
 import { residSites } from "../src/model/resid.js";
 
 const dir = process.argv[2] ?? "fixtures/models/stories260k";
 const backend = await initBackend();
-const model = loadModel(dir);
+const model = loadModelSync(dir);
 const V = model.config.vocabSize;
 const B = 8;
 const T = 64;
@@ -24,7 +24,7 @@ function time(f: () => void, reps: number): number {
 const once = (ids: number[][], opts = {}) => {
   const r = forward(model, ids, opts);
   r.logits?.dataSync();
-  tf.dispose([r.logits!, ...Object.values(r.cache)]);
+  r.dispose();
 };
 const batched = time(() => once(rows), 5);
 const single = time(() => rows.forEach((r) => once([r])), 5);

@@ -3,7 +3,7 @@
 // Run: npx tsx scripts/make-story-pairs.ts [outDir] [count] [seed]
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { permutation, seededRandom } from "../src/analysis/stats.js";
+import { permutation, seededRandom } from "../src/stats/stats.js";
 
 const outDir = process.argv[2] ?? "fixtures/data/stories";
 const count = Number(process.argv[3] ?? 400);

@@ -3,16 +3,17 @@
 // Run: npx tsx scripts/planted-localization.ts [trainPairs] [testPairs]
 import * as tf from "@tensorflow/tfjs-core";
 import { initBackend } from "../src/model/backend.js";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { loadTokenizer } from "../src/io/tokenizer.js";
 import { readPairs, tokenizePairs } from "../src/io/pairs.js";
-import { DEFAULT_TUNE, tuneDPO } from "../src/model/dpo.js";
-import { DEFAULT_SETTINGS, runAnalysis } from "../src/analysis/run.js";
+import { DEFAULT_TUNE, tuneDPO } from "../src/train/dpo.js";
+import { runAnalysis } from "../src/analysis/run.js";
+import { DEFAULT_SETTINGS } from "../src/analysis/settings.js";
 
 const nTrain = Number(process.argv[2] ?? 64);
 const nTest = Number(process.argv[3] ?? 40);
 const backend = await initBackend();
-const base = loadModel("fixtures/models/stories260k");
+const base = loadModelSync("fixtures/models/stories260k");
 const tok = loadTokenizer("fixtures/models/stories260k")!;
 const train = tokenizePairs(readPairs("fixtures/data/stories/train.jsonl").pairs, tok, 512, { limit: nTrain }).pairs;
 const test = tokenizePairs(readPairs("fixtures/data/stories/test.jsonl").pairs, tok, 512, { limit: nTest }).pairs;

@@ -4,21 +4,19 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { Command, Option } from "commander";
 import * as tf from "@tensorflow/tfjs-core";
+import cliProgress from "cli-progress";
 import { initBackend, BACKENDS } from "./model/backend.js";
-import { loadModel, saveModelFolder } from "./io/model.js";
+import { disposeModel } from "./model/llama.js";
+import { logitsAndResid } from "./model/resid.js";
+import { greedy } from "./model/generate.js";
+import { loadModelSync } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
-import { logitsAndResid } from "./model/resid.js";
-import { greedy } from "./model/generate.js";
-import { disposeModel } from "./model/llama.js";
-import { readPairs, tokenizePairs } from "./io/pairs.js";
-import { PairsLog, writeRun } from "./io/results.js";
-import { DEFAULT_SETTINGS, checkCompatible, runAnalysis, type Results, type RunSettings } from "./analysis/run.js";
-import { SITES, type Direction, type Site } from "./analysis/patching.js";
-import { findings, summaryTable } from "./analysis/findings.js";
-import cliProgress from "cli-progress";
-import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type TuneSettings } from "./model/dpo.js";
+import { DEFAULT_SETTINGS, SITES, type Direction, type RunSettings, type Site } from "./analysis/settings.js";
+import { summaryTable } from "./analysis/findings.js";
+import { DEFAULT_TUNE, type TuneSettings } from "./train/dpo.js";
+import { runStudy, runTune } from "./study.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
@@ -79,7 +77,7 @@ program
     if (!Number.isInteger(top) || top < 1) throw new UsageError(`--top must be a positive integer, got "${o.top}"`);
     if (o.out) checkWritable(o.out);
     await startBackend(o.backend);
-    const model = loadModel(o.model);
+    const model = loadModelSync(o.model);
     const tok = loadTokenizer(o.model);
     const ids = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : needTokenizer(tok, o.model).encode(o.text!);
     if (ids.length === 0) throw new UsageError("the input has no tokens");
@@ -114,7 +112,7 @@ program
     const steps = Number(o.steps);
     if (!Number.isInteger(steps) || steps < 1) throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
     await startBackend(o.backend);
-    const model = loadModel(o.model);
+    const model = loadModelSync(o.model);
     const tok = needTokenizer(loadTokenizer(o.model), o.model);
     const prompt = o.text === "" && tok.bosId !== null ? [tok.bosId] : tok.encode(o.text);
     const eos = model.config.eosTokenId;
@@ -156,27 +154,26 @@ program
   .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
   .option("--skip-bad", "count and skip malformed lines instead of stopping")
   .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
-  .addOption(new Option("--positions <which>", "positions a patch replaces").choices(["all", "response"]).default("all"))
-  .option("--alpha <a>", "patch strength: h = h_base + α (h_tuned − h_base)", float("--alpha", () => true, "a number"), 1)
-  .option("--sites <list>", `comma-separated sites to patch (${SITES.join(", ")})`, "resid_post")
+  .addOption(new Option("--positions <which>", "positions a patch replaces").choices(["all", "response"]).default(DEFAULT_SETTINGS.positions))
+  .option("--alpha <a>", "patch strength: h = h_base + α (h_tuned − h_base)", float("--alpha", () => true, "a number"), DEFAULT_SETTINGS.alpha)
+  .option("--sites <list>", `comma-separated sites to patch (${SITES.join(", ")})`, DEFAULT_SETTINGS.sites.join(","))
   .option("--layers <list>", "comma-separated layers to patch (default: all)")
-  .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default("tuned->base"))
+  .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]))
   .option("--no-controls", "skip the random-direction and mean-ablation controls")
   .option("--pca-layer <l>", "layer for low-rank reconstruction (default: first within 5% of the best recovery)", int("--pca-layer", 0))
-  .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), 0.5)
-  .option("--folds <k>", "K for cross-validation", int("--folds", 2), 5)
-  .option("--C <c>", "inverse L2 strength of the probes", float("--C", (x) => x > 0, "positive"), 1)
-  .option("--bootstrap <n>", "bootstrap resamples for recovery CIs", int("--bootstrap", 0), 1000)
-  .option("--stability <n>", "bootstrap refits for LASSO stability selection", int("--stability", 0), 100)
-  .option("--batch <n>", "pairs per forward batch", int("--batch", 1), 4)
-  .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), 0)
+  .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), DEFAULT_SETTINGS.pcaTestFrac)
+  .option("--folds <k>", "K for cross-validation", int("--folds", 2), DEFAULT_SETTINGS.folds)
+  .option("--C <c>", "inverse L2 strength of the probes", float("--C", (x) => x > 0, "positive"), DEFAULT_SETTINGS.C)
+  .option("--bootstrap <n>", "bootstrap resamples for recovery CIs", int("--bootstrap", 0), DEFAULT_SETTINGS.bootstrap)
+  .option("--stability <n>", "bootstrap refits for LASSO stability selection", int("--stability", 0), DEFAULT_SETTINGS.stabilityReps)
+  .option("--batch <n>", "pairs per forward batch", int("--batch", 1), DEFAULT_SETTINGS.batchPairs)
+  .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), DEFAULT_SETTINGS.seed)
   .addOption(backendOption())
   .action(async (o: Record<string, unknown>) => {
     const sites = String(o.sites).split(",").map((x) => x.trim());
     for (const x of sites) if (!(SITES as readonly string[]).includes(x)) throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);
     const layers = o.layers === undefined ? null : String(o.layers).split(",").map((x) => int("--layers", 0)(x.trim()));
-    const settings: RunSettings = {
-      ...DEFAULT_SETTINGS,
+    const settings: Partial<RunSettings> = {
       perToken: !!o.perToken,
       positions: o.positions as "all" | "response",
       alpha: o.alpha as number,
@@ -193,61 +190,42 @@ program
       pcaTestFrac: o.pcaTestFrac as number,
       batchPairs: o.batch as number,
     };
-    const outDir = String(o.out);
-    prepareOutDir(outDir);
-    const backend = await startBackend(o.backend as string | undefined);
-    const t0 = performance.now();
-    const base = loadModel(String(o.base));
-    const tuned = loadModel(String(o.tuned));
-    checkCompatible(base, tuned);
-    if (layers) for (const l of layers) if (l >= base.config.numLayers) throw new UsageError(`--layers: layer ${l} is outside 0..${base.config.numLayers - 1}`);
-    if (settings.pcaLayer !== null && settings.pcaLayer >= base.config.numLayers) throw new UsageError(`--pca-layer ${settings.pcaLayer} is outside 0..${base.config.numLayers - 1}`);
-    const tok = loadTokenizer(String(o.base));
-    const tokFiles = [String(o.base), String(o.tuned)].map((d) => path.join(d, "tokenizer.json"));
-    if (tokFiles.every((f) => fs.existsSync(f)) && !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))) {
-      process.stderr.write("warning: the base and tuned tokenizer.json files differ; pairs are tokenized with the base model's\n");
-    }
-    const raw = readPairs(String(o.pairs), { skipBad: !!o.skipBad });
-    const tp = tokenizePairs(raw.pairs, tok, base.config.vocabSize, { maxTokens: o.maxTokens as number | undefined, limit: o.limit as number | undefined, skipBad: !!o.skipBad });
-    if (tp.pairs.length === 0) throw new UsageError(`no usable pairs in ${o.pairs} (${tp.tooLong} longer than --max-tokens, ${raw.bad.length + tp.bad.length} malformed)`);
-    process.stderr.write(`pairs: ${tp.pairs.length} used, ${tp.tooLong} skipped as longer than --max-tokens, ${raw.bad.length + tp.bad.length} malformed lines skipped\n`);
-    const log = new PairsLog(path.join(outDir, "pairs.jsonl"));
     const bar = new cliProgress.SingleBar({ format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false }, cliProgress.Presets.shades_classic);
     const tty = process.stderr.isTTY;
     let started = false;
-    let results: Results;
+    let done;
     try {
-      results = await runAnalysis(base, tuned, tp.pairs, settings, {
-        onStage: (stage, total) => {
-          if (!tty) return void process.stderr.write(`${stage} (${total})…\n`);
-          if (started) bar.stop();
-          bar.start(total, 0, { stage: stage.padEnd(24) });
-          started = true;
+      done = await runStudy(
+        {
+          base: String(o.base),
+          tuned: String(o.tuned),
+          pairs: String(o.pairs),
+          out: String(o.out),
+          limit: o.limit as number | undefined,
+          maxTokens: o.maxTokens as number | undefined,
+          skipBad: !!o.skipBad,
+          backend: o.backend as string | undefined,
         },
-        onProgress: (d) => tty && bar.update(d),
-        onPair: (rec) => log.write(rec),
-      });
+        settings,
+        {
+          onInfo: (line) => process.stderr.write(line + "\n"),
+          onStage: (stage, total) => {
+            if (!tty) return void process.stderr.write(`${stage} (${total})…\n`);
+            if (started) bar.stop();
+            bar.start(total, 0, { stage: stage.padEnd(24) });
+            started = true;
+          },
+          onProgress: (d) => tty && bar.update(d),
+        },
+      );
     } finally {
       if (started) bar.stop();
-      log.close();
     }
-    const words = findings(results);
-    await writeRun(outDir, results, {
-      settings,
-      inputs: { base: String(o.base), tuned: String(o.tuned), pairs: String(o.pairs) },
-      skipped: { too_long: tp.tooLong, malformed: [...raw.bad, ...tp.bad] },
-      backend,
-      versions: versions(),
-      findings: words,
-      total_ms: performance.now() - t0,
-    }, tp.pairs);
-    console.log(summaryTable(results));
+    console.log(summaryTable(done.results));
     console.log("\nFindings:");
-    for (const w of words) console.log(`  - ${w}`);
-    console.log(`\nreport: ${path.join(outDir, "report.html")}`);
-    console.log(`results: ${path.join(outDir, "results.json")}`);
-    disposeModel(base);
-    disposeModel(tuned);
+    for (const w of done.findings) console.log(`  - ${w}`);
+    console.log(`\nreport: ${path.join(done.out, "report.html")}`);
+    console.log(`results: ${path.join(done.out, "results.json")}`);
   });
 
 program
@@ -269,9 +247,6 @@ program
   .option("--force", "replace --out if it exists")
   .addOption(backendOption())
   .action(async (o: Record<string, unknown>) => {
-    const out = String(o.out);
-    if (fs.existsSync(out) && !o.force) throw new UsageError(`--out ${out} already exists (use --force to replace it)`);
-    if (!fs.existsSync(path.dirname(path.resolve(out)))) throw new UsageError(`cannot write ${out}: folder ${path.dirname(path.resolve(out))} does not exist`);
     const settings: TuneSettings = {
       beta: o.beta as number,
       lr: o.lr as number,
@@ -281,82 +256,46 @@ program
       rank: (o.rank as number | undefined) ?? null,
       seed: o.seed as number,
     };
-    const backend = await startBackend(o.backend as string | undefined);
-    const model = loadModel(String(o.model));
-    const tok = loadTokenizer(String(o.model));
-    const load = (file: string, limit?: number) => {
-      const raw = readPairs(file);
-      const tp = tokenizePairs(raw.pairs, tok, model.config.vocabSize, { maxTokens: o.maxTokens as number | undefined, limit });
-      if (tp.pairs.length === 0) throw new UsageError(`no usable pairs in ${file} (${tp.tooLong} longer than --max-tokens)`);
-      return tp;
-    };
-    const train = load(String(o.pairs), o.limit as number | undefined);
-    const evalSet = o.eval ? load(String(o.eval)) : null;
-    process.stderr.write(`training pairs: ${train.pairs.length} (${train.tooLong} skipped as too long)\n`);
     const bar = new cliProgress.SingleBar(
       { format: "DPO [{bar}] {value}/{total} | loss {loss} | reward acc {acc} | reward margin {margin} | ETA {eta_formatted}", hideCursor: true },
       cliProgress.Presets.shades_classic,
     );
     const tty = process.stderr.isTTY;
     let started = false;
-    const t0 = performance.now();
-    const res = await tuneDPO(model, train.pairs, settings, (m, total) => {
-      const vals = { loss: m.loss.toFixed(4), acc: m.rewardAccuracy.toFixed(2), margin: m.rewardMargin.toFixed(3) };
-      if (tty) {
-        if (!started) bar.start(total, 0, vals);
-        started = true;
-        bar.update(m.step, vals);
-      } else if (m.step === total || m.step % 10 === 0) process.stderr.write(`step ${m.step}/${total} loss ${vals.loss} reward acc ${vals.acc} reward margin ${vals.margin}\n`);
-    });
-    if (started) bar.stop();
-    const trainMs = performance.now() - t0;
-    const evaluation = evalSet ? evaluatePairs(model, res.model, evalSet.pairs) : null;
-    const last = res.history[res.history.length - 1]!;
-    const record = {
-      producer: "prefprobe tune",
-      command: `prefprobe ${process.argv.slice(2).join(" ")}`,
-      base_model: String(o.model),
-      pairs: String(o.pairs),
-      n_pairs: train.pairs.length,
+    const out = String(o.out);
+    const res = await runTune(
+      {
+        model: String(o.model),
+        pairs: String(o.pairs),
+        out,
+        eval: o.eval as string | undefined,
+        limit: o.limit as number | undefined,
+        maxTokens: o.maxTokens as number | undefined,
+        force: !!o.force,
+        backend: o.backend as string | undefined,
+        command: `prefprobe ${process.argv.slice(2).join(" ")}`,
+      },
       settings,
-      trained: res.trained,
-      backend,
-      versions: versions(),
-      train_ms: trainMs,
-      final_step: last,
-      history: res.history,
-      held_out: evaluation,
-    };
-    saveModelFolder(res.model, out, { copyFrom: String(o.model), extraFiles: { "tune.json": JSON.stringify(record, null, 1) + "\n" } });
-    console.log(`trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${settings.rank ? ` (rank-${settings.rank} updates)` : ""} for ${res.history.length} steps in ${(trainMs / 1000).toFixed(1)} s`);
+      {
+        onInfo: (line) => process.stderr.write(line + "\n"),
+        onStep: (m, total) => {
+          const vals = { loss: m.loss.toFixed(4), acc: m.rewardAccuracy.toFixed(2), margin: m.rewardMargin.toFixed(3) };
+          if (tty) {
+            if (!started) bar.start(total, 0, vals);
+            started = true;
+            bar.update(m.step, vals);
+          } else if (m.step === total || m.step % 10 === 0) process.stderr.write(`step ${m.step}/${total} loss ${vals.loss} reward acc ${vals.acc} reward margin ${vals.margin}\n`);
+        },
+      },
+    ).finally(() => started && bar.stop());
+    const { last, evaluation } = res;
+    console.log(`trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${res.rank ? ` (rank-${res.rank} updates)` : ""} for ${res.steps} steps in ${(res.trainMs / 1000).toFixed(1)} s`);
     console.log(`last step: loss ${last.loss.toFixed(4)}, reward accuracy ${last.rewardAccuracy.toFixed(2)}, reward margin ${last.rewardMargin.toFixed(3)}`);
     if (evaluation) {
       console.log(`held-out (${evaluation.pairs} pairs): mean margin ${evaluation.meanMarginBase.toFixed(3)} → ${evaluation.meanMarginTuned.toFixed(3)}; reward accuracy ${(100 * evaluation.rewardAccuracy).toFixed(1)}%; prefers chosen ${(100 * evaluation.basePrefersChosen).toFixed(1)}% → ${(100 * evaluation.tunedPrefersChosen).toFixed(1)}%`);
     }
     console.log(`wrote ${out}`);
   });
-
-/** Versions recorded with every output. */
-function versions(): Record<string, string> {
-  let prefprobe = "unknown";
-  try {
-    prefprobe = JSON.parse(fs.readFileSync(new URL("../../package.json", import.meta.url), "utf8")).version;
-  } catch {
-    /* running from an unusual layout: keep "unknown" */
-  }
-  return { prefprobe, "tfjs-core": tf.version_core, node: process.version };
-}
-
-/** Creates the output folder (or checks an existing one is a folder we can write into). */
-function prepareOutDir(dir: string): void {
-  if (fs.existsSync(dir) && !fs.statSync(dir).isDirectory()) throw new UsageError(`--out ${dir} exists and is not a folder`);
-  try {
-    fs.mkdirSync(dir, { recursive: true });
-    fs.accessSync(dir, fs.constants.W_OK);
-  } catch (e) {
-    throw new UsageError(`cannot write to --out ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
-  }
-}
 
 function checkWritable(file: string): void {
   const dir = path.dirname(path.resolve(file));

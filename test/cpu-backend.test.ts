@@ -2,7 +2,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import * as tf from "@tensorflow/tfjs-core";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { readSafetensors } from "../src/io/safetensors.js";
 import { disposeModel } from "../src/model/llama.js";
 import { logitsAndResid } from "../src/model/resid.js";
@@ -22,7 +22,7 @@ describe("cpu backend", () => {
   it.each(["llama-tiny-a", "llama-tiny-b"])("matches the %s reference to 1e-4", (name) => {
     const dir = `fixtures/models/${name}`;
     const exp = readSafetensors(`${dir}/expected.safetensors`);
-    const model = loadModel(dir);
+    const model = loadModelSync(dir);
     const { logits, resid } = logitsAndResid(model, Array.from(exp.get("input_ids")!.data as Int32Array), true);
     expect(maxAbsDiff(logits.dataSync(), exp.get("logits")!.data as Float32Array)).toBeLessThanOrEqual(1e-4);
     expect(maxAbsDiff(resid!.dataSync(), exp.get("resid")!.data as Float32Array)).toBeLessThanOrEqual(1e-4);

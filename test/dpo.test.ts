@@ -2,13 +2,16 @@
 // move, a --rank 1 update has rank 1, and real rank-1 training at one layer localizes exactly there.
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { loadModel, weightRefs, withWeights } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
+import { weightRefs, withWeights } from "../src/model/weights.js";
 import { loadTokenizer } from "../src/io/tokenizer.js";
-import { readPairs, tokenizePairs, type Pair } from "../src/io/pairs.js";
+import { readPairs, tokenizePairs } from "../src/io/pairs.js";
+import type { Pair } from "../src/data/pairs.js";
 import { disposeModel, type LlamaModel } from "../src/model/llama.js";
-import { DEFAULT_TUNE, enableGradients, evaluatePairs, selectWeights, tuneDPO } from "../src/model/dpo.js";
-import { DEFAULT_SETTINGS, runAnalysis } from "../src/analysis/run.js";
-import { makeBatch, responseLogprobs } from "../src/analysis/batch.js";
+import { DEFAULT_TUNE, enableGradients, evaluatePairs, selectWeights, tuneDPO } from "../src/train/dpo.js";
+import { runAnalysis } from "../src/analysis/run.js";
+import { DEFAULT_SETTINGS } from "../src/analysis/settings.js";
+import { makeBatch, responseLogprobs } from "../src/data/batch.js";
 import { forward } from "../src/model/llama.js";
 import { useBackend } from "./helpers.js";
 
@@ -19,7 +22,7 @@ let train: Pair[];
 let test: Pair[];
 beforeAll(async () => {
   await enableGradients();
-  base = loadModel("fixtures/models/stories260k");
+  base = loadModelSync("fixtures/models/stories260k");
   const tok = loadTokenizer("fixtures/models/stories260k")!;
   train = tokenizePairs(readPairs("fixtures/data/stories/train.jsonl").pairs, tok, 512, { limit: 24 }).pairs;
   test = tokenizePairs(readPairs("fixtures/data/stories/test.jsonl").pairs, tok, 512, { limit: 12 }).pairs;

@@ -3,10 +3,11 @@
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { lassoCV, lassoFit } from "../src/analysis/lasso.js";
-import { logisticFit, probeCV } from "../src/analysis/logistic.js";
-import { pcaOfDifferences, projectPatch, randomSubspace, symmetricEigen } from "../src/analysis/pca.js";
-import { seededRandom, gaussian, bootstrapRatioCI } from "../src/analysis/stats.js";
+import { lassoCV, lassoFit } from "../src/stats/lasso.js";
+import { logisticFit, probeCV } from "../src/stats/logistic.js";
+import { pcaOfDifferences, randomSubspace, symmetricEigen } from "../src/stats/pca.js";
+import { subspace } from "../src/analysis/patches.js";
+import { seededRandom, gaussian, bootstrapRatioCI } from "../src/stats/stats.js";
 import { naiveLasso, naiveLogistic, naiveTopEigen, standardize } from "./naive.js";
 import { maxAbsDiff, useBackend } from "./helpers.js";
 
@@ -184,12 +185,12 @@ describe("PCA and low-rank patching", () => {
       const explained = p.explainedVarianceRatio.slice(0, rank).reduce((a, b) => a + b, 0);
       expect(explained).toBeGreaterThan(0.99999);
       const U = tf.tensor2d(p.components.subarray(0, rank * H), [rank, H]);
-      const patched = projectPatch(tf.tensor2d(base), tf.tensor2d(tuned), U);
+      const patched = subspace(1, U)(tf.tensor2d(base), tf.tensor2d(tuned), tf.ones([base.length, 1]));
       expect(maxAbsDiff(patched.dataSync(), tuned.flat())).toBeLessThan(1e-4);
       // a random rank-r subspace does not reproduce the difference
       const R = randomSubspace(rank, H, seededRandom(1));
       expect(maxAbsDiff(tf.matMul(R, R, false, true).dataSync(), tf.eye(rank).dataSync())).toBeLessThan(1e-5);
-      const rnd = projectPatch(tf.tensor2d(base), tf.tensor2d(tuned), R);
+      const rnd = subspace(1, R)(tf.tensor2d(base), tf.tensor2d(tuned), tf.ones([base.length, 1]));
       expect(maxAbsDiff(rnd.dataSync(), tuned.flat())).toBeGreaterThan(0.1);
     });
   });

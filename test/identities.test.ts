@@ -2,15 +2,16 @@
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
+import { BLOCK_SITES, hookName } from "../src/model/hooks.js";
 import { maxAbsDiff, useBackend } from "./helpers.js";
 
 useBackend();
 
 let model: LlamaModel;
 beforeAll(() => {
-  model = loadModel("fixtures/models/llama-tiny-a");
+  model = loadModelSync("fixtures/models/llama-tiny-a");
 });
 afterAll(() => disposeModel(model));
 
@@ -21,7 +22,7 @@ const pad = (rows: number[][]) => {
   const T = Math.max(...rows.map((r) => r.length));
   return { ids: rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]), lengths: rows.map((r) => r.length), T };
 };
-const siteNames = (l: number) => ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post", "attn.hook_z"].map((s) => `blocks.${l}.${s}`);
+const siteNames = (l: number) => BLOCK_SITES.map((s) => hookName(s, l));
 
 describe("forward identities", () => {
   it("patching any site with its own cached value changes nothing", () => {
@@ -31,13 +32,14 @@ describe("forward identities", () => {
         const site = siteNames(l)[s]!;
         const base = forward(model, ids, { lengths, cache: [site] });
         let called = 0;
-        const patched = forward(model, ids, { lengths, hooks: { [site]: () => (called++, base.cache[site]!) } });
+        const patched = forward(model, ids, { lengths, hooks: { [site]: () => (called++, base.cache.get(site)) } });
         expect(called).toBe(1);
         expect(maxAbsDiff(patched.logits!.dataSync(), base.logits!.dataSync())).toBe(0);
         // and replacing with something else does change the output
-        const zeroed = forward(model, ids, { lengths, hooks: { [site]: (v) => tf.zerosLike(v) } });
+        const zeroed = forward(model, ids, { lengths, hooks: { [site]: (v: tf.Tensor) => tf.zerosLike(v) } });
         expect(maxAbsDiff(zeroed.logits!.dataSync(), base.logits!.dataSync())).toBeGreaterThan(1e-3);
-        tf.dispose([base.logits!, patched.logits!, zeroed.logits!, ...Object.values(base.cache)]);
+        tf.dispose([base.logits!, patched.logits!, zeroed.logits!]);
+        base.cache.dispose();
       }),
       { numRuns: 25 },
     );
@@ -49,17 +51,18 @@ describe("forward identities", () => {
         const { ids, lengths } = pad(rows);
         const site = l === 0 ? "hook_embed" : `blocks.${l - 1}.hook_resid_post`;
         const full = forward(model, ids, { lengths, cache: [site, "blocks.3.hook_resid_post"] });
-        const resumed = forward(model, ids, { lengths, start: { layer: l, resid: full.cache[site]! }, cache: ["blocks.3.hook_resid_post"] });
+        const resumed = forward(model, ids, { lengths, start: { layer: l, resid: full.cache.get(site) }, cache: ["blocks.3.hook_resid_post"] });
         expect(maxAbsDiff(resumed.logits!.dataSync(), full.logits!.dataSync())).toBeLessThanOrEqual(1e-5);
-        expect(full.cache[site]!.isDisposed).toBe(false); // the caller's start tensor is left alone
+        expect(full.cache.get(site).isDisposed).toBe(false); // the caller's start tensor is left alone
         if (l > 0) {
           const stopped = forward(model, ids, { lengths, stopAfter: l - 1, cache: [site] });
           if (l - 1 < L - 1) expect(stopped.logits).toBeNull();
           else stopped.logits!.dispose();
-          expect(maxAbsDiff(stopped.cache[site]!.dataSync(), full.cache[site]!.dataSync())).toBe(0);
-          tf.dispose(Object.values(stopped.cache));
+          expect(maxAbsDiff(stopped.cache.get(site).dataSync(), full.cache.get(site).dataSync())).toBe(0);
+          stopped.cache.dispose();
         }
-        tf.dispose([full.logits!, resumed.logits!, ...Object.values(full.cache), ...Object.values(resumed.cache)]);
+        full.dispose();
+        resumed.dispose();
       }),
       { numRuns: 25 },
     );
@@ -103,11 +106,12 @@ describe("forward identities", () => {
 
   it("hook_z has shape [B, T, heads, head_dim] and a hook returning the wrong shape is an error", () => {
     const r = forward(model, [[1, 2, 3]], { cache: ["blocks.0.attn.hook_z"] });
-    expect(r.cache["blocks.0.attn.hook_z"]!.shape).toEqual([1, 3, 8, 8]);
+    expect(r.cache.get("blocks.0.attn.hook_z").shape).toEqual([1, 3, 8, 8]);
     const before = tf.memory().numTensors;
     expect(() => forward(model, [[1, 2, 3]], { hooks: { "blocks.1.hook_mlp_out": () => tf.zeros([1, 3, 5]) } })).toThrow(/shape/);
     expect(tf.memory().numTensors).toBeLessThanOrEqual(before + 1); // only the hook's own stray tensor
-    tf.dispose([r.logits!, ...Object.values(r.cache)]);
+    tf.dispose([r.logits!]);
+    r.cache.dispose();
   });
 
   it("rejects out-of-range ids, ragged rows and bad lengths", () => {

@@ -2,7 +2,7 @@
 // float64 oracle, row by row of a right-padded batch, and asserts agreement to 1e-4 on logits and every site.
 import * as fs from "node:fs";
 import { expect } from "vitest";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { disposeModel, forward } from "../src/model/llama.js";
 import { oracleForward, type OracleConfig } from "./oracle.js";
 import { randomWeights, writeModelFolder } from "./random-model.js";
@@ -14,7 +14,7 @@ const TOL = 1e-4;
 export function checkAgainstOracle(cfg: OracleConfig, seed: number, dtype: "F32" | "F16" | "BF16", shards: number, rows: number[][]): void {
   const w = randomWeights(cfg, seed);
   const dir = writeModelFolder({ cfg, seed, dtype, shards }, w);
-  const model = loadModel(dir);
+  const model = loadModelSync(dir);
   try {
     const T = Math.max(...rows.map((r) => r.length));
     const padded = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
@@ -27,12 +27,12 @@ export function checkAgainstOracle(cfg: OracleConfig, seed: number, dtype: "F32"
       const got = lg[b]!.slice(0, r.length);
       expect(maxAbsDiff(flat(got), flat(ref.logits)), `logits row ${b}`).toBeLessThanOrEqual(TOL);
       for (const n of names) {
-        const g = (cache[n]!.arraySync() as number[][][])[b]!.slice(0, r.length);
+        const g = (cache.get(n).arraySync() as number[][][])[b]!.slice(0, r.length);
         expect(maxAbsDiff(flat(g), flat(ref.sites[n]!)), `${n} row ${b}`).toBeLessThanOrEqual(TOL);
       }
     });
     logits!.dispose();
-    for (const t of Object.values(cache)) t.dispose();
+    cache.dispose();
   } finally {
     disposeModel(model);
     fs.rmSync(dir, { recursive: true, force: true });

@@ -2,11 +2,13 @@
 // mlp.down_proj, so the right answers are known exactly.
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { loadTokenizer } from "../src/io/tokenizer.js";
-import { tokenizePairs, type Pair } from "../src/io/pairs.js";
+import { tokenizePairs } from "../src/io/pairs.js";
+import type { Pair } from "../src/data/pairs.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
-import { DEFAULT_SETTINGS, runAnalysis, type Results } from "../src/analysis/run.js";
+import { runAnalysis } from "../src/analysis/run.js";
+import { DEFAULT_SETTINGS, type Results } from "../src/analysis/settings.js";
 import { useBackend } from "./helpers.js";
 
 useBackend();
@@ -38,7 +40,7 @@ const names = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna"];
 const things = ["a little dog", "a red ball", "a sad bird", "a new friend"];
 
 beforeAll(async () => {
-  base = loadModel("fixtures/models/stories260k");
+  base = loadModelSync("fixtures/models/stories260k");
   tuned = plant(base);
   const tok = loadTokenizer("fixtures/models/stories260k")!;
   const raw = Array.from({ length: 14 }, (_, i) => {
@@ -165,7 +167,7 @@ describe("planted rank-r change at one layer", () => {
 
 describe("position masks", () => {
   it("response masks cover exactly the response tokens of each row; all masks every real token", async () => {
-    const { makeBatch, positionMask } = await import("../src/analysis/batch.js");
+    const { makeBatch, positionMask } = await import("../src/data/batch.js");
     const batch = makeBatch([
       { index: 0, line: 1, promptIds: [1, 2, 3], chosenIds: [4, 5], rejectedIds: [6] },
       { index: 1, line: 2, promptIds: [1], chosenIds: [7, 8, 9, 10], rejectedIds: [11, 12] },

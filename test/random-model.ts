@@ -5,7 +5,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { writeSafetensors, type DType } from "../src/io/safetensors.js";
-import { seededRandom } from "../src/analysis/stats.js";
+import { seededRandom } from "../src/stats/stats.js";
 import type { OracleConfig, Weights } from "./oracle.js";
 
 export interface RandomModelSpec {

@@ -1,6 +1,6 @@
 // Against the shared reference outputs of an independent float64 HF-equivalent implementation.
 import { describe, expect, it } from "vitest";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { readSafetensors } from "../src/io/safetensors.js";
 import { disposeModel } from "../src/model/llama.js";
 import { logitsAndResid } from "../src/model/resid.js";
@@ -13,7 +13,7 @@ describe.each(["llama-tiny-a", "llama-tiny-b"])("%s reference outputs", (name) =
     const dir = `fixtures/models/${name}`;
     const exp = readSafetensors(`${dir}/expected.safetensors`);
     const ids = Array.from(exp.get("input_ids")!.data as Int32Array);
-    const model = loadModel(dir);
+    const model = loadModelSync(dir);
     const { logits, resid } = logitsAndResid(model, ids, true);
     expect(logits.shape).toEqual(exp.get("logits")!.shape);
     expect(resid!.shape).toEqual(exp.get("resid")!.shape);

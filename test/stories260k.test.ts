@@ -5,7 +5,7 @@ import * as path from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { convertLlama2c } from "../src/io/llama2c.js";
-import { loadModel } from "../src/io/model.js";
+import { loadModelSync } from "../src/io/model.js";
 import { loadTokenizer, type TextTokenizer } from "../src/io/tokenizer.js";
 import { greedy } from "../src/model/generate.js";
 import { disposeModel, type LlamaModel } from "../src/model/llama.js";
@@ -61,7 +61,7 @@ function llama2cEncode(text: string): number[] {
 let model: LlamaModel;
 let tok: TextTokenizer;
 beforeAll(() => {
-  model = loadModel(DIR);
+  model = loadModelSync(DIR);
   tok = loadTokenizer(DIR)!;
 });
 afterAll(() => disposeModel(model));

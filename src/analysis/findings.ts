@@ -1,5 +1,5 @@
 // The headline findings of a run, in plain words computed from the numbers.
-import type { Results } from "./run.js";
+import type { Results } from "./settings.js";
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3));

@@ -2,7 +2,7 @@
 // config.json, model.safetensors (F32), tokenizer.json and tokenizer_config.json.
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { configToJson, type LlamaConfig } from "./config.js";
+import { configToJson, type LlamaConfig } from "../model/config.js";
 import { writeSafetensors, type TensorToWrite } from "./safetensors.js";
 import { writeFileAtomic } from "./model.js";
 

@@ -2,6 +2,7 @@
 // whole dialogues split at the last "\n\nAssistant:", or pre-tokenized {prompt_ids, chosen_ids, rejected_ids}.
 import * as fs from "node:fs";
 import * as zlib from "node:zlib";
+import type { Pair } from "../data/pairs.js";
 import type { TextTokenizer } from "./tokenizer.js";
 
 /** A pair as read from one line, before tokenization. */
@@ -13,18 +14,6 @@ export interface RawPair {
   promptIds?: number[];
   chosenIds?: number[];
   rejectedIds?: number[];
-}
-
-/** A pair ready to run: token ids of the prompt and of each response. */
-export interface Pair {
-  index: number; // position among the pairs that are run
-  line: number;
-  promptIds: number[];
-  chosenIds: number[];
-  rejectedIds: number[];
-  prompt?: string;
-  chosen?: string;
-  rejected?: string;
 }
 
 /** A problem with the pairs file, naming its line. */

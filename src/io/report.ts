@@ -1,8 +1,8 @@
 // report.html: one self-contained file (opens offline) with vega-lite plots rendered to SVG when it is written.
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
-import type { Results } from "../analysis/run.js";
-import type { Pair } from "./pairs.js";
+import type { Results } from "../analysis/settings.js";
+import type { Pair } from "../data/pairs.js";
 
 /** Escapes text for HTML element content and attribute values. */
 export function escapeHtml(s: string): string {

@@ -3,10 +3,12 @@
 import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import type { Results, PairRecord, RunSettings } from "../analysis/run.js";
-import type { Pair } from "./pairs.js";
+import { fileURLToPath } from "node:url";
+import type { Results, PairRecord, RunSettings } from "../analysis/settings.js";
+import type { Pair } from "../data/pairs.js";
 import { renderReport } from "./report.js";
 import { writeSafetensors, type TensorToWrite } from "./safetensors.js";
+import * as tf from "@tensorflow/tfjs-core";
 import { writeFileAtomic } from "./model.js";
 
 /** sha256 over a model folder's config.json and weight files (names and bytes), read in chunks. */
@@ -110,4 +112,38 @@ export async function writeRun(outDir: string, r: Results, meta: RunMeta, pairs:
     pairs,
   );
   writeRunOutputs(outDir, r, { ...meta, inputs, fingerprints }, html);
+}
+
+/** Versions recorded with every output: prefprobe's (from its package.json), tfjs-core's, node's. */
+export function versions(): Record<string, string> {
+  let prefprobe = "unknown";
+  // the nearest package.json above this file (src/io or dist/src/io) that is prefprobe's
+  for (let dir = path.dirname(fileURLToPath(import.meta.url)); dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    try {
+      const pkg = JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8"));
+      if (pkg.name === "prefprobe") {
+        prefprobe = pkg.version;
+        break;
+      }
+    } catch {
+      /* no package.json here: keep walking up */
+    }
+  }
+  return { prefprobe, "tfjs-core": tf.version_core, node: process.version };
+}
+
+/** An output location that cannot be used. */
+export class OutputError extends Error {
+  override name = "OutputError";
+}
+
+/** Creates the output folder (or checks that an existing one is a folder we can write into). */
+export function prepareOutDir(dir: string): void {
+  if (fs.existsSync(dir) && !fs.statSync(dir).isDirectory()) throw new OutputError(`--out ${dir} exists and is not a folder`);
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+    fs.accessSync(dir, fs.constants.W_OK);
+  } catch (e) {
+    throw new OutputError(`cannot write to --out ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+  }
 }

@@ -55,3 +55,10 @@ async function describeBackend(name: BackendName): Promise<string> {
   const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT").catch(() => false);
   return simd ? "wasm (SIMD)" : "wasm (no SIMD)";
 }
+
+/** The backend in use, starting the best available one (as initBackend) when none has been started yet. */
+export async function ensureBackend(): Promise<string> {
+  const current = (tf.engine() as unknown as { backendName: string | null }).backendName;
+  if (current) return current;
+  return await initBackend();
+}

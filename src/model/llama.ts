@@ -5,7 +5,8 @@
 // blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid, blocks.{l}.hook_mlp_out, blocks.{l}.hook_resid_post,
 // ln_final.hook_normalized.
 import * as tf from "@tensorflow/tfjs-core";
-import type { LlamaConfig } from "../io/config.js";
+import type { LlamaConfig } from "./config.js";
+import { ActivationCache, isHookName, type HookName } from "./hooks.js";
 import { ropeTables } from "./rope.js";
 
 /**
@@ -41,16 +42,16 @@ export interface LlamaModel {
 }
 
 /** A hook sees a site's value and returns the value to use instead (return the input to only observe). */
-export type Hook = (value: tf.Tensor, site: string) => tf.Tensor;
+export type Hook = (value: tf.Tensor, site: HookName) => tf.Tensor;
 
 /** What one forward call should do besides computing logits. */
 export interface ForwardOptions {
   /** True length of each row; rows are right-padded to the common length. Default: all full. */
   lengths?: number[];
-  /** Sites to cache: a list of names, or a predicate. Cached tensors belong to the caller. */
-  cache?: Iterable<string> | ((site: string) => boolean);
-  /** Per-site hooks that edit or replace the value (patching). */
-  hooks?: Record<string, Hook>;
+  /** Sites to cache: a list of names, or a predicate. Cached tensors belong to the caller (see ForwardResult). */
+  cache?: Iterable<HookName | string> | ((site: HookName) => boolean);
+  /** Per-site hooks that edit or replace the value (patching). A hook's intermediates are freed by the pass. */
+  hooks?: Partial<Record<HookName, Hook>>;
   /** Start at `blocks.{layer}.hook_resid_pre` with this residual [B, T, H], skipping the layers before. */
   start?: { layer: number; resid: tf.Tensor };
   /** Last layer to run (inclusive). Stopping before the last layer skips the final norm and the head. */
@@ -59,16 +60,18 @@ export interface ForwardOptions {
   logitsAt?: "all" | "none" | Array<[number, number]>;
 }
 
-/** Logits (null when not asked for or stopped early) and the cached sites. */
+/** Logits (null when not asked for or stopped early) and the cached sites; the caller owns both. */
 export interface ForwardResult {
   logits: tf.Tensor | null;
-  cache: Record<string, tf.Tensor>;
+  cache: ActivationCache;
+  /** Frees the logits and every cached tensor. */
+  dispose(): void;
 }
 
 /** Per-call context shared by the block functions. */
 interface Ctx {
   cfg: LlamaConfig;
-  site: (name: string, value: tf.Tensor) => tf.Tensor;
+  site: (name: HookName, value: tf.Tensor) => tf.Tensor;
   cos: tf.Tensor2D; // [T, head_dim]
   sin: tf.Tensor2D;
   maskBias: tf.Tensor; // [B, 1, 1, T, T]: 0 where a query may attend to a key, −1e9 elsewhere
@@ -147,6 +150,14 @@ function maskBias(lengths: number[], T: number): tf.Tensor {
   return tf.tensor(m, [lengths.length, 1, 1, T, T]);
 }
 
+/** Hook and cache names must be sites this model has: a typo must not silently patch nothing. */
+function checkSiteNames(names: Iterable<string>, numLayers: number): void {
+  for (const n of names) {
+    const layer = /^blocks\.(\d+)\./.exec(n)?.[1];
+    if (!isHookName(n) || (layer !== undefined && Number(layer) >= numLayers)) throw new RangeError(`unknown hook site "${n}" (see hookNames(config))`);
+  }
+}
+
 /**
  * Runs the model on right-padded token ids [B][T]. Optionally caches or replaces any hook site, starts from a
  * given residual at a layer, stops after a layer, and computes logits only where asked.
@@ -167,16 +178,18 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   const last = opts.stopAfter ?? cfg.numLayers - 1;
   if (first < 0 || first > cfg.numLayers || last < first - 1 || last >= cfg.numLayers) throw new RangeError(`layer range ${first}..${last} is outside 0..${cfg.numLayers - 1}`);
 
-  const cached: Record<string, tf.Tensor> = {};
-  const wanted = opts.cache === undefined ? () => false : typeof opts.cache === "function" ? opts.cache : ((s) => (n: string) => s.has(n))(new Set(opts.cache));
-  const site = (name: string, value: tf.Tensor): tf.Tensor => {
+  checkSiteNames([...Object.keys(opts.hooks ?? {}), ...(opts.cache && typeof opts.cache !== "function" ? opts.cache : [])], cfg.numLayers);
+  const cached = new ActivationCache();
+  const wanted: (n: HookName) => boolean =
+    opts.cache === undefined ? () => false : typeof opts.cache === "function" ? opts.cache : ((s) => (n: string) => s.has(n))(new Set<string>(opts.cache));
+  const site = (name: HookName, value: tf.Tensor): tf.Tensor => {
     const hook = opts.hooks?.[name];
     let v = value;
     if (hook) {
       v = hook(value, name);
       if (!tf.util.arraysEqual(v.shape, value.shape)) throw new Error(`hook for ${name} returned shape [${v.shape}], expected [${value.shape}]`);
     }
-    if (wanted(name)) cached[name] = tf.keep(tf.clone(v));
+    if (wanted(name)) cached.set(name, tf.keep(tf.clone(v)));
     return v;
   };
   const tables = ropeTables(cfg, T);
@@ -199,9 +212,9 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     const at = opts.logitsAt ?? "all";
     const logits = last === cfg.numLayers - 1 && at !== "none" ? tf.tidy(() => head(model, resid, ctx, at)) : null;
     resid.dispose();
-    return { logits, cache: cached };
+    return { logits, cache: cached, dispose: () => (logits?.dispose(), cached.dispose()) };
   } catch (e) {
-    for (const t of Object.values(cached)) t.dispose();
+    cached.dispose();
     throw e;
   } finally {
     ctx.cos.dispose();

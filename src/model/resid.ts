@@ -1,10 +1,11 @@
 // The residual stream as one tensor: index 0 = embedding output, index l+1 = after block l (before final norm).
 import * as tf from "@tensorflow/tfjs-core";
+import type { HookName } from "./hooks.js";
 import { forward, type LlamaModel } from "./llama.js";
 
 /** The L+1 site names whose values make up the residual stream, in order. */
-export function residSites(numLayers: number): string[] {
-  return ["hook_embed", ...Array.from({ length: numLayers }, (_, l) => `blocks.${l}.hook_resid_post`)];
+export function residSites(numLayers: number): HookName[] {
+  return ["hook_embed", ...Array.from({ length: numLayers }, (_, l): HookName => `blocks.${l}.hook_resid_post`)];
 }
 
 /** Logits [T, V] of one sequence and, when asked, the residual stream [L+1, T, H]. Caller disposes. */
@@ -14,7 +15,7 @@ export function logitsAndResid(model: LlamaModel, ids: number[], withResid: bool
   const l2 = tf.tidy(() => tf.squeeze(logits!, [0]) as tf.Tensor2D);
   logits!.dispose();
   if (!withResid) return { logits: l2, resid: null };
-  const resid = tf.tidy(() => tf.concat(sites.map((s) => cache[s]!)) as tf.Tensor3D);
-  for (const t of Object.values(cache)) t.dispose();
+  const resid = tf.tidy(() => tf.concat(sites.map((s) => cache.get(s))) as tf.Tensor3D);
+  cache.dispose();
   return { logits: l2, resid };
 }

@@ -1,5 +1,5 @@
 // Rotary position embedding frequencies (Hugging Face's default, linear and llama3 rope types), in float64.
-import type { LlamaConfig } from "../io/config.js";
+import type { LlamaConfig } from "./config.js";
 
 /** Inverse frequencies θ_i for i = 0 … head_dim/2 − 1, after the config's rope scaling. */
 export function ropeInvFreq(cfg: Pick<LlamaConfig, "headDim" | "ropeTheta" | "ropeScaling">): Float64Array {

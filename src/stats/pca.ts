@@ -112,13 +112,3 @@ export function randomSubspace(k: number, H: number, rand: () => number): tf.Ten
   rows.forEach((r, i) => out.set(r, i * H));
   return tf.tensor2d(out, [k, H]);
 }
-
-/** h_base + (h_tuned − h_base) U ᵀU: the difference projected on the rows of U [k, H]; h are [..., H]. */
-export function projectPatch(hBase: tf.Tensor, hTuned: tf.Tensor, U: tf.Tensor2D): tf.Tensor {
-  return tf.tidy(() => {
-    const H = hBase.shape[hBase.shape.length - 1]!;
-    const diff = tf.reshape(tf.sub(hTuned, hBase), [-1, H]);
-    const proj = tf.matMul(tf.matMul(diff, U, false, true), U);
-    return tf.add(hBase, tf.reshape(proj, hBase.shape));
-  });
-}

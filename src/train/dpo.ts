@@ -3,11 +3,11 @@
 // Trainable weights are chosen by name pattern; with a rank r each trained matrix learns a low-rank update
 // A·B (LoRA-style: A random, B zero) that is merged into the weight when the model is returned.
 import * as tf from "@tensorflow/tfjs-core";
-import type { Pair } from "../io/pairs.js";
-import { weightRefs, withWeights, type WeightRef } from "../io/model.js";
-import { makeBatch, marginsOf, responseLogprobs, tokenLogprobs, type PairBatch } from "../analysis/batch.js";
-import { permutation, seededRandom, tfSeed } from "../analysis/stats.js";
-import { forward, type LlamaModel } from "./llama.js";
+import type { Pair } from "../data/pairs.js";
+import { makeBatch, marginsOf, responseLogprobs, tokenLogprobs, type PairBatch } from "../data/batch.js";
+import { forward, type LlamaModel } from "../model/llama.js";
+import { weightRefs, withWeights, type WeightRef } from "../model/weights.js";
+import { permutation, seededRandom, tfSeed } from "../stats/stats.js";
 
 /** DPO settings. */
 export interface TuneSettings {

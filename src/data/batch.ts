@@ -1,7 +1,7 @@
 // A batch of preference pairs as model input: rows (chosen, rejected) per pair, right-padded, with the logit
 // positions that score each response token, and response log-probabilities / margins from those logits.
 import * as tf from "@tensorflow/tfjs-core";
-import type { Pair } from "../io/pairs.js";
+import type { Pair } from "./pairs.js";
 
 /** Model input for a batch of pairs: row 2i is pair i's chosen sequence, row 2i+1 its rejected one. */
 export interface PairBatch {

@@ -1,0 +1,62 @@
+// Stage 4, activation distances: per pair and layer, how far the tuned model's residual stream is from the
+// base model's over the response positions (the LASSO's features), and the mean difference per layer.
+import * as tf from "@tensorflow/tfjs-core";
+import { hookName } from "../model/hooks.js";
+import type { ScoredBatch } from "./scoring.js";
+
+/** Mean over masked positions of per-position values [B, T] computed by `values` → per row [B]. */
+function maskedRowMean(values: () => tf.Tensor, mask: tf.Tensor): Float32Array {
+  return tf.tidy(() => tf.div(tf.sum(tf.mul(values(), tf.squeeze(mask, [2])), 1), tf.maximum(tf.sum(mask, [1, 2]), 1)).dataSync() as Float32Array);
+}
+
+/**
+ * Per pair of the batch, per layer: mean ‖h_tuned − h_base‖₂ and mean cosine distance at resid_post over the
+ * response positions of both rows (each row weighted by its response length).
+ */
+export function distancesOf(sc: ScoredBatch, L: number): { distance: number[][]; cosine: number[][] } {
+  const nb = sc.pairs.length;
+  const distance = Array.from({ length: nb }, () => new Array<number>(L));
+  const cosine = Array.from({ length: nb }, () => new Array<number>(L));
+  const { lengths, respStart } = sc.batch;
+  for (let l = 0; l < L; l++) {
+    const hb = sc.runs.base.cache.get(hookName("resid_post", l));
+    const ht = sc.runs.tuned.cache.get(hookName("resid_post", l));
+    const d = maskedRowMean(() => tf.norm(tf.sub(ht, hb), 2, -1), sc.mask.response);
+    const cos = maskedRowMean(() => tf.sub(1, tf.div(tf.sum(tf.mul(ht, hb), -1), tf.maximum(tf.mul(tf.norm(ht, 2, -1), tf.norm(hb, 2, -1)), 1e-12))), sc.mask.response);
+    for (let i = 0; i < nb; i++) {
+      const lc = lengths[2 * i]! - respStart[2 * i]!;
+      const lr = lengths[2 * i + 1]! - respStart[2 * i + 1]!;
+      distance[i]![l] = (d[2 * i]! * lc + d[2 * i + 1]! * lr) / (lc + lr);
+      cosine[i]![l] = (cos[2 * i]! * lc + cos[2 * i + 1]! * lr) / (lc + lr);
+    }
+  }
+  return { distance, cosine };
+}
+
+/** Running sum of h_tuned − h_base at resid_post over response positions, per layer: mean() is [L, H]. */
+export class MeanDifference {
+  readonly sums: Float64Array[];
+  positions = 0;
+
+  constructor(
+    readonly L: number,
+    readonly H: number,
+  ) {
+    this.sums = Array.from({ length: L }, () => new Float64Array(H));
+  }
+
+  add(sc: ScoredBatch): void {
+    for (let l = 0; l < this.L; l++) {
+      const site = hookName("resid_post", l);
+      const md = tf.tidy(() => tf.sum(tf.mul(tf.sub(sc.runs.tuned.cache.get(site), sc.runs.base.cache.get(site)), sc.mask.response), [0, 1]).dataSync());
+      for (let j = 0; j < this.H; j++) this.sums[l]![j]! += md[j]!;
+    }
+    this.positions += sc.batch.logitsAt.length;
+  }
+
+  mean(): Float32Array {
+    const out = new Float32Array(this.L * this.H);
+    this.sums.forEach((v, l) => v.forEach((x, j) => (out[l * this.H + j] = x / Math.max(1, this.positions))));
+    return out;
+  }
+}

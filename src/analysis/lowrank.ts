@@ -1,0 +1,126 @@
+// Stage 7, low-rank reconstruction: PCA of the per-position activation difference h_tuned − h_base at one
+// layer on a training split of pairs, then the held-out recovery of patching only its top-k directions,
+// beside a random k-dimensional subspace.
+import * as tf from "@tensorflow/tfjs-core";
+import type { Pair } from "../data/pairs.js";
+import { makeBatch, positionMask, type PairBatch } from "../data/batch.js";
+import { hookName } from "../model/hooks.js";
+import { forward, type LlamaModel } from "../model/llama.js";
+import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
+import { mean, permutation, seededRandom } from "../stats/stats.js";
+import { gainOf, patchedMargins, subspace } from "./patches.js";
+import type { ModelPair } from "./scoring.js";
+import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
+
+/** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
+export function choosePcaLayer(patching: PatchingEntry[], s: RunSettings, L: number): { layer: number; chosenBy: string } {
+  if (s.pcaLayer !== null) {
+    if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`--pca-layer ${s.pcaLayer} is outside 0..${L - 1}`);
+    return { layer: s.pcaLayer, chosenBy: "--pca-layer" };
+  }
+  const rp = patching.filter((p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery));
+  if (!rp.length) return { layer: Math.floor(L / 2), chosenBy: "middle layer (no finite resid_post tuned->base recovery: not patched, or zero mean gap)" };
+  const best = Math.max(...rp.map((p) => p.recovery));
+  return { layer: rp.find((p) => p.recovery >= best - 0.05 * Math.abs(best))!.layer, chosenBy: "first layer whose resid_post recovery is within 5% of the maximum" };
+}
+
+/** Positions (into the pairs array) in batches of `size`. */
+function chunks(idx: number[], size: number): number[][] {
+  const out: number[][] = [];
+  for (let i = 0; i < idx.length; i += size) out.push(idx.slice(i, i + size));
+  return out;
+}
+
+/** The train/test split of n pairs (sorted positions); the test part holds round(n · testFrac), at least 1. */
+export function lowRankSplit(n: number, s: RunSettings): { train: number[]; test: number[] } {
+  const order = permutation(n, seededRandom(s.seed + 17));
+  const nTest = Math.min(n - 1, Math.max(1, Math.round(n * s.pcaTestFrac)));
+  return { test: order.slice(0, nTest).sort((a, b) => a - b), train: order.slice(nTest).sort((a, b) => a - b) };
+}
+
+/** The k values tried: powers of two below H, then H. */
+export function lowRankKs(H: number): number[] {
+  const ks: number[] = [];
+  for (let k = 1; k < H; k *= 2) ks.push(k);
+  ks.push(H);
+  return ks;
+}
+
+/** PCA at `layer` on the training pairs, then held-out recovery for each k (tuned->base, resid_post). */
+export async function lowRankStage(
+  models: ModelPair,
+  pairs: Pair[],
+  at: { layer: number; chosenBy: string },
+  s: RunSettings,
+  scores: { marginBase: Float64Array; marginTuned: Float64Array; gapTooSmall: boolean },
+  cb: RunCallbacks,
+): Promise<LowRankResult> {
+  const layer = at.layer;
+  const H = models.base.config.hiddenSize;
+  const { train, test } = lowRankSplit(pairs.length, s);
+  const site = hookName("resid_post", layer);
+  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { lengths: batch.lengths, stopAfter: layer, cache: [site] }).cache.take(site);
+  const tick = () => new Promise<void>((r) => setImmediate(r));
+  cb.onStage?.(`PCA at layer ${layer}`, pairs.length);
+  let done = 0;
+  const rows: Float32Array[] = [];
+  for (const js of chunks(train, s.batchPairs)) {
+    const batch = makeBatch(js.map((j) => pairs[j]!));
+    const hb = upTo(models.base, batch);
+    const ht = upTo(models.tuned, batch);
+    const diff = tf.tidy(() => tf.sub(ht, hb).dataSync() as Float32Array);
+    for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
+    tf.dispose([hb, ht]);
+    cb.onProgress?.((done += js.length));
+    await tick();
+  }
+  const D = tf.tensor2d(concatRows(rows, H), [rows.length, H]);
+  const p = pcaOfDifferences(D);
+  D.dispose();
+  const ks = lowRankKs(H);
+  const gainsK = ks.map(() => ({ real: [] as number[], random: [] as number[] }));
+  const testGap: number[] = [];
+  for (const js of chunks(test, s.batchPairs)) {
+    const batch = makeBatch(js.map((j) => pairs[j]!));
+    const hb = upTo(models.base, batch);
+    const ht = upTo(models.tuned, batch);
+    const mask = positionMask(batch, s.positions);
+    ks.forEach((k, ki) => {
+      const kk = Math.min(k, p.rank);
+      const U = tf.tensor2d(p.components.subarray(0, kk * H), [kk, H]);
+      const R = randomSubspace(k, H, seededRandom(s.seed * 31 + k));
+      for (const [which, basis] of [["real", U], ["random", R]] as const) {
+        const m = patchedMargins(models.base, batch, { site: "resid_post", layer }, subspace(s.alpha, basis), { dst: hb, src: ht }, mask, s.perToken);
+        js.forEach((j, i) => gainsK[ki]![which].push(gainOf("tuned->base", m[i]!, scores.marginBase[j]!, scores.marginTuned[j]!)));
+      }
+      tf.dispose([U, R]);
+    });
+    for (const j of js) testGap.push(scores.marginTuned[j]! - scores.marginBase[j]!);
+    tf.dispose([hb, ht, mask]);
+    cb.onProgress?.((done += js.length));
+    await tick();
+  }
+  const mg = mean(testGap);
+  return {
+    layer,
+    site: "resid_post",
+    chosen_by: at.chosenBy,
+    train_pairs: train,
+    test_pairs: test,
+    n_rows: rows.length,
+    explained_variance_ratio: p.explainedVarianceRatio,
+    recovery: ks.map((k, ki) => ({
+      k,
+      k_used: Math.min(k, p.rank),
+      recovery: scores.gapTooSmall ? NaN : mean(gainsK[ki]!.real) / mg,
+      random_subspace: scores.gapTooSmall ? NaN : mean(gainsK[ki]!.random) / mg,
+    })),
+    components: p.components.slice(0, Math.min(p.rank, H) * H),
+  };
+}
+
+function concatRows(rows: Float32Array[], H: number): Float32Array {
+  const out = new Float32Array(rows.length * H);
+  rows.forEach((r, i) => out.set(r, i * H));
+  return out;
+}

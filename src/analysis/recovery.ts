@@ -1,0 +1,40 @@
+// Recovery: how much of the tuned model's margin gap a patch brings back (mean gain / mean gap), with a
+// bootstrap CI; undefined (NaN, null in JSON) when the gap itself is at rounding level.
+import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
+import type { Combo } from "./scoring.js";
+import type { GainSummary, PatchingEntry, RunSettings } from "./settings.js";
+
+/** Whether the mean gap is too small, against the margins' own scale, for a recovery ratio to mean anything. */
+export function gapTooSmall(marginBase: ArrayLike<number>, marginTuned: ArrayLike<number>): boolean {
+  const gap = Array.from(marginTuned, (t, i) => t - marginBase[i]!);
+  const scale = mean(Array.from(marginBase, Math.abs)) + mean(Array.from(marginTuned, Math.abs));
+  return !(Math.abs(mean(gap)) > 1e-6 * scale);
+}
+
+/** Recovery of per-pair gains against per-pair gaps, with a bootstrap CI of `reps` resamples. */
+export function summarizeGains(gains: ArrayLike<number>, gap: ArrayLike<number>, noGap: boolean, reps: number, seed: number): GainSummary {
+  return {
+    gains: Array.from(gains),
+    recovery: noGap ? NaN : mean(gains) / mean(gap),
+    recovery_ci: noGap ? [NaN, NaN] : bootstrapRatioCI(gains, gap, reps, seededRandom(seed)),
+  };
+}
+
+/** The patching table: each combo's real gains and, when run, its controls' gains, summarized. */
+export function patchingEntries(
+  combos: Combo[],
+  gains: { real: ArrayLike<number>[]; random: ArrayLike<number>[] | null; meanAblation: ArrayLike<number>[] | null },
+  gap: ArrayLike<number>,
+  noGap: boolean,
+  s: RunSettings,
+): PatchingEntry[] {
+  const summarize = (g: ArrayLike<number>) => summarizeGains(g, gap, noGap, s.bootstrap, s.seed + 1);
+  return combos.map((c, ci) => ({
+    direction: c.direction,
+    site: c.site,
+    layer: c.layer,
+    alpha: s.alpha,
+    ...summarize(gains.real[ci]!),
+    controls: gains.random && gains.meanAblation ? { random_direction: summarize(gains.random[ci]!), mean_ablation: summarize(gains.meanAblation[ci]!) } : null,
+  }));
+}

@@ -1,0 +1,110 @@
+// Stage 1, scoring and caching: both models on a batch of pairs, response log-probabilities and margins,
+// with the activations later stages of the same batch read. One ScoredBatch owns those tensors.
+import * as tf from "@tensorflow/tfjs-core";
+import type { Pair } from "../data/pairs.js";
+import { makeBatch, marginsOf, positionMask, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { hookName, type HookName } from "../model/hooks.js";
+import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import type { LlamaConfig } from "../model/config.js";
+import { sitesNeeded } from "./patches.js";
+import type { Direction, PairRecord, RunSettings, Site } from "./settings.js";
+
+/** The two models compared. */
+export interface ModelPair {
+  base: LlamaModel;
+  tuned: LlamaModel;
+}
+
+/** One (direction, site, layer) to patch. */
+export interface Combo {
+  direction: Direction;
+  site: Site;
+  layer: number;
+}
+
+/** What the per-batch stages do: the patch combos and the sites each model must cache for them. */
+export interface Plan {
+  combos: Combo[];
+  /** Sites a patch reads or resumes from (also the sites whose means mean-ablation needs). */
+  patchSites: HookName[];
+  /** Everything the scoring pass caches: the embedding, every resid_post and the patch sites. */
+  cacheSites: HookName[];
+}
+
+/** The "direction site" key under which a pair's gains are recorded. */
+export const comboKey = (c: { direction: Direction; site: Site }): string => `${c.direction} ${c.site}`;
+
+/** Expands settings into the combos to patch (direction-major, then site, then layer) and the sites to cache. */
+export function makePlan(s: RunSettings, L: number): Plan {
+  const layers = s.layers ?? Array.from({ length: L }, (_, l) => l);
+  const combos = s.directions.flatMap((direction) => s.sites.flatMap((site) => layers.map((layer) => ({ direction, site, layer }))));
+  const patchSites = [...new Set(combos.flatMap((c) => sitesNeeded(c.site, c.layer)))];
+  const residPost = Array.from({ length: L }, (_, l) => hookName("resid_post", l));
+  return { combos, patchSites, cacheSites: [...new Set<HookName>(["hook_embed", ...residPost, ...patchSites])] };
+}
+
+/** A batch run through both models: margins, log-probabilities, cached activations and position masks. */
+export interface ScoredBatch {
+  pairs: Pair[];
+  /** Position of the batch's first pair in the run's pair list. */
+  offset: number;
+  /** Batch number (keys the random draws of this batch). */
+  number: number;
+  batch: PairBatch;
+  runs: { base: ForwardResult; tuned: ForwardResult };
+  logp: { base: Float64Array; tuned: Float64Array }; // per row: chosen (2i), rejected (2i+1)
+  margin: { base: Float64Array; tuned: Float64Array }; // per pair
+  mask: { response: tf.Tensor3D; all: tf.Tensor3D; patch: tf.Tensor3D };
+  dispose(): void;
+}
+
+/** Checks that two models can be compared position by position. */
+export function checkCompatible(base: LlamaModel, tuned: LlamaModel): void {
+  const a = base.config;
+  const b = tuned.config;
+  for (const k of ["hiddenSize", "intermediateSize", "numLayers", "numHeads", "numKvHeads", "headDim", "vocabSize"] as const satisfies ReadonlyArray<keyof LlamaConfig>) {
+    if (a[k] !== b[k]) throw new Error(`base and tuned models differ in ${k} (${a[k]} vs ${b[k]}): they must share architecture shape and vocabulary`);
+  }
+}
+
+/** Runs both models on `pairs` with the plan's caches; the caller disposes the result. */
+export function scoreBatch(models: ModelPair, pairs: Pair[], offset: number, number: number, plan: Plan, s: RunSettings): ScoredBatch {
+  const batch = makeBatch(pairs);
+  const run = (m: LlamaModel) => forward(m, batch.ids, { lengths: batch.lengths, cache: plan.cacheSites, logitsAt: batch.logitsAt });
+  const runs = { base: run(models.base), tuned: run(models.tuned) };
+  const logp = { base: responseLogprobs(runs.base.logits!, batch, s.perToken), tuned: responseLogprobs(runs.tuned.logits!, batch, s.perToken) };
+  const response = positionMask(batch, "response");
+  const all = positionMask(batch, "all");
+  return {
+    pairs,
+    offset,
+    number,
+    batch,
+    runs,
+    logp,
+    margin: { base: marginsOf(logp.base), tuned: marginsOf(logp.tuned) },
+    mask: { response, all, patch: s.positions === "all" ? all : response },
+    dispose: () => {
+      runs.base.dispose();
+      runs.tuned.dispose();
+      tf.dispose([response, all]);
+    },
+  };
+}
+
+/** The record of pair i of a scored batch, given its per-layer distances and its gains per combo key. */
+export function pairRecord(sc: ScoredBatch, i: number, distance: number[], cosine: number[], gains: Record<string, number[]>): PairRecord {
+  const p = sc.pairs[i]!;
+  const { base, tuned } = sc.margin;
+  return {
+    index: p.index,
+    line: p.line,
+    tokens: { prompt: p.promptIds.length, chosen: p.chosenIds.length, rejected: p.rejectedIds.length },
+    logp: { base: { chosen: sc.logp.base[2 * i]!, rejected: sc.logp.base[2 * i + 1]! }, tuned: { chosen: sc.logp.tuned[2 * i]!, rejected: sc.logp.tuned[2 * i + 1]! } },
+    margin: { base: base[i]!, tuned: tuned[i]! },
+    gap: tuned[i]! - base[i]!,
+    distance,
+    cosine_distance: cosine,
+    gains,
+  };
+}

@@ -1,0 +1,167 @@
+// What a run can be asked to do (RunSettings, with one defaults object shared by the CLI and the library) and
+// what it returns (Results and its parts).
+import type { LlamaConfig } from "../model/config.js";
+import type { LassoCVResult } from "../stats/lasso.js";
+
+/** Where to patch: a per-layer hook site carrying a [B, T, hidden] activation. */
+export type Site = "resid_post" | "resid_pre" | "attn_out" | "mlp_out";
+export const SITES: readonly Site[] = ["resid_post", "resid_pre", "attn_out", "mlp_out"];
+
+/** tuned->base: run the base model with the tuned model's activations patched in; base->tuned the reverse. */
+export type Direction = "tuned->base" | "base->tuned";
+export const DIRECTIONS: readonly Direction[] = ["tuned->base", "base->tuned"];
+
+/** Every choice the analysis makes; defaults in DEFAULT_SETTINGS. */
+export interface RunSettings {
+  perToken: boolean; // mean instead of sum of response-token log-probabilities
+  positions: "all" | "response"; // where patches apply
+  alpha: number; // patch strength: h = h_dst + α (h_src − h_dst)
+  sites: Site[];
+  layers: number[] | null; // null = all
+  directions: Direction[];
+  controls: boolean; // random-direction and mean-ablation controls beside every real patch
+  seed: number;
+  folds: number; // K for CV of LASSO and probes
+  C: number; // inverse L2 strength of the probes
+  stabilityReps: number; // bootstrap refits for LASSO stability selection
+  bootstrap: number; // resamples for recovery CIs
+  pcaLayer: number | null; // null = first layer within 5% of the best resid_post recovery
+  pcaTestFrac: number; // held-out fraction of pairs for PCA recovery
+  batchPairs: number; // pairs per forward batch
+}
+
+/** The defaults of `prefprobe run` and of runAnalysis. */
+export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze({
+  perToken: false,
+  positions: "all",
+  alpha: 1,
+  sites: ["resid_post"],
+  layers: null,
+  directions: ["tuned->base"],
+  controls: true,
+  seed: 0,
+  folds: 5,
+  C: 1,
+  stabilityReps: 100,
+  bootstrap: 1000,
+  pcaLayer: null,
+  pcaTestFrac: 0.5,
+  batchPairs: 4,
+} satisfies RunSettings);
+
+/** A setting that cannot be used; the message names it. */
+export class SettingsError extends Error {
+  override name = "SettingsError";
+}
+
+/** Defaults filled in for what `partial` leaves out, every value checked (against the model when given). */
+export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pick<LlamaConfig, "numLayers">): RunSettings {
+  const s: RunSettings = { ...DEFAULT_SETTINGS, ...partial };
+  const fail = (msg: string): never => {
+    throw new SettingsError(msg);
+  };
+  const int = (name: keyof RunSettings, min: number) => {
+    const v = s[name] as number;
+    if (!(Number.isInteger(v) && v >= min)) fail(`${name} must be an integer ≥ ${min}, got ${v}`);
+  };
+  int("seed", 0);
+  int("folds", 2);
+  int("stabilityReps", 0);
+  int("bootstrap", 0);
+  int("batchPairs", 1);
+  if (!Number.isFinite(s.alpha)) fail(`alpha must be a finite number, got ${s.alpha}`);
+  if (!(s.C > 0 && Number.isFinite(s.C))) fail(`C must be positive, got ${s.C}`);
+  if (!(s.pcaTestFrac > 0 && s.pcaTestFrac < 1)) fail(`pcaTestFrac must be in (0, 1), got ${s.pcaTestFrac}`);
+  if (s.positions !== "all" && s.positions !== "response") fail(`positions must be "all" or "response", got ${String(s.positions)}`);
+  for (const x of s.sites) if (!SITES.includes(x)) fail(`unknown site "${x}" (choose from ${SITES.join(", ")})`);
+  for (const d of s.directions) if (!DIRECTIONS.includes(d)) fail(`unknown direction "${d}" (choose from ${DIRECTIONS.join(", ")})`);
+  const L = config?.numLayers;
+  const bad = (l: number) => !(Number.isInteger(l) && l >= 0 && (L === undefined || l < L));
+  const where = L === undefined ? "not a layer index" : `outside 0..${L - 1}`;
+  const seen = new Set<number>();
+  for (const l of s.layers ?? []) {
+    if (bad(l)) fail(`layer ${l} is ${where}`);
+    if (seen.has(l)) fail(`layer ${l} is listed twice`);
+    seen.add(l);
+  }
+  if (s.layers && s.layers.length === 0) fail("layers is empty (use null for all layers)");
+  if (new Set(s.sites).size !== s.sites.length || new Set(s.directions).size !== s.directions.length) fail("sites and directions must not repeat");
+  if (s.pcaLayer !== null && bad(s.pcaLayer)) fail(`pcaLayer ${s.pcaLayer} is ${where}`);
+  return s;
+}
+
+/** Gains of one kind of patch with their recovery (mean gain / mean gap) and bootstrap CI. */
+export interface GainSummary {
+  gains: number[];
+  recovery: number;
+  recovery_ci: [number, number];
+}
+
+/** One (direction, site, layer) of the patch sweep, with its controls. */
+export interface PatchingEntry extends GainSummary {
+  direction: Direction;
+  site: Site;
+  layer: number;
+  alpha: number;
+  controls: { random_direction: GainSummary; mean_ablation: GainSummary } | null;
+}
+
+/** Everything measured for one pair; streamed to pairs.jsonl as each pair completes. */
+export interface PairRecord {
+  index: number;
+  line: number;
+  tokens: { prompt: number; chosen: number; rejected: number };
+  logp: { base: { chosen: number; rejected: number }; tuned: { chosen: number; rejected: number } };
+  margin: { base: number; tuned: number };
+  gap: number;
+  distance: number[]; // per layer: mean ‖h_tuned − h_base‖ over response positions (resid_post)
+  cosine_distance: number[];
+  gains: Record<string, number[]>; // "direction site" → per layer (real patches)
+}
+
+/** The low-rank reconstruction at one layer. */
+export interface LowRankResult {
+  layer: number;
+  site: "resid_post";
+  chosen_by: string;
+  train_pairs: number[];
+  test_pairs: number[];
+  n_rows: number;
+  explained_variance_ratio: number[];
+  recovery: Array<{ k: number; k_used: number; recovery: number; random_subspace: number }>;
+  components: Float32Array;
+}
+
+/** LASSO of the per-pair gap on per-layer distances, with its inputs. */
+export type LassoResult = LassoCVResult & { X: number[][]; y: number[]; feature: string; nonzero_layers: number[] };
+
+/** Cross-validated probe accuracy of one model at one layer. */
+export interface ProbeResult {
+  model: "base" | "tuned";
+  layer: number;
+  accuracy: number;
+  diff_means_accuracy: number;
+}
+
+/** What runAnalysis returns. */
+export interface Results {
+  n_pairs: number;
+  num_layers: number;
+  hidden_size: number;
+  pairs: PairRecord[];
+  summary: { mean_margin_base: number; mean_margin_tuned: number; mean_gap: number; tuned_prefers_chosen: number; base_prefers_chosen: number };
+  patching: PatchingEntry[];
+  lasso: LassoResult | null;
+  probes: ProbeResult[];
+  pca: LowRankResult | null;
+  logit_lens: { layers: string[]; base: number[]; tuned: number[] };
+  mean_diff: Float32Array; // [L, H]: mean h_tuned − h_base at resid_post over response positions
+  timings_ms: Record<string, number>;
+}
+
+/** Progress and streaming hooks for a run. */
+export interface RunCallbacks {
+  onStage?: (stage: string, total: number) => void;
+  onProgress?: (done: number) => void;
+  onPair?: (record: PairRecord) => void;
+}
