@@ -4,7 +4,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
 import { makeBatch, marginsOf, positionMask, responseLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import { forward, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
 import { sitesNeeded } from "./patches.js";
 import type { Direction, PairRecord, RunSettings, Site } from "./settings.js";
@@ -107,4 +107,20 @@ export function pairRecord(sc: ScoredBatch, i: number, distance: number[], cosin
     cosine_distance: cosine,
     gains,
   };
+}
+
+/**
+ * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, optionally with hooks
+ * (e.g. an ablation) applied to every forward pass. Batches of `batchPairs`; the numbers do not depend on it.
+ */
+export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: ForwardOptions["hooks"]; perToken?: boolean; batchPairs?: number } = {}): Float64Array {
+  const out = new Float64Array(pairs.length);
+  const size = opts.batchPairs ?? 4;
+  for (let i = 0; i < pairs.length; i += size) {
+    const batch = makeBatch(pairs.slice(i, i + size));
+    const r = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, hooks: opts.hooks });
+    out.set(marginsOf(responseLogprobs(r.logits!, batch, opts.perToken ?? false)), i);
+    r.dispose();
+  }
+  return out;
 }

@@ -3,7 +3,8 @@
 import * as fs from "node:fs";
 import * as zlib from "node:zlib";
 import type { Pair } from "../data/pairs.js";
-import type { TextTokenizer } from "./tokenizer.js";
+import { loadConfig } from "./config.js";
+import { loadTokenizer, type TextTokenizer } from "./tokenizer.js";
 
 /** A pair as read from one line, before tokenization. */
 export interface RawPair {
@@ -135,4 +136,15 @@ export function tokenizePairs(
     }
   }
   return { pairs, tooLong, bad };
+}
+
+/**
+ * Reads a pairs file and tokenizes it with a model folder's tokenizer: the pairs ready for runAnalysis.
+ * Malformed lines fail (or, with skipBad, are skipped); pairs longer than maxTokens are skipped.
+ */
+export function loadPairs(file: string, modelDir: string, opts: { limit?: number; maxTokens?: number; skipBad?: boolean } = {}): Pair[] {
+  const raw = readPairs(file, { skipBad: opts.skipBad });
+  const tp = tokenizePairs(raw.pairs, loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts);
+  if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${tp.tooLong} longer than maxTokens, ${raw.bad.length + tp.bad.length} malformed)`);
+  return tp.pairs;
 }

@@ -50,8 +50,11 @@ export interface ForwardOptions {
   lengths?: number[];
   /** Sites to cache: a list of names, or a predicate. Cached tensors belong to the caller (see ForwardResult). */
   cache?: Iterable<HookName | string> | ((site: HookName) => boolean);
-  /** Per-site hooks that edit or replace the value (patching). A hook's intermediates are freed by the pass. */
-  hooks?: Partial<Record<HookName, Hook>>;
+  /**
+   * Per-site hooks that edit or replace the value (patching), keyed by hook name (hookName(site, layer)). A
+   * name that is not a site of the model is an error. A hook's intermediates are freed by the pass.
+   */
+  hooks?: { readonly [site: string]: Hook };
   /** Start at `blocks.{layer}.hook_resid_pre` with this residual [B, T, H], skipping the layers before. */
   start?: { layer: number; resid: tf.Tensor };
   /** Last layer to run (inclusive). Stopping before the last layer skips the final norm and the head. */

@@ -1,0 +1,71 @@
+// prefprobe's public surface: `import { ... } from "prefprobe"`. Re-exports only; importing it runs nothing.
+/// <reference types="long" preserve="true" />
+// tfjs-core is re-exported as `tf`: use it (not a second copy of @tensorflow/tfjs-core) for tensors you hand in.
+
+export * as tf from "@tensorflow/tfjs-core";
+
+// Backends, models and loading
+export { initBackend, ensureBackend, BACKENDS, BackendError, type BackendName } from "./model/backend.js";
+export { parseConfig, configToJson, ConfigError, type LlamaConfig, type RopeScaling } from "./model/config.js";
+export { disposeModel, forward, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel } from "./model/llama.js";
+export { namedWeights, weightRefs, withWeights, expectedTensors, weightBytes, type WeightRef } from "./model/weights.js";
+export { loadConfig } from "./io/config.js";
+export { loadModel, loadModelSync, saveModel, saveModelFolder, ModelError, WASM_WEIGHT_LIMIT } from "./io/model.js";
+export { loadTokenizer, TokenizerError, type TextTokenizer } from "./io/tokenizer.js";
+
+// Forward pass, hook names and caches
+export { ActivationCache, BLOCK_SITES, hookName, hookNames, isHookName, type BlockSite, type HookName } from "./model/hooks.js";
+export { logitsAndResid, residSites } from "./model/resid.js";
+export { greedy } from "./model/generate.js";
+
+// Preference pairs and batches
+export type { Pair } from "./data/pairs.js";
+export { makeBatch, marginsOf, positionMask, responseLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
+export { loadPairs, readPairs, splitHH, tokenizePairs, PairsError, type RawPair } from "./io/pairs.js";
+
+// The analysis: settings and results, the whole run, and each stage
+export {
+  DEFAULT_SETTINGS,
+  DIRECTIONS,
+  SITES,
+  SettingsError,
+  resolveSettings,
+  type Direction,
+  type GainSummary,
+  type LassoResult,
+  type LowRankResult,
+  type PairRecord,
+  type PatchingEntry,
+  type ProbeResult,
+  type Results,
+  type RunCallbacks,
+  type RunSettings,
+  type Site,
+} from "./analysis/settings.js";
+export { runAnalysis } from "./analysis/run.js";
+export { checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
+export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, type Patch } from "./analysis/patches.js";
+export { sweepBatch, sweepInput, type SweepInput } from "./analysis/sweep.js";
+export { SiteSums, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
+export { MeanDifference, distancesOf } from "./analysis/distances.js";
+export { logitLensBatch } from "./analysis/lens.js";
+export { ProbeFeatures, lassoStage, probeStage } from "./analysis/estimators.js";
+export { choosePcaLayer, lowRankKs, lowRankSplit, lowRankStage } from "./analysis/lowrank.js";
+export { gapTooSmall, patchingEntries, summarizeGains } from "./analysis/recovery.js";
+export { findings, summaryTable } from "./analysis/findings.js";
+
+// Estimators and statistics
+export { lassoCV, lassoFit, lassoPath, type LassoCVResult, type LassoFit } from "./stats/lasso.js";
+export { logisticFit, probeCV, type LogisticFit } from "./stats/logistic.js";
+export { pcaOfDifferences, randomSubspace, symmetricEigen, type PcaResult } from "./stats/pca.js";
+export { bootstrapRatioCI, kFolds, mean, permutation, seededRandom, tfSeed } from "./stats/stats.js";
+
+// DPO
+export { DEFAULT_TUNE, enableGradients, evaluatePairs, selectWeights, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
+
+// Files: safetensors, run outputs, the report, and whole studies (what the CLI's run and tune do)
+export { readSafetensors, writeSafetensors, SafetensorsError, type DType, type StoredTensor, type TensorToWrite } from "./io/safetensors.js";
+export { activationTensors, modelFingerprint, prepareOutDir, resultsJson, writeRun, writeRunOutputs, OutputError, PairsLog, type RunMeta } from "./io/results.js";
+export { renderReport } from "./io/report.js";
+export { convertLlama2c } from "./io/llama2c.js";
+export { runStudy, runTune, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";

@@ -1,0 +1,119 @@
+// The examples in examples/ run as a researcher would run them (npx tsx, importing "prefprobe"), and what
+// they print agrees with the same quantity computed another way:
+//  - zero-ablating mlp_out by a hook = zeroing that layer's down_proj weight (no MLP bias), margins from full
+//    logits through a float64 log-softmax written here;
+//  - patching one head's z = adding that head's slice of o_proj (read from the safetensors file) times the
+//    z difference to attn_out.
+import { spawnSync } from "node:child_process";
+import * as path from "node:path";
+import * as tf from "@tensorflow/tfjs-core";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadModelSync } from "../src/io/model.js";
+import { loadPairs } from "../src/io/pairs.js";
+import { readSafetensors } from "../src/io/safetensors.js";
+import type { Pair } from "../src/data/pairs.js";
+import { makeBatch, type PairBatch } from "../src/data/batch.js";
+import { disposeModel, forward, type ForwardOptions, type LlamaModel } from "../src/model/llama.js";
+import { withWeights } from "../src/model/weights.js";
+import { useBackend } from "./helpers.js";
+
+useBackend();
+
+const BASE = "fixtures/models/stories260k";
+let base: LlamaModel;
+let tuned: LlamaModel;
+let pairs: Pair[];
+beforeAll(() => {
+  base = loadModelSync(BASE);
+  tuned = loadModelSync("fixtures/models/stories260k-dpo");
+  pairs = loadPairs("fixtures/data/stories/test.jsonl", BASE, { limit: 4 });
+});
+afterAll(() => (disposeModel(base), disposeModel(tuned)));
+
+function runExample(file: string, ...args: string[]): string {
+  const r = spawnSync(process.execPath, [path.resolve("node_modules/tsx/dist/cli.mjs"), file, ...args], { encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`${file} exited ${r.status}: ${r.stderr.slice(-500)}`);
+  return r.stdout;
+}
+
+/** Margins from full [B, T, V] logits: float64 log-softmax at each response position, summed per row. */
+function marginsFromFullLogits(model: LlamaModel, batch: PairBatch, hooks?: ForwardOptions["hooks"]): number[] {
+  const r = forward(model, batch.ids, { lengths: batch.lengths, hooks });
+  const logits = r.logits!.arraySync() as number[][][];
+  r.dispose();
+  const rowLogp = batch.ids.map((ids, row) => {
+    let s = 0;
+    for (let t = batch.respStart[row]!; t < batch.lengths[row]!; t++) {
+      const z = logits[row]![t - 1]!;
+      const mx = Math.max(...z);
+      const lse = mx + Math.log(z.reduce((a, v) => a + Math.exp(v - mx), 0));
+      s += z[ids[t]!]! - lse;
+    }
+    return s;
+  });
+  return batch.pairs.map((_, i) => rowLogp[2 * i]! - rowLogp[2 * i + 1]!);
+}
+
+const numbers = (line: string) => [...line.matchAll(/-?\d+\.\d+/g)].map((m) => Number(m[0]));
+
+describe("examples", () => {
+  it("zero-ablate-mlp.ts: each printed margin change equals zeroing down_proj", () => {
+    const layer = 2;
+    const out = runExample("examples/zero-ablate-mlp.ts", String(layer), "4");
+    const lines = out.split("\n").filter((l) => l.startsWith("pair "));
+    expect(lines).toHaveLength(4);
+    const batch = makeBatch(pairs);
+    const clean = marginsFromFullLogits(base, batch);
+    const down = base.layers[layer]!.down;
+    const zero = tf.zerosLike(down);
+    const ablated = marginsFromFullLogits(withWeights(base, new Map([[`model.layers.${layer}.mlp.down_proj.weight`, zero]])), batch);
+    zero.dispose();
+    lines.forEach((line, i) => {
+      const [before, after, change] = numbers(line.replace(/^pair \d+ \(line \d+\)/, ""));
+      expect(before!).toBeCloseTo(clean[i]!, 3);
+      expect(after!).toBeCloseTo(ablated[i]!, 3);
+      expect(change!).toBeCloseTo(ablated[i]! - clean[i]!, 3);
+    });
+    expect(Math.abs(ablated[1]! - clean[1]!)).toBeGreaterThan(0.1); // the ablation does something
+  });
+
+  it("patch-head.ts: patching head h's z equals adding its o_proj slice times the z difference to attn_out", () => {
+    const [layer, head] = [3, 5];
+    const out = runExample("examples/patch-head.ts", String(layer), String(head), "4");
+    const lines = out.split("\n").filter((l) => l.startsWith("pair "));
+    expect(lines).toHaveLength(4);
+    const { numHeads: nH, headDim: d, hiddenSize: H } = base.config;
+    const wo = readSafetensors(path.join(BASE, "model.safetensors"), [`model.layers.${layer}.self_attn.o_proj.weight`]).values().next().value!.data as Float32Array; // [H, nH·d]
+    const batch = makeBatch(pairs);
+    const zSite = `blocks.${layer}.attn.hook_z`;
+    const aSite = `blocks.${layer}.hook_attn_out`;
+    const rb = forward(base, batch.ids, { lengths: batch.lengths, cache: [zSite, aSite], logitsAt: "none" });
+    const rt = forward(tuned, batch.ids, { lengths: batch.lengths, cache: [zSite], logitsAt: "none" });
+    const zb = rb.cache.get(zSite).arraySync() as number[][][][];
+    const zt = rt.cache.get(zSite).arraySync() as number[][][][];
+    const attn = rb.cache.get(aSite).arraySync() as number[][][];
+    rb.dispose();
+    rt.dispose();
+    // attn_out' = attn_out + Σ_j W_o[:, head·d + j] (z_t − z_b)[head, j]
+    const patchedAttn = attn.map((row, b) => row.map((vec, t) => vec.map((v, o) => {
+      let s = v;
+      for (let j = 0; j < d; j++) s += wo[o * nH * d + head * d + j]! * (zt[b]![t]![head]![j]! - zb[b]![t]![head]![j]!);
+      return s;
+    })));
+    const value = tf.tensor(patchedAttn.flat(2), [batch.ids.length, batch.T, H]);
+    const mBase = marginsFromFullLogits(base, batch);
+    const mTuned = marginsFromFullLogits(tuned, batch);
+    const mPatched = marginsFromFullLogits(base, batch, { [aSite]: () => value });
+    value.dispose();
+    lines.forEach((line, i) => {
+      const [b, t, p] = numbers(line.replace(/^pair \d+:/, ""));
+      expect(b!).toBeCloseTo(mBase[i]!, 3);
+      expect(t!).toBeCloseTo(mTuned[i]!, 3);
+      expect(p!).toBeCloseTo(mPatched[i]!, 3);
+    });
+    const recovery = numbers(out.split("\n").find((l) => l.includes("recovers"))!).at(-1)!;
+    const sum = (xs: number[]) => xs.reduce((a, v) => a + v, 0);
+    expect(recovery).toBeCloseTo((sum(mPatched) - sum(mBase)) / (sum(mTuned) - sum(mBase)), 4);
+    expect(Math.abs(sum(mPatched) - sum(mBase))).toBeGreaterThan(1e-3); // the head matters at all
+  });
+});

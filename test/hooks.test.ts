@@ -1,0 +1,82 @@
+// Hook names: the list a model exposes is pinned, the forward pass visits exactly those sites in that order,
+// names are checked, and a forward result's cache is owned (and freed) by the caller.
+import * as tf from "@tensorflow/tfjs-core";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadModelSync } from "../src/io/model.js";
+import { ActivationCache, hookName, hookNames, isHookName } from "../src/model/hooks.js";
+import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
+import { useBackend } from "./helpers.js";
+
+useBackend();
+
+let model: LlamaModel;
+beforeAll(() => (model = loadModelSync("fixtures/models/llama-tiny-b")));
+afterAll(() => disposeModel(model));
+
+describe("hook names", () => {
+  it("hookNames lists every site of a 2-layer model, in forward order", () => {
+    expect(hookNames({ numLayers: 2 })).toEqual([
+      "hook_embed",
+      "blocks.0.hook_resid_pre",
+      "blocks.0.attn.hook_z",
+      "blocks.0.hook_attn_out",
+      "blocks.0.hook_resid_mid",
+      "blocks.0.hook_mlp_out",
+      "blocks.0.hook_resid_post",
+      "blocks.1.hook_resid_pre",
+      "blocks.1.attn.hook_z",
+      "blocks.1.hook_attn_out",
+      "blocks.1.hook_resid_mid",
+      "blocks.1.hook_mlp_out",
+      "blocks.1.hook_resid_post",
+      "ln_final.hook_normalized",
+    ]);
+    expect(hookName("resid_post", 3)).toBe("blocks.3.hook_resid_post");
+    expect(hookName("z", 0)).toBe("blocks.0.attn.hook_z");
+    expect(() => hookName("mlp_out", -1)).toThrow(/layer/);
+    expect(isHookName("blocks.2.hook_mlp_out")).toBe(true);
+    expect(isHookName("blocks.2.hook_mlp")).toBe(false);
+  });
+
+  it("one forward pass visits exactly hookNames(config), in that order", () => {
+    const seen: string[] = [];
+    const hooks = Object.fromEntries(hookNames(model.config).map((n) => [n, (v: tf.Tensor, site: string) => (seen.push(site), v)]));
+    const r = forward(model, [[1, 2, 3]], { hooks });
+    r.dispose();
+    expect(seen).toEqual(hookNames(model.config));
+  });
+
+  it("a hook or cache name that is not a site of the model is an error, not a silent no-op", () => {
+    const L = model.config.numLayers;
+    expect(() => forward(model, [[1, 2]], { hooks: { "blocks.0.hook_mlp": (v) => v } })).toThrow(/unknown hook site "blocks.0.hook_mlp"/);
+    expect(() => forward(model, [[1, 2]], { hooks: { [hookName("mlp_out", L)]: (v) => v } })).toThrow(/unknown hook site/);
+    expect(() => forward(model, [[1, 2]], { cache: ["resid_post"] })).toThrow(/unknown hook site "resid_post"/);
+  });
+});
+
+describe("ownership of cached activations", () => {
+  it("the caller owns logits and cache; dispose() frees every tensor the call made", () => {
+    const before = tf.memory().numTensors;
+    const r = forward(model, [[1, 2, 3], [4, 5, 6]], { cache: (n) => n.endsWith("hook_resid_post") || n === "hook_embed" });
+    expect(r.cache.names()).toEqual(["hook_embed", ...Array.from({ length: model.config.numLayers }, (_, l) => hookName("resid_post", l))]);
+    expect(r.cache.get("blocks.0.hook_resid_post").shape).toEqual([2, 3, model.config.hiddenSize]);
+    expect(() => r.cache.get("blocks.0.hook_mlp_out")).toThrow(/not cached/);
+    expect(tf.memory().numTensors).toBe(before + 1 + model.config.numLayers + 1); // logits + cached sites
+    const kept = r.cache.take("hook_embed");
+    r.dispose();
+    expect(tf.memory().numTensors).toBe(before + 1);
+    kept.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+  });
+
+  it("ActivationCache.set replaces (and frees) an older value under the same name", () => {
+    const c = new ActivationCache();
+    const a = tf.scalar(1);
+    c.set("hook_embed", a);
+    c.set("hook_embed", tf.scalar(2));
+    expect(a.isDisposed).toBe(true);
+    expect(c.size).toBe(1);
+    c.dispose();
+    expect(c.size).toBe(0);
+  });
+});

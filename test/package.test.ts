@@ -1,0 +1,63 @@
+// prefprobe as a dependency: a fresh project outside the repo installs it from a path, type-checks a
+// TypeScript file that imports from "prefprobe" under --strict (no skipLibCheck), and runs it. Importing
+// the package runs nothing (the CLI lives in its own module).
+import { execFileSync, spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { describe, expect, it } from "vitest";
+import { tmpDir } from "./helpers.js";
+
+const repo = path.resolve(".");
+
+const USER_CODE = (repo: string) => `
+import { loadModel, forward, hookName, hookNames, runAnalysis, loadPairs, tf, type HookName, type Results } from "prefprobe";
+
+const base = await loadModel(${JSON.stringify(path.join(repo, "fixtures/models/stories260k"))});
+const tuned = await loadModel(${JSON.stringify(path.join(repo, "fixtures/models/stories260k-dpo"))});
+const names: HookName[] = hookNames(base.config);
+const { logits, cache, dispose } = forward(base, [[1, 2, 3]], {
+  cache: (n) => n.endsWith("hook_resid_post"),
+  hooks: { [hookName("mlp_out", 3)]: (v) => tf.zerosLike(v) },
+});
+console.log(\`sites \${names.length} cached \${cache.size} logits \${logits!.shape.join("x")}\`);
+dispose();
+const pairs = loadPairs(${JSON.stringify(path.join(repo, "fixtures/data/stories/test.jsonl"))}, ${JSON.stringify(path.join(repo, "fixtures/models/stories260k"))}, { limit: 3 });
+const results: Results = await runAnalysis(base, tuned, pairs, { seed: 1, sites: ["resid_post"], bootstrap: 20, stabilityReps: 2 });
+console.log(\`pairs \${results.n_pairs} entries \${results.patching.length} last \${results.patching.at(-1)!.recovery.toFixed(3)}\`);
+`;
+
+describe("prefprobe as a library", () => {
+  it("installs from a path into a fresh project, type-checks under --strict and runs", () => {
+    const dir = tmpDir();
+    fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
+    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline"], { cwd: dir, stdio: "pipe" });
+    fs.writeFileSync(path.join(dir, "main.ts"), USER_CODE(repo));
+    fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
+    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });
+    expect(tsc.stdout + tsc.stderr).toBe("");
+    expect(tsc.status).toBe(0);
+    const run = spawnSync(process.execPath, ["main.js"], { cwd: dir, encoding: "utf8" });
+    expect(run.stderr).toBe("");
+    const lines = run.stdout.trim().split("\n");
+    expect(lines[0]).toBe("sites 32 cached 5 logits 1x3x512"); // 5 layers × 6 sites + embed + ln_final
+    expect(lines[1]).toMatch(/^pairs 3 entries 5 last -?\d\.\d{3}$/);
+  });
+
+  it("a type error in user code is reported (the check above is not vacuous)", () => {
+    const dir = tmpDir();
+    fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
+    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline"], { cwd: dir, stdio: "pipe" });
+    fs.writeFileSync(path.join(dir, "main.ts"), `import { hookName } from "prefprobe";\nconst n: number = hookName("mlp_out", 1);\nconsole.log(n);\n`);
+    fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
+    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });
+    expect(tsc.status).not.toBe(0);
+    expect(tsc.stdout).toMatch(/not assignable to type 'number'/);
+  });
+
+  it("importing the package prints nothing and runs no command", () => {
+    const r = spawnSync(process.execPath, ["--input-type=module", "-e", `import * as p from "prefprobe"; console.log(typeof p.runAnalysis, typeof p.forward, typeof p.tf.tensor);`], { cwd: repo, encoding: "utf8" });
+    expect(r.status).toBe(0);
+    expect(r.stderr).toBe("");
+    expect(r.stdout.trim()).toBe("function function function");
+  });
+});

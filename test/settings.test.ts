@@ -1,0 +1,43 @@
+// One defaults object for the CLI and the library; partial settings are filled in and every value checked.
+import { describe, expect, it } from "vitest";
+import { DEFAULT_SETTINGS, resolveSettings, SettingsError } from "../src/analysis/settings.js";
+import { runCli } from "./helpers.js";
+
+describe("settings", () => {
+  it("fills what a partial object leaves out from DEFAULT_SETTINGS, which cannot be changed by accident", () => {
+    const s = resolveSettings({ seed: 3, sites: ["mlp_out"] });
+    expect(s).toEqual({ ...DEFAULT_SETTINGS, seed: 3, sites: ["mlp_out"] });
+    expect(Object.isFrozen(DEFAULT_SETTINGS)).toBe(true);
+  });
+
+  it.each([
+    [{ folds: 1 }, /folds must be an integer ≥ 2/],
+    [{ alpha: NaN }, /alpha must be a finite number/],
+    [{ sites: ["resid"] as never }, /unknown site "resid"/],
+    [{ directions: ["up"] as never }, /unknown direction "up"/],
+    [{ layers: [1, 1] }, /layer 1 is listed twice/],
+    [{ layers: [] }, /layers is empty/],
+    [{ layers: [5] }, /layer 5 is outside 0\.\.4/],
+    [{ pcaLayer: 7 }, /pcaLayer 7 is outside 0\.\.4/],
+    [{ pcaTestFrac: 1 }, /pcaTestFrac must be in \(0, 1\)/],
+    [{ batchPairs: 0 }, /batchPairs must be an integer ≥ 1/],
+  ])("refuses %j with a message naming it", (partial, msg) => {
+    expect(() => resolveSettings(partial, { numLayers: 5 })).toThrow(SettingsError);
+    expect(() => resolveSettings(partial, { numLayers: 5 })).toThrow(msg);
+  });
+
+  it("the CLI's run defaults are DEFAULT_SETTINGS", () => {
+    const help = runCli("run", "--help").out.replace(/\s+/g, " ");
+    for (const [flag, value] of [
+      ["--alpha", DEFAULT_SETTINGS.alpha],
+      ["--folds", DEFAULT_SETTINGS.folds],
+      ["--bootstrap", DEFAULT_SETTINGS.bootstrap],
+      ["--stability", DEFAULT_SETTINGS.stabilityReps],
+      ["--batch", DEFAULT_SETTINGS.batchPairs],
+      ["--seed", DEFAULT_SETTINGS.seed],
+      ["--pca-test-frac", DEFAULT_SETTINGS.pcaTestFrac],
+    ] as const) {
+      expect(help).toMatch(new RegExp(`${flag} <\\w+> (?:(?!--).)*?\\(default: "?${value}"?\\)`));
+    }
+  });
+});
