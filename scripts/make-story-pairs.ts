@@ -59,7 +59,8 @@ for (let tries = 0; pairs.length < count && tries < count * 50; tries++) {
   if (seen.has(key)) continue;
   seen.add(key);
   const other2 = otherName.replace(/^an? /, "the ");
-  pairs.push({ prompt, chosen: cap(fill(pick(sit.kind), hero, other2, vars)), rejected: cap(fill(pick(sit.unkind), hero, other2, vars)) });
+  // each response starts with the space that separates it from the prompt: prompt + response is the story's text
+  pairs.push({ prompt, chosen: " " + cap(fill(pick(sit.kind), hero, other2, vars)), rejected: " " + cap(fill(pick(sit.unkind), hero, other2, vars)) });
 }
 const order = permutation(pairs.length, rand);
 const nTest = Math.round(pairs.length * 0.3);

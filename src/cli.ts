@@ -2,7 +2,7 @@
 // prefprobe command line: parses arguments and calls the library. Errors print as one line (stack with --debug).
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { Command, Option } from "commander";
+import { Command, CommanderError, Option } from "commander";
 import * as tf from "@tensorflow/tfjs-core";
 import cliProgress from "cli-progress";
 import { initBackend, BACKENDS } from "./model/backend.js";
@@ -16,7 +16,8 @@ import { convertLlama2c } from "./io/llama2c.js";
 import { DEFAULT_SETTINGS, SITES, type Direction, type RunSettings, type Site } from "./analysis/settings.js";
 import { summaryTable } from "./analysis/findings.js";
 import { DEFAULT_TUNE, type TuneSettings } from "./train/dpo.js";
-import { runStudy, runTune } from "./study.js";
+import { mergeShards, parseShard, runStudy, runTune, type StudyEvents, type StudyResult } from "./study.js";
+import { Interrupted } from "./analysis/settings.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
@@ -28,7 +29,8 @@ program
   .name("prefprobe")
   .description("Causal probes of preference tuning on a hand-written Llama forward pass (TensorFlow.js)")
   .option("--debug", "print stack traces on errors")
-  .showHelpAfterError();
+  .exitOverride()
+  .configureOutput({ outputError: () => {} }); // main() prints every error as one line
 
 const backendOption = () => new Option("--backend <name>", "tfjs backend (default: best installed)").choices([...BACKENDS]);
 
@@ -105,19 +107,24 @@ program
   .command("generate")
   .description("greedy decoding from text (or from BOS when --text is empty)")
   .requiredOption("--model <dir>", "Hugging Face Llama folder")
-  .option("--text <text>", "prompt text", "")
-  .option("--steps <n>", "tokens to generate", "50")
+  .option("--text <text>", "prompt text (the tokenizer's settings decide BOS)", "")
+  .option("--ids <ids>", "comma-separated prompt token ids, used as-is (instead of --text)")
+  .option("--steps <n>", "tokens to generate (at most up to the model's context)", "50")
   .addOption(backendOption())
-  .action(async (o: { model: string; text: string; steps: string; backend?: string }) => {
+  .action(async (o: { model: string; text: string; ids?: string; steps: string; backend?: string }) => {
     const steps = Number(o.steps);
     if (!Number.isInteger(steps) || steps < 1) throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
+    if (o.ids !== undefined && o.text !== "") throw new UsageError("give --text or --ids, not both");
     await startBackend(o.backend);
     const model = loadModelSync(o.model);
-    const tok = needTokenizer(loadTokenizer(o.model), o.model);
-    const prompt = o.text === "" && tok.bosId !== null ? [tok.bosId] : tok.encode(o.text);
+    const tok = o.ids !== undefined ? loadTokenizer(o.model) : needTokenizer(loadTokenizer(o.model), o.model);
+    const prompt = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : o.text === "" && tok!.bosId !== null ? [tok!.bosId] : tok!.encode(o.text);
+    if (prompt.length === 0) throw new UsageError("the prompt has no tokens (give --text or --ids)");
+    const context = model.config.maxPositionEmbeddings;
+    if (prompt.length + steps > context) throw new UsageError(`--steps ${steps} after a ${prompt.length}-token prompt would run past the model's context of ${context} tokens (use at most --steps ${Math.max(0, context - prompt.length)})`);
     const eos = model.config.eosTokenId;
     const out = greedy(model, prompt, steps, eos === null ? [] : Array.isArray(eos) ? eos : [eos]);
-    console.log(tok.decode([...prompt, ...out], { skipSpecialTokens: true }));
+    console.log(tok ? tok.decode([...prompt, ...out], { skipSpecialTokens: true }) : [...prompt, ...out].join(" "));
     disposeModel(model);
   });
 
@@ -168,6 +175,9 @@ program
   .option("--stability <n>", "bootstrap refits for LASSO stability selection", int("--stability", 0), DEFAULT_SETTINGS.stabilityReps)
   .option("--batch <n>", "pairs per forward batch", int("--batch", 1), DEFAULT_SETTINGS.batchPairs)
   .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), DEFAULT_SETTINGS.seed)
+  .option("--resume", "continue the run in --out where it stopped (its inputs and settings must match)")
+  .option("--force", "replace a run already in --out")
+  .option("--shard <i/n>", "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge")
   .addOption(backendOption())
   .action(async (o: Record<string, unknown>) => {
     const sites = String(o.sites).split(",").map((x) => x.trim());
@@ -190,12 +200,9 @@ program
       pcaTestFrac: o.pcaTestFrac as number,
       batchPairs: o.batch as number,
     };
-    const bar = new cliProgress.SingleBar({ format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false }, cliProgress.Presets.shades_classic);
-    const tty = process.stderr.isTTY;
-    let started = false;
-    let done;
-    try {
-      done = await runStudy(
+    const shard = o.shard === undefined ? undefined : parseShard(String(o.shard));
+    const done = await withProgress((events) =>
+      runStudy(
         {
           base: String(o.base),
           tuned: String(o.tuned),
@@ -205,28 +212,70 @@ program
           maxTokens: o.maxTokens as number | undefined,
           skipBad: !!o.skipBad,
           backend: o.backend as string | undefined,
+          resume: !!o.resume,
+          force: !!o.force,
+          shard,
         },
         settings,
-        {
-          onInfo: (line) => process.stderr.write(line + "\n"),
-          onStage: (stage, total) => {
-            if (!tty) return void process.stderr.write(`${stage} (${total})…\n`);
-            if (started) bar.stop();
-            bar.start(total, 0, { stage: stage.padEnd(24) });
-            started = true;
-          },
-          onProgress: (d) => tty && bar.update(d),
-        },
-      );
-    } finally {
-      if (started) bar.stop();
+        events,
+      ),
+    );
+    if (done.pairs.resumed) console.log(`resumed: ${done.pairs.resumed} pairs from the earlier run, ${done.pairs.done - done.pairs.resumed} scored now`);
+    if (!done.results) {
+      console.log(`shard ${shard!.index}/${shard!.count}: ${done.pairs.done} pairs scored into ${done.out}; when every shard is done: prefprobe merge OUT SHARD_DIR…`);
+      return;
     }
-    console.log(summaryTable(done.results));
-    console.log("\nFindings:");
-    for (const w of done.findings) console.log(`  - ${w}`);
-    console.log(`\nreport: ${path.join(done.out, "report.html")}`);
-    console.log(`results: ${path.join(done.out, "results.json")}`);
+    printResults(done);
   });
+
+program
+  .command("merge")
+  .description("combine the shard folders of one run (prefprobe run --shard i/n) into one complete run")
+  .argument("<out>", "folder for the merged run")
+  .argument("<shards...>", "the shard folders, one per shard")
+  .option("--force", "replace a run already in <out>")
+  .addOption(backendOption())
+  .action(async (out: string, shards: string[], o: { force?: boolean; backend?: string }) => {
+    printResults(await withProgress((events) => mergeShards(out, shards, { ...events, force: !!o.force, backend: o.backend })));
+  });
+
+/** Runs a study with a progress bar on a terminal (stage lines otherwise) and Ctrl-C stopping between batches. */
+async function withProgress<T>(work: (events: StudyEvents) => Promise<T>): Promise<T> {
+  const bar = new cliProgress.SingleBar({ format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false }, cliProgress.Presets.shades_classic);
+  const tty = process.stderr.isTTY;
+  let started = false;
+  let stop = false;
+  const onSigint = () => {
+    if (stop) process.exit(130); // a second Ctrl-C: stop now (the pairs already scored are on disk)
+    stop = true;
+    process.stderr.write("\nstopping after the current batch… (Ctrl-C again to stop now)\n");
+  };
+  process.on("SIGINT", onSigint);
+  try {
+    return await work({
+      onInfo: (line) => process.stderr.write(line + "\n"),
+      onStage: (stage, total) => {
+        if (!tty) return void process.stderr.write(`${stage} (${total})…\n`);
+        if (started) bar.stop();
+        bar.start(total, 0, { stage: stage.padEnd(24) });
+        started = true;
+      },
+      onProgress: (d) => tty && bar.update(d),
+      shouldStop: () => stop,
+    });
+  } finally {
+    if (started) bar.stop();
+    process.off("SIGINT", onSigint);
+  }
+}
+
+function printResults(done: StudyResult): void {
+  console.log(summaryTable(done.results!));
+  console.log("\nFindings:");
+  for (const w of done.findings) console.log(`  - ${w}`);
+  console.log(`\nreport: ${path.join(done.out, "report.html")}`);
+  console.log(`results: ${path.join(done.out, "results.json")}`);
+}
 
 program
   .command("tune")
@@ -300,12 +349,26 @@ program
 function checkWritable(file: string): void {
   const dir = path.dirname(path.resolve(file));
   if (!fs.existsSync(dir)) throw new UsageError(`cannot write ${file}: folder ${dir} does not exist`);
+  if (!fs.statSync(dir).isDirectory()) throw new UsageError(`cannot write ${file}: ${dir} is not a folder`);
+  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) throw new UsageError(`cannot write ${file}: it is a folder`);
 }
 
 async function main(): Promise<void> {
   try {
     await program.parseAsync(process.argv);
   } catch (e) {
+    if (e instanceof CommanderError) {
+      // --help and --version exit 0 after printing; a usage error is one line
+      if (e.exitCode === 0) return;
+      console.error(`prefprobe: ${e.message.replace(/^error: /, "error: ").split("\n")[0]}`);
+      process.exitCode = 1;
+      return;
+    }
+    if (e instanceof Interrupted) {
+      console.error(`interrupted after ${e.done} of ${e.total} pairs; rerun with --resume`);
+      process.exitCode = 130;
+      return;
+    }
     const err = e as Error;
     if (program.opts().debug || process.env.PREFPROBE_DEBUG) console.error(err.stack ?? String(err));
     else console.error(`prefprobe: error: ${err.message.split("\n")[0]}`);

@@ -21,7 +21,7 @@ export { greedy } from "./model/generate.js";
 // Preference pairs and batches
 export type { Pair } from "./data/pairs.js";
 export { makeBatch, marginsOf, positionMask, responseLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
-export { loadPairs, readPairs, splitHH, tokenizePairs, PairsError, type RawPair } from "./io/pairs.js";
+export { iterPairs, loadPairs, readPairs, splitHH, tokenizePairs, tokenizeTextPair, PairsError, type RawPair, type TokenizedPairs } from "./io/pairs.js";
 
 // The analysis: settings and results, the whole run, and each stage
 export {
@@ -34,7 +34,9 @@ export {
   type GainSummary,
   type LassoResult,
   type LowRankResult,
+  Interrupted,
   type PairRecord,
+  type PairState,
   type PatchingEntry,
   type ProbeResult,
   type Results,
@@ -42,14 +44,15 @@ export {
   type RunSettings,
   type Site,
 } from "./analysis/settings.js";
-export { runAnalysis } from "./analysis/run.js";
+export { analyseBatch, analysePairs, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
 export { checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
 export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, type Patch } from "./analysis/patches.js";
 export { sweepBatch, sweepInput, type SweepInput } from "./analysis/sweep.js";
-export { SiteSums, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
-export { MeanDifference, distancesOf } from "./analysis/distances.js";
+export { PURPOSE, keyedNoise, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
+export { distancesOf } from "./analysis/distances.js";
+export { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./analysis/sums.js";
 export { logitLensBatch } from "./analysis/lens.js";
-export { ProbeFeatures, lassoStage, probeStage } from "./analysis/estimators.js";
+export { lassoStage, probeStage } from "./analysis/estimators.js";
 export { choosePcaLayer, lowRankKs, lowRankSplit, lowRankStage } from "./analysis/lowrank.js";
 export { gapTooSmall, patchingEntries, summarizeGains } from "./analysis/recovery.js";
 export { findings, summaryTable } from "./analysis/findings.js";
@@ -65,7 +68,8 @@ export { DEFAULT_TUNE, enableGradients, evaluatePairs, selectWeights, tuneDPO, t
 
 // Files: safetensors, run outputs, the report, and whole studies (what the CLI's run and tune do)
 export { readSafetensors, writeSafetensors, SafetensorsError, type DType, type StoredTensor, type TensorToWrite } from "./io/safetensors.js";
-export { activationTensors, modelFingerprint, prepareOutDir, resultsJson, writeRun, writeRunOutputs, OutputError, PairsLog, type RunMeta } from "./io/results.js";
+export { activationTensors, modelFingerprint, resultsJson, writeRun, writeRunOutputs, OutputError, type RunMeta } from "./io/results.js";
+export { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunFolderError, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 export { renderReport } from "./io/report.js";
 export { convertLlama2c } from "./io/llama2c.js";
-export { runStudy, runTune, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";
+export { mergeShards, parseShard, runStudy, runTune, shardBatches, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";

@@ -3,27 +3,31 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { findings } from "./analysis/findings.js";
-import { runAnalysis } from "./analysis/run.js";
-import { checkCompatible } from "./analysis/scoring.js";
-import { resolveSettings, type Results, type RunCallbacks, type RunSettings } from "./analysis/settings.js";
+import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
+import { checkCompatible, makePlan } from "./analysis/scoring.js";
+import { resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings } from "./analysis/settings.js";
 import { initBackend } from "./model/backend.js";
-import { disposeModel } from "./model/llama.js";
+import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { loadModelSync, saveModelFolder } from "./io/model.js";
-import { PairsError, readPairs, tokenizePairs } from "./io/pairs.js";
-import { OutputError, PairsLog, prepareOutDir, versions, writeRun } from "./io/results.js";
+import { iterPairs, PairsError, readPairs, tokenizePairs, type TokenizedPairs } from "./io/pairs.js";
+import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
+import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 import { loadTokenizer } from "./io/tokenizer.js";
 import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
 
-/** Where a study reads and writes, and which pairs it keeps. */
+/** Where a study reads and writes, which pairs it keeps, and how it treats an existing run folder. */
 export interface StudyInputs {
   base: string;
   tuned: string;
   pairs: string;
   out: string;
   limit?: number; // the first n usable pairs
-  maxTokens?: number; // skip (and count) longer pairs
+  maxTokens?: number; // skip (and count) longer pairs; default: the model's max_position_embeddings
   skipBad?: boolean; // count and skip malformed lines instead of failing
   backend?: string; // force a tfjs backend
+  resume?: boolean; // continue the run in `out` (its manifest must match)
+  force?: boolean; // replace a run already in `out`
+  shard?: { index: number; count: number }; // run only this part of the batches (phase 1); merge later
 }
 
 /** Progress of a study: the analysis callbacks plus one-line notes (backend, pair counts, warnings). */
@@ -31,64 +35,215 @@ export interface StudyEvents extends RunCallbacks {
   onInfo?: (line: string) => void;
 }
 
-/** What a finished study returns; its files are in `out`. */
+/** What a finished study returns; its files are in `out`. A shard returns results null (merge makes them). */
 export interface StudyResult {
-  results: Results;
+  results: Results | null;
   findings: string[];
   backend: string;
   out: string;
+  pairs: { done: number; total: number; resumed: number };
 }
 
-/**
- * `prefprobe run` as a call: checks the settings and the output folder before any compute, loads both
- * models and the pairs, runs the analysis (streaming pairs.jsonl), then writes results.json, report.html
- * and activations.safetensors.
- */
-export async function runStudy(inputs: StudyInputs, settings: Partial<RunSettings> = {}, events: StudyEvents = {}): Promise<StudyResult> {
-  const info = events.onInfo ?? (() => {});
-  const checked = resolveSettings(settings);
-  prepareOutDir(inputs.out);
-  const backend = await initBackend(inputs.backend);
-  info(`backend: ${backend}`);
-  const t0 = performance.now();
+/** Parses "i/n" (0 ≤ i < n) as a shard. */
+export function parseShard(text: string): { index: number; count: number } {
+  const m = /^(\d+)\/(\d+)$/.exec(text.trim());
+  const index = Number(m?.[1]);
+  const count = Number(m?.[2]);
+  if (!m || !(count >= 1 && index < count)) throw new OutputError(`--shard must be i/n with 0 ≤ i < n (e.g. 0/4), got "${text}"`);
+  return { index, count };
+}
+
+/** The batches of a shard: every count-th batch, starting at index (whole batches, so numbers match a full run). */
+export function shardBatches(all: Array<[number, number]>, shard: { index: number; count: number } | null | undefined): Array<[number, number]> {
+  return shard ? all.filter((_, b) => b % shard.count === shard.index) : all;
+}
+
+/** Models and pairs of a study, loaded and checked. The caller disposes the models. */
+interface Loaded {
+  base: LlamaModel;
+  tuned: LlamaModel;
+  tp: TokenizedPairs;
+  settings: RunSettings;
+  manifest: Manifest;
+}
+
+/** Loads both models and the pairs, checks them against each other and the settings, and builds the manifest. */
+function loadStudy(inputs: StudyInputs, settings: RunSettings, info: (line: string) => void): Loaded {
   const base = loadModelSync(inputs.base);
-  let tuned: ReturnType<typeof loadModelSync> | null = null;
+  let tuned: LlamaModel | null = null;
   try {
     tuned = loadModelSync(inputs.tuned);
     checkCompatible(base, tuned);
-    const s = resolveSettings(checked, base.config);
+    const s = resolveSettings(settings, base.config);
     const tok = loadTokenizer(inputs.base);
     const tokFiles = [inputs.base, inputs.tuned].map((d) => path.join(d, "tokenizer.json"));
     if (tokFiles.every((f) => fs.existsSync(f)) && !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))) {
       info("warning: the base and tuned tokenizer.json files differ; pairs are tokenized with the base model's");
     }
-    const raw = readPairs(inputs.pairs, { skipBad: inputs.skipBad });
-    const tp = tokenizePairs(raw.pairs, tok, base.config.vocabSize, { maxTokens: inputs.maxTokens, limit: inputs.limit, skipBad: inputs.skipBad });
-    const malformed = raw.bad.length + tp.bad.length;
-    if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${inputs.pairs} (${tp.tooLong} longer than --max-tokens, ${malformed} malformed)`);
-    info(`pairs: ${tp.pairs.length} used, ${tp.tooLong} skipped as longer than --max-tokens, ${malformed} malformed lines skipped`);
-    const log = new PairsLog(path.join(inputs.out, "pairs.jsonl"));
-    let results: Results;
+    const context = base.config.maxPositionEmbeddings;
+    const maxTokens = inputs.maxTokens ?? context;
+    if (maxTokens > context) info(`warning: --max-tokens ${maxTokens} lets pairs run past the model's context (max_position_embeddings ${context})`);
+    const tp = tokenizePairs(iterPairs(inputs.pairs), tok, base.config.vocabSize, { maxTokens, limit: inputs.limit, skipBad: inputs.skipBad });
+    if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${inputs.pairs} (${tp.tooLong} longer than ${maxTokens} tokens, ${tp.bad.length} malformed)`);
+    const fingerprints = { base: modelFingerprint(inputs.base), tuned: modelFingerprint(inputs.tuned), pairs: fileHash(inputs.pairs) };
+    if (fingerprints.base === fingerprints.tuned) info("warning: base and tuned are the same weights: every gap is 0 and no recovery can be measured");
+    if (tp.identical) info(`warning: ${tp.identical} pairs have identical chosen and rejected responses (margin 0 by construction)`);
+    const plan = makePlan(s, base.config.numLayers);
+    const manifest: Manifest = {
+      schema: "prefprobe.manifest/1",
+      inputs: { base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) },
+      fingerprints,
+      selection: { limit: inputs.limit ?? null, max_tokens: maxTokens, skip_bad: !!inputs.skipBad },
+      settings: s as unknown as Record<string, unknown>,
+      n_pairs: tp.pairs.length,
+      batches: shardBatches(planBatches(tp.pairs.length, s.batchPairs), inputs.shard),
+      sums_size: layoutOf({ base, tuned }, plan).size,
+      shard: inputs.shard ?? null,
+    };
+    return { base, tuned, tp, settings: s, manifest };
+  } catch (e) {
+    disposeModel(base);
+    if (tuned) disposeModel(tuned);
+    throw e;
+  }
+}
+
+/** The meta a finished run writes beside its results. */
+function runMeta(l: Loaded, backend: string, words: string[], t0: number): RunMeta {
+  return {
+    settings: l.settings,
+    inputs: l.manifest.inputs,
+    fingerprints: l.manifest.fingerprints,
+    skipped: { too_long: l.tp.tooLong, malformed: l.tp.bad },
+    notes: { boundary_merged: l.tp.merged, identical_responses: l.tp.identical, same_models: l.manifest.fingerprints.base === l.manifest.fingerprints.tuned },
+    backend,
+    versions: versions(),
+    findings: words,
+    total_ms: performance.now() - t0,
+  };
+}
+
+/**
+ * `prefprobe run` as a call: checks the settings and the output folder before any compute, loads both
+ * models and the pairs, scores every pair (appending each batch to pairs.jsonl/pairs.bin, fsync'd), then
+ * runs the dataset-level stages and writes results.json, report.html and activations.safetensors. With
+ * `resume` it continues the run already in `out`; with `shard` it only scores that shard's pairs.
+ */
+export async function runStudy(inputs: StudyInputs, settings: Partial<RunSettings> = {}, events: StudyEvents = {}): Promise<StudyResult> {
+  const info = events.onInfo ?? (() => {});
+  const checked = resolveSettings(settings);
+  if (inputs.resume && inputs.force) throw new OutputError("--resume and --force exclude each other");
+  ensureWritableDir(inputs.out);
+  if (holdsRun(inputs.out) && !inputs.resume && !inputs.force) throw new OutputError(`--out ${inputs.out} holds another run (use --resume to continue it, or --force to replace it)`);
+  if (inputs.resume && !holdsRun(inputs.out)) throw new OutputError(`--resume: ${inputs.out} holds no run to continue`);
+  const backend = await initBackend(inputs.backend);
+  info(`backend: ${backend}`);
+  const t0 = performance.now();
+  const l = loadStudy(inputs, checked, info);
+  const models = { base: l.base, tuned: l.tuned };
+  try {
+    info(`pairs: ${l.tp.pairs.length} used, ${l.tp.tooLong} skipped as longer than ${l.manifest.selection.max_tokens} tokens, ${l.tp.bad.length} malformed lines skipped` + (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : ""));
+    let done: PairState[] = [];
+    if (inputs.resume) {
+      const diff = manifestDiff(readManifest(inputs.out), l.manifest);
+      if (diff.length) throw new OutputError(`--resume: the run in ${inputs.out} was made with other inputs: ${diff.join("; ")}`);
+      done = readStates(inputs.out, l.manifest, { truncate: true });
+      info(`resuming: ${done.length} of ${l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0)} pairs already scored`);
+    } else {
+      if (inputs.force) clearRun(inputs.out);
+      writeManifest(inputs.out, l.manifest);
+    }
+    const log = new RunLog(inputs.out, l.manifest.sums_size);
+    let doneBatches = 0;
+    for (let k = 0; k < done.length; doneBatches++) k += l.manifest.batches[doneBatches]![1] - l.manifest.batches[doneBatches]![0];
+    let fresh: PairState[];
     try {
-      results = await runAnalysis(base, tuned, tp.pairs, s, { ...events, onPair: (rec) => (log.write(rec), events.onPair?.(rec)) });
+      const onPairs = (st: PairState[]) => (log.append(st), events.onPairs?.(st));
+      fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs }, { batches: l.manifest.batches.slice(doneBatches), done: done.length });
     } finally {
       log.close();
     }
+    const scoringMs = performance.now() - t0;
+    const states = [...done, ...fresh];
+    const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
+    if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
+    const results = await finishAnalysis(models, l.tp.pairs, states, l.settings, events);
+    results.timings_ms = { scoring_and_patching: scoringMs, ...results.timings_ms };
     const words = findings(results);
-    const meta = {
-      settings: s,
-      inputs: { base: inputs.base, tuned: inputs.tuned, pairs: inputs.pairs },
-      skipped: { too_long: tp.tooLong, malformed: [...raw.bad, ...tp.bad] },
-      backend,
-      versions: versions(),
-      findings: words,
-      total_ms: performance.now() - t0,
-    };
-    await writeRun(inputs.out, results, meta, tp.pairs);
-    return { results, findings: words, backend, out: inputs.out };
+    await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
+    return { results, findings: words, backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
   } finally {
-    disposeModel(base);
-    if (tuned) disposeModel(tuned);
+    disposeModel(l.base);
+    disposeModel(l.tuned);
+  }
+}
+
+/**
+ * `prefprobe merge` as a call: checks that the shard folders are shards of one run and together hold every
+ * pair once, then runs the dataset-level stages (which need all pairs) and writes a complete run into `out`
+ * (pairs.jsonl and pairs.bin in pair order, results.json, report.html, activations.safetensors): the same
+ * results as one unsharded run.
+ */
+export async function mergeShards(out: string, shardDirs: string[], events: StudyEvents & { backend?: string; force?: boolean } = {}): Promise<StudyResult> {
+  const info = events.onInfo ?? (() => {});
+  if (shardDirs.length === 0) throw new OutputError("merge needs at least one shard folder");
+  const manifests = shardDirs.map((d) => readManifest(d));
+  const first = manifests[0]!;
+  manifests.forEach((m, i) => {
+    const diff = manifestDiff(first, m, true).filter((d) => !d.startsWith("batches"));
+    if (diff.length) throw new OutputError(`${shardDirs[i]} is not a shard of the same run as ${shardDirs[0]}: ${diff.join("; ")}`);
+  });
+  const count = first.shard?.count ?? 1;
+  const seen = new Map<number, string>();
+  manifests.forEach((m, i) => {
+    if ((m.shard?.count ?? 1) !== count) throw new OutputError(`${shardDirs[i]}: shard of ${m.shard?.count ?? 1}, others of ${count}`);
+    const idx = m.shard?.index ?? 0;
+    if (seen.has(idx)) throw new OutputError(`shard ${idx}/${count} given twice (${seen.get(idx)} and ${shardDirs[i]})`);
+    seen.set(idx, shardDirs[i]!);
+  });
+  const missing = Array.from({ length: count }, (_, i) => i).filter((i) => !seen.has(i));
+  if (missing.length) throw new OutputError(`missing shard${missing.length > 1 ? "s" : ""} ${missing.map((i) => `${i}/${count}`).join(", ")}`);
+  ensureWritableDir(out);
+  if (holdsRun(out) && !events.force) throw new OutputError(`${out} holds another run (use --force to replace it)`);
+  const backend = await initBackend(events.backend);
+  info(`backend: ${backend}`);
+  const t0 = performance.now();
+  const inputs: StudyInputs = {
+    base: first.inputs.base,
+    tuned: first.inputs.tuned,
+    pairs: first.inputs.pairs,
+    out,
+    limit: first.selection.limit ?? undefined,
+    maxTokens: first.selection.max_tokens,
+    skipBad: first.selection.skip_bad,
+  };
+  const l = loadStudy(inputs, first.settings as unknown as RunSettings, info);
+  try {
+    const diff = manifestDiff({ ...first, batches: l.manifest.batches, shard: null }, l.manifest);
+    if (diff.length) throw new OutputError(`the shards' inputs have changed since they ran: ${diff.join("; ")}`);
+    const states: PairState[] = [];
+    manifests.forEach((m, i) => {
+      const got = readStates(shardDirs[i]!, m);
+      const want = m.batches.reduce((a, [b, e]) => a + e - b, 0);
+      if (got.length !== want) throw new OutputError(`${shardDirs[i]} holds ${got.length} of its ${want} pairs: finish it with --resume first`);
+      states.push(...got);
+    });
+    states.sort((a, b) => a.record.index - b.record.index);
+    if (events.force) clearRun(out);
+    writeManifest(out, l.manifest);
+    const log = new RunLog(out, l.manifest.sums_size);
+    try {
+      log.append(states);
+    } finally {
+      log.close();
+    }
+    const results = await finishAnalysis({ base: l.base, tuned: l.tuned }, l.tp.pairs, states, l.settings, events);
+    const words = findings(results);
+    await writeRun(out, results, runMeta(l, backend, words, t0), l.tp.pairs);
+    return { results, findings: words, backend, out, pairs: { done: states.length, total: states.length, resumed: 0 } };
+  } finally {
+    disposeModel(l.base);
+    disposeModel(l.tuned);
   }
 }
 

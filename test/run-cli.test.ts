@@ -93,7 +93,7 @@ describe("prefprobe run", () => {
     ["no shared prefix", () => ["--pairs", writePairs([{ chosen: "a", rejected: "b" }])], /line 1: chosen and rejected share no prefix/],
     ["ids outside the vocabulary", () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [9999], rejected_ids: [3] }])], /line 1: token id 9999 is outside the vocabulary/],
     ["empty response", () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [], rejected_ids: [3] }])], /line 1: a response has no tokens/],
-    ["every pair too long", () => ["--pairs", writePairs([good(0)]), "--max-tokens", "5"], /no usable pairs .*1 longer than --max-tokens/],
+    ["every pair too long", () => ["--pairs", writePairs([good(0)]), "--max-tokens", "5"], /no usable pairs .*1 longer than 5 tokens/],
     ["missing pairs file", () => ["--pairs", "/nonexistent.jsonl"], /cannot read/],
     ["unknown site", () => ["--pairs", writePairs([good(0)]), "--sites", "resid_post,foo"], /unknown site "foo"/],
     ["layer out of range", () => ["--pairs", writePairs([good(0)]), "--layers", "1,9"], /layer 9 is outside 0..4/],
@@ -117,7 +117,7 @@ describe("prefprobe run", () => {
     const long = { prompt: "Once upon a time ".repeat(20), chosen: "yes", rejected: "no" };
     const res = run("run", "--base", MODEL, "--tuned", MODEL, "--out", o, "--pairs", writePairs([good(0), "{bad", good(1), long, good(2)]), "--skip-bad", "--max-tokens", "70", "--bootstrap", "10", "--stability", "2");
     expect(res.code, res.err).toBe(0);
-    expect(res.err).toMatch(/pairs: 3 used, 1 skipped as longer than --max-tokens, 1 malformed/);
+    expect(res.err).toMatch(/pairs: 3 used, 1 skipped as longer than 70 tokens, 1 malformed/);
     const results = JSON.parse(fs.readFileSync(path.join(o, "results.json"), "utf8"));
     expect(results.skipped.too_long).toBe(1);
     expect(results.skipped.malformed[0].line).toBe(2);

@@ -32,31 +32,3 @@ export function distancesOf(sc: ScoredBatch, L: number): { distance: number[][];
   }
   return { distance, cosine };
 }
-
-/** Running sum of h_tuned − h_base at resid_post over response positions, per layer: mean() is [L, H]. */
-export class MeanDifference {
-  readonly sums: Float64Array[];
-  positions = 0;
-
-  constructor(
-    readonly L: number,
-    readonly H: number,
-  ) {
-    this.sums = Array.from({ length: L }, () => new Float64Array(H));
-  }
-
-  add(sc: ScoredBatch): void {
-    for (let l = 0; l < this.L; l++) {
-      const site = hookName("resid_post", l);
-      const md = tf.tidy(() => tf.sum(tf.mul(tf.sub(sc.runs.tuned.cache.get(site), sc.runs.base.cache.get(site)), sc.mask.response), [0, 1]).dataSync());
-      for (let j = 0; j < this.H; j++) this.sums[l]![j]! += md[j]!;
-    }
-    this.positions += sc.batch.logitsAt.length;
-  }
-
-  mean(): Float32Array {
-    const out = new Float32Array(this.L * this.H);
-    this.sums.forEach((v, l) => v.forEach((x, j) => (out[l * this.H + j] = x / Math.max(1, this.positions))));
-    return out;
-  }
-}

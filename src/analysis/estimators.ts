@@ -1,11 +1,9 @@
 // Stage 6, the estimators over pairs: LASSO of the per-pair gap on per-layer activation distances, and
 // linear probes (chosen vs rejected) on each model's mean response activation per layer.
-import * as tf from "@tensorflow/tfjs-core";
-import { hookName } from "../model/hooks.js";
 import { lassoCV } from "../stats/lasso.js";
 import { probeCV } from "../stats/logistic.js";
-import type { ScoredBatch } from "./scoring.js";
-import type { LassoResult, PairRecord, ProbeResult, RunCallbacks, RunSettings } from "./settings.js";
+import type { LassoResult, PairRecord, PairState, ProbeResult, RunCallbacks, RunSettings } from "./settings.js";
+import type { SumsLayout } from "./sums.js";
 
 /** LASSO with CV over the pairs' `distance` features, or null with fewer than 3 pairs. */
 export function lassoStage(records: PairRecord[], L: number, s: RunSettings): LassoResult | null {
@@ -23,39 +21,20 @@ export function lassoStage(records: PairRecord[], L: number, s: RunSettings): La
   };
 }
 
-/** Each row's mean response activation at resid_post, per model and layer: [2n, H] per (model, layer). */
-export class ProbeFeatures {
-  readonly rows: Record<"base" | "tuned", Float64Array[]>;
-
-  constructor(
-    readonly n: number,
-    readonly L: number,
-    readonly H: number,
-  ) {
-    this.rows = { base: Array.from({ length: L }, () => new Float64Array(2 * n * H)), tuned: Array.from({ length: L }, () => new Float64Array(2 * n * H)) };
-  }
-
-  add(sc: ScoredBatch): void {
-    for (let l = 0; l < this.L; l++) {
-      for (const name of ["base", "tuned"] as const) {
-        const h = sc.runs[name].cache.get(hookName("resid_post", l));
-        const f = tf.tidy(() => tf.div(tf.sum(tf.mul(h, sc.mask.response), 1), tf.sum(sc.mask.response, 1)).dataSync());
-        this.rows[name][l]!.set(Float64Array.from(f), 2 * sc.offset * this.H);
-      }
-    }
-  }
-}
-
 /** Cross-validated probes per model and layer (rows 2i chosen = 1, 2i+1 rejected = 0; folds keep a pair together). */
-export async function probeStage(f: ProbeFeatures, s: RunSettings, cb: RunCallbacks): Promise<ProbeResult[]> {
+export async function probeStage(states: PairState[], layout: SumsLayout, s: RunSettings, cb: RunCallbacks): Promise<ProbeResult[]> {
   const out: ProbeResult[] = [];
-  const labels = Array.from({ length: 2 * f.n }, (_, r) => (r % 2 === 0 ? 1 : 0));
-  const groups = Array.from({ length: 2 * f.n }, (_, r) => Math.floor(r / 2));
+  const { L, H } = layout;
+  const n = states.length;
+  const labels = Array.from({ length: 2 * n }, (_, r) => (r % 2 === 0 ? 1 : 0));
+  const groups = Array.from({ length: 2 * n }, (_, r) => Math.floor(r / 2));
   let step = 1;
   for (const model of ["base", "tuned"] as const) {
-    for (let l = 0; l < f.L; l++) {
-      if (f.n >= 2) {
-        const pr = probeCV(f.rows[model][l]!, 2 * f.n, f.H, labels, groups, { folds: s.folds, C: s.C, seed: s.seed });
+    for (let l = 0; l < L; l++) {
+      if (n >= 2) {
+        const X = new Float64Array(2 * n * H);
+        states.forEach((st, i) => X.set(st.sums.subarray(layout.probe(model, l, 0), layout.probe(model, l, 0) + 2 * H), 2 * i * H));
+        const pr = probeCV(X, 2 * n, H, labels, groups, { folds: s.folds, C: s.C, seed: s.seed });
         out.push({ model, layer: l, accuracy: pr.accuracy, diff_means_accuracy: pr.diffMeansAccuracy });
       }
       cb.onProgress?.(++step);

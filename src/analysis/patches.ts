@@ -25,14 +25,13 @@ export const interpolate =
   (hDst, hSrc, mask) =>
     toward(hDst, hSrc, mask, alpha);
 
-/** Control: h_dst plus a random direction with the same per-position norm as α (h_src − h_dst). */
+/** Control: h_dst plus α times a random direction (`noise` [B, T, H] normalized per position) with the norm of h_src − h_dst. */
 export const randomDirection =
-  (alpha: number, seed: number): Patch =>
+  (alpha: number, noise: tf.Tensor): Patch =>
   (hDst, hSrc, mask) =>
     tf.tidy(() => {
       const norm = tf.norm(tf.sub(hSrc, hDst), 2, -1, true);
-      const r = tf.randomNormal(hDst.shape, 0, 1, "float32", seed);
-      const unit = tf.div(r, tf.maximum(tf.norm(r, 2, -1, true), 1e-12));
+      const unit = tf.div(noise, tf.maximum(tf.norm(noise, 2, -1, true), 1e-12));
       return tf.add(hDst, tf.mul(tf.mul(tf.mul(unit, norm), mask), alpha));
     });
 

@@ -1,103 +1,130 @@
-// The causal-probe analysis end to end, as a short loop over stages (one file each):
-//   per batch of pairs: scoring (both models, cached activations) → patch sweep → random-direction control →
-//   distances, probe features, site sums, logit lens → per-pair records;
-//   then the mean-ablation control (needs the dataset means), recovery summaries, LASSO and probes, low-rank.
-// Pure computation: models and pairs in, a Results record out; progress and per-pair records go to callbacks.
+// The causal-probe analysis end to end, as a short loop over stages (one file each), in two phases:
+//   1. per batch of pairs (analysePairs): scoring with cached activations → patch sweep → random-direction
+//      control → distances, logit lens, the pair's sums → one PairState per pair. A pair's state depends on
+//      nothing but the pair (random draws are keyed by pair), so phase 1 can be resumed, sharded and merged.
+//   2. over all pairs (finishAnalysis): the mean-ablation control (it needs the dataset means), recovery
+//      summaries, LASSO and probes, low-rank reconstruction.
+// Pure computation: models and pairs in, a Results record out; progress and per-pair states go to callbacks.
 import type { Pair } from "../data/pairs.js";
+import type { LlamaModel } from "../model/llama.js";
 import { mean } from "../stats/stats.js";
-import { SiteSums, meanAblationStage, randomDirectionPatch } from "./controls.js";
-import { MeanDifference, distancesOf } from "./distances.js";
-import { ProbeFeatures, lassoStage, probeStage } from "./estimators.js";
+import { meanAblationStage, randomDirectionPatch } from "./controls.js";
+import { distancesOf } from "./distances.js";
+import { lassoStage, probeStage } from "./estimators.js";
 import { logitLensBatch } from "./lens.js";
 import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
 import { gapTooSmall, patchingEntries } from "./recovery.js";
-import { checkCompatible, comboKey, makePlan, pairRecord, scoreBatch, type ModelPair } from "./scoring.js";
-import { resolveSettings, type PairRecord, type Results, type RunCallbacks, type RunSettings } from "./settings.js";
+import { checkCompatible, comboKey, gainsByKey, makePlan, pairRecord, scoreBatch, type ModelPair, type Plan } from "./scoring.js";
+import { Interrupted, resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings } from "./settings.js";
+import { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./sums.js";
 import { sweepBatch, sweepInput } from "./sweep.js";
-import type { LlamaModel } from "../model/llama.js";
 
 const tick = () => new Promise<void>((r) => setImmediate(r));
 
-/** Runs the whole analysis; settings left out take DEFAULT_SETTINGS. */
-export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pair[], settings: Partial<RunSettings> = {}, cb: RunCallbacks = {}): Promise<Results> {
-  checkCompatible(base, tuned);
-  if (pairs.length === 0) throw new Error("no pairs to analyse");
-  const s = resolveSettings(settings, base.config);
-  const { numLayers: L, hiddenSize: H } = base.config;
-  const n = pairs.length;
-  const models: ModelPair = { base, tuned };
-  const plan = makePlan(s, L);
-  const batches: Pair[][] = [];
-  for (let i = 0; i < n; i += s.batchPairs) batches.push(pairs.slice(i, i + s.batchPairs));
-  const timings: Record<string, number> = {};
+/** Consecutive batches of at most `size` pairs, as [start, end) positions. */
+export function planBatches(n: number, size: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (let i = 0; i < n; i += size) out.push([i, Math.min(n, i + size)]);
+  return out;
+}
 
-  // Per-pair columns and the sufficient statistics of the dataset-level stages.
-  const records: PairRecord[] = [];
-  const margin = { base: new Float64Array(n), tuned: new Float64Array(n) };
-  const realGains = plan.combos.map(() => new Float64Array(n));
-  const randomGains = plan.combos.map(() => new Float64Array(n));
-  const lens = { base: Array.from({ length: L + 1 }, () => new Float64Array(n)), tuned: Array.from({ length: L + 1 }, () => new Float64Array(n)) };
-  const features = new ProbeFeatures(n, L, H);
-  const siteSums = new SiteSums(plan.patchSites, H);
-  const meanDiff = new MeanDifference(L, H);
+/** The per-pair sums layout of a run. */
+export const layoutOf = (models: ModelPair, plan: Plan): SumsLayout => sumsLayout(models.base.config.numLayers, models.base.config.hiddenSize, plan.patchSites);
 
-  let t0 = performance.now();
-  cb.onStage?.("scoring and patching", n);
-  for (const [bi, bp] of batches.entries()) {
-    const off = bi * s.batchPairs;
-    const sc = scoreBatch(models, bp, off, bi, plan, s);
+/** Phase 1 for one batch: every per-pair measurement. */
+export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings): PairState[] {
+  const { numLayers: L, hiddenSize: H } = models.base.config;
+  const sc = scoreBatch(models, pairs, plan, s);
+  try {
     const real = sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s);
-    const random = s.controls ? sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc), s) : null;
+    const random = s.controls ? sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s) : null;
     const { distance, cosine } = distancesOf(sc, L);
-    const lensB = logitLensBatch(models, sc, s);
-    features.add(sc);
-    meanDiff.add(sc);
-    if (s.controls) siteSums.add(sc);
+    const lens = logitLensBatch(models, sc, s);
+    const sums = pairSums(sc, layoutOf(models, plan));
+    return pairs.map((_, i) => ({
+      record: pairRecord(sc, i, {
+        distance: distance[i]!,
+        cosine: cosine[i]!,
+        gains: gainsByKey(plan.combos, real, i),
+        randomDirection: random ? gainsByKey(plan.combos, random, i) : null,
+        lens: { base: lens.base.map((d) => d[i]!), tuned: lens.tuned.map((d) => d[i]!) },
+      }),
+      sums: sums[i]!,
+    }));
+  } finally {
     sc.dispose();
-    margin.base.set(sc.margin.base, off);
-    margin.tuned.set(sc.margin.tuned, off);
-    real.forEach((g, ci) => realGains[ci]!.set(g, off));
-    random?.forEach((g, ci) => randomGains[ci]!.set(g, off));
-    for (const name of ["base", "tuned"] as const) lensB[name].forEach((m, depth) => lens[name][depth]!.set(m, off));
-    for (let i = 0; i < bp.length; i++) {
-      const gains: Record<string, number[]> = {};
-      plan.combos.forEach((c, ci) => (gains[comboKey(c)] ??= []).push(real[ci]![i]!));
-      const rec = pairRecord(sc, i, distance[i]!, cosine[i]!, gains);
-      records.push(rec);
-      cb.onPair?.(rec);
-    }
-    cb.onProgress?.(off + bp.length);
+  }
+}
+
+/**
+ * Phase 1 over the batches `which` selects (default: all): calls cb.onPairs after each batch and stops
+ * between batches when cb.shouldStop says so (throwing Interrupted). Returns the new states in batch order.
+ */
+export async function analysePairs(
+  models: ModelPair,
+  pairs: Pair[],
+  s: RunSettings,
+  cb: RunCallbacks = {},
+  opts: { batches?: Array<[number, number]>; done?: number } = {},
+): Promise<PairState[]> {
+  const plan = makePlan(s, models.base.config.numLayers);
+  const batches = opts.batches ?? planBatches(pairs.length, s.batchPairs);
+  const total = batches.reduce((a, [b, e]) => a + e - b, 0) + (opts.done ?? 0);
+  let done = opts.done ?? 0;
+  const out: PairState[] = [];
+  cb.onStage?.("scoring and patching", total);
+  cb.onProgress?.(done);
+  for (const [start, end] of batches) {
+    if (cb.shouldStop?.()) throw new Interrupted(done, total);
+    const states = analyseBatch(models, pairs.slice(start, end), plan, s);
+    out.push(...states);
+    cb.onPairs?.(states);
+    done += end - start;
+    cb.onProgress?.(done);
     await tick();
   }
-  timings.scoring_and_patching = performance.now() - t0;
+  return out;
+}
 
-  let meanAblationGains: Float64Array[] | null = null;
-  if (s.controls && plan.combos.length) {
-    t0 = performance.now();
-    meanAblationGains = await meanAblationStage(models, batches, plan, siteSums, margin, s, cb);
-    timings.mean_ablation = performance.now() - t0;
-  }
-
+/** Phase 2: the dataset-level stages from every pair's state (states[i] belongs to pairs[i]). */
+export async function finishAnalysis(models: ModelPair, pairs: Pair[], states: PairState[], s: RunSettings, cb: RunCallbacks = {}): Promise<Results> {
+  const { numLayers: L, hiddenSize: H } = models.base.config;
+  const n = pairs.length;
+  if (states.length !== n || states.some((st, i) => st.record.index !== pairs[i]!.index)) throw new Error("finishAnalysis: one state per pair, in the pairs' order");
+  const plan = makePlan(s, L);
+  const layout = layoutOf(models, plan);
+  const records = states.map((st) => st.record);
+  const timings: Record<string, number> = {};
+  const margin = { base: Float64Array.from(records, (r) => r.margin.base), tuned: Float64Array.from(records, (r) => r.margin.tuned) };
   const gap = Float64Array.from(records, (r) => r.gap);
+  const column = (pick: (r: (typeof records)[number]) => Record<string, number[]> | null) =>
+    plan.combos.map((c) => {
+      const li = plan.combos.filter((d) => comboKey(d) === comboKey(c)).indexOf(c);
+      return Float64Array.from(records, (r) => pick(r)![comboKey(c)]![li]!);
+    });
+
+  let t0 = performance.now();
+  const meanAbl = s.controls && plan.combos.length ? await meanAblationStage(models, pairs, planBatches(n, s.batchPairs), plan, states, layout, s, cb) : null;
+  timings.mean_ablation = performance.now() - t0;
   const noGap = gapTooSmall(margin.base, margin.tuned);
-  const patching = patchingEntries(plan.combos, { real: realGains, random: s.controls ? randomGains : null, meanAblation: s.controls ? (meanAblationGains ?? []) : null }, gap, noGap, s);
+  const patching = patchingEntries(plan.combos, { real: column((r) => r.gains), random: s.controls ? column((r) => r.random_direction) : null, meanAblation: s.controls ? (meanAbl ?? []) : null }, gap, noGap, s);
 
   t0 = performance.now();
   cb.onStage?.("LASSO and probes", 2 * L + 1);
   const lasso = lassoStage(records, L, s);
   cb.onProgress?.(1);
   await tick();
-  const probes = await probeStage(features, s, cb);
+  const probes = await probeStage(states, layout, s, cb);
   timings.lasso_and_probes = performance.now() - t0;
 
   t0 = performance.now();
-  let pca: Results["pca"] = null;
-  if (n >= 2) {
-    pca = await lowRankStage(models, pairs, choosePcaLayer(patching, s, L), s, { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap }, cb);
-  }
+  const pca = n >= 2 ? await lowRankStage(models, pairs, choosePcaLayer(patching, s, L), s, { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap }, cb) : null;
   timings.pca = performance.now() - t0;
 
+  const respPositions = states.reduce((a, st) => a + positionsOf(st).response, 0);
+  const meanDiff = new Float32Array(L * H);
+  for (let l = 0; l < L; l++) meanDiff.set(meanOver(states, layout.meanDiff(l), H, respPositions), l * H);
   return {
     n_pairs: n,
     num_layers: L,
@@ -114,8 +141,26 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
     lasso,
     probes,
     pca,
-    logit_lens: { layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)], base: lens.base.map((v) => mean(v)), tuned: lens.tuned.map((v) => mean(v)) },
-    mean_diff: meanDiff.mean(),
+    logit_lens: {
+      layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)],
+      base: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.base[d]!))),
+      tuned: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.tuned[d]!))),
+    },
+    mean_diff: meanDiff,
     timings_ms: timings,
   };
+}
+
+/** Runs the whole analysis (both phases); settings left out take DEFAULT_SETTINGS. */
+export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pair[], settings: Partial<RunSettings> = {}, cb: RunCallbacks = {}): Promise<Results> {
+  checkCompatible(base, tuned);
+  if (pairs.length === 0) throw new Error("no pairs to analyse");
+  const s = resolveSettings(settings, base.config);
+  const models = { base, tuned };
+  const t0 = performance.now();
+  const states = await analysePairs(models, pairs, s, cb);
+  const scoring = performance.now() - t0;
+  const r = await finishAnalysis(models, pairs, states, s, cb);
+  r.timings_ms = { scoring_and_patching: scoring, ...r.timings_ms };
+  return r;
 }

@@ -46,10 +46,6 @@ export function makePlan(s: RunSettings, L: number): Plan {
 /** A batch run through both models: margins, log-probabilities, cached activations and position masks. */
 export interface ScoredBatch {
   pairs: Pair[];
-  /** Position of the batch's first pair in the run's pair list. */
-  offset: number;
-  /** Batch number (keys the random draws of this batch). */
-  number: number;
   batch: PairBatch;
   runs: { base: ForwardResult; tuned: ForwardResult };
   logp: { base: Float64Array; tuned: Float64Array }; // per row: chosen (2i), rejected (2i+1)
@@ -68,17 +64,17 @@ export function checkCompatible(base: LlamaModel, tuned: LlamaModel): void {
 }
 
 /** Runs both models on `pairs` with the plan's caches; the caller disposes the result. */
-export function scoreBatch(models: ModelPair, pairs: Pair[], offset: number, number: number, plan: Plan, s: RunSettings): ScoredBatch {
+export function scoreBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings): ScoredBatch {
   const batch = makeBatch(pairs);
   const run = (m: LlamaModel) => forward(m, batch.ids, { lengths: batch.lengths, cache: plan.cacheSites, logitsAt: batch.logitsAt });
   const runs = { base: run(models.base), tuned: run(models.tuned) };
   const logp = { base: responseLogprobs(runs.base.logits!, batch, s.perToken), tuned: responseLogprobs(runs.tuned.logits!, batch, s.perToken) };
+  runs.base.logits!.dispose(); // [N, vocab]: large, and not needed past this point
+  runs.tuned.logits!.dispose();
   const response = positionMask(batch, "response");
   const all = positionMask(batch, "all");
   return {
     pairs,
-    offset,
-    number,
     batch,
     runs,
     logp,
@@ -92,21 +88,40 @@ export function scoreBatch(models: ModelPair, pairs: Pair[], offset: number, num
   };
 }
 
-/** The record of pair i of a scored batch, given its per-layer distances and its gains per combo key. */
-export function pairRecord(sc: ScoredBatch, i: number, distance: number[], cosine: number[], gains: Record<string, number[]>): PairRecord {
+/** What the per-batch stages measured for pair i of a scored batch, besides its margins. */
+export interface PairMeasures {
+  distance: number[];
+  cosine: number[];
+  gains: Record<string, number[]>;
+  randomDirection: Record<string, number[]> | null;
+  lens: { base: number[]; tuned: number[] };
+}
+
+/** The record of pair i of a scored batch. */
+export function pairRecord(sc: ScoredBatch, i: number, m: PairMeasures): PairRecord {
   const p = sc.pairs[i]!;
   const { base, tuned } = sc.margin;
   return {
     index: p.index,
     line: p.line,
     tokens: { prompt: p.promptIds.length, chosen: p.chosenIds.length, rejected: p.rejectedIds.length },
+    ids: { prompt: [...p.promptIds], chosen: [...p.chosenIds], rejected: [...p.rejectedIds] },
     logp: { base: { chosen: sc.logp.base[2 * i]!, rejected: sc.logp.base[2 * i + 1]! }, tuned: { chosen: sc.logp.tuned[2 * i]!, rejected: sc.logp.tuned[2 * i + 1]! } },
     margin: { base: base[i]!, tuned: tuned[i]! },
     gap: tuned[i]! - base[i]!,
-    distance,
-    cosine_distance: cosine,
-    gains,
+    distance: m.distance,
+    cosine_distance: m.cosine,
+    gains: m.gains,
+    random_direction: m.randomDirection,
+    lens: m.lens,
   };
+}
+
+/** Gains [combo][pair of the batch] regrouped per pair as "direction site" → per layer. */
+export function gainsByKey(combos: Combo[], gains: number[][], i: number): Record<string, number[]> {
+  const out: Record<string, number[]> = {};
+  combos.forEach((c, ci) => (out[comboKey(c)] ??= []).push(gains[ci]![i]!));
+  return out;
 }
 
 /**

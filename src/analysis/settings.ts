@@ -106,17 +106,29 @@ export interface PatchingEntry extends GainSummary {
   controls: { random_direction: GainSummary; mean_ablation: GainSummary } | null;
 }
 
-/** Everything measured for one pair; streamed to pairs.jsonl as each pair completes. */
+/** Everything measured for one pair on its own; streamed to pairs.jsonl as each pair completes. */
 export interface PairRecord {
-  index: number;
+  index: number; // position among all pairs of the run (the same in every shard)
   line: number;
   tokens: { prompt: number; chosen: number; rejected: number };
+  ids: { prompt: number[]; chosen: number[]; rejected: number[] }; // the token ids scored
   logp: { base: { chosen: number; rejected: number }; tuned: { chosen: number; rejected: number } };
   margin: { base: number; tuned: number };
   gap: number;
   distance: number[]; // per layer: mean ‖h_tuned − h_base‖ over response positions (resid_post)
   cosine_distance: number[];
-  gains: Record<string, number[]>; // "direction site" → per layer (real patches)
+  gains: Record<string, number[]>; // "direction site" → per patched layer (real patches)
+  random_direction: Record<string, number[]> | null; // the same for the random-direction control
+  lens: { base: number[]; tuned: number[] }; // logit-lens margin per depth (embedding, then after each block)
+}
+
+/**
+ * A pair's record plus the vectors the dataset-level stages sum over pairs (probe features, the mean
+ * difference, the sites' sums for mean-ablation), laid out as `sumsLayout` says.
+ */
+export interface PairState {
+  record: PairRecord;
+  sums: Float64Array;
 }
 
 /** The low-rank reconstruction at one layer. */
@@ -163,5 +175,19 @@ export interface Results {
 export interface RunCallbacks {
   onStage?: (stage: string, total: number) => void;
   onProgress?: (done: number) => void;
-  onPair?: (record: PairRecord) => void;
+  /** Called with each batch's pairs as they complete (before the next batch starts). */
+  onPairs?: (states: PairState[]) => void;
+  /** Polled between batches: return true to stop (runAnalysis then throws an Interrupted error). */
+  shouldStop?: () => boolean;
+}
+
+/** A run stopped by shouldStop between batches; `done` pairs had completed. */
+export class Interrupted extends Error {
+  override name = "Interrupted";
+  constructor(
+    readonly done: number,
+    readonly total: number,
+  ) {
+    super(`interrupted after ${done} of ${total} pairs`);
+  }
 }

@@ -57,8 +57,8 @@ function parseLine(text: string, line: number): RawPair {
   return { line, ...hh };
 }
 
-/** Reads the pairs file; with skipBad, malformed lines are counted and skipped instead of failing. */
-export function readPairs(file: string, opts: { skipBad?: boolean } = {}): { pairs: RawPair[]; bad: Array<{ line: number; reason: string }> } {
+/** The text of a pairs file (gunzipped when it ends in .gz). */
+function readPairsText(file: string): string {
   let buf: Buffer;
   try {
     buf = fs.readFileSync(file);
@@ -72,70 +72,113 @@ export function readPairs(file: string, opts: { skipBad?: boolean } = {}): { pai
       throw new PairsError(`${file}: not a valid gzip file`);
     }
   }
+  return buf.toString("utf8");
+}
+
+/**
+ * The pairs of a file, one per non-blank line, parsed only when asked for (so `--limit` never reads past
+ * the lines it needs): a RawPair, or the line's error prefixed with the file name.
+ */
+export function* iterPairs(file: string): Generator<RawPair | { line: number; error: string }> {
+  const lines = readPairsText(file).split("\n");
+  let any = false;
+  for (let i = 0; i < lines.length; i++) {
+    if (lines[i]!.trim() === "") continue;
+    any = true;
+    try {
+      yield parseLine(lines[i]!, i + 1);
+    } catch (e) {
+      yield { line: i + 1, error: `${file}: ${(e as Error).message}` };
+    }
+  }
+  if (!any) throw new PairsError(`${file}: no pairs`);
+}
+
+/** Reads the whole pairs file; with skipBad, malformed lines are counted and skipped instead of failing. */
+export function readPairs(file: string, opts: { skipBad?: boolean } = {}): { pairs: RawPair[]; bad: Array<{ line: number; reason: string }> } {
   const pairs: RawPair[] = [];
   const bad: Array<{ line: number; reason: string }> = [];
-  buf
-    .toString("utf8")
-    .split("\n")
-    .forEach((text, i) => {
-      if (text.trim() === "") return;
-      try {
-        pairs.push(parseLine(text, i + 1));
-      } catch (e) {
-        if (!opts.skipBad) throw new PairsError(`${file}: ${(e as Error).message}`);
-        bad.push({ line: i + 1, reason: (e as Error).message });
-      }
-    });
+  for (const r of iterPairs(file)) {
+    if (!("error" in r)) pairs.push(r);
+    else if (!opts.skipBad) throw new PairsError(r.error);
+    else bad.push({ line: r.line, reason: r.error });
+  }
   if (pairs.length === 0) throw new PairsError(`${file}: no pairs${bad.length ? ` (${bad.length} malformed lines skipped)` : ""}`);
   return { pairs, bad };
 }
 
+/** Length of the longest common prefix of two id lists. */
+function commonPrefix(a: number[], b: number[]): number {
+  let k = 0;
+  while (k < a.length && k < b.length && a[k] === b[k]) k++;
+  return k;
+}
+
 /**
- * Tokenizes pairs: the prompt with the tokenizer's own special tokens (BOS), each response without, ids
- * concatenated (no merge across the boundary). Pre-tokenized pairs are used as they are.
+ * Token ids of a text pair as the model reads it: prompt + response tokenized as one text (special tokens as
+ * the tokenizer's settings say), split where both joint texts stop agreeing with the prompt's own ids. So a
+ * response is tokenized exactly as it appears after its prompt (no SentencePiece dummy prefix at the seam),
+ * prompt ids + response ids = the joint tokenization, and both responses share the prompt ids. `merged`
+ * counts prompt tokens that a merge across the seam moved into the responses.
+ */
+export function tokenizeTextPair(tok: TextTokenizer, prompt: string, chosen: string, rejected: string): { promptIds: number[]; chosenIds: number[]; rejectedIds: number[]; merged: number } {
+  const own = tok.encode(prompt);
+  const jc = tok.encode(prompt + chosen);
+  const jr = tok.encode(prompt + rejected);
+  const k = Math.min(commonPrefix(own, jc), commonPrefix(own, jr));
+  return { promptIds: jc.slice(0, k), chosenIds: jc.slice(k), rejectedIds: jr.slice(k), merged: own.length - k };
+}
+
+/** What a pairs file gave: the pairs to run, and what was skipped and why. */
+export interface TokenizedPairs {
+  pairs: Pair[];
+  tooLong: number; // skipped: longer than maxTokens
+  bad: Array<{ line: number; reason: string }>; // skipped with skipBad: malformed or unusable
+  merged: number; // pairs whose prompt's last token(s) merged with the responses (see tokenizeTextPair)
+  identical: number; // pairs whose chosen and rejected token ids are the same (margin 0 by construction)
+}
+
+/**
+ * Tokenizes pairs (text pairs by tokenizeTextPair; pre-tokenized pairs as they are) until `limit` usable ones.
  * Pairs longer than maxTokens are skipped and counted; invalid ones fail (or are counted with skipBad).
  */
 export function tokenizePairs(
-  raw: RawPair[],
+  raw: Iterable<RawPair | { line: number; error: string }>,
   tok: TextTokenizer | null,
   vocabSize: number,
   opts: { maxTokens?: number; limit?: number; skipBad?: boolean } = {},
-): { pairs: Pair[]; tooLong: number; bad: Array<{ line: number; reason: string }> } {
-  const pairs: Pair[] = [];
-  const bad: Array<{ line: number; reason: string }> = [];
-  let tooLong = 0;
+): TokenizedPairs {
+  const out: TokenizedPairs = { pairs: [], tooLong: 0, bad: [], merged: 0, identical: 0 };
   for (const r of raw) {
-    if (opts.limit !== undefined && pairs.length >= opts.limit) break;
+    if (opts.limit !== undefined && out.pairs.length >= opts.limit) break;
     try {
+      if ("error" in r) throw new PairsError(r.error);
       let p: Omit<Pair, "index">;
+      let merged = 0;
       if (r.promptIds) p = { line: r.line, promptIds: r.promptIds, chosenIds: r.chosenIds!, rejectedIds: r.rejectedIds! };
       else {
         if (!tok) throw new PairsError(`line ${r.line}: text pairs need a tokenizer.json in the base model folder (or use prompt_ids/chosen_ids/rejected_ids)`);
-        p = {
-          line: r.line,
-          promptIds: tok.encode(r.prompt!),
-          chosenIds: tok.encode(r.chosen!, { addSpecialTokens: false }),
-          rejectedIds: tok.encode(r.rejected!, { addSpecialTokens: false }),
-          prompt: r.prompt,
-          chosen: r.chosen,
-          rejected: r.rejected,
-        };
+        const t = tokenizeTextPair(tok, r.prompt!, r.chosen!, r.rejected!);
+        merged = t.merged;
+        p = { line: r.line, promptIds: t.promptIds, chosenIds: t.chosenIds, rejectedIds: t.rejectedIds, prompt: r.prompt, chosen: r.chosen, rejected: r.rejected };
       }
       if (p.promptIds.length === 0) throw new PairsError(`line ${r.line}: the prompt has no tokens (nothing to predict the first response token from)`);
       if (p.chosenIds.length === 0 || p.rejectedIds.length === 0) throw new PairsError(`line ${r.line}: a response has no tokens`);
       const big = [...p.promptIds, ...p.chosenIds, ...p.rejectedIds].find((id) => id >= vocabSize);
       if (big !== undefined) throw new PairsError(`line ${r.line}: token id ${big} is outside the vocabulary (size ${vocabSize})`);
       if (opts.maxTokens !== undefined && p.promptIds.length + Math.max(p.chosenIds.length, p.rejectedIds.length) > opts.maxTokens) {
-        tooLong++;
+        out.tooLong++;
         continue;
       }
-      pairs.push({ index: pairs.length, ...p });
+      if (merged > 0) out.merged++;
+      if (p.chosenIds.length === p.rejectedIds.length && p.chosenIds.every((id, i) => id === p.rejectedIds[i])) out.identical++;
+      out.pairs.push({ index: out.pairs.length, ...p });
     } catch (e) {
       if (!opts.skipBad || !(e instanceof PairsError)) throw e;
-      bad.push({ line: r.line, reason: e.message });
+      out.bad.push({ line: r.line, reason: e.message });
     }
   }
-  return { pairs, tooLong, bad };
+  return out;
 }
 
 /**
@@ -143,8 +186,7 @@ export function tokenizePairs(
  * Malformed lines fail (or, with skipBad, are skipped); pairs longer than maxTokens are skipped.
  */
 export function loadPairs(file: string, modelDir: string, opts: { limit?: number; maxTokens?: number; skipBad?: boolean } = {}): Pair[] {
-  const raw = readPairs(file, { skipBad: opts.skipBad });
-  const tp = tokenizePairs(raw.pairs, loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts);
-  if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${tp.tooLong} longer than maxTokens, ${raw.bad.length + tp.bad.length} malformed)`);
+  const tp = tokenizePairs(iterPairs(file), loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts);
+  if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${tp.tooLong} longer than maxTokens, ${tp.bad.length} malformed)`);
   return tp.pairs;
 }

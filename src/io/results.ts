@@ -4,7 +4,8 @@ import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Results, PairRecord, RunSettings } from "../analysis/settings.js";
+import type { Results, RunSettings } from "../analysis/settings.js";
+import { FINAL_FILES } from "./runfolder.js";
 import type { Pair } from "../data/pairs.js";
 import { renderReport } from "./report.js";
 import { writeSafetensors, type TensorToWrite } from "./safetensors.js";
@@ -26,20 +27,6 @@ export function modelFingerprint(dir: string): string {
     }
   }
   return h.digest("hex");
-}
-
-/** Appends one JSON record per line as pairs finish; the file always holds whole lines. */
-export class PairsLog {
-  private fd: number;
-  constructor(readonly file: string) {
-    this.fd = fs.openSync(file, "w");
-  }
-  write(rec: PairRecord): void {
-    fs.writeSync(this.fd, JSON.stringify(rec) + "\n");
-  }
-  close(): void {
-    fs.closeSync(this.fd);
-  }
 }
 
 /** results.json content: everything but the large float arrays, which go to activations.safetensors. */
@@ -76,42 +63,43 @@ export function activationTensors(r: Results): Record<string, TensorToWrite> {
 
 /** Writes results.json, activations.safetensors and report.html into outDir. */
 export function writeRunOutputs(outDir: string, r: Results, meta: Record<string, unknown>, reportHtml: string): string[] {
-  const files = [path.join(outDir, "results.json"), path.join(outDir, "activations.safetensors"), path.join(outDir, "report.html")];
-  writeFileAtomic(files[0]!, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
-  writeSafetensors(files[1]!, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
-  writeFileAtomic(files[2]!, reportHtml);
-  return files;
+  const [acts, report, results] = FINAL_FILES.map((f) => path.join(outDir, f)) as [string, string, string];
+  // each file appears whole (temporary file + rename); results.json comes last, so it marks a finished run
+  writeSafetensors(acts, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
+  writeFileAtomic(report, reportHtml);
+  writeFileAtomic(results, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
+  return [acts, report, results];
 }
 
 /** What a run records about itself besides its results. */
 export interface RunMeta {
   settings: RunSettings;
-  inputs: { base: string; tuned: string; pairs: string };
+  inputs: { base: string; tuned: string; pairs: string }; // absolute paths
+  fingerprints: { base: string; tuned: string; pairs: string }; // sha256 of the model folders and the pairs file
   skipped: { too_long: number; malformed: Array<{ line: number; reason: string }> };
+  notes: { boundary_merged: number; identical_responses: number; same_models: boolean };
   backend: string;
   versions: Record<string, string>;
   findings: string[];
   total_ms: number;
 }
 
-/** Fingerprints the models, renders the report and writes every output of a run into outDir. */
+/** Renders the report and writes every output of a run into outDir (results.json last). */
 export async function writeRun(outDir: string, r: Results, meta: RunMeta, pairs: Pair[]): Promise<void> {
-  const inputs = { base: path.resolve(meta.inputs.base), tuned: path.resolve(meta.inputs.tuned), pairs: path.resolve(meta.inputs.pairs) };
-  const fingerprints = { base: modelFingerprint(meta.inputs.base), tuned: modelFingerprint(meta.inputs.tuned) };
   const html = await renderReport(
     r,
     meta.findings,
     {
-      base: `${inputs.base} (sha256 ${fingerprints.base.slice(0, 12)}…)`,
-      tuned: `${inputs.tuned} (sha256 ${fingerprints.tuned.slice(0, 12)}…)`,
-      pairs: `${inputs.pairs}: ${r.n_pairs} used, ${meta.skipped.too_long} too long, ${meta.skipped.malformed.length} malformed`,
+      base: `${meta.inputs.base} (sha256 ${meta.fingerprints.base.slice(0, 12)}…)`,
+      tuned: `${meta.inputs.tuned} (sha256 ${meta.fingerprints.tuned.slice(0, 12)}…)`,
+      pairs: `${meta.inputs.pairs}: ${r.n_pairs} used, ${meta.skipped.too_long} too long, ${meta.skipped.malformed.length} malformed`,
       settings: JSON.stringify(meta.settings),
       backend: meta.backend,
       versions: JSON.stringify(meta.versions),
     },
     pairs,
   );
-  writeRunOutputs(outDir, r, { ...meta, inputs, fingerprints }, html);
+  writeRunOutputs(outDir, r, { ...meta }, html);
 }
 
 /** Versions recorded with every output: prefprobe's (from its package.json), tfjs-core's, node's. */
@@ -135,15 +123,4 @@ export function versions(): Record<string, string> {
 /** An output location that cannot be used. */
 export class OutputError extends Error {
   override name = "OutputError";
-}
-
-/** Creates the output folder (or checks that an existing one is a folder we can write into). */
-export function prepareOutDir(dir: string): void {
-  if (fs.existsSync(dir) && !fs.statSync(dir).isDirectory()) throw new OutputError(`--out ${dir} exists and is not a folder`);
-  try {
-    fs.mkdirSync(dir, { recursive: true });
-    fs.accessSync(dir, fs.constants.W_OK);
-  } catch (e) {
-    throw new OutputError(`cannot write to --out ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
-  }
 }

@@ -1,0 +1,181 @@
+// A run folder that survives crashes: manifest.json (what the run is: inputs, their fingerprints, settings,
+// batches, shard), pairs.jsonl (one record per pair) and pairs.bin (each pair's sums, fixed-size float64
+// records), both appended and fsync'd as batches complete, so `--resume` continues where a run stopped.
+import * as crypto from "node:crypto";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import type { PairRecord, PairState } from "../analysis/settings.js";
+import { writeFileAtomic } from "./model.js";
+
+/** A run folder that cannot be used as asked. */
+export class RunFolderError extends Error {
+  override name = "RunFolderError";
+}
+
+/** What a run is; two runs (or shards) with the same manifest but `shard` compute the same numbers. */
+export interface Manifest {
+  schema: "prefprobe.manifest/1";
+  inputs: { base: string; tuned: string; pairs: string };
+  fingerprints: { base: string; tuned: string; pairs: string };
+  selection: { limit: number | null; max_tokens: number; skip_bad: boolean };
+  settings: Record<string, unknown>;
+  n_pairs: number;
+  batches: Array<[number, number]>;
+  sums_size: number;
+  shard: { index: number; count: number } | null;
+}
+
+const FILES = { manifest: "manifest.json", records: "pairs.jsonl", sums: "pairs.bin" } as const;
+/** Files a finished run adds; results.json is written last, so its presence means the run finished. */
+export const FINAL_FILES = ["activations.safetensors", "report.html", "results.json"] as const;
+
+/** sha256 of a file's bytes, read in chunks. */
+export function fileHash(file: string): string {
+  const h = crypto.createHash("sha256");
+  const buf = Buffer.alloc(1 << 20);
+  const fd = fs.openSync(file, "r");
+  try {
+    for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0; ) h.update(buf.subarray(0, n));
+  } finally {
+    fs.closeSync(fd);
+  }
+  return h.digest("hex");
+}
+
+/**
+ * Makes sure `dir` is a folder this process can write, creating missing parents one level at a time (a plain
+ * recursive mkdir never returns on some paths, e.g. under /proc). Fails with a one-line reason.
+ */
+export function ensureWritableDir(dir: string, flag = "--out"): void {
+  const abs = path.resolve(dir);
+  const missing: string[] = [];
+  let p = abs;
+  while (!fs.existsSync(p)) {
+    missing.unshift(p);
+    const up = path.dirname(p);
+    if (up === p) break;
+    p = up;
+  }
+  if (fs.existsSync(p) && !fs.statSync(p).isDirectory()) throw new RunFolderError(`${flag} ${dir}: ${p} exists and is not a folder`);
+  try {
+    for (const m of missing) fs.mkdirSync(m);
+    const probe = path.join(abs, `.write-test-${process.pid}`);
+    fs.writeFileSync(probe, "");
+    fs.rmSync(probe);
+  } catch (e) {
+    throw new RunFolderError(`cannot write to ${flag} ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+  }
+}
+
+/** Whether a folder already holds (part of) a run. */
+export const holdsRun = (dir: string): boolean => [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES].some((f) => fs.existsSync(path.join(dir, f)));
+
+/** Removes every file a run writes (for --force). */
+export function clearRun(dir: string): void {
+  for (const f of [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES]) fs.rmSync(path.join(dir, f), { force: true });
+}
+
+export function writeManifest(dir: string, m: Manifest): void {
+  writeFileAtomic(path.join(dir, FILES.manifest), JSON.stringify(m, null, 1) + "\n");
+}
+
+export function readManifest(dir: string): Manifest {
+  const file = path.join(dir, FILES.manifest);
+  if (!fs.existsSync(file)) throw new RunFolderError(`${dir} has no ${FILES.manifest}: not a prefprobe run folder (or one from an older version)`);
+  try {
+    const m = JSON.parse(fs.readFileSync(file, "utf8")) as Manifest;
+    if (m.schema !== "prefprobe.manifest/1") throw new Error("schema");
+    return m;
+  } catch {
+    throw new RunFolderError(`${file}: not a prefprobe manifest`);
+  }
+}
+
+/** The fields in which two manifests differ (shard ignored when `ignoreShard`), as "key: a vs b" lines. */
+export function manifestDiff(a: Manifest, b: Manifest, ignoreShard = false): string[] {
+  const out: string[] = [];
+  const walk = (x: unknown, y: unknown, key: string) => {
+    if (ignoreShard && key === "shard") return;
+    if (x !== null && y !== null && typeof x === "object" && typeof y === "object" && !Array.isArray(x) && !Array.isArray(y)) {
+      for (const k of new Set([...Object.keys(x), ...Object.keys(y)])) walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k], key ? `${key}.${k}` : k);
+    } else if (JSON.stringify(x) !== JSON.stringify(y)) {
+      const show = (v: unknown) => (JSON.stringify(v) ?? "undefined").slice(0, 80);
+      out.push(`${key}: ${show(x)} vs ${show(y)}`);
+    }
+  };
+  walk(a, b, "");
+  return out;
+}
+
+/** Appends pair states to pairs.bin and pairs.jsonl, each batch fsync'd before the next begins. */
+export class RunLog {
+  private records: number;
+  private sums: number;
+
+  constructor(
+    readonly dir: string,
+    readonly sumsSize: number,
+  ) {
+    this.sums = fs.openSync(path.join(dir, FILES.sums), "a");
+    this.records = fs.openSync(path.join(dir, FILES.records), "a");
+  }
+
+  /** Writes the states' sums, then their records (a record is only trusted when its sums are on disk). */
+  append(states: PairState[]): void {
+    for (const st of states) {
+      if (st.sums.length !== this.sumsSize) throw new Error(`pair ${st.record.index}: ${st.sums.length} sums, expected ${this.sumsSize}`);
+      fs.writeSync(this.sums, new Uint8Array(st.sums.buffer, st.sums.byteOffset, st.sums.byteLength));
+    }
+    fs.fsyncSync(this.sums);
+    fs.writeSync(this.records, states.map((st) => JSON.stringify(st.record) + "\n").join(""));
+    fs.fsyncSync(this.records);
+  }
+
+  close(): void {
+    fs.closeSync(this.sums);
+    fs.closeSync(this.records);
+  }
+}
+
+/**
+ * The pair states a run folder holds: whole lines of pairs.jsonl with their sums in pairs.bin, cut back to the
+ * whole batches of the manifest (a batch is kept only if all its pairs are there). With `truncate`, the files
+ * are cut to exactly those states, so appending continues cleanly.
+ */
+export function readStates(dir: string, m: Manifest, opts: { truncate?: boolean } = {}): PairState[] {
+  const recFile = path.join(dir, FILES.records);
+  const sumFile = path.join(dir, FILES.sums);
+  const text = fs.existsSync(recFile) ? fs.readFileSync(recFile, "utf8") : "";
+  const lines = text.split("\n");
+  lines.pop(); // the text after the last newline: "" or a line cut short by a crash
+  const records: PairRecord[] = [];
+  for (const line of lines) {
+    try {
+      records.push(JSON.parse(line) as PairRecord);
+    } catch {
+      break;
+    }
+  }
+  const bytes = fs.existsSync(sumFile) ? fs.readFileSync(sumFile) : Buffer.alloc(0);
+  const recBytes = m.sums_size * 8;
+  const count = Math.min(records.length, Math.floor(bytes.length / recBytes));
+  // keep whole batches of this run (or shard), in order
+  const states: PairState[] = [];
+  let k = 0;
+  for (const [start, end] of m.batches) {
+    if (k + (end - start) > count) break;
+    const batch = records.slice(k, k + end - start);
+    if (batch.some((r, i) => r.index !== start + i)) throw new RunFolderError(`${recFile}: records out of order at line ${k + 1} (expected pair ${start})`);
+    batch.forEach((r, i) => {
+      const sums = new Float64Array(m.sums_size);
+      new Uint8Array(sums.buffer).set(bytes.subarray((k + i) * recBytes, (k + i + 1) * recBytes));
+      states.push({ record: r, sums });
+    });
+    k += end - start;
+  }
+  if (opts.truncate && fs.existsSync(recFile)) {
+    fs.truncateSync(recFile, lines.slice(0, states.length).reduce((a, l) => a + Buffer.byteLength(l) + 1, 0));
+    fs.truncateSync(sumFile, states.length * recBytes);
+  }
+  return states;
+}

@@ -1,0 +1,149 @@
+// Long runs: a run killed at a random point and resumed gives the results of an uninterrupted run; three
+// shards merged give the results of one run; Ctrl-C stops cleanly; a run folder is never silently reused.
+import { spawn } from "node:child_process";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { beforeAll, describe, expect, it } from "vitest";
+import { runCli, tmpDir } from "./helpers.js";
+
+const CLI = path.resolve("dist/src/cli.js");
+const BASE = "fixtures/models/stories260k";
+const TUNED = "fixtures/models/stories260k-dpo";
+const PAIRS = "fixtures/data/stories/test.jsonl";
+const ARGS = ["--base", BASE, "--tuned", TUNED, "--pairs", PAIRS, "--limit", "14", "--batch", "2", "--sites", "resid_post,mlp_out", "--bootstrap", "30", "--stability", "3"];
+
+/** results.json without what legitimately differs between two runs of the same thing (timings). */
+function results(dir: string): Record<string, unknown> {
+  const r = JSON.parse(fs.readFileSync(path.join(dir, "results.json"), "utf8"));
+  delete r.timings_ms;
+  delete r.total_ms;
+  return r;
+}
+
+const lineCount = (f: string) => (fs.existsSync(f) ? fs.readFileSync(f, "utf8").split("\n").length - 1 : 0);
+
+let reference: string;
+beforeAll(() => {
+  reference = path.join(tmpDir(), "ref");
+  const r = runCli("run", ...ARGS, "--out", reference);
+  if (r.code !== 0) throw new Error(r.err);
+});
+
+describe("resume", () => {
+  it("kill -9 at a random point, then --resume, gives the uninterrupted run's results.json", async () => {
+    const out = path.join(tmpDir(), "o");
+    const stopAt = 1 + Math.floor(Math.random() * 5); // after 1–5 batches have been written
+    const child = spawn(process.execPath, [CLI, "run", ...ARGS, "--out", out], { stdio: "ignore" });
+    const log = path.join(out, "pairs.jsonl");
+    await new Promise<void>((resolve, reject) => {
+      const t = setInterval(() => {
+        if (lineCount(log) >= 2 * stopAt) {
+          clearInterval(t);
+          child.kill("SIGKILL");
+          resolve();
+        }
+      }, 5);
+      child.on("exit", () => (clearInterval(t), reject(new Error("the run finished before it could be killed"))));
+    });
+    await new Promise((r) => child.on("exit", r));
+    expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
+    expect(fs.existsSync(path.join(out, "report.html"))).toBe(false);
+    const before = lineCount(log);
+    expect(before).toBeLessThan(14);
+    // a run folder is not reused by accident
+    const again = runCli("run", ...ARGS, "--out", out);
+    expect(again.code).toBe(1);
+    expect(again.err).toMatch(/holds another run \(use --resume to continue it, or --force to replace it\)/);
+    const r = runCli("run", ...ARGS, "--out", out, "--resume");
+    expect(r.code, r.err).toBe(0);
+    expect(r.out).toMatch(/resumed: \d+ pairs from the earlier run/);
+    expect(results(out)).toEqual(results(reference));
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
+    expect(fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin")))).toBe(true);
+  });
+
+  it("a torn last line and a partial batch are dropped, then redone", () => {
+    const out = path.join(tmpDir(), "o");
+    fs.mkdirSync(out);
+    for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"]) fs.copyFileSync(path.join(reference, f), path.join(out, f));
+    const lines = fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8").split("\n");
+    // keep 5 whole records (two whole batches and half of the third) and half of the sixth line
+    fs.writeFileSync(path.join(out, "pairs.jsonl"), lines.slice(0, 5).join("\n") + "\n" + lines[5]!.slice(0, 40));
+    const r = runCli("run", ...ARGS, "--out", out, "--resume");
+    expect(r.code, r.err).toBe(0);
+    expect(r.out).toMatch(/resumed: 4 pairs from the earlier run, 10 scored now/);
+    expect(results(out)).toEqual(results(reference));
+  });
+
+  it("--resume with other inputs is refused, naming what differs", () => {
+    const out = path.join(tmpDir(), "o");
+    fs.mkdirSync(out);
+    for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"]) fs.copyFileSync(path.join(reference, f), path.join(out, f));
+    const r = runCli("run", ...ARGS.map((a) => (a === "30" ? "31" : a)), "--seed", "4", "--out", out, "--resume");
+    expect(r.code).toBe(1);
+    expect(r.err.trim().split("\n").pop()).toMatch(/^prefprobe: error: --resume: the run in .* was made with other inputs: settings\.seed: 0 vs 4; settings\.bootstrap: 30 vs 31$/);
+    const nothing = runCli("run", ...ARGS, "--out", path.join(tmpDir(), "empty"), "--resume");
+    expect(nothing.err).toMatch(/--resume: .* holds no run to continue/);
+  });
+
+  it("Ctrl-C stops between batches with a one-line message and exit 130; --resume finishes the run", async () => {
+    const out = path.join(tmpDir(), "o");
+    const child = spawn(process.execPath, [CLI, "run", ...ARGS, "--out", out], { stdio: ["ignore", "pipe", "pipe"] });
+    let err = "";
+    child.stderr.on("data", (d) => (err += d));
+    const log = path.join(out, "pairs.jsonl");
+    const sent = setInterval(() => lineCount(log) >= 2 && (child.kill("SIGINT"), clearInterval(sent)), 5);
+    const code = await new Promise((r) => child.on("exit", (c) => r(c)));
+    clearInterval(sent);
+    expect(code).toBe(130);
+    expect(err).toMatch(/interrupted after (\d+) of 14 pairs; rerun with --resume/);
+    const done = Number(/interrupted after (\d+)/.exec(err)![1]);
+    expect(lineCount(log)).toBe(done);
+    expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
+    const r = runCli("run", ...ARGS, "--out", out, "--resume");
+    expect(r.code, r.err).toBe(0);
+    expect(results(out)).toEqual(results(reference));
+  });
+});
+
+describe("shards", () => {
+  it("three shards merged give the results of one run", () => {
+    const dirs = [0, 1, 2].map((i) => {
+      const d = path.join(tmpDir(), `shard${i}`);
+      const r = runCli("run", ...ARGS, "--out", d, "--shard", `${i}/3`);
+      expect(r.code, r.err).toBe(0);
+      expect(r.out).toMatch(new RegExp(`shard ${i}/3: \\d+ pairs scored`));
+      expect(fs.existsSync(path.join(d, "results.json"))).toBe(false);
+      return d;
+    });
+    const out = path.join(tmpDir(), "merged");
+    const missing = runCli("merge", out, dirs[0]!, dirs[2]!);
+    expect(missing.err).toMatch(/missing shard 1\/3/);
+    const r = runCli("merge", out, ...dirs.reverse());
+    expect(r.code, r.err).toBe(0);
+    expect(results(out)).toEqual(results(reference));
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
+  });
+
+  it("merge refuses folders that are not shards of one run", () => {
+    const a = path.join(tmpDir(), "a");
+    const b = path.join(tmpDir(), "b");
+    expect(runCli("run", ...ARGS, "--out", a, "--shard", "0/2").code).toBe(0);
+    expect(runCli("run", ...ARGS, "--out", b, "--shard", "1/2", "--seed", "9").code).toBe(0);
+    const r = runCli("merge", path.join(tmpDir(), "m"), a, b);
+    expect(r.code).toBe(1);
+    expect(r.err).toMatch(/is not a shard of the same run as .*: settings\.seed: 0 vs 9/);
+    expect(runCli("run", ...ARGS, "--out", a, "--shard", "2/2").err).toMatch(/--shard must be i\/n with 0 ≤ i < n/);
+  });
+});
+
+describe("output folder", () => {
+  it("--out that cannot be created is refused at once, before any compute", () => {
+    const t0 = Date.now();
+    const r = runCli("run", ...ARGS, "--out", "/proc/prefprobe-test/x");
+    expect(r.code).toBe(1);
+    expect(r.err.trim()).toMatch(/^prefprobe: error: cannot write to --out \/proc\/prefprobe-test\/x \(\w+\)$/);
+    expect(r.err).not.toMatch(/backend/); // nothing was started
+    expect(Date.now() - t0).toBeLessThan(30_000);
+  });
+});
