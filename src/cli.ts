@@ -140,7 +140,7 @@ program
   });
 
 const int = (name: string, min: number) => (v: string) => {
-  const n = Number(v);
+  const n = /^\s*-?\d+\s*$/.test(v) ? Number(v) : NaN; // Number("") would be 0
   if (!Number.isInteger(n) || n < min) throw new UsageError(`${name} must be an integer ≥ ${min}, got "${v}"`);
   return n;
 };

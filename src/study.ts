@@ -1,13 +1,16 @@
 // What the `run` and `tune` commands do, as library calls: load the models and pairs from disk, run the
 // analysis (or DPO), and write every output. The CLI only parses arguments into these calls and prints.
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
-import { checkCompatible, makePlan } from "./analysis/scoring.js";
+import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
 import { resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings } from "./analysis/settings.js";
 import { initBackend } from "./model/backend.js";
+import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
+import { weightBytes } from "./model/weights.js";
 import { loadModelSync, saveModelFolder } from "./io/model.js";
 import { iterPairs, PairsError, readPairs, tokenizePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
@@ -68,7 +71,7 @@ interface Loaded {
 }
 
 /** Loads both models and the pairs, checks them against each other and the settings, and builds the manifest. */
-function loadStudy(inputs: StudyInputs, settings: RunSettings, info: (line: string) => void): Loaded {
+function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, info: (line: string) => void): Loaded {
   const base = loadModelSync(inputs.base);
   let tuned: LlamaModel | null = null;
   try {
@@ -96,7 +99,7 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, info: (line: stri
       selection: { limit: inputs.limit ?? null, max_tokens: maxTokens, skip_bad: !!inputs.skipBad },
       settings: s as unknown as Record<string, unknown>,
       n_pairs: tp.pairs.length,
-      batches: shardBatches(planBatches(tp.pairs.length, s.batchPairs), inputs.shard),
+      batches: shardBatches(planBatches(tp.pairs, s.batchPairs, batchBudget(backend, base.config), (rows, T, scored) => batchBytes(base.config, plan, rows, T, scored)), inputs.shard),
       sums_size: layoutOf({ base, tuned }, plan).size,
       shard: inputs.shard ?? null,
     };
@@ -106,6 +109,16 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, info: (line: stri
     if (tuned) disposeModel(tuned);
     throw e;
   }
+}
+
+/**
+ * Bytes one scoring batch may use: on wasm the 4 GiB heap, elsewhere 60% of the machine's memory, less both
+ * models' float32 weights (with a tied head's transposed copy) and a 512 MiB margin.
+ */
+export function batchBudget(backend: string, cfg: LlamaConfig): number {
+  const weights = 2 * (weightBytes(cfg) + (cfg.tieWordEmbeddings ? 4 * cfg.vocabSize * cfg.hiddenSize : 0));
+  const memory = backend.startsWith("wasm") ? 4 * 2 ** 30 : 0.6 * os.totalmem();
+  return memory - weights - 512 * 2 ** 20;
 }
 
 /** The meta a finished run writes beside its results. */
@@ -139,7 +152,7 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
   const backend = await initBackend(inputs.backend);
   info(`backend: ${backend}`);
   const t0 = performance.now();
-  const l = loadStudy(inputs, checked, info);
+  const l = loadStudy(inputs, checked, backend, info);
   const models = { base: l.base, tuned: l.tuned };
   try {
     info(`pairs: ${l.tp.pairs.length} used, ${l.tp.tooLong} skipped as longer than ${l.manifest.selection.max_tokens} tokens, ${l.tp.bad.length} malformed lines skipped` + (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : ""));
@@ -167,7 +180,7 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     const states = [...done, ...fresh];
     const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
     if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
-    const results = await finishAnalysis(models, l.tp.pairs, states, l.settings, events);
+    const results = await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches);
     results.timings_ms = { scoring_and_patching: scoringMs, ...results.timings_ms };
     const words = findings(results);
     await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
@@ -217,7 +230,7 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
     maxTokens: first.selection.max_tokens,
     skipBad: first.selection.skip_bad,
   };
-  const l = loadStudy(inputs, first.settings as unknown as RunSettings, info);
+  const l = loadStudy(inputs, first.settings as unknown as RunSettings, backend, info);
   try {
     const diff = manifestDiff({ ...first, batches: l.manifest.batches, shard: null }, l.manifest);
     if (diff.length) throw new OutputError(`the shards' inputs have changed since they ran: ${diff.join("; ")}`);
@@ -229,6 +242,8 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
       states.push(...got);
     });
     states.sort((a, b) => a.record.index - b.record.index);
+    const gaps = states.length !== l.tp.pairs.length || states.some((st, i) => st.record.index !== i);
+    if (gaps) throw new OutputError(`the shards hold ${states.length} pairs but the run has ${l.tp.pairs.length}, not each once: were they planned with other batches (another machine's memory budget)?`);
     if (events.force) clearRun(out);
     writeManifest(out, l.manifest);
     const log = new RunLog(out, l.manifest.sums_size);
@@ -237,7 +252,7 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
     } finally {
       log.close();
     }
-    const results = await finishAnalysis({ base: l.base, tuned: l.tuned }, l.tp.pairs, states, l.settings, events);
+    const results = await finishAnalysis({ base: l.base, tuned: l.tuned }, l.tp.pairs, states, l.settings, events, l.manifest.batches);
     const words = findings(results);
     await writeRun(out, results, runMeta(l, backend, words, t0), l.tp.pairs);
     return { results, findings: words, backend, out, pairs: { done: states.length, total: states.length, resumed: 0 } };

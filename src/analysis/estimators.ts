@@ -2,8 +2,18 @@
 // linear probes (chosen vs rejected) on each model's mean response activation per layer.
 import { lassoCV } from "../stats/lasso.js";
 import { probeCV } from "../stats/logistic.js";
+import { kFolds, seededRandom } from "../stats/stats.js";
 import type { LassoResult, PairRecord, PairState, ProbeResult, RunCallbacks, RunSettings } from "./settings.js";
 import type { SumsLayout } from "./sums.js";
+
+/** How many CV fold seeds the LASSO selection is checked over. */
+export const LASSO_SEEDS = 5;
+
+/** The K-fold assignment of n pairs that LASSO and the probes use (K = folds capped at n, at least 2). */
+export function cvFolds(n: number, s: RunSettings): { folds: number; fold_of_pair: number[] } {
+  const K = Math.max(2, Math.min(s.folds, n));
+  return { folds: K, fold_of_pair: kFolds(n, K, seededRandom(s.seed)) };
+}
 
 /** LASSO with CV over the pairs' `distance` features, or null with fewer than 3 pairs. */
 export function lassoStage(records: PairRecord[], L: number, s: RunSettings): LassoResult | null {
@@ -12,12 +22,19 @@ export function lassoStage(records: PairRecord[], L: number, s: RunSettings): La
   const X = Float64Array.from(records.flatMap((r) => r.distance));
   const y = Float64Array.from(records, (r) => r.gap);
   const fit = lassoCV(X, n, L, y, { folds: s.folds, seed: s.seed, stabilityReps: s.stabilityReps });
+  // the same fit with only the CV fold seed changed: a selection that moves with it is not a finding
+  const seed_sets = Array.from({ length: LASSO_SEEDS }, (_, k) => ({
+    seed: s.seed + k,
+    nonzero_layers: k === 0 ? fit.nonzero : lassoCV(X, n, L, y, { folds: s.folds, seed: s.seed + k, stabilityReps: 0 }).nonzero,
+  }));
   return {
     ...fit,
     X: records.map((r) => [...r.distance]),
     y: Array.from(y),
     feature: "mean ‖h_tuned − h_base‖₂ at resid_post over response positions",
     nonzero_layers: fit.nonzero,
+    seed_sets,
+    stable_across_seeds: seed_sets.every((x) => x.nonzero_layers.join() === fit.nonzero.join()),
   };
 }
 

@@ -20,11 +20,19 @@ export function findings(r: Results): string[] {
       if (!e.length) continue;
       const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const first90 = e.find((p) => p.recovery >= 0.9);
-      let line = `Patching ${site} (${dir}): recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})`;
+      const ci = Number.isFinite(best.recovery_ci[0]) ? ` (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})` : " (no CI: --bootstrap 0)";
+      let line = `Patching ${site} (${dir}): recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
       line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
       if (best.controls) {
+        const rnd = best.controls.random_direction;
+        const [lo, hi] = rnd.real_minus_control_ci;
+        const beats = Number.isFinite(lo) ? lo > 0 : best.recovery > Math.abs(rnd.recovery);
+        const diff = Number.isFinite(lo) ? `real − random recovery 95% CI ${pct(lo)}–${pct(hi)}` : "point estimates only: --bootstrap 0";
         const rndMax = Math.max(...e.map((p) => Math.abs(p.controls!.random_direction.recovery)));
-        line += ` Controls at that layer: a random direction of the same norm recovers ${pct(best.controls.random_direction.recovery)}, mean-ablation ${pct(best.controls.mean_ablation.recovery)} (largest random-direction |recovery| over layers: ${pct(rndMax)}).`;
+        line += beats
+          ? ` It beats a random direction of the same norm at that layer (random recovers ${pct(rnd.recovery)}; ${diff}).`
+          : ` This is NOT distinguishable from a random direction of the same norm, which recovers ${pct(rnd.recovery)} at that layer (${diff}): the patching result does not show a preference-specific direction.`;
+        line += ` Mean-ablation recovers ${pct(best.controls.mean_ablation.recovery)}; the largest random-direction |recovery| over layers is ${pct(rndMax)}.`;
       }
       out.push(line);
     }
@@ -32,11 +40,15 @@ export function findings(r: Results): string[] {
   if (r.lasso) {
     const nz = r.lasso.nonzero_layers;
     const stable = r.lasso.stability.map((v, l) => [l, v] as const).filter(([, v]) => v >= 0.8).map(([l]) => l);
-    out.push(
-      nz.length
-        ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${stable.length ? stable.join(", ") : "none"}.`
-        : `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) keeps no layer: per-layer activation distances do not predict the per-pair gap better than its mean.`,
-    );
+    const set = (xs: number[]) => `{${xs.join(", ")}}`;
+    let line = nz.length
+      ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${stable.length ? stable.join(", ") : "none"}.`
+      : `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) keeps no layer: per-layer activation distances do not predict the per-pair gap better than its mean.`;
+    if (!r.lasso.stable_across_seeds) {
+      const other = r.lasso.seed_sets.find((x) => x.nonzero_layers.join() !== nz.join())!;
+      line += ` The selection is unstable: it changes with the CV fold seed alone (${set(nz)} at seed ${r.lasso.seed_sets[0]!.seed}, ${set(other.nonzero_layers)} at seed ${other.seed}), so no layer set is a finding.`;
+    }
+    out.push(line);
   }
   for (const model of ["base", "tuned"] as const) {
     const p = r.probes.filter((x) => x.model === model);

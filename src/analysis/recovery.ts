@@ -2,7 +2,7 @@
 // bootstrap CI; undefined (NaN, null in JSON) when the gap itself is at rounding level.
 import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
 import type { Combo } from "./scoring.js";
-import type { GainSummary, PatchingEntry, RunSettings } from "./settings.js";
+import type { ControlSummary, GainSummary, PatchingEntry, RunSettings } from "./settings.js";
 
 /** Whether the mean gap is too small, against the margins' own scale, for a recovery ratio to mean anything. */
 export function gapTooSmall(marginBase: ArrayLike<number>, marginTuned: ArrayLike<number>): boolean {
@@ -29,12 +29,19 @@ export function patchingEntries(
   s: RunSettings,
 ): PatchingEntry[] {
   const summarize = (g: ArrayLike<number>) => summarizeGains(g, gap, noGap, s.bootstrap, s.seed + 1);
+  const control = (real: ArrayLike<number>, g: ArrayLike<number>): ControlSummary => ({
+    ...summarize(g),
+    real_minus_control_ci: summarize(Array.from(real, (v, i) => v - g[i]!)).recovery_ci,
+  });
   return combos.map((c, ci) => ({
     direction: c.direction,
     site: c.site,
     layer: c.layer,
     alpha: s.alpha,
     ...summarize(gains.real[ci]!),
-    controls: gains.random && gains.meanAblation ? { random_direction: summarize(gains.random[ci]!), mean_ablation: summarize(gains.meanAblation[ci]!) } : null,
+    controls:
+      gains.random && gains.meanAblation
+        ? { random_direction: control(gains.real[ci]!, gains.random[ci]!), mean_ablation: control(gains.real[ci]!, gains.meanAblation[ci]!) }
+        : null,
   }));
 }

@@ -10,7 +10,7 @@ import type { LlamaModel } from "../model/llama.js";
 import { mean } from "../stats/stats.js";
 import { meanAblationStage, randomDirectionPatch } from "./controls.js";
 import { distancesOf } from "./distances.js";
-import { lassoStage, probeStage } from "./estimators.js";
+import { cvFolds, lassoStage, probeStage } from "./estimators.js";
 import { logitLensBatch } from "./lens.js";
 import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
@@ -22,10 +22,44 @@ import { sweepBatch, sweepInput } from "./sweep.js";
 
 const tick = () => new Promise<void>((r) => setImmediate(r));
 
-/** Consecutive batches of at most `size` pairs, as [start, end) positions. */
-export function planBatches(n: number, size: number): Array<[number, number]> {
+/** A pair too large for the memory one batch may use, on its own. */
+export class BatchTooLarge extends Error {
+  override name = "BatchTooLarge";
+  constructor(
+    readonly pair: Pair,
+    readonly bytes: number,
+    readonly budget: number,
+  ) {
+    super(`pair at line ${pair.line} (${pair.promptIds.length + Math.max(pair.chosenIds.length, pair.rejectedIds.length)} tokens) needs ~${(bytes / 2 ** 30).toFixed(2)} GiB for one forward batch, more than the ${(budget / 2 ** 30).toFixed(2)} GiB available (lower --max-tokens to skip such pairs)`);
+  }
+}
+
+/**
+ * Consecutive batches of at most `size` pairs, as [start, end) positions, each small enough that
+ * `bytesFor(rows, T, scored)` stays within `budget` (a pair that alone exceeds it throws BatchTooLarge).
+ * The plan depends only on the pairs, `size` and the budget, so every shard and resume sees the same batches.
+ */
+export function planBatches(pairs: Pair[], size: number, budget = Infinity, bytesFor: (rows: number, T: number, scored: number) => number = () => 0): Array<[number, number]> {
   const out: Array<[number, number]> = [];
-  for (let i = 0; i < n; i += size) out.push([i, Math.min(n, i + size)]);
+  let start = 0;
+  let T = 0;
+  let scored = 0;
+  for (let i = 0; i < pairs.length; i++) {
+    const p = pairs[i]!;
+    const len = p.promptIds.length + Math.max(p.chosenIds.length, p.rejectedIds.length);
+    const add = p.chosenIds.length + p.rejectedIds.length;
+    const alone = bytesFor(2, len, add);
+    if (alone > budget) throw new BatchTooLarge(p, alone, budget);
+    if (i > start && (i - start >= size || bytesFor(2 * (i - start + 1), Math.max(T, len), scored + add) > budget)) {
+      out.push([start, i]);
+      start = i;
+      T = 0;
+      scored = 0;
+    }
+    T = Math.max(T, len);
+    scored += add;
+  }
+  if (pairs.length > start) out.push([start, pairs.length]);
   return out;
 }
 
@@ -69,7 +103,7 @@ export async function analysePairs(
   opts: { batches?: Array<[number, number]>; done?: number } = {},
 ): Promise<PairState[]> {
   const plan = makePlan(s, models.base.config.numLayers);
-  const batches = opts.batches ?? planBatches(pairs.length, s.batchPairs);
+  const batches = opts.batches ?? planBatches(pairs, s.batchPairs);
   const total = batches.reduce((a, [b, e]) => a + e - b, 0) + (opts.done ?? 0);
   let done = opts.done ?? 0;
   const out: PairState[] = [];
@@ -88,7 +122,14 @@ export async function analysePairs(
 }
 
 /** Phase 2: the dataset-level stages from every pair's state (states[i] belongs to pairs[i]). */
-export async function finishAnalysis(models: ModelPair, pairs: Pair[], states: PairState[], s: RunSettings, cb: RunCallbacks = {}): Promise<Results> {
+export async function finishAnalysis(
+  models: ModelPair,
+  pairs: Pair[],
+  states: PairState[],
+  s: RunSettings,
+  cb: RunCallbacks = {},
+  batches: Array<[number, number]> = planBatches(pairs, s.batchPairs),
+): Promise<Results> {
   const { numLayers: L, hiddenSize: H } = models.base.config;
   const n = pairs.length;
   if (states.length !== n || states.some((st, i) => st.record.index !== pairs[i]!.index)) throw new Error("finishAnalysis: one state per pair, in the pairs' order");
@@ -105,7 +146,7 @@ export async function finishAnalysis(models: ModelPair, pairs: Pair[], states: P
     });
 
   let t0 = performance.now();
-  const meanAbl = s.controls && plan.combos.length ? await meanAblationStage(models, pairs, planBatches(n, s.batchPairs), plan, states, layout, s, cb) : null;
+  const meanAbl = s.controls && plan.combos.length ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb) : null;
   timings.mean_ablation = performance.now() - t0;
   const noGap = gapTooSmall(margin.base, margin.tuned);
   const patching = patchingEntries(plan.combos, { real: column((r) => r.gains), random: s.controls ? column((r) => r.random_direction) : null, meanAblation: s.controls ? (meanAbl ?? []) : null }, gap, noGap, s);
@@ -141,6 +182,7 @@ export async function finishAnalysis(models: ModelPair, pairs: Pair[], states: P
     lasso,
     probes,
     pca,
+    cv: cvFolds(n, s),
     logit_lens: {
       layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)],
       base: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.base[d]!))),

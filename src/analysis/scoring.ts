@@ -139,3 +139,16 @@ export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: Fo
   }
   return out;
 }
+
+/**
+ * An upper estimate of the float32 bytes one scoring batch holds at its peak: both models' cached sites, one
+ * layer's transient activations and attention scores, and the logits (with their log-softmax) at `scored`
+ * response positions.
+ */
+export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number {
+  const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d, vocabSize: V } = cfg;
+  const cached = 2 * plan.cacheSites.length * rows * T * H;
+  const layer = rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + 3 * rows * nH * T * T;
+  const logits = 3 * scored * V;
+  return 4 * (cached + layer + logits);
+}

@@ -97,13 +97,18 @@ export interface GainSummary {
   recovery_ci: [number, number];
 }
 
+/** A control's gains, plus the bootstrap CI of (real − control) recovery: above 0 means the real patch beats it. */
+export interface ControlSummary extends GainSummary {
+  real_minus_control_ci: [number, number];
+}
+
 /** One (direction, site, layer) of the patch sweep, with its controls. */
 export interface PatchingEntry extends GainSummary {
   direction: Direction;
   site: Site;
   layer: number;
   alpha: number;
-  controls: { random_direction: GainSummary; mean_ablation: GainSummary } | null;
+  controls: { random_direction: ControlSummary; mean_ablation: ControlSummary } | null;
 }
 
 /** Everything measured for one pair on its own; streamed to pairs.jsonl as each pair completes. */
@@ -144,8 +149,17 @@ export interface LowRankResult {
   components: Float32Array;
 }
 
-/** LASSO of the per-pair gap on per-layer distances, with its inputs. */
-export type LassoResult = LassoCVResult & { X: number[][]; y: number[]; feature: string; nonzero_layers: number[] };
+/** LASSO of the per-pair gap on per-layer distances, with its inputs and how its selection moves with the CV seed. */
+export type LassoResult = LassoCVResult & {
+  X: number[][];
+  y: number[];
+  feature: string;
+  nonzero_layers: number[];
+  /** The layers selected when only the CV fold seed changes (seed, seed+1, …). */
+  seed_sets: Array<{ seed: number; nonzero_layers: number[] }>;
+  /** Whether every seed in seed_sets selects the same layers. */
+  stable_across_seeds: boolean;
+};
 
 /** Cross-validated probe accuracy of one model at one layer. */
 export interface ProbeResult {
@@ -166,6 +180,8 @@ export interface Results {
   lasso: LassoResult | null;
   probes: ProbeResult[];
   pca: LowRankResult | null;
+  /** The K-fold assignment shared by LASSO and the probes (kFolds over pairs with the run's seed). */
+  cv: { folds: number; fold_of_pair: number[] };
   logit_lens: { layers: string[]; base: number[]; tuned: number[] };
   mean_diff: Float32Array; // [L, H]: mean h_tuned − h_base at resid_post over response positions
   timings_ms: Record<string, number>;

@@ -15,6 +15,12 @@ export class ModelError extends Error {
   override name = "ModelError";
 }
 
+/** Index of the first NaN or ±Infinity in `x`, or −1. */
+export function firstNonFinite(x: Float32Array): number {
+  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i]!)) return i;
+  return -1;
+}
+
 /** Largest model (float32 weight bytes) the wasm backend is allowed to load; its heap is 4 GiB in all. */
 export const WASM_WEIGHT_LIMIT = 3 * 2 ** 30;
 
@@ -45,6 +51,8 @@ export function loadModelSync(dir: string): LlamaModel {
       if (!shape) throw new ModelError(`${dir}: unexpected tensor "${name}" (not part of a Llama model with this config)`);
       if (!tf.util.arraysEqual(shape, t.shape)) throw new ModelError(`${dir}: tensor "${name}" has shape [${t.shape}], config implies [${shape}]`);
       if (!(t.data instanceof Float32Array)) throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
+      const bad = firstNonFinite(t.data);
+      if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${t.data[bad]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
       if (isMatrixName(name)) got.set(name, tf.tensor(transposeData(t.data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32"));
       else got.set(name, tf.tensor(t.data, shape, "float32"));
       if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tf.tensor(transposeData(t.data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32");

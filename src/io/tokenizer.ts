@@ -20,6 +20,9 @@ export class TokenizerError extends Error {
   override name = "TokenizerError";
 }
 
+/** Tokenizer model types of tokenizer.json that @huggingface/tokenizers implements. */
+const KNOWN_MODELS = ["BPE", "WordPiece", "Unigram"];
+
 const readJson = (file: string): Record<string, unknown> => {
   try {
     return JSON.parse(fs.readFileSync(file, "utf8"));
@@ -33,6 +36,8 @@ export function loadTokenizer(dir: string): TextTokenizer | null {
   const file = path.join(dir, "tokenizer.json");
   if (!fs.existsSync(file)) return null;
   const json = readJson(file);
+  const kind = (json.model as { type?: unknown } | undefined)?.type;
+  if (!KNOWN_MODELS.includes(String(kind))) throw new TokenizerError(`${file}: tokenizer model type ${JSON.stringify(kind ?? null)} is not one of ${KNOWN_MODELS.join(", ")}`);
   const cfgFile = path.join(dir, "tokenizer_config.json");
   const config = fs.existsSync(cfgFile) ? readJson(cfgFile) : {};
   let tok: Tokenizer;

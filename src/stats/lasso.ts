@@ -133,7 +133,11 @@ export function lassoCV(
     const sd = Math.sqrt(e.reduce((s, v) => s + (v - mu) ** 2, 0) / Math.max(1, e.length - 1));
     return { alpha, cvMse: mu, cvSe: sd / Math.sqrt(e.length), nonzero: 0 };
   });
-  const fullPath = lassoPath(X, n, p, y, alphas);
+  // coefficients at rounding level (|w| ≤ 1e-9·sd(y), in standardized units) are zero, not a selection
+  const ySd = Math.sqrt(y.reduce((a, v) => a + (v - y.reduce((m, u) => m + u, 0) / n) ** 2, 0) / n);
+  const tol = 1e-9 * (ySd > 0 ? ySd : 1);
+  const clean = (f: LassoFit): LassoFit => ({ ...f, coef: f.coef.map((c) => (Math.abs(c) > tol ? c : 0)) });
+  const fullPath = lassoPath(X, n, p, y, alphas).map(clean);
   fullPath.forEach((f, a) => (path[a]!.nonzero = f.coef.filter((c) => c !== 0).length));
   let best = 0;
   path.forEach((pt, a) => {
@@ -144,7 +148,7 @@ export function lassoCV(
   const counts = new Array<number>(p).fill(0);
   for (let r = 0; r < reps; r++) {
     const rows = Array.from({ length: n }, () => Math.floor(rand() * n));
-    const f = lassoFit(pickRows(X, p, rows), n, p, Float64Array.from(rows, (i) => y[i]!), fit.alpha);
+    const f = clean(lassoFit(pickRows(X, p, rows), n, p, Float64Array.from(rows, (i) => y[i]!), fit.alpha));
     f.coef.forEach((c, j) => (counts[j]! += c !== 0 ? 1 : 0));
   }
   return {

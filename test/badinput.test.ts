@@ -1,0 +1,135 @@
+// Bad input as a new user gives it: each case ends in a one-line error with a non-zero exit and no outputs,
+// or in a counted skip or a warning — never in a wrong number.
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { beforeAll, describe, expect, it } from "vitest";
+import { readSafetensors, writeSafetensors, type TensorToWrite } from "../src/io/safetensors.js";
+import { runCli, tmpDir } from "./helpers.js";
+
+const MODEL = "fixtures/models/stories260k";
+const TUNED = "fixtures/models/stories260k-dpo";
+const FAST = ["--bootstrap", "10", "--stability", "2"];
+
+function writePairs(lines: unknown[]): string {
+  const f = path.join(tmpDir(), "pairs.jsonl");
+  fs.writeFileSync(f, lines.map((l) => (typeof l === "string" ? l : JSON.stringify(l))).join("\n") + "\n");
+  return f;
+}
+const good = (i: number) => ({ prompt: `Once upon a time, Tom saw a cat number ${i}.`, chosen: " Tom gave the cat some milk.", rejected: " Tom ran away from the cat." });
+
+/** A copy of the stories260k folder with `edit` applied to its tensors or files. */
+function modelCopy(edit: (dir: string, tensors: Map<string, { dtype: string; shape: number[]; data: Float32Array }>) => void): string {
+  const dir = path.join(tmpDir(), "model");
+  fs.cpSync(MODEL, dir, { recursive: true });
+  const tensors = readSafetensors(path.join(dir, "model.safetensors")) as unknown as Map<string, { dtype: string; shape: number[]; data: Float32Array }>;
+  edit(dir, tensors);
+  const out: Record<string, TensorToWrite> = {};
+  for (const [name, t] of tensors) out[name] = { dtype: "F32", shape: t.shape, data: t.data };
+  writeSafetensors(path.join(dir, "model.safetensors"), out);
+  return dir;
+}
+
+/** The last stderr line, which must be the only error line. */
+const lastLine = (err: string) => err.trim().split("\n").pop()!;
+
+describe("bad input", () => {
+  let pairs: string;
+  beforeAll(() => (pairs = writePairs([good(0), good(1), good(2), good(3)])));
+
+  it("NaN or Inf in the weights is refused, naming the tensor", () => {
+    const bad = modelCopy((_d, t) => (t.get("model.layers.2.mlp.up_proj.weight")!.data[17] = NaN));
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", "--base", MODEL, "--tuned", bad, "--pairs", pairs, "--out", out, ...FAST);
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(/^prefprobe: error: .*tensor "model\.layers\.2\.mlp\.up_proj\.weight" holds NaN at flat index 17: the weights are corrupt/);
+    expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
+    const inf = modelCopy((_d, t) => (t.get("model.norm.weight")!.data[0] = -Infinity));
+    expect(lastLine(runCli("logits", "--model", inf, "--ids", "1,2").err)).toMatch(/tensor "model\.norm\.weight" holds -Infinity/);
+  });
+
+  it("pairs longer than the model's context are skipped and counted by default; --max-tokens past it warns", () => {
+    const long = { prompt_ids: Array.from({ length: 600 }, (_, i) => 3 + (i % 400)), chosen_ids: [5], rejected_ids: [6] };
+    const f = writePairs([good(0), long, good(1), good(2)]);
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST);
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/pairs: 3 used, 1 skipped as longer than 512 tokens/);
+    const w = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), "--max-tokens", "700", "--limit", "1", ...FAST);
+    expect(w.err).toMatch(/warning: --max-tokens 700 lets pairs run past the model's context \(max_position_embeddings 512\)/);
+  });
+
+  it("a pair too large for one batch in the backend's memory is a one-line error with the numbers, before any compute", () => {
+    const huge = { prompt_ids: Array.from({ length: 12000 }, (_, i) => 3 + (i % 400)), chosen_ids: [5], rejected_ids: [6] };
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", writePairs([good(0), huge]), "--out", path.join(tmpDir(), "o"), "--max-tokens", "20000", ...FAST);
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(/^prefprobe: error: pair at line 2 \(12001 tokens\) needs ~\d+\.\d\d GiB for one forward batch, more than the \d+\.\d\d GiB available/);
+    expect(r.err).not.toMatch(/scoring/);
+  });
+
+  it("--limit N stops reading after N usable pairs (a bad line further on does not matter)", () => {
+    const f = writePairs([good(0), good(1), good(2), "{not json"]);
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), "--limit", "3", ...FAST);
+    expect(r.code, r.err).toBe(0);
+    expect(lastLine(runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST).err)).toMatch(/line 4: not valid JSON/);
+  });
+
+  it.each([
+    ["repeated layers", ["--layers", "1,1,1"], /layer 1 is listed twice/],
+    ["empty layers", ["--layers", ""], /--layers must be an integer ≥ 0, got ""/],
+    ["unknown flag", ["--frobnicate"], /^prefprobe: error: unknown option '--frobnicate'$/],
+    ["bad shard", ["--shard", "3"], /--shard must be i\/n/],
+    ["resume and force", ["--resume", "--force"], /--resume and --force exclude each other/],
+  ])("%s: one line, exit 1", (_n, extra, msg) => {
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", pairs, "--out", out, ...FAST, ...(extra as string[]));
+    expect(r.code).toBe(1);
+    expect(r.err.trim().split("\n")).toHaveLength(1);
+    expect(lastLine(r.err)).toMatch(msg as RegExp);
+  });
+
+  it("--folds larger than the pairs: the folds actually used are recorded; --bootstrap 0 prints no NaN", () => {
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", pairs, "--out", out, "--folds", "1000", "--bootstrap", "0", "--stability", "2");
+    expect(r.code, r.err).toBe(0);
+    const res = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8"));
+    expect(res.settings.folds).toBe(1000);
+    expect(res.cv.folds).toBe(4);
+    expect(res.cv.fold_of_pair).toHaveLength(4);
+    expect(res.lasso.folds).toBe(4);
+    expect(r.out).not.toMatch(/NaN/);
+    expect(r.out).toMatch(/no CI: --bootstrap 0/);
+  });
+
+  it("identical responses and identical models are warned about", () => {
+    const f = writePairs([good(0), { ...good(1), rejected: good(1).chosen }, good(2)]);
+    const r = runCli("run", "--base", MODEL, "--tuned", MODEL, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST);
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/warning: base and tuned are the same weights/);
+    expect(r.err).toMatch(/warning: 1 pairs have identical chosen and rejected responses/);
+  });
+
+  it("a tokenizer.json of an unknown model type is refused", () => {
+    const dir = modelCopy((d) => {
+      const tok = JSON.parse(fs.readFileSync(path.join(d, "tokenizer.json"), "utf8"));
+      tok.model.type = "Sentencepiece9000";
+      fs.writeFileSync(path.join(d, "tokenizer.json"), JSON.stringify(tok));
+    });
+    const r = runCli("logits", "--model", dir, "--text", "hi");
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(/tokenizer model type "Sentencepiece9000" is not one of BPE, WordPiece, Unigram/);
+  });
+
+  it("logits --out under a file, generate past the context, generate --ids", () => {
+    const file = path.join(tmpDir(), "file.txt");
+    fs.writeFileSync(file, "x");
+    const r = runCli("logits", "--model", MODEL, "--ids", "1,2", "--out", path.join(file, "x.safetensors"));
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(/cannot write .*x\.safetensors: .*file\.txt is not a folder/);
+    const g = runCli("generate", "--model", MODEL, "--steps", "5000");
+    expect(g.code).toBe(1);
+    expect(lastLine(g.err)).toMatch(/--steps 5000 after a 1-token prompt would run past the model's context of 512 tokens \(use at most --steps 511\)/);
+    const ids = runCli("generate", "--model", MODEL, "--ids", "1", "--steps", "8");
+    const text = runCli("generate", "--model", MODEL, "--steps", "8");
+    expect(ids.code, ids.err).toBe(0);
+    expect(ids.out).toBe(text.out); // BOS as ids = the default start
+  });
+});

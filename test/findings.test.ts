@@ -1,0 +1,88 @@
+// Findings never claim more than the numbers show: a patch no better than its random control is said to be
+// indistinguishable from it, a LASSO selection that moves with the CV seed is called unstable, and
+// coefficients at rounding level select nothing.
+import { describe, expect, it } from "vitest";
+import { findings } from "../src/analysis/findings.js";
+import { lassoStage } from "../src/analysis/estimators.js";
+import { patchingEntries } from "../src/analysis/recovery.js";
+import { resolveSettings, type PairRecord, type Results } from "../src/analysis/settings.js";
+import { seededRandom, gaussian } from "../src/stats/stats.js";
+import { useBackend } from "./helpers.js";
+
+useBackend();
+
+const s = resolveSettings({ bootstrap: 200 });
+
+/** A Results with only what findings reads about patching and LASSO. */
+function resultsWith(patching: Results["patching"], lasso: Results["lasso"] = null): Results {
+  return {
+    n_pairs: 40,
+    num_layers: 2,
+    hidden_size: 4,
+    pairs: [],
+    summary: { mean_margin_base: 0, mean_margin_tuned: 1, mean_gap: 1, tuned_prefers_chosen: 0.5, base_prefers_chosen: 0.5 },
+    patching,
+    lasso,
+    probes: [],
+    pca: null,
+    cv: { folds: 5, fold_of_pair: [] },
+    logit_lens: { layers: ["embed", "0", "1"], base: [0, 0, 0], tuned: [0, 0, 0] },
+    mean_diff: new Float32Array(8),
+    timings_ms: {},
+  };
+}
+
+describe("findings and the random-direction control", () => {
+  const rand = seededRandom(5);
+  const gap = Array.from({ length: 40 }, () => 1 + 0.2 * gaussian(rand));
+  const combos = [{ direction: "tuned->base" as const, site: "resid_post" as const, layer: 1 }];
+
+  it("a real patch far above its control is reported as beating it, with the CI of the difference", () => {
+    const real = gap.map((g) => 0.9 * g + 0.05 * gaussian(rand));
+    const random = gap.map(() => 0.05 * gaussian(rand));
+    const e = patchingEntries(combos, { real: [real], random: [random], meanAblation: [random] }, gap, false, s);
+    expect(e[0]!.controls!.random_direction.real_minus_control_ci[0]).toBeGreaterThan(0.5);
+    const line = findings(resultsWith(e)).find((l) => l.startsWith("Patching"))!;
+    expect(line).toMatch(/It beats a random direction of the same norm at that layer \(random recovers -?\d+\.\d%; real − random recovery 95% CI/);
+  });
+
+  it("when the random direction recovers as much (real 86.9%-like, random 133.8%-like), the headline says not distinguishable", () => {
+    const real = gap.map((g) => 0.87 * g + 0.3 * gaussian(rand));
+    const random = gap.map((g) => 1.34 * g + 1.5 * gaussian(rand));
+    const e = patchingEntries(combos, { real: [real], random: [random], meanAblation: [random] }, gap, false, s);
+    const line = findings(resultsWith(e)).find((l) => l.startsWith("Patching"))!;
+    expect(line).toMatch(/NOT distinguishable from a random direction of the same norm/);
+    expect(line).not.toMatch(/It beats/);
+  });
+});
+
+describe("LASSO findings", () => {
+  const record = (distance: number[], gap: number): PairRecord => ({ distance, gap }) as unknown as PairRecord;
+
+  it("an exactly irrelevant column gets coefficient 0, and the selection is checked across CV seeds", () => {
+    const rand = seededRandom(2);
+    const recs = Array.from({ length: 60 }, () => {
+      const d = [gaussian(rand), gaussian(rand), 1];
+      return record(d, 2 * d[0]! + 0.1 * gaussian(rand));
+    });
+    const l = lassoStage(recs, 3, s)!;
+    expect(l.coef[2]).toBe(0); // a constant column
+    expect(l.nonzero_layers).toContain(0);
+    expect(l.seed_sets.map((x) => x.seed)).toEqual([0, 1, 2, 3, 4]);
+    expect(l.stable_across_seeds).toBe(l.seed_sets.every((x) => x.nonzero_layers.join() === l.nonzero_layers.join()));
+  });
+
+  it("a selection that changes with the CV seed is reported as unstable, naming both sets", () => {
+    // pure noise: which columns survive depends on the folds
+    let found: ReturnType<typeof lassoStage> = null;
+    for (let seed = 0; seed < 20 && !found; seed++) {
+      const rand = seededRandom(100 + seed);
+      const recs = Array.from({ length: 25 }, () => record([gaussian(rand), gaussian(rand), gaussian(rand), gaussian(rand)], gaussian(rand)));
+      const l = lassoStage(recs, 4, s)!;
+      if (!l.stable_across_seeds) found = l;
+    }
+    expect(found).not.toBeNull();
+    const line = findings(resultsWith([], found)).find((x) => x.startsWith("LASSO"))!;
+    expect(line).toMatch(/The selection is unstable: it changes with the CV fold seed alone \(\{[\d, ]*\} at seed 0, \{[\d, ]*\} at seed \d\), so no layer set is a finding\./);
+  });
+});

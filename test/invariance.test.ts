@@ -1,0 +1,96 @@
+// A pair's numbers depend on the pair, not on how the run was cut: batch size, which other layers were swept,
+// the shard (test/longrun.test.ts), and the tokenization of a response sitting after its prompt.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { loadModelSync } from "../src/io/model.js";
+import { loadPairs, readPairs, tokenizeTextPair } from "../src/io/pairs.js";
+import { loadTokenizer } from "../src/io/tokenizer.js";
+import type { Pair } from "../src/data/pairs.js";
+import { disposeModel, type LlamaModel } from "../src/model/llama.js";
+import { analysePairs, planBatches } from "../src/analysis/run.js";
+import { resolveSettings, type PairState } from "../src/analysis/settings.js";
+import { useBackend } from "./helpers.js";
+
+useBackend();
+
+const MODEL = "fixtures/models/stories260k";
+let base: LlamaModel;
+let tuned: LlamaModel;
+let pairs: Pair[];
+beforeAll(() => {
+  base = loadModelSync(MODEL);
+  tuned = loadModelSync("fixtures/models/stories260k-dpo");
+  pairs = loadPairs("fixtures/data/stories/test.jsonl", MODEL, { limit: 7 });
+});
+afterAll(() => (disposeModel(base), disposeModel(tuned)));
+
+const run = (settings: Parameters<typeof resolveSettings>[0]) => analysePairs({ base, tuned }, pairs, resolveSettings({ sites: ["resid_post", "attn_out"], ...settings }, base.config));
+
+/** Largest |a − b| relative to max(1, |b|) over every number of two pairs' records and sums. */
+function maxRelDiff(a: PairState[], b: PairState[]): number {
+  let m = 0;
+  const walk = (x: unknown, y: unknown) => {
+    if (typeof x === "number" && typeof y === "number") m = Math.max(m, Math.abs(x - y) / Math.max(1, Math.abs(y)));
+    else if (Array.isArray(x) && Array.isArray(y)) x.forEach((v, i) => walk(v, y[i]));
+    else if (x && y && typeof x === "object") for (const k of Object.keys(x)) walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k]);
+  };
+  a.forEach((st, i) => (walk(st.record, b[i]!.record), walk(Array.from(st.sums), Array.from(b[i]!.sums))));
+  return m;
+}
+
+describe("a pair's numbers", () => {
+  it("do not depend on the batch size (every record field and sum, random-direction control included)", async () => {
+    const one = await run({ batchPairs: 1 });
+    const three = await run({ batchPairs: 3 });
+    const seven = await run({ batchPairs: 7 });
+    expect(one.map((s) => s.record.index)).toEqual([0, 1, 2, 3, 4, 5, 6]);
+    expect(maxRelDiff(three, one)).toBeLessThan(1e-4);
+    expect(maxRelDiff(seven, one)).toBeLessThan(1e-4);
+    // the control is really random: it differs between layers and from the real patch
+    const r = one[0]!.record;
+    expect(r.random_direction!["tuned->base resid_post"]![0]).not.toBe(r.random_direction!["tuned->base resid_post"]![1]);
+  });
+
+  it("do not depend on which other layers are swept", async () => {
+    const only3 = await run({ layers: [3] });
+    const with2 = await run({ layers: [2, 3] });
+    only3.forEach((st, i) => {
+      for (const key of ["tuned->base resid_post", "tuned->base attn_out"]) {
+        expect(st.record.gains[key]![0]).toBe(with2[i]!.record.gains[key]![1]);
+        expect(st.record.random_direction![key]![0]).toBe(with2[i]!.record.random_direction![key]![1]);
+      }
+    });
+  });
+
+  it("change with the seed (the key includes it)", async () => {
+    const a = await run({ layers: [3], seed: 0 });
+    const b = await run({ layers: [3], seed: 1 });
+    expect(a[0]!.record.random_direction!["tuned->base resid_post"]![0]).not.toBe(b[0]!.record.random_direction!["tuned->base resid_post"]![0]);
+    expect(a[0]!.record.gains).toEqual(b[0]!.record.gains);
+  });
+
+  it("batches are planned whole and identically for every shard", () => {
+    expect(planBatches(pairs, 3)).toEqual([[0, 3], [3, 6], [6, 7]]);
+    // a budget splits batches before it is exceeded (here: at most 2 pairs' worth)
+    expect(planBatches(pairs, 3, 2.5, (rows) => rows / 2)).toEqual([[0, 2], [2, 4], [4, 6], [6, 7]]);
+    expect(() => planBatches(pairs, 3, 0.5, (rows) => rows / 2)).toThrow(/pair at line 1 .* needs/);
+  });
+});
+
+describe("the prompt/response seam", () => {
+  it("on the real HH-RLHF file, prompt ids + response ids are the joint text's tokenization, for both responses", () => {
+    const tok = loadTokenizer(MODEL)!;
+    const { pairs: raw } = readPairs("fixtures/data/hh-rlhf/harmless-base-test.jsonl.gz", { skipBad: true });
+    let dummyPrefixes = 0;
+    for (const r of raw.slice(0, 150)) {
+      const t = tokenizeTextPair(tok, r.prompt!, r.chosen!, r.rejected!);
+      expect([...t.promptIds, ...t.chosenIds]).toEqual(tok.encode(r.prompt! + r.chosen!));
+      expect([...t.promptIds, ...t.rejectedIds]).toEqual(tok.encode(r.prompt! + r.rejected!));
+      expect(t.promptIds.length).toBeGreaterThan(0);
+      // what separate tokenization would have added: a lone "▁" before a response that starts with a space
+      if (tok.encode(r.chosen!, { addSpecialTokens: false })[0] === tok.encode(" ", { addSpecialTokens: false })[0] && t.chosenIds[0] !== tok.encode(" ", { addSpecialTokens: false })[0]) dummyPrefixes++;
+    }
+    expect(dummyPrefixes).toBeGreaterThan(50); // the bug the joint tokenization fixes is real on this data
+    const ok = tokenizeTextPair(tok, "Human: hi\n\nAssistant:", " Ok", " No");
+    expect(ok.chosenIds.map((id) => tok.idToToken(id))).toEqual(["▁O", "k"]);
+  });
+});
