@@ -63,12 +63,20 @@ export function activationTensors(r: Results): Record<string, TensorToWrite> {
 
 /** Writes results.json, activations.safetensors and report.html into outDir. */
 export function writeRunOutputs(outDir: string, r: Results, meta: Record<string, unknown>, reportHtml: string): string[] {
-  const [acts, report, results] = FINAL_FILES.map((f) => path.join(outDir, f)) as [string, string, string];
-  // each file appears whole (temporary file + rename); results.json comes last, so it marks a finished run
-  writeSafetensors(acts, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
-  writeFileAtomic(report, reportHtml);
-  writeFileAtomic(results, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
-  return [acts, report, results];
+  const finals = FINAL_FILES.map((f) => path.join(outDir, f));
+  const temps = finals.map((f) => `${f}.final-${process.pid}`);
+  const [acts, report, results] = temps as [string, string, string];
+  try {
+    // everything is written under temporary names first, then renamed back to back (results.json last, so
+    // its presence marks a finished run): the three files appear together or not at all
+    writeSafetensors(acts, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
+    writeFileAtomic(report, reportHtml);
+    writeFileAtomic(results, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
+    temps.forEach((t, i) => fs.renameSync(t, finals[i]!));
+  } finally {
+    for (const t of temps) fs.rmSync(t, { force: true });
+  }
+  return finals;
 }
 
 /** What a run records about itself besides its results. */
