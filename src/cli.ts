@@ -4,6 +4,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { Command, CommanderError, Option } from "commander";
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "./model/read.js";
 import cliProgress from "cli-progress";
 import { initBackend, BACKENDS } from "./model/backend.js";
 import { disposeModel } from "./model/llama.js";
@@ -84,7 +85,7 @@ program
     const ids = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : needTokenizer(tok, o.model).encode(o.text!);
     if (ids.length === 0) throw new UsageError("the input has no tokens");
     const { logits, resid } = logitsAndResid(model, ids, !!o.resid);
-    const last = tf.tidy(() => tf.softmax(tf.slice(logits, [ids.length - 1, 0], [1, -1])).dataSync());
+    const last = readValues(() => tf.softmax(tf.slice(logits, [ids.length - 1, 0], [1, -1])));
     const order = Array.from(last.keys()).sort((a, b) => last[b]! - last[a]!).slice(0, top);
     console.log(`tokens (${ids.length}): ${ids.join(" ")}`);
     console.log(`top ${order.length} next tokens after position ${ids.length - 1}:`);

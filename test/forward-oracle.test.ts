@@ -18,6 +18,15 @@ describe("forward pass vs float64 oracle", () => {
     );
   });
 
+  it("attention by one 2-D matmul per (row, kv head) agrees too, and so does the batched form", () => {
+    fc.assert(
+      fc.property(arbCase, fc.constantFrom("grouped" as const, "batched" as const), ({ cfg, seed, dtype, shards, rows }, attention) =>
+        checkAgainstOracle(cfg, seed, dtype, shards, rows, attention),
+      ),
+      { numRuns: 30, seed: 20261126 },
+    );
+  });
+
   it("agrees with llama3 RoPE scaling well past the original context (T = 70 > 16)", () => {
     const cfg: OracleConfig = {
       hidden: 16, inter: 24, layers: 2, heads: 4, kvHeads: 2, headDim: 6, vocab: 30, eps: 1e-5, theta: 500000,

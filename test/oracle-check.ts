@@ -11,7 +11,14 @@ import { flat, maxAbsDiff } from "./helpers.js";
 const TOL = 1e-4;
 
 /** Checks every row of a padded batch against the oracle run on that row alone. */
-export function checkAgainstOracle(cfg: OracleConfig, seed: number, dtype: "F32" | "F16" | "BF16", shards: number, rows: number[][]): void {
+export function checkAgainstOracle(
+  cfg: OracleConfig,
+  seed: number,
+  dtype: "F32" | "F16" | "BF16",
+  shards: number,
+  rows: number[][],
+  attention: "auto" | "grouped" | "batched" = "auto",
+): void {
   const w = randomWeights(cfg, seed);
   const dir = writeModelFolder({ cfg, seed, dtype, shards }, w);
   const model = loadModelSync(dir);
@@ -20,7 +27,7 @@ export function checkAgainstOracle(cfg: OracleConfig, seed: number, dtype: "F32"
     const padded = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
     const sites = (l: number) => [`blocks.${l}.hook_resid_pre`, `blocks.${l}.hook_attn_out`, `blocks.${l}.hook_resid_mid`, `blocks.${l}.hook_mlp_out`, `blocks.${l}.hook_resid_post`];
     const names = ["hook_embed", ...Array.from({ length: cfg.layers }, (_, l) => sites(l)).flat()];
-    const { logits, cache } = forward(model, padded, { lengths: rows.map((r) => r.length), cache: names });
+    const { logits, cache } = forward(model, padded, { lengths: rows.map((r) => r.length), cache: names, attention });
     const lg = logits!.arraySync() as number[][][];
     rows.forEach((r, b) => {
       const ref = oracleForward(cfg, w, r);

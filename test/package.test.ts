@@ -7,6 +7,7 @@ import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 import { tmpDir } from "./helpers.js";
 
+// --ignore-scripts: npm would run our prepare (tsc) and rewrite dist/ while other test files run the CLI from it
 const repo = path.resolve(".");
 
 const USER_CODE = (repo: string) => `
@@ -30,7 +31,7 @@ describe("prefprobe as a library", () => {
   it("installs from a path into a fresh project, type-checks under --strict and runs", () => {
     const dir = tmpDir();
     fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
-    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline"], { cwd: dir, stdio: "pipe" });
+    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], { cwd: dir, stdio: "pipe" });
     fs.writeFileSync(path.join(dir, "main.ts"), USER_CODE(repo));
     fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
     const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });
@@ -46,7 +47,7 @@ describe("prefprobe as a library", () => {
   it("a type error in user code is reported (the check above is not vacuous)", () => {
     const dir = tmpDir();
     fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
-    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline"], { cwd: dir, stdio: "pipe" });
+    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], { cwd: dir, stdio: "pipe" });
     fs.writeFileSync(path.join(dir, "main.ts"), `import { hookName } from "prefprobe";\nconst n: number = hookName("mlp_out", 1);\nconsole.log(n);\n`);
     fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
     const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });

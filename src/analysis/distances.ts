@@ -1,12 +1,13 @@
 // Stage 4, activation distances: per pair and layer, how far the tuned model's residual stream is from the
 // base model's over the response positions (the LASSO's features), and the mean difference per layer.
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import { hookName } from "../model/hooks.js";
 import type { ScoredBatch } from "./scoring.js";
 
 /** Mean over masked positions of per-position values [B, T] computed by `values` → per row [B]. */
 function maskedRowMean(values: () => tf.Tensor, mask: tf.Tensor): Float32Array {
-  return tf.tidy(() => tf.div(tf.sum(tf.mul(values(), tf.squeeze(mask, [2])), 1), tf.maximum(tf.sum(mask, [1, 2]), 1)).dataSync() as Float32Array);
+  return readValues(() => tf.div(tf.sum(tf.mul(values(), tf.squeeze(mask, [2])), 1), tf.maximum(tf.sum(mask, [1, 2]), 1)));
 }
 
 /**

@@ -2,6 +2,7 @@
 // layer on a training split of pairs, then the held-out recovery of patching only its top-k directions,
 // beside a random k-dimensional subspace.
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import type { Pair } from "../data/pairs.js";
 import { makeBatch, positionMask, type PairBatch } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
@@ -68,7 +69,7 @@ export async function lowRankStage(
     const batch = makeBatch(js.map((j) => pairs[j]!));
     const hb = upTo(models.base, batch);
     const ht = upTo(models.tuned, batch);
-    const diff = tf.tidy(() => tf.sub(ht, hb).dataSync() as Float32Array);
+    const diff = readValues(() => tf.sub(ht, hb));
     for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
     tf.dispose([hb, ht]);
     cb.onProgress?.((done += js.length));

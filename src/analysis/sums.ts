@@ -3,6 +3,7 @@
 // activation (probe features), the pair's summed h_tuned − h_base over response positions (mean difference),
 // and each patch site's summed activation over all positions (mean-ablation means).
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import type { ScoredBatch } from "./scoring.js";
 import type { PairState } from "./settings.js";
@@ -38,9 +39,9 @@ export function sumsLayout(L: number, H: number, sites: HookName[]): SumsLayout 
 
 /** Per-row reduction over positions of `values` [B, T, H] weighted by mask [B, T, 1] → [B][H] (float32 → float64). */
 function rowSums(values: () => tf.Tensor, mask: tf.Tensor, divide = false): Float32Array {
-  return tf.tidy(() => {
+  return readValues(() => {
     const sum = tf.sum(tf.mul(values(), mask), 1);
-    return (divide ? tf.div(sum, tf.sum(mask, 1)) : sum).dataSync() as Float32Array;
+    return divide ? tf.div(sum, tf.sum(mask, 1)) : sum;
   });
 }
 

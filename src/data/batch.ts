@@ -1,6 +1,7 @@
 // A batch of preference pairs as model input: rows (chosen, rejected) per pair, right-padded, with the logit
 // positions that score each response token, and response log-probabilities / margins from those logits.
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import type { Pair } from "./pairs.js";
 
 /** Model input for a batch of pairs: row 2i is pair i's chosen sequence, row 2i+1 its rejected one. */
@@ -60,7 +61,7 @@ export function tokenLogprobs(logits: tf.Tensor, batch: PairBatch): tf.Tensor1D 
 
 /** Per-row response log-probability (sum, or mean with perToken) from logits [N, V] at batch.logitsAt. */
 export function responseLogprobs(logits: tf.Tensor, batch: PairBatch, perToken: boolean): Float64Array {
-  const lp = tf.tidy(() => tokenLogprobs(logits, batch).dataSync());
+  const lp = readValues(() => tokenLogprobs(logits, batch));
   const rows = batch.ids.length;
   const sum = new Float64Array(rows);
   const count = new Float64Array(rows);

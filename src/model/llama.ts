@@ -61,7 +61,15 @@ export interface ForwardOptions {
   stopAfter?: number;
   /** Which logits: "all" → [B, T, V] (default), "none", or [batch, position] pairs → [N, V]. */
   logitsAt?: "all" | "none" | Array<[number, number]>;
+  /**
+   * How attention multiplies: "grouped" (one 2-D matmul per row and kv head, fast on wasm at long T),
+   * "batched", or "auto" (default: grouped once a group's score matrix has GROUPED_ATTENTION_MIN entries).
+   */
+  attention?: "auto" | "grouped" | "batched";
 }
+
+/** Score-matrix entries (query heads per group × T × T) from which "auto" attention goes grouped. */
+export const GROUPED_ATTENTION_MIN = 16384;
 
 /** Logits (null when not asked for or stopped early) and the cached sites; the caller owns both. */
 export interface ForwardResult {
@@ -78,6 +86,7 @@ interface Ctx {
   cos: tf.Tensor2D; // [T, head_dim]
   sin: tf.Tensor2D;
   maskBias: tf.Tensor; // [B, 1, 1, T, T]: 0 where a query may attend to a key, −1e9 elsewhere
+  grouped: boolean; // attention by one 2-D matmul per (row, kv head) instead of batched matmuls
 }
 
 /** x · W (+ b) for x [..., in] and W [in, out]. */
@@ -111,11 +120,37 @@ function attention(p: LlamaLayer, x: tf.Tensor, l: number, ctx: Ctx): tf.Tensor 
   const k = rope(heads(p.k, p.kBias, nKv, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nKv, T, d]
   const v = heads(p.v, p.vBias, nKv, [0, 2, 1, 3]);
   // Query heads kv·g … kv·g+g−1 read kv head kv: view q as [B, nKv, g·T, d] and attend per kv head.
+  const z = ctx.grouped ? attendPerGroup(q, k, v, ctx) : attendBatched(q, k, v, ctx);
+  const zHooked = ctx.site(`blocks.${l}.attn.hook_z`, tf.transpose(tf.reshape(z, [B, nH, T, d]), [0, 2, 1, 3])); // [B, T, heads, head_dim]
+  return linear(tf.reshape(zHooked, [B, T, nH * d]), p.o, p.oBias);
+}
+
+/** softmax(q kᵀ/√d + mask) v for all (row, kv head) at once with batched matmuls → [B, nKv, g·T, d]. */
+function attendBatched(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, ctx: Ctx): tf.Tensor {
+  const [B, nKv, T, d] = k.shape as [number, number, number, number];
+  const g = q.shape[1]! / nKv;
   const scores = tf.mul(tf.matMul(tf.reshape(q, [B, nKv, g * T, d]), tf.transpose(k, [0, 1, 3, 2])), 1 / Math.sqrt(d));
   const probs = tf.softmax(tf.add(tf.reshape(scores, [B, nKv, g, T, T]), ctx.maskBias), -1);
-  const z = tf.transpose(tf.reshape(tf.matMul(tf.reshape(probs, [B, nKv, g * T, T]), v), [B, nH, T, d]), [0, 2, 1, 3]);
-  const zHooked = ctx.site(`blocks.${l}.attn.hook_z`, z); // [B, T, heads, head_dim]
-  return linear(tf.reshape(zHooked, [B, T, nH * d]), p.o, p.oBias);
+  return tf.matMul(tf.reshape(probs, [B, nKv, g * T, T]), v);
+}
+
+/**
+ * The same as attendBatched with one 2-D matmul per (row, kv head): tfjs-wasm runs 2-D matmuls through XNNPACK
+ * but batched ones through a scalar loop, which dominates at long T.
+ */
+function attendPerGroup(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, ctx: Ctx): tf.Tensor {
+  const [B, nKv, T, d] = k.shape as [number, number, number, number];
+  const g = q.shape[1]! / nKv;
+  const qs = tf.unstack(tf.reshape(q, [B * nKv, g * T, d]));
+  const kTs = tf.unstack(tf.reshape(tf.transpose(k, [0, 1, 3, 2]), [B * nKv, d, T])); // kᵀ once: no transposed matmul operand
+  const vs = tf.unstack(tf.reshape(v, [B * nKv, T, d]));
+  const masks = tf.unstack(tf.reshape(ctx.maskBias, [B, 1, T, T]));
+  const zs = qs.map((qi, i) => {
+    const scores = tf.reshape(tf.mul(tf.matMul(qi, kTs[i]!), 1 / Math.sqrt(d)), [g, T, T]);
+    const probs = tf.softmax(tf.add(scores, masks[Math.floor(i / nKv)]!), -1);
+    return tf.matMul(tf.reshape(probs, [g * T, T]), vs[i]!);
+  });
+  return tf.reshape(tf.stack(zs), [B, nKv, g * T, d]);
 }
 
 /** SwiGLU MLP: down(silu(gate(x)) · up(x)). */
@@ -202,6 +237,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     cos: tf.tensor2d(tables.cos, [T, cfg.headDim]),
     sin: tf.tensor2d(tables.sin, [T, cfg.headDim]),
     maskBias: maskBias(lengths, T),
+    grouped: opts.attention === "grouped" || ((opts.attention ?? "auto") === "auto" && (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN),
   };
   try {
     let resid = opts.start

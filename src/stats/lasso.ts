@@ -2,6 +2,7 @@
 // unit population std; a constant column gets coefficient 0). Coordinate descent on the Gram matrix XᵀX/n and
 // Xᵀy/n, which are computed on tfjs; α is chosen by K-fold CV over a log-spaced path.
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import { columnStats, isConstant, kFolds, logSpace, pickRows, seededRandom, standardizedLinear } from "./stats.js";
 
 /** One fitted model: coefficients in standardized units plus what is needed to predict raw rows. */
@@ -43,10 +44,10 @@ function moments(X: Float64Array, n: number, p: number, y: Float64Array): Moment
   const Xs = new Float32Array(n * p);
   for (let i = 0; i < n; i++) for (let j = 0; j < p; j++) Xs[i * p + j] = active[j] ? (X[i * p + j]! - mu[j]!) / sd[j]! : 0;
   const yc = Float32Array.from(y, (v) => v - ybar);
-  const [G, c] = tf.tidy(() => {
-    const Xt = tf.tensor2d(Xs, [n, p]);
-    return [tf.div(tf.matMul(Xt, Xt, true, false), n).dataSync(), tf.div(tf.matMul(Xt, tf.tensor2d(yc, [n, 1]), true, false), n).dataSync()];
-  });
+  const Xt = tf.tensor2d(Xs, [n, p]);
+  const G = readValues(() => tf.div(tf.matMul(Xt, Xt, true, false), n));
+  const c = readValues(() => tf.div(tf.matMul(Xt, tf.tensor2d(yc, [n, 1]), true, false), n));
+  Xt.dispose();
   return { G: Float64Array.from(G!), c: Float64Array.from(c!), ybar, mu, sd, active };
 }
 

@@ -2,6 +2,7 @@
 //   minimize ½‖w‖² + C · Σᵢ log(1 + exp(−sᵢ (w·xᵢ + b))),  sᵢ = ±1, intercept b not penalized.
 // L-BFGS in float64; the n × d products run on tfjs. Features are standardized with training statistics.
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import { columnStats, isConstant, kFolds, mean, pickRows, seededRandom, standardizedLinear } from "./stats.js";
 
 /** A fitted probe: weights in standardized feature units, intercept, and the standardization. */
@@ -93,7 +94,7 @@ export function logisticFit(X: Float64Array, n: number, d: number, labels: Array
   try {
     const fg = (x: Float64Array) => {
       const b = x[d]!;
-      const z = tf.tidy(() => tf.matMul(Xt, tf.tensor2d(Float32Array.from(x.subarray(0, d)), [d, 1])).dataSync());
+      const z = readValues(() => tf.matMul(Xt, tf.tensor2d(Float32Array.from(x.subarray(0, d)), [d, 1])));
       let f = 0;
       const r = new Float32Array(n); // ∂/∂zᵢ of the loss term, times C
       let gb = 0;
@@ -103,7 +104,7 @@ export function logisticFit(X: Float64Array, n: number, d: number, labels: Array
         r[i] = -C * s[i]! * sigmoid(-margin);
         gb += r[i]!;
       }
-      const gw = tf.tidy(() => tf.matMul(Xt, tf.tensor2d(r, [n, 1]), true, false).dataSync());
+      const gw = readValues(() => tf.matMul(Xt, tf.tensor2d(r, [n, 1]), true, false));
       const g = new Float64Array(d + 1);
       for (let j = 0; j < d; j++) {
         g[j] = gw[j]! + x[j]!;

@@ -3,6 +3,7 @@
 // tfjs; its eigendecomposition is cyclic Jacobi in float64. The PCA is uncentered on purpose: the patch must
 // span the differences themselves, their mean direction included.
 import * as tf from "@tensorflow/tfjs-core";
+import { readValues } from "../model/read.js";
 import { gaussian } from "./stats.js";
 
 /** Eigenvalues (descending) and unit eigenvectors (rows of `vectors`, n × n) of a symmetric matrix. */
@@ -69,7 +70,7 @@ export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
   const [N, H] = D.shape;
   const useGram = N < H;
   const m = useGram ? N : H;
-  const M = Float64Array.from(tf.tidy(() => tf.div(useGram ? tf.matMul(D, D, false, true) : tf.matMul(D, D, true, false), N).dataSync()));
+  const M = Float64Array.from(readValues(() => tf.div(useGram ? tf.matMul(D, D, false, true) : tf.matMul(D, D, true, false), N)));
   // symmetrize the float32 product exactly
   for (let i = 0; i < m; i++) for (let j = i + 1; j < m; j++) M[i * m + j] = M[j * m + i] = (M[i * m + j]! + M[j * m + i]!) / 2;
   const { values, vectors } = symmetricEigen(M, m);
@@ -79,10 +80,9 @@ export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
   else {
     // v = Dᵀu / ‖Dᵀu‖ for each Gram eigenvector u with a positive eigenvalue
     const U = tf.tensor2d(Float32Array.from(vectors), [m, m]);
-    components = tf.tidy(() => {
+    components = readValues(() => {
       const V = tf.matMul(U, D); // [m, H]
-      const norms = tf.maximum(tf.norm(V, 2, 1, true), 1e-30);
-      return tf.div(V, norms).dataSync() as Float32Array;
+      return tf.div(V, tf.maximum(tf.norm(V, 2, 1, true), 1e-30));
     });
     U.dispose();
   }
