@@ -34,6 +34,12 @@ program
   .configureOutput({ outputError: () => {} }); // main() prints every error as one line
 
 const backendOption = () => new Option("--backend <name>", "tfjs backend (default: best installed)").choices([...BACKENDS]);
+const budgetOption = (what: string) =>
+  new Option("--memory-budget <GiB>", `float32 weights ${what} may keep on the backend; a model needing more is streamed layer by layer (default: 3 on wasm, no limit elsewhere)`).argParser((v) => {
+    const n = Number(v);
+    if (v.trim() === "" || !(n > 0) || !Number.isFinite(n)) throw new UsageError(`--memory-budget must be a positive number of GiB, got "${v}"`);
+    return n * 2 ** 30;
+  });
 
 async function startBackend(force?: string): Promise<string> {
   const name = await initBackend(force);
@@ -73,14 +79,15 @@ program
   .option("--resid", "also write resid F32 [L+1, T, H]: embedding output, then after each block")
   .option("--top <k>", "how many next tokens to show", "5")
   .addOption(backendOption())
-  .action(async (o: { model: string; text?: string; ids?: string; out?: string; resid?: boolean; top: string; backend?: string }) => {
+  .addOption(budgetOption("the model"))
+  .action(async (o: { model: string; text?: string; ids?: string; out?: string; resid?: boolean; top: string; backend?: string; memoryBudget?: number }) => {
     if ((o.text === undefined) === (o.ids === undefined)) throw new UsageError("give exactly one of --text or --ids");
     if (o.resid && !o.out) throw new UsageError("--resid needs --out");
     const top = Number(o.top);
     if (!Number.isInteger(top) || top < 1) throw new UsageError(`--top must be a positive integer, got "${o.top}"`);
     if (o.out) checkWritable(o.out);
     await startBackend(o.backend);
-    const model = loadModelSync(o.model);
+    const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
     const tok = loadTokenizer(o.model);
     const ids = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : needTokenizer(tok, o.model).encode(o.text!);
     if (ids.length === 0) throw new UsageError("the input has no tokens");
@@ -112,12 +119,13 @@ program
   .option("--ids <ids>", "comma-separated prompt token ids, used as-is (instead of --text)")
   .option("--steps <n>", "tokens to generate (at most up to the model's context)", "50")
   .addOption(backendOption())
-  .action(async (o: { model: string; text: string; ids?: string; steps: string; backend?: string }) => {
+  .addOption(budgetOption("the model"))
+  .action(async (o: { model: string; text: string; ids?: string; steps: string; backend?: string; memoryBudget?: number }) => {
     const steps = Number(o.steps);
     if (!Number.isInteger(steps) || steps < 1) throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
     if (o.ids !== undefined && o.text !== "") throw new UsageError("give --text or --ids, not both");
     await startBackend(o.backend);
-    const model = loadModelSync(o.model);
+    const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
     const tok = o.ids !== undefined ? loadTokenizer(o.model) : needTokenizer(loadTokenizer(o.model), o.model);
     const prompt = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : o.text === "" && tok!.bosId !== null ? [tok!.bosId] : tok!.encode(o.text);
     if (prompt.length === 0) throw new UsageError("the prompt has no tokens (give --text or --ids)");
@@ -180,6 +188,7 @@ program
   .option("--force", "replace a run already in --out")
   .option("--shard <i/n>", "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge")
   .addOption(backendOption())
+  .addOption(budgetOption("both models together"))
   .action(async (o: Record<string, unknown>) => {
     const sites = String(o.sites).split(",").map((x) => x.trim());
     for (const x of sites) if (!(SITES as readonly string[]).includes(x)) throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);
@@ -216,6 +225,7 @@ program
           resume: !!o.resume,
           force: !!o.force,
           shard,
+          memoryBudget: o.memoryBudget as number | undefined,
         },
         settings,
         events,

@@ -7,10 +7,12 @@ export * as tf from "@tensorflow/tfjs-core";
 // Backends, models and loading
 export { initBackend, ensureBackend, BACKENDS, BackendError, type BackendName } from "./model/backend.js";
 export { parseConfig, configToJson, ConfigError, type LlamaConfig, type RopeScaling } from "./model/config.js";
-export { disposeModel, forward, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel } from "./model/llama.js";
+export { disposeModel, forward, GROUPED_ATTENTION_MIN, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type WeightSource } from "./model/llama.js";
+export { readValues } from "./model/read.js";
 export { namedWeights, weightRefs, withWeights, expectedTensors, weightBytes, type WeightRef } from "./model/weights.js";
 export { loadConfig } from "./io/config.js";
-export { loadModel, loadModelSync, saveModel, saveModelFolder, ModelError, WASM_WEIGHT_LIMIT } from "./io/model.js";
+export { backendCopies, loadModel, loadModelSync, residentBytes, saveModel, saveModelFolder, ModelError, WASM_WEIGHT_LIMIT, type LoadOptions } from "./io/model.js";
+export { StreamedWeights } from "./io/stream.js";
 export { loadTokenizer, TokenizerError, type TextTokenizer } from "./io/tokenizer.js";
 
 // Forward pass, hook names and caches
@@ -44,8 +46,8 @@ export {
   type RunSettings,
   type Site,
 } from "./analysis/settings.js";
-export { analyseBatch, analysePairs, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
-export { checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
+export { analyseBatch, analysePairs, BatchTooLarge, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
+export { batchBytes, checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
 export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, type Patch } from "./analysis/patches.js";
 export { sweepBatch, sweepInput, type SweepInput } from "./analysis/sweep.js";
 export { PURPOSE, keyedNoise, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
@@ -72,4 +74,4 @@ export { activationTensors, modelFingerprint, resultsJson, writeRun, writeRunOut
 export { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunFolderError, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 export { renderReport } from "./io/report.js";
 export { convertLlama2c } from "./io/llama2c.js";
-export { mergeShards, parseShard, runStudy, runTune, shardBatches, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";
+export { batchBudget, mergeShards, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";

@@ -10,8 +10,7 @@ import { resolveSettings, type PairState, type Results, type RunCallbacks, type 
 import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
-import { weightBytes } from "./model/weights.js";
-import { loadModelSync, saveModelFolder } from "./io/model.js";
+import { backendCopies, loadModelSync, residentBytes, saveModelFolder, WASM_WEIGHT_LIMIT } from "./io/model.js";
 import { iterPairs, PairsError, readPairs, tokenizePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
@@ -31,6 +30,7 @@ export interface StudyInputs {
   resume?: boolean; // continue the run in `out` (its manifest must match)
   force?: boolean; // replace a run already in `out`
   shard?: { index: number; count: number }; // run only this part of the batches (phase 1); merge later
+  memoryBudget?: number; // float32 weight bytes both models may keep on the backend (default: weightBudget)
 }
 
 /** Progress of a study: the analysis callbacks plus one-line notes (backend, pair counts, warnings). */
@@ -72,10 +72,15 @@ interface Loaded {
 
 /** Loads both models and the pairs, checks them against each other and the settings, and builds the manifest. */
 function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, info: (line: string) => void): Loaded {
-  const base = loadModelSync(inputs.base);
+  const perModel = weightBudget(backend, inputs.memoryBudget) / 2;
+  const base = loadModelSync(inputs.base, { memoryBudget: perModel });
   let tuned: LlamaModel | null = null;
   try {
-    tuned = loadModelSync(inputs.tuned);
+    tuned = loadModelSync(inputs.tuned, { memoryBudget: perModel });
+    for (const m of [base, tuned]) {
+      const need = backendCopies() * residentBytes(m.config);
+      if (m.source) info(`${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`);
+    }
     checkCompatible(base, tuned);
     const s = resolveSettings(settings, base.config);
     const tok = loadTokenizer(inputs.base);
@@ -96,10 +101,10 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
       schema: "prefprobe.manifest/1",
       inputs: { base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) },
       fingerprints,
-      selection: { limit: inputs.limit ?? null, max_tokens: maxTokens, skip_bad: !!inputs.skipBad },
+      selection: { limit: inputs.limit ?? null, max_tokens: maxTokens, skip_bad: !!inputs.skipBad, memory_budget: inputs.memoryBudget ?? null },
       settings: s as unknown as Record<string, unknown>,
       n_pairs: tp.pairs.length,
-      batches: shardBatches(planBatches(tp.pairs, s.batchPairs, batchBudget(backend, base.config), (rows, T, scored) => batchBytes(base.config, plan, rows, T, scored)), inputs.shard),
+      batches: shardBatches(planBatches(tp.pairs, s.batchPairs, batchBudget(backend, base.config, perModel), (rows, T, scored) => batchBytes(base.config, plan, rows, T, scored)), inputs.shard),
       sums_size: layoutOf({ base, tuned }, plan).size,
       shard: inputs.shard ?? null,
     };
@@ -112,11 +117,20 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
 }
 
 /**
- * Bytes one scoring batch may use: on wasm the 4 GiB heap, elsewhere 60% of the machine's memory, less both
- * models' float32 weights (with a tied head's transposed copy) and a 512 MiB margin.
+ * Float32 weight bytes both models together may keep on the backend: what was asked, else on wasm twice the
+ * one-model default (WASM_WEIGHT_LIMIT, so 3 GiB of the 4 GiB heap in all), elsewhere no limit.
  */
-export function batchBudget(backend: string, cfg: LlamaConfig): number {
-  const weights = 2 * (weightBytes(cfg) + (cfg.tieWordEmbeddings ? 4 * cfg.vocabSize * cfg.hiddenSize : 0));
+export function weightBudget(backend: string, asked?: number): number {
+  return asked ?? (backend.startsWith("wasm") ? WASM_WEIGHT_LIMIT : Infinity);
+}
+
+/**
+ * Bytes one scoring batch may use: on wasm the 4 GiB heap, elsewhere 60% of the machine's memory, less what
+ * both models keep on the backend (all their float32 weights, or their share of the budget when streamed)
+ * and a 512 MiB margin.
+ */
+export function batchBudget(backend: string, cfg: LlamaConfig, perModel: number): number {
+  const weights = 2 * Math.min(backendCopies() * residentBytes(cfg), perModel);
   const memory = backend.startsWith("wasm") ? 4 * 2 ** 30 : 0.6 * os.totalmem();
   return memory - weights - 512 * 2 ** 20;
 }
@@ -229,6 +243,7 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
     limit: first.selection.limit ?? undefined,
     maxTokens: first.selection.max_tokens,
     skipBad: first.selection.skip_bad,
+    memoryBudget: first.selection.memory_budget ?? undefined,
   };
   const l = loadStudy(inputs, first.settings as unknown as RunSettings, backend, info);
   try {

@@ -3,10 +3,11 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
-import { configToJson } from "../model/config.js";
+import { configToJson, type LlamaConfig } from "../model/config.js";
 import { ensureBackend } from "../model/backend.js";
 import { loadConfig } from "./config.js";
-import { iterSafetensorsFolder, writeSafetensors, type DType, type TensorToWrite } from "./safetensors.js";
+import { decode, iterRawSafetensorsFolder, writeSafetensors, type DType, type RawTensor, type TensorToWrite } from "./safetensors.js";
+import { StreamedWeights } from "./stream.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, namedWeights, transposeData, weightBytes, type LayerKey } from "../model/weights.js";
 
@@ -21,43 +22,81 @@ export function firstNonFinite(x: Float32Array): number {
   return -1;
 }
 
-/** Largest model (float32 weight bytes) the wasm backend is allowed to load; its heap is 4 GiB in all. */
+/** Float32 weight bytes one model keeps on the wasm backend by default (its heap is 4 GiB in all); more is streamed. */
 export const WASM_WEIGHT_LIMIT = 3 * 2 ** 30;
 
-/** Loads a Hugging Face Llama folder (config.json + safetensors), starting the best tfjs backend if none is running. */
-export async function loadModel(dir: string): Promise<LlamaModel> {
-  await ensureBackend();
-  return loadModelSync(dir);
+/** How a model is loaded. */
+export interface LoadOptions {
+  /**
+   * Float32 bytes of weights this model may keep on the backend. A model that needs more is streamed: its
+   * weights stay in Node memory in their file dtype, the head stays resident, and layers are brought in as
+   * needed, as many kept as fit. On wasm each weight counts twice (backendCopies). Default: WASM_WEIGHT_LIMIT on
+   * wasm, everything elsewhere.
+   */
+  memoryBudget?: number;
 }
 
-/** Loads a Hugging Face Llama folder onto the current tfjs backend. */
-export function loadModelSync(dir: string): LlamaModel {
+/** Loads a Hugging Face Llama folder (config.json + safetensors), starting the best tfjs backend if none is running. */
+export async function loadModel(dir: string, opts: LoadOptions = {}): Promise<LlamaModel> {
+  await ensureBackend();
+  return loadModelSync(dir, opts);
+}
+
+/** Float32 bytes a model keeps on the backend when fully resident (with a tied head's transposed copy). */
+export function residentBytes(cfg: LlamaConfig): number {
+  return weightBytes(cfg) + (cfg.tieWordEmbeddings ? 4 * cfg.vocabSize * cfg.hiddenSize : 0);
+}
+
+/** The weight tensors of a folder, checked against the config (names, shapes, dtypes, finite values). */
+function* checkedTensors(dir: string, cfg: LlamaConfig): Generator<[string, RawTensor, Float32Array]> {
+  const expected = expectedTensors(cfg);
+  const seen = new Set<string>();
+  for (const [name, t] of iterRawSafetensorsFolder(dir)) {
+    if (name.endsWith("rotary_emb.inv_freq")) continue; // recomputed from the config
+    if (name === "lm_head.weight" && cfg.tieWordEmbeddings) continue; // tied: the embedding is the head
+    const shape = expected.get(name);
+    if (!shape) throw new ModelError(`${dir}: unexpected tensor "${name}" (not part of a Llama model with this config)`);
+    if (!tf.util.arraysEqual(shape, t.shape)) throw new ModelError(`${dir}: tensor "${name}" has shape [${t.shape}], config implies [${shape}]`);
+    const data = decode(t.dtype, t.bytes);
+    if (!(data instanceof Float32Array)) throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
+    const bad = firstNonFinite(data);
+    if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${data[bad]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
+    seen.add(name);
+    yield [name, t, data];
+  }
+  for (const name of expected.keys()) if (!seen.has(name)) throw new ModelError(`${dir}: missing tensor "${name}"`);
+}
+
+/** A float32 tensor in the model's layout: matrices transposed from [out, in] to [in, out]. */
+function toBackend(name: string, shape: number[], data: Float32Array): tf.Tensor {
+  return isMatrixName(name) ? tf.tensor(transposeData(data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32") : tf.tensor(data, shape, "float32");
+}
+
+/** The tied head [hidden, vocab] from the embedding's values. */
+const tiedHeadOf = (data: Float32Array, shape: number[]) => tf.tensor(transposeData(data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32") as tf.Tensor2D;
+
+/**
+ * Copies of each weight the backend holds: 2 on wasm, whose matmuls keep an XNNPACK-packed copy of every
+ * weight matrix they have used, else 1. Budgets count weights this many times.
+ */
+export const backendCopies = (): number => (tf.getBackend() === "wasm" ? 2 : 1);
+
+/** Loads a Hugging Face Llama folder onto the current tfjs backend (streamed when it exceeds the memory budget). */
+export function loadModelSync(dir: string, opts: LoadOptions = {}): LlamaModel {
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new ModelError(`${dir}: not a folder`);
   const cfg = loadConfig(dir);
-  const need = weightBytes(cfg);
-  if (tf.getBackend() === "wasm" && need > WASM_WEIGHT_LIMIT) {
-    throw new ModelError(
-      `${dir}: the weights need ${(need / 2 ** 30).toFixed(2)} GiB as float32, more than the wasm backend's 4 GiB heap can hold with activations; install @tensorflow/tfjs-node to run it`,
-    );
-  }
-  const expected = expectedTensors(cfg);
+  const budget = (opts.memoryBudget ?? (tf.getBackend() === "wasm" ? WASM_WEIGHT_LIMIT : Infinity)) / backendCopies();
+  return residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget);
+}
+
+function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
   const got = new Map<string, tf.Tensor>();
-  let tiedHead: tf.Tensor | null = null;
+  let tiedHead: tf.Tensor2D | null = null;
   try {
-    for (const [name, t] of iterSafetensorsFolder(dir)) {
-      if (name.endsWith("rotary_emb.inv_freq")) continue; // recomputed from the config
-      if (name === "lm_head.weight" && cfg.tieWordEmbeddings) continue; // tied: the embedding is the head
-      const shape = expected.get(name);
-      if (!shape) throw new ModelError(`${dir}: unexpected tensor "${name}" (not part of a Llama model with this config)`);
-      if (!tf.util.arraysEqual(shape, t.shape)) throw new ModelError(`${dir}: tensor "${name}" has shape [${t.shape}], config implies [${shape}]`);
-      if (!(t.data instanceof Float32Array)) throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
-      const bad = firstNonFinite(t.data);
-      if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${t.data[bad]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
-      if (isMatrixName(name)) got.set(name, tf.tensor(transposeData(t.data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32"));
-      else got.set(name, tf.tensor(t.data, shape, "float32"));
-      if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tf.tensor(transposeData(t.data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32");
+    for (const [name, t, data] of checkedTensors(dir, cfg)) {
+      got.set(name, toBackend(name, t.shape, data));
+      if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tiedHeadOf(data, t.shape);
     }
-    for (const name of expected.keys()) if (!got.has(name)) throw new ModelError(`${dir}: missing tensor "${name}"`);
   } catch (e) {
     for (const t of got.values()) t.dispose();
     tiedHead?.dispose();
@@ -73,14 +112,45 @@ export function loadModelSync(dir: string): LlamaModel {
     }
     layers.push(p as unknown as LlamaLayer);
   }
-  const embed = w("model.embed_tokens.weight") as tf.Tensor2D;
   return {
     config: cfg,
-    embed,
+    embed: w("model.embed_tokens.weight") as tf.Tensor2D,
     layers,
     finalNorm: w("model.norm.weight") as tf.Tensor1D,
     lmHead: (tiedHead ?? w("lm_head.weight")) as tf.Tensor2D,
   };
+}
+
+/** A streamed model: the final norm and head on the backend, layers and embedding rows from stored bytes. */
+function loadStreamed(dir: string, cfg: LlamaConfig, budget: number): LlamaModel {
+  const headBytes = 4 * (cfg.vocabSize + 1) * cfg.hiddenSize;
+  const layerBytes = (weightBytes(cfg) - 4 * (cfg.tieWordEmbeddings ? 1 : 2) * cfg.vocabSize * cfg.hiddenSize - 4 * cfg.hiddenSize) / cfg.numLayers;
+  if (budget - headBytes < layerBytes) {
+    const k = backendCopies();
+    const copies = k > 1 ? ` (each counted ${k}x: the backend keeps a packed copy)` : "";
+    throw new ModelError(
+      `${dir}: a memory budget of ${((k * budget) / 2 ** 30).toFixed(2)} GiB cannot hold the head (${((k * headBytes) / 2 ** 30).toFixed(2)} GiB) and one layer (${((k * layerBytes) / 2 ** 30).toFixed(2)} GiB) as float32${copies}; raise --memory-budget or install @tensorflow/tfjs-node`,
+    );
+  }
+  const raw = new Map<string, RawTensor>();
+  let head: tf.Tensor2D | null = null;
+  let finalNorm: tf.Tensor1D | null = null;
+  try {
+    for (const [name, t, data] of checkedTensors(dir, cfg)) {
+      if (name === "model.norm.weight") finalNorm = tf.tensor1d(data);
+      else if (name === "lm_head.weight") head = toBackend(name, t.shape, data) as tf.Tensor2D;
+      else {
+        raw.set(name, t);
+        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) head = tiedHeadOf(data, t.shape);
+      }
+    }
+    const source = new StreamedWeights(cfg, raw, budget - headBytes);
+    return { config: cfg, embed: tf.zeros([0, cfg.hiddenSize]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: head!, source };
+  } catch (e) {
+    head?.dispose();
+    finalNorm?.dispose();
+    throw e;
+  }
 }
 
 /** Writes config.json and model.safetensors for a model (F32 by default, or BF16/F16). */

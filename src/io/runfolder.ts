@@ -17,7 +17,7 @@ export interface Manifest {
   schema: "prefprobe.manifest/1";
   inputs: { base: string; tuned: string; pairs: string };
   fingerprints: { base: string; tuned: string; pairs: string };
-  selection: { limit: number | null; max_tokens: number; skip_bad: boolean };
+  selection: { limit: number | null; max_tokens: number; skip_bad: boolean; memory_budget: number | null };
   settings: Record<string, unknown>;
   n_pairs: number;
   batches: Array<[number, number]>;

@@ -7,7 +7,7 @@ import * as path from "node:path";
 /** The dtypes this module reads and writes. BF16 and F16 are widened exactly to float32 on read. */
 export type DType = "F32" | "F16" | "BF16" | "F64" | "I32" | "I64" | "U8" | "BOOL";
 
-const DTYPE_BYTES: Record<DType, number> = { F32: 4, F16: 2, BF16: 2, F64: 8, I32: 4, I64: 8, U8: 1, BOOL: 1 };
+export const DTYPE_BYTES: Record<DType, number> = { F32: 4, F16: 2, BF16: 2, F64: 8, I32: 4, I64: 8, U8: 1, BOOL: 1 };
 
 /** Largest JSON header accepted (the format's own reference implementation caps it at 100 MB). */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -185,9 +185,13 @@ export function floatToHalf(x: number): number {
   return sign | (e << 10) | r;
 }
 
+const F32 = new Float32Array(1);
+const U32 = new Uint32Array(F32.buffer);
+
 /** float32 value → bfloat16 bits, round to nearest even (NaN stays NaN). */
 export function floatToBf16(x: number): number {
-  const u = new Uint32Array(new Float32Array([x]).buffer)[0]!;
+  F32[0] = x;
+  const u = U32[0]!;
   if ((u & 0x7fffffff) > 0x7f800000) return ((u >>> 16) | 0x40) & 0xffff;
   return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
 }
@@ -197,8 +201,20 @@ export function readSafetensors(file: string, names?: Iterable<string>): Map<str
   return new Map(iterSafetensors(file, names));
 }
 
+/** A tensor's bytes as stored (little-endian, in the file's dtype), not decoded. */
+export interface RawTensor {
+  dtype: DType;
+  shape: number[];
+  bytes: Uint8Array;
+}
+
 /** Yields the named tensors (all when omitted) of one file one at a time, so a caller can drop each after use. */
 export function* iterSafetensors(file: string, names?: Iterable<string>): Generator<[string, StoredTensor]> {
+  for (const [name, t] of iterRawSafetensors(file, names)) yield [name, { dtype: t.dtype, shape: t.shape, data: decode(t.dtype, t.bytes) }];
+}
+
+/** iterSafetensors without decoding: each tensor's stored bytes. */
+export function* iterRawSafetensors(file: string, names?: Iterable<string>): Generator<[string, RawTensor]> {
   const fd = openOrThrow(file);
   try {
     const { entries } = parseHeaderFrom(fd, file, fs.fstatSync(fd).size);
@@ -216,7 +232,7 @@ export function* iterSafetensors(file: string, names?: Iterable<string>): Genera
         if (r === 0) throw new SafetensorsError(`${file}: unexpected end of file in tensor "${en.name}"`);
         got += r;
       }
-      yield [en.name, { dtype: en.dtype, shape: en.shape, data: decode(en.dtype, bytes) }];
+      yield [en.name, { dtype: en.dtype, shape: en.shape, bytes }];
     }
   } finally {
     fs.closeSync(fd);
@@ -249,10 +265,17 @@ function encode(name: string, t: TensorToWrite): Uint8Array {
     case "BOOL":
       return Uint8Array.from(num);
     case "BF16":
-      return new Uint8Array(Uint16Array.from(num, floatToBf16).buffer);
+      return new Uint8Array(mapTo16(num, floatToBf16).buffer);
     case "F16":
-      return new Uint8Array(Uint16Array.from(num, floatToHalf).buffer);
+      return new Uint8Array(mapTo16(num, floatToHalf).buffer);
   }
+}
+
+/** `f` over every value into a new Uint16Array, in a plain loop (TypedArray.from with a map function copies a large input into a JS array first). */
+function mapTo16(x: ArrayLike<number>, f: (v: number) => number): Uint16Array {
+  const out = new Uint16Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = f(x[i]!);
+  return out;
 }
 
 /** Writes a safetensors file atomically (temporary file, then rename): never a half-written output. */
@@ -326,6 +349,11 @@ export function folderShards(dir: string): Map<string, string[]> {
 /** Yields every tensor of a model folder (single file or sharded) one at a time. */
 export function* iterSafetensorsFolder(dir: string): Generator<[string, StoredTensor]> {
   for (const [file, names] of folderShards(dir)) yield* iterSafetensors(file, names);
+}
+
+/** Yields every tensor of a model folder as stored bytes, one at a time. */
+export function* iterRawSafetensorsFolder(dir: string): Generator<[string, RawTensor]> {
+  for (const [file, names] of folderShards(dir)) yield* iterRawSafetensors(file, names);
 }
 
 /** Reads every tensor of a model folder (single file or sharded) into a map. */

@@ -35,10 +35,32 @@ export interface LlamaLayer {
 /** A loaded model: config plus weights kept per layer (so one layer can be moved in or out at a time). */
 export interface LlamaModel {
   config: LlamaConfig;
-  embed: tf.Tensor2D; // [vocab, hidden]
-  layers: LlamaLayer[];
+  embed: tf.Tensor2D; // [vocab, hidden]; empty ([0, hidden]) when streamed: rows come from `source`
+  layers: LlamaLayer[]; // empty when streamed: layers come from `source`
   finalNorm: tf.Tensor1D;
   lmHead: tf.Tensor2D; // [hidden, vocab]: the embedding transposed when tied
+  /** Where a streamed model's layers and embedding rows come from (io/stream.ts); absent when all resident. */
+  source?: WeightSource;
+}
+
+/** Weights kept outside the backend and brought in on demand. */
+export interface WeightSource {
+  /** Layer l on the backend; valid until the source is asked for another layer. */
+  layer(l: number): LlamaLayer;
+  /** Embedding rows of the ids → [ids.length, hidden]. */
+  embedRows(ids: number[]): tf.Tensor2D;
+  /** Frees whatever the source holds on the backend. */
+  dispose(): void;
+}
+
+/** Layer l's weights, resident or brought in from the model's source. */
+const layerOf = (model: LlamaModel, l: number): LlamaLayer => (model.source ? model.source.layer(l) : model.layers[l]!);
+
+/** Token embeddings [B, T, H] of ids [B][T]. */
+function embedTokens(model: LlamaModel, ids: number[][]): tf.Tensor {
+  const [B, T] = [ids.length, ids[0]!.length];
+  if (model.source) return tf.reshape(model.source.embedRows(ids.flat()), [B, T, model.config.hiddenSize]);
+  return tf.gather(model.embed, tf.tensor2d(ids, [B, T], "int32"));
 }
 
 /** A hook sees a site's value and returns the value to use instead (return the input to only observe). */
@@ -242,10 +264,10 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   try {
     let resid = opts.start
       ? tf.clone(opts.start.resid)
-      : tf.tidy(() => tf.clone(site("hook_embed", tf.gather(model.embed, tf.tensor2d(ids, [B, T], "int32")))));
+      : tf.tidy(() => tf.clone(site("hook_embed", embedTokens(model, ids))));
     for (let l = first; l <= last; l++) {
       const prev = resid;
-      resid = tf.tidy(() => tf.clone(block(model.layers[l]!, l, prev, ctx)));
+      resid = tf.tidy(() => tf.clone(block(layerOf(model, l), l, prev, ctx)));
       prev.dispose();
     }
     const at = opts.logitsAt ?? "all";
@@ -262,8 +284,9 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   }
 }
 
-/** Frees every weight of a model. */
+/** Frees every weight of a model (and what its source holds). */
 export function disposeModel(model: LlamaModel): void {
+  model.source?.dispose();
   const seen = new Set<tf.Tensor>();
   const free = (t: tf.Tensor | undefined) => {
     if (t && !seen.has(t)) {

@@ -83,6 +83,11 @@ export function namedWeights(model: LlamaModel): Map<string, { shape: number[]; 
   );
 }
 
+/** Throws for a streamed model: `what` needs every weight on the backend. */
+export function residentOnly(model: LlamaModel, what: string): void {
+  if (model.source) throw new Error(`${what} needs every weight of the model on the backend; this one is streamed (load it with a memory budget that holds it)`);
+}
+
 /** One weight of a loaded model: its Hugging Face name, tensor, and whether it is a matrix stored [in, out]. */
 export interface WeightRef {
   name: string;
@@ -92,6 +97,7 @@ export interface WeightRef {
 
 /** Every weight of a model by Hugging Face name (the head only when untied). */
 export function weightRefs(model: LlamaModel): WeightRef[] {
+  residentOnly(model, "listing its weights");
   const refs: WeightRef[] = [{ name: "model.embed_tokens.weight", tensor: model.embed, matrix: false }];
   model.layers.forEach((p, l) => {
     for (const [k, t] of Object.entries(p)) if (t) refs.push({ name: `model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`, tensor: t as tf.Tensor, matrix: MATRICES.has(k as LayerKey) });
@@ -106,6 +112,7 @@ export function weightRefs(model: LlamaModel): WeightRef[] {
  * the model's own layout). With tied embeddings a new embedding also becomes the head.
  */
 export function withWeights(model: LlamaModel, replace: Map<string, tf.Tensor>): LlamaModel {
+  residentOnly(model, "replacing its weights");
   const layers = model.layers.map((p, l) => {
     const q: Record<string, tf.Tensor | undefined> = { ...p };
     for (const k of Object.keys(p)) {

@@ -1,0 +1,94 @@
+// Streamed models (weights in Node memory in their file dtype, layers brought into the backend on demand)
+// compute exactly what resident models compute: every site and the logits, resumed runs, the whole analysis.
+import * as fs from "node:fs";
+import * as tf from "@tensorflow/tfjs-core";
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { backendCopies, loadModelSync, residentBytes } from "../src/io/model.js";
+import { loadPairs } from "../src/io/pairs.js";
+import { StreamedWeights } from "../src/io/stream.js";
+import { hookNames } from "../src/model/hooks.js";
+import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
+import { weightBytes, weightRefs } from "../src/model/weights.js";
+import { runAnalysis } from "../src/analysis/run.js";
+import { arbCase, randomWeights, writeModelFolder } from "./random-model.js";
+import { useBackend } from "./helpers.js";
+
+useBackend();
+
+/** A budget that holds the head and `layers` layers: every other layer is brought in when needed. */
+function budgetFor(dir: string, layers: number): number {
+  const m = loadModelSync(dir);
+  const cfg = m.config;
+  disposeModel(m);
+  const layerBytes = (weightBytes(cfg) - 4 * (cfg.tieWordEmbeddings ? 1 : 2) * cfg.vocabSize * cfg.hiddenSize - 4 * cfg.hiddenSize) / cfg.numLayers;
+  return backendCopies() * (4 * (cfg.vocabSize + 1) * cfg.hiddenSize + layers * layerBytes + 1);
+}
+
+describe("streamed = resident", () => {
+  it("every hook site and the logits, bit for bit, on random configs, dtypes and shards (one layer resident at a time)", () => {
+    fc.assert(
+      fc.property(arbCase, ({ cfg, seed, dtype, shards, rows }) => {
+        const dir = writeModelFolder({ cfg, seed, dtype, shards }, randomWeights(cfg, seed));
+        const resident = loadModelSync(dir);
+        const streamed = loadModelSync(dir, { memoryBudget: budgetFor(dir, 1) });
+        try {
+          expect(streamed.source).toBeDefined();
+          const T = Math.max(...rows.map((r) => r.length));
+          const ids = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
+          const opts = { lengths: rows.map((r) => r.length), cache: hookNames(resident.config) };
+          const a = forward(resident, ids, opts);
+          const b = forward(streamed, ids, opts);
+          expect(b.logits!.dataSync()).toEqual(a.logits!.dataSync());
+          for (const n of a.cache.names()) expect(b.cache.get(n).dataSync(), n).toEqual(a.cache.get(n).dataSync());
+          // resuming at the last layer reuses a layer brought in before
+          const L = resident.config.numLayers;
+          const start = { layer: L - 1, resid: a.cache.get(`blocks.${L - 1}.hook_resid_pre`) };
+          const ra = forward(resident, ids, { lengths: opts.lengths, start });
+          const rb = forward(streamed, ids, { lengths: opts.lengths, start });
+          expect(rb.logits!.dataSync()).toEqual(ra.logits!.dataSync());
+          for (const r of [a, b, ra, rb]) r.dispose();
+          if (L > 1) expect((streamed.source as StreamedWeights).stats.evictions).toBeGreaterThan(0);
+        } finally {
+          disposeModel(resident);
+          disposeModel(streamed);
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+      }),
+      { numRuns: 15, seed: 20261127 },
+    );
+  });
+
+  it("the whole analysis on the demo pair is the same with both models streamed two layers at a time", async () => {
+    const base = "fixtures/models/stories260k";
+    const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 6 });
+    const settings = { sites: ["resid_post" as const, "mlp_out" as const], bootstrap: 20, stabilityReps: 2 };
+    const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { memoryBudget: budget } : {});
+    const budget = budgetFor(base, 2);
+    const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
+    const streamed = [load(base, budget), load("fixtures/models/stories260k-dpo", budget)] as const;
+    try {
+      const a = await runAnalysis(resident[0], resident[1], pairs, settings);
+      const b = await runAnalysis(streamed[0], streamed[1], pairs, settings);
+      const strip = (r: typeof a) => ({ ...r, timings_ms: {} });
+      expect(strip(b)).toEqual(strip(a));
+      expect((streamed[0].source as StreamedWeights).stats.loads).toBeGreaterThan(resident[0].config.numLayers);
+    } finally {
+      for (const m of [...resident, ...streamed]) disposeModel(m);
+    }
+  });
+
+  it("a streamed model keeps its budget, frees everything on dispose, and refuses whole-model operations", () => {
+    const dir = "fixtures/models/stories260k";
+    const before = tf.memory().numTensors;
+    const m: LlamaModel = loadModelSync(dir, { memoryBudget: budgetFor(dir, 2) });
+    const src = m.source as StreamedWeights;
+    expect(src.capacity).toBe(2);
+    expect(backendCopies() * residentBytes(m.config)).toBeGreaterThan(budgetFor(dir, 2));
+    forward(m, [[1, 2, 3]]).dispose();
+    expect(src.stats.loads).toBe(m.config.numLayers);
+    expect(() => weightRefs(m)).toThrow(/streamed/);
+    disposeModel(m);
+    expect(tf.memory().numTensors).toBe(before);
+  });
+});
