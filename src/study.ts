@@ -3,6 +3,8 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
+import * as tf from "@tensorflow/tfjs-core";
+import { analyseInWorkers, defaultWorkers } from "./parallel.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
@@ -31,6 +33,7 @@ export interface StudyInputs {
   force?: boolean; // replace a run already in `out`
   shard?: { index: number; count: number }; // run only this part of the batches (phase 1); merge later
   memoryBudget?: number; // float32 weight bytes both models may keep on the backend (default: weightBudget)
+  workers?: number; // worker threads for scoring (default: defaultWorkers); the numbers do not depend on it
 }
 
 /** Progress of a study: the analysis callbacks plus one-line notes (backend, pair counts, warnings). */
@@ -186,7 +189,13 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     let fresh: PairState[];
     try {
       const onPairs = (st: PairState[]) => (log.append(st), events.onPairs?.(st));
-      fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs }, { batches: l.manifest.batches.slice(doneBatches), done: done.length });
+      const todo = l.manifest.batches.slice(doneBatches);
+      const workers = Math.min(inputs.workers ?? defaultWorkers(backend), todo.length);
+      if (workers > 1) {
+        info(`scoring on ${workers} worker threads`);
+        const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: weightBudget(backend, inputs.memoryBudget) / 2, settings: l.settings, pairs: l.tp.pairs };
+        fresh = await analyseInWorkers(init, todo, workers, { ...events, onPairs }, done.length);
+      } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs }, { batches: todo, done: done.length });
     } finally {
       log.close();
     }

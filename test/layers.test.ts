@@ -4,7 +4,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 
-const RANK: Record<string, number> = { model: 0, stats: 1, data: 2, analysis: 3, train: 3, io: 4, "study.ts": 5, "cli.ts": 6, "index.ts": 6 };
+const RANK: Record<string, number> = { model: 0, stats: 1, data: 2, analysis: 3, train: 3, io: 4, "worker.ts": 5, "parallel.ts": 5, "study.ts": 5, "cli.ts": 6, "index.ts": 6 };
 
 function sourceFiles(dir: string): string[] {
   return fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? sourceFiles(path.join(dir, e.name)) : e.name.endsWith(".ts") ? [path.join(dir, e.name)] : []));

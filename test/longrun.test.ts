@@ -10,6 +10,7 @@ const CLI = path.resolve("dist/src/cli.js");
 const BASE = "fixtures/models/stories260k";
 const TUNED = "fixtures/models/stories260k-dpo";
 const PAIRS = "fixtures/data/stories/test.jsonl";
+// runs below use the default worker count (one per core here); the reference uses one thread
 const ARGS = ["--base", BASE, "--tuned", TUNED, "--pairs", PAIRS, "--limit", "14", "--batch", "2", "--sites", "resid_post,mlp_out", "--bootstrap", "30", "--stability", "3"];
 
 /** results.json without what legitimately differs between two runs of the same thing (timings). */
@@ -25,8 +26,20 @@ const lineCount = (f: string) => (fs.existsSync(f) ? fs.readFileSync(f, "utf8").
 let reference: string;
 beforeAll(() => {
   reference = path.join(tmpDir(), "ref");
-  const r = runCli("run", ...ARGS, "--out", reference);
+  const r = runCli("run", ...ARGS, "--out", reference, "--workers", "1");
   if (r.code !== 0) throw new Error(r.err);
+});
+
+describe("worker threads", () => {
+  it("two workers write the same pairs.jsonl, pairs.bin and results.json as one", () => {
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", ...ARGS, "--out", out, "--workers", "2");
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/scoring on 2 worker threads/);
+    expect(results(out)).toEqual(results(reference));
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
+    expect(fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin")))).toBe(true);
+  });
 });
 
 describe("resume", () => {

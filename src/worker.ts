@@ -1,0 +1,45 @@
+// A worker thread of a parallel run: its own tfjs backend (on wasm its own 4 GiB heap) and its own copy of both
+// models; it scores the batches the main thread sends and returns each pair's state (parallel.ts drives it).
+import { parentPort, workerData } from "node:worker_threads";
+import { analyseBatch } from "./analysis/run.js";
+import { makePlan } from "./analysis/scoring.js";
+import type { RunSettings } from "./analysis/settings.js";
+import type { Pair } from "./data/pairs.js";
+import { loadModelSync } from "./io/model.js";
+import { initBackend } from "./model/backend.js";
+import { disposeModel } from "./model/llama.js";
+
+/** What a worker is started with. */
+export interface WorkerInit {
+  base: string;
+  tuned: string;
+  backend: string; // tfjs backend name, as tf.getBackend() gives it
+  memoryBudget: number; // per model
+  settings: RunSettings;
+  pairs: Pair[];
+}
+
+const port = parentPort!;
+const init = workerData as WorkerInit;
+try {
+  await initBackend(init.backend);
+  const models = { base: loadModelSync(init.base, { memoryBudget: init.memoryBudget }), tuned: loadModelSync(init.tuned, { memoryBudget: init.memoryBudget }) };
+  const plan = makePlan(init.settings, models.base.config.numLayers);
+  port.on("message", (m: { type: "batch"; id: number; start: number; end: number } | { type: "close" }) => {
+    if (m.type === "close") {
+      disposeModel(models.base);
+      disposeModel(models.tuned);
+      port.close();
+      return;
+    }
+    try {
+      const states = analyseBatch(models, init.pairs.slice(m.start, m.end), plan, init.settings);
+      port.postMessage({ type: "done", id: m.id, states }, states.map((s) => s.sums.buffer as ArrayBuffer));
+    } catch (e) {
+      port.postMessage({ type: "error", id: m.id, message: (e as Error).message });
+    }
+  });
+  port.postMessage({ type: "ready" });
+} catch (e) {
+  port.postMessage({ type: "error", id: -1, message: (e as Error).message });
+}
