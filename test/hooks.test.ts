@@ -80,3 +80,15 @@ describe("ownership of cached activations", () => {
     expect(c.size).toBe(0);
   });
 });
+
+describe("backend failures", () => {
+  it("an XNNPACK failure message (wasm's only signal of a failed matmul) makes the forward pass an error, not wrong numbers", () => {
+    console.warn("XNN status for xnn_create_fully_connected_nc_f32 is not successful. Got status 6. Use -c dbg to see XNN logs.");
+    const before = tf.memory().numTensors;
+    expect(() => forward(model, [[1, 2, 3]])).toThrow(/the backend failed during a forward pass, so its numbers cannot be trusted \(XNN status .* status 6/);
+    expect(tf.memory().numTensors).toBe(before);
+    const r = forward(model, [[1, 2, 3]]); // the fault is reported once
+    expect(r.logits!.shape).toEqual([1, 3, model.config.vocabSize]);
+    r.dispose();
+  });
+});

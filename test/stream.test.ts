@@ -16,6 +16,15 @@ import { useBackend } from "./helpers.js";
 
 useBackend();
 
+/** A budget that holds one layer and an eighth of the head: the head is streamed in 8 vocabulary chunks. */
+function chunkedBudget(dir: string): number {
+  const m = loadModelSync(dir);
+  const cfg = m.config;
+  disposeModel(m);
+  const layerBytes = (weightBytes(cfg) - 4 * (cfg.tieWordEmbeddings ? 1 : 2) * cfg.vocabSize * cfg.hiddenSize - 4 * cfg.hiddenSize) / cfg.numLayers;
+  return backendCopies() * (4 * cfg.hiddenSize + Math.ceil(cfg.vocabSize / 8) * 4 * cfg.hiddenSize + layerBytes + 1);
+}
+
 /** A budget that holds the head and `layers` layers: every other layer is brought in when needed. */
 function budgetFor(dir: string, layers: number): number {
   const m = loadModelSync(dir);
@@ -32,14 +41,20 @@ describe("streamed = resident", () => {
         const dir = writeModelFolder({ cfg, seed, dtype, shards }, randomWeights(cfg, seed));
         const resident = loadModelSync(dir);
         const streamed = loadModelSync(dir, { memoryBudget: budgetFor(dir, 1) });
+        const chunked = loadModelSync(dir, { memoryBudget: chunkedBudget(dir) });
         try {
           expect(streamed.source).toBeDefined();
+          expect(streamed.source!.headChunks).toBeUndefined();
+          expect(chunked.source!.headChunks).toBe(Math.ceil(cfg.vocab / Math.ceil(cfg.vocab / 8)));
           const T = Math.max(...rows.map((r) => r.length));
           const ids = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
           const opts = { lengths: rows.map((r) => r.length), cache: hookNames(resident.config) };
           const a = forward(resident, ids, opts);
           const b = forward(streamed, ids, opts);
           expect(b.logits!.dataSync()).toEqual(a.logits!.dataSync());
+          const c = forward(chunked, ids, { lengths: opts.lengths });
+          expect(c.logits!.dataSync()).toEqual(a.logits!.dataSync());
+          c.dispose();
           for (const n of a.cache.names()) expect(b.cache.get(n).dataSync(), n).toEqual(a.cache.get(n).dataSync());
           // resuming at the last layer reuses a layer brought in before
           const L = resident.config.numLayers;
@@ -52,6 +67,7 @@ describe("streamed = resident", () => {
         } finally {
           disposeModel(resident);
           disposeModel(streamed);
+          disposeModel(chunked);
           fs.rmSync(dir, { recursive: true, force: true });
         }
       }),
@@ -59,7 +75,7 @@ describe("streamed = resident", () => {
     );
   });
 
-  it("the whole analysis on the demo pair is the same with both models streamed two layers at a time", async () => {
+  it("the whole analysis on the demo pair is the same with both models streamed two layers at a time, or with the head in chunks", async () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 6 });
     const settings = { sites: ["resid_post" as const, "mlp_out" as const], bootstrap: 20, stabilityReps: 2 };
@@ -72,6 +88,13 @@ describe("streamed = resident", () => {
       const b = await runAnalysis(streamed[0], streamed[1], pairs, settings);
       const strip = (r: typeof a) => ({ ...r, timings_ms: {} });
       expect(strip(b)).toEqual(strip(a));
+      const chunked = [load(base, chunkedBudget(base)), load("fixtures/models/stories260k-dpo", chunkedBudget(base))] as const;
+      try {
+        expect(chunked[0].source!.headChunks).toBe(8);
+        expect(strip(await runAnalysis(chunked[0], chunked[1], pairs, settings))).toEqual(strip(a));
+      } finally {
+        for (const m of chunked) disposeModel(m);
+      }
       expect((streamed[0].source as StreamedWeights).stats.loads).toBeGreaterThan(resident[0].config.numLayers);
     } finally {
       for (const m of [...resident, ...streamed]) disposeModel(m);

@@ -7,7 +7,7 @@ import { configToJson, type LlamaConfig } from "../model/config.js";
 import { ensureBackend } from "../model/backend.js";
 import { loadConfig } from "./config.js";
 import { decode, iterRawSafetensorsFolder, writeSafetensors, type DType, type RawTensor, type TensorToWrite } from "./safetensors.js";
-import { StreamedWeights } from "./stream.js";
+import { layerBytesOf, StreamedWeights } from "./stream.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, namedWeights, transposeData, weightBytes, type LayerKey } from "../model/weights.js";
 
@@ -123,13 +123,17 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
 
 /** A streamed model: the final norm and head on the backend, layers and embedding rows from stored bytes. */
 function loadStreamed(dir: string, cfg: LlamaConfig, budget: number): LlamaModel {
-  const headBytes = 4 * (cfg.vocabSize + 1) * cfg.hiddenSize;
-  const layerBytes = (weightBytes(cfg) - 4 * (cfg.tieWordEmbeddings ? 1 : 2) * cfg.vocabSize * cfg.hiddenSize - 4 * cfg.hiddenSize) / cfg.numLayers;
-  if (budget - headBytes < layerBytes) {
+  const H = cfg.hiddenSize;
+  const headBytes = 4 * cfg.vocabSize * H;
+  const layerBytes = layerBytesOf(cfg);
+  // the head stays resident when it fits beside one layer; else it is streamed in the fewest vocabulary chunks
+  // of which one fits beside one layer
+  const chunks = budget - headBytes - 4 * H >= layerBytes ? 0 : [8, 16, 32, 64, 128].find((c) => budget - 4 * H - Math.ceil(cfg.vocabSize / c) * 4 * H >= layerBytes);
+  if (chunks === undefined) {
     const k = backendCopies();
     const copies = k > 1 ? ` (each counted ${k}x: the backend keeps a packed copy)` : "";
     throw new ModelError(
-      `${dir}: a memory budget of ${((k * budget) / 2 ** 30).toFixed(2)} GiB cannot hold the head (${((k * headBytes) / 2 ** 30).toFixed(2)} GiB) and one layer (${((k * layerBytes) / 2 ** 30).toFixed(2)} GiB) as float32${copies}; raise --memory-budget or install @tensorflow/tfjs-node`,
+      `${dir}: a memory budget of ${((k * budget) / 2 ** 30).toFixed(2)} GiB cannot hold one layer (${((k * layerBytes) / 2 ** 30).toFixed(2)} GiB) and a 128th of the head (${((k * headBytes) / 128 / 2 ** 30).toFixed(2)} GiB) as float32${copies}; raise --memory-budget or install @tensorflow/tfjs-node`,
     );
   }
   const raw = new Map<string, RawTensor>();
@@ -138,14 +142,16 @@ function loadStreamed(dir: string, cfg: LlamaConfig, budget: number): LlamaModel
   try {
     for (const [name, t, data] of checkedTensors(dir, cfg)) {
       if (name === "model.norm.weight") finalNorm = tf.tensor1d(data);
-      else if (name === "lm_head.weight") head = toBackend(name, t.shape, data) as tf.Tensor2D;
+      else if (name === "lm_head.weight" && !chunks) head = toBackend(name, t.shape, data) as tf.Tensor2D;
       else {
         raw.set(name, t);
-        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) head = tiedHeadOf(data, t.shape);
+        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings && !chunks) head = tiedHeadOf(data, t.shape);
       }
     }
-    const source = new StreamedWeights(cfg, raw, budget - headBytes);
-    return { config: cfg, embed: tf.zeros([0, cfg.hiddenSize]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: head!, source };
+    const headRaw = raw.get(cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+    const resident = chunks ? 4 * H : headBytes + 4 * H;
+    const source = new StreamedWeights(cfg, raw, budget - resident, chunks ? { raw: headRaw!, chunks } : undefined);
+    return { config: cfg, embed: tf.zeros([0, H]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: head ?? (tf.zeros([H, 0]) as tf.Tensor2D), source };
   } catch (e) {
     head?.dispose();
     finalNorm?.dispose();

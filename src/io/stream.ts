@@ -1,5 +1,6 @@
 // A streamed model's weights: kept in Node memory in their file dtype (BF16 takes half of float32), brought
-// into the backend a layer at a time, as many layers kept as the budget allows (least recently used leave first).
+// into the backend a unit at a time (a layer, or a vocabulary chunk of the head), as many units kept as the
+// budget allows (least recently used leave first).
 import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "../model/config.js";
 import type { LlamaLayer, WeightSource } from "../model/llama.js";
@@ -11,56 +12,115 @@ export class StreamError extends Error {
   override name = "StreamError";
 }
 
+/** Float32 bytes of one decoder layer on the backend. */
+export function layerBytesOf(cfg: LlamaConfig): number {
+  let n = 0;
+  for (const [name, shape] of expectedTensors(cfg)) if (name.startsWith("model.layers.0.")) n += 4 * shape.reduce((a, b) => a * b, 1);
+  return n;
+}
+
+interface Unit {
+  tensors: tf.Tensor[];
+  bytes: number;
+  value: LlamaLayer | tf.Tensor2D;
+}
+
 export class StreamedWeights implements WeightSource {
-  /** Layers on the backend, least recently used first. */
-  private readonly resident = new Map<number, LlamaLayer>();
-  /** Float32 bytes of one layer on the backend. */
+  /** Units on the backend, least recently used first: "L3" layer 3, "H2" head chunk 2. */
+  private readonly resident = new Map<string, Unit>();
+  private used = 0;
   readonly layerBytes: number;
-  /** How often a layer was brought in, and sent back out. */
+  /** How often a unit was brought in, and sent back out. */
   readonly stats = { loads: 0, evictions: 0 };
 
+  /**
+   * `head`, when given, streams the head in `chunks` vocabulary chunks from these stored bytes ([vocab, hidden]
+   * rows: the embedding when tied, else lm_head.weight); otherwise the head is resident elsewhere.
+   */
   constructor(
     readonly cfg: LlamaConfig,
     private readonly raw: Map<string, RawTensor>,
-    /** Float32 bytes the layers may take on the backend. */
+    /** Float32 bytes the streamed units may take on the backend. */
     readonly budget: number,
+    private readonly head?: { raw: RawTensor; chunks: number },
   ) {
-    this.layerBytes = 0;
-    for (const [name, shape] of expectedTensors(cfg)) if (name.startsWith("model.layers.0.")) this.layerBytes += 4 * shape.reduce((a, b) => a * b, 1);
-    if (budget < this.layerBytes) throw new StreamError(`a memory budget that leaves ${(budget / 2 ** 20).toFixed(0)} MiB for layers cannot hold one layer (${(this.layerBytes / 2 ** 20).toFixed(0)} MiB) beside the head`);
+    this.layerBytes = layerBytesOf(cfg);
+    const need = this.layerBytes + (head ? this.chunkBytes(0) : 0);
+    if (budget < need) throw new StreamError(`a memory budget that leaves ${(budget / 2 ** 20).toFixed(0)} MiB for streamed weights cannot hold one layer and one head chunk (${(need / 2 ** 20).toFixed(0)} MiB)`);
   }
 
-  /** How many layers the budget keeps on the backend at once. */
+  /** Head chunks: ceil(vocab / size) of size ceil(vocab / chunks asked), so none is empty. */
+  get headChunks(): number | undefined {
+    return this.head ? Math.ceil(this.cfg.vocabSize / this.chunkSize) : undefined;
+  }
+
+  private get chunkSize(): number {
+    return Math.ceil(this.cfg.vocabSize / this.head!.chunks);
+  }
+
+  /** The vocabulary rows [start, end) of head chunk c. */
+  chunkRange(c: number): [number, number] {
+    return [c * this.chunkSize, Math.min(this.cfg.vocabSize, (c + 1) * this.chunkSize)];
+  }
+
+  private chunkBytes(c: number): number {
+    const [a, b] = this.chunkRange(c);
+    return 4 * (b - a) * this.cfg.hiddenSize;
+  }
+
+  /** How many layers the budget keeps on the backend at once (with one head chunk beside them when streamed). */
   get capacity(): number {
-    return Math.min(this.cfg.numLayers, Math.floor(this.budget / this.layerBytes));
+    return Math.min(this.cfg.numLayers, Math.floor((this.budget - (this.head ? this.chunkBytes(0) : 0)) / this.layerBytes));
+  }
+
+  /** A unit from the resident set, or made by `make` after evicting the least recently used until it fits. */
+  private unit(key: string, bytes: number, make: () => Unit): Unit {
+    const hit = this.resident.get(key);
+    if (hit) {
+      this.resident.delete(key); // most recently used goes last
+      this.resident.set(key, hit);
+      return hit;
+    }
+    while (this.resident.size && this.used + bytes > this.budget) {
+      const [oldest, u] = this.resident.entries().next().value as [string, Unit];
+      this.resident.delete(oldest);
+      this.used -= u.bytes;
+      for (const t of u.tensors) t.dispose();
+      this.stats.evictions++;
+    }
+    // kept: the forward pass asks for weights inside a tf.tidy scope, which must not free them
+    const u = make();
+    for (const t of u.tensors) tf.keep(t);
+    this.resident.set(key, u);
+    this.used += u.bytes;
+    this.stats.loads++;
+    return u;
   }
 
   layer(l: number): LlamaLayer {
-    const hit = this.resident.get(l);
-    if (hit) {
-      this.resident.delete(l); // most recently used goes last
-      this.resident.set(l, hit);
-      return hit;
-    }
-    while (this.resident.size >= this.capacity) {
-      const [oldest, p] = this.resident.entries().next().value as [number, LlamaLayer];
-      this.resident.delete(oldest);
-      for (const t of Object.values(p)) (t as tf.Tensor).dispose();
-      this.stats.evictions++;
-    }
-    const p: Partial<Record<LayerKey, tf.Tensor>> = {};
-    for (const [k, suffix] of Object.entries(LAYER_NAMES)) {
-      const name = `model.layers.${l}.${suffix}`;
-      const t = this.raw.get(name);
-      if (!t) continue; // optional biases
-      const data = decode(t.dtype, t.bytes) as Float32Array;
-      // kept: the forward pass asks for a layer inside a tf.tidy scope, which must not free it
-      p[k as LayerKey] = tf.keep(isMatrixName(name) ? tf.tensor(transposeData(data, t.shape[0]!, t.shape[1]!), [t.shape[1]!, t.shape[0]!], "float32") : tf.tensor(data, t.shape, "float32"));
-    }
-    this.stats.loads++;
-    const layer = p as unknown as LlamaLayer;
-    this.resident.set(l, layer);
-    return layer;
+    return this.unit(`L${l}`, this.layerBytes, () => {
+      const p: Partial<Record<LayerKey, tf.Tensor>> = {};
+      for (const [k, suffix] of Object.entries(LAYER_NAMES)) {
+        const name = `model.layers.${l}.${suffix}`;
+        const t = this.raw.get(name);
+        if (!t) continue; // optional biases
+        const data = decode(t.dtype, t.bytes) as Float32Array;
+        p[k as LayerKey] = isMatrixName(name) ? tf.tensor(transposeData(data, t.shape[0]!, t.shape[1]!), [t.shape[1]!, t.shape[0]!], "float32") : tf.tensor(data, t.shape, "float32");
+      }
+      return { tensors: Object.values(p) as tf.Tensor[], bytes: this.layerBytes, value: p as unknown as LlamaLayer };
+    }).value as LlamaLayer;
+  }
+
+  headChunk(c: number): tf.Tensor2D {
+    return this.unit(`H${c}`, this.chunkBytes(c), () => {
+      const { raw } = this.head!;
+      const [a, b] = this.chunkRange(c);
+      const H = this.cfg.hiddenSize;
+      const rowBytes = H * DTYPE_BYTES[raw.dtype];
+      const rows = decode(raw.dtype, raw.bytes.subarray(a * rowBytes, b * rowBytes)) as Float32Array;
+      const t = tf.tensor2d(transposeData(rows, b - a, H), [H, b - a]);
+      return { tensors: [t], bytes: this.chunkBytes(c), value: t };
+    }).value as tf.Tensor2D;
   }
 
   embedRows(ids: number[]): tf.Tensor2D {
@@ -73,7 +133,8 @@ export class StreamedWeights implements WeightSource {
   }
 
   dispose(): void {
-    for (const p of this.resident.values()) for (const t of Object.values(p)) (t as tf.Tensor).dispose();
+    for (const u of this.resident.values()) for (const t of u.tensors) t.dispose();
     this.resident.clear();
+    this.used = 0;
   }
 }

@@ -17,6 +17,31 @@ const PACKAGES: Record<BackendName, string> = {
   cpu: "@tensorflow/tfjs-backend-cpu",
 };
 
+/**
+ * The wasm backend reports an XNNPACK failure (e.g. status 6, out of memory) only as a console message and
+ * carries on with an unwritten output: wrong numbers, silently. Its messages are watched for, and the forward
+ * pass turns one into an error (takeBackendFault).
+ */
+let fault: string | null = null;
+let watching = false;
+function watchBackendMessages(): void {
+  if (watching) return;
+  watching = true;
+  const warn = console.warn.bind(console);
+  console.warn = (...args: unknown[]) => {
+    const text = args.map(String).join(" ");
+    if (/XNN status .* is not successful/.test(text)) fault ??= text.trim();
+    else warn(...args);
+  };
+}
+
+/** The backend failure seen since the last call (and clears it), or null. */
+export function takeBackendFault(): string | null {
+  const f = fault;
+  fault = null;
+  return f;
+}
+
 async function tryBackend(name: BackendName): Promise<string | null> {
   try {
     await import(PACKAGES[name]);
@@ -40,6 +65,7 @@ async function tryBackend(name: BackendName): Promise<string | null> {
 export async function initBackend(force?: string): Promise<string> {
   // Production mode silences tfjs's own console advice (we report the backend ourselves).
   tf.env().set("PROD", true);
+  watchBackendMessages();
   if (force !== undefined) {
     if (!(BACKENDS as readonly string[]).includes(force)) throw new BackendError(`unknown backend "${force}" (choose from ${BACKENDS.join(", ")})`);
     const got = await tryBackend(force as BackendName);

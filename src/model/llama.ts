@@ -7,6 +7,7 @@
 import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "./config.js";
 import { ActivationCache, isHookName, type HookName } from "./hooks.js";
+import { takeBackendFault } from "./backend.js";
 import { ropeTables } from "./rope.js";
 
 /**
@@ -49,6 +50,10 @@ export interface WeightSource {
   layer(l: number): LlamaLayer;
   /** Embedding rows of the ids → [ids.length, hidden]. */
   embedRows(ids: number[]): tf.Tensor2D;
+  /** When set, the head is not resident (`lmHead` is empty) but comes in this many vocabulary chunks. */
+  headChunks?: number;
+  /** Head chunk c: [hidden, chunk vocab], chunks in vocabulary order; valid until the next request. */
+  headChunk?(c: number): tf.Tensor2D;
   /** Frees whatever the source holds on the backend. */
   dispose(): void;
 }
@@ -195,10 +200,17 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
 function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>): tf.Tensor {
   const [B, T, H] = resid.shape as [number, number, number];
   const normed = ctx.site("ln_final.hook_normalized", rmsNorm(resid, model.finalNorm, ctx.cfg.rmsNormEps));
-  if (at === "all") return linear(normed, model.lmHead);
+  if (at === "all") return unembed(model, normed);
   for (const [b, t] of at) if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
   const rows = tf.gather(tf.reshape(normed, [B * T, H]), tf.tensor1d(at.map(([b, t]) => b * T + t), "int32"));
-  return linear(rows, model.lmHead);
+  return unembed(model, rows);
+}
+
+/** x · lmHead, with a streamed head one vocabulary chunk at a time. */
+function unembed(model: LlamaModel, x: tf.Tensor): tf.Tensor {
+  const src = model.source;
+  if (!src?.headChunks) return linear(x, model.lmHead);
+  return tf.concat(Array.from({ length: src.headChunks }, (_, c) => linear(x, src.headChunk!(c))), -1);
 }
 
 /** Additive attention mask [B, 1, 1, T, T]: causal, and keys past a row's length are hidden. */
@@ -273,6 +285,11 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     const at = opts.logitsAt ?? "all";
     const logits = last === cfg.numLayers - 1 && at !== "none" ? tf.tidy(() => head(model, resid, ctx, at)) : null;
     resid.dispose();
+    const fault = takeBackendFault();
+    if (fault) {
+      logits?.dispose();
+      throw new Error(`the backend failed during a forward pass, so its numbers cannot be trusted (${fault}); on wasm this is its 4 GiB heap running out: lower --memory-budget or --batch`);
+    }
     return { logits, cache: cached, dispose: () => (logits?.dispose(), cached.dispose()) };
   } catch (e) {
     cached.dispose();
