@@ -34,8 +34,8 @@ program
   .configureOutput({ outputError: () => {} }); // main() prints every error as one line
 
 const backendOption = () => new Option("--backend <name>", "tfjs backend (default: best installed)").choices([...BACKENDS]);
-const budgetOption = (what: string) =>
-  new Option("--memory-budget <GiB>", `float32 weights ${what} may keep on the backend; a model needing more is streamed layer by layer (default: 3 on wasm, no limit elsewhere)`).argParser((v) => {
+const budgetOption = (what: string, wasmDefault: number) =>
+  new Option("--memory-budget <GiB>", `backend memory the weights of ${what} may take; a model needing more is streamed layer by layer (default: ${wasmDefault} on wasm, no limit elsewhere)`).argParser((v) => {
     const n = Number(v);
     if (v.trim() === "" || !(n > 0) || !Number.isFinite(n)) throw new UsageError(`--memory-budget must be a positive number of GiB, got "${v}"`);
     return n * 2 ** 30;
@@ -79,7 +79,7 @@ program
   .option("--resid", "also write resid F32 [L+1, T, H]: embedding output, then after each block")
   .option("--top <k>", "how many next tokens to show", "5")
   .addOption(backendOption())
-  .addOption(budgetOption("the model"))
+  .addOption(budgetOption("the model", 3))
   .action(async (o: { model: string; text?: string; ids?: string; out?: string; resid?: boolean; top: string; backend?: string; memoryBudget?: number }) => {
     if ((o.text === undefined) === (o.ids === undefined)) throw new UsageError("give exactly one of --text or --ids");
     if (o.resid && !o.out) throw new UsageError("--resid needs --out");
@@ -119,7 +119,7 @@ program
   .option("--ids <ids>", "comma-separated prompt token ids, used as-is (instead of --text)")
   .option("--steps <n>", "tokens to generate (at most up to the model's context)", "50")
   .addOption(backendOption())
-  .addOption(budgetOption("the model"))
+  .addOption(budgetOption("the model", 3))
   .action(async (o: { model: string; text: string; ids?: string; steps: string; backend?: string; memoryBudget?: number }) => {
     const steps = Number(o.steps);
     if (!Number.isInteger(steps) || steps < 1) throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
@@ -188,7 +188,7 @@ program
   .option("--force", "replace a run already in --out")
   .option("--shard <i/n>", "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge")
   .addOption(backendOption())
-  .addOption(budgetOption("both models together"))
+  .addOption(budgetOption("both models together", 2))
   .option("--workers <n>", "worker threads for scoring, each with its own backend and models (default: one per core on wasm/cpu)", int("--workers", 1))
   .action(async (o: Record<string, unknown>) => {
     const sites = String(o.sites).split(",").map((x) => x.trim());

@@ -74,4 +74,4 @@ export { activationTensors, modelFingerprint, resultsJson, writeRun, writeRunOut
 export { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunFolderError, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 export { renderReport } from "./io/report.js";
 export { convertLlama2c } from "./io/llama2c.js";
-export { batchBudget, mergeShards, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";
+export { batchBudget, mergeShards, WASM_PAIR_BUDGET, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";

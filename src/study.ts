@@ -12,7 +12,7 @@ import { resolveSettings, type PairState, type Results, type RunCallbacks, type 
 import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
-import { backendCopies, loadModelSync, residentBytes, saveModelFolder, WASM_WEIGHT_LIMIT } from "./io/model.js";
+import { backendCopies, loadModelSync, residentBytes, saveModelFolder } from "./io/model.js";
 import { iterPairs, PairsError, readPairs, tokenizePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
@@ -119,12 +119,15 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
   }
 }
 
+/** Backend bytes both models' weights may take together in a run on wasm by default (of its 4 GiB heap). */
+export const WASM_PAIR_BUDGET = 2 * 2 ** 30;
+
 /**
- * Float32 weight bytes both models together may keep on the backend: what was asked, else on wasm twice the
- * one-model default (WASM_WEIGHT_LIMIT, so 3 GiB of the 4 GiB heap in all), elsewhere no limit.
+ * Backend bytes both models' weights may take together: what was asked, else WASM_PAIR_BUDGET on wasm (at 3 GiB
+ * a streamed Llama-3.2-1B-shaped pair ran the heap out in the mean-ablation stage), elsewhere no limit.
  */
 export function weightBudget(backend: string, asked?: number): number {
-  return asked ?? (backend.startsWith("wasm") ? WASM_WEIGHT_LIMIT : Infinity);
+  return asked ?? (backend.startsWith("wasm") ? WASM_PAIR_BUDGET : Infinity);
 }
 
 /**
