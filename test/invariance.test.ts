@@ -94,3 +94,30 @@ describe("the prompt/response seam", () => {
     expect(ok.chosenIds.map((id) => tok.idToToken(id))).toEqual(["▁O", "k"]);
   });
 });
+
+describe("the layer-major sweep", () => {
+  it("gives exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
+    const { makePlan, scoreBatch } = await import("../src/analysis/scoring.js");
+    const { sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
+    const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
+    const { randomDirectionPatch } = await import("../src/analysis/controls.js");
+    const tf = await import("@tensorflow/tfjs-core");
+    const s = resolveSettings({ sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], positions: "response" }, base.config);
+    const plan = makePlan(s, base.config.numLayers);
+    const sc = scoreBatch({ base, tuned }, pairs.slice(0, 3), plan, s);
+    const mu = tf.fill([base.config.hiddenSize], 0.1) as import("@tensorflow/tfjs-core").Tensor1D;
+    try {
+      const before = tf.memory().numTensors;
+      for (const patchFor of [() => interpolate(0.7), randomDirectionPatch(s, sc, base.config.hiddenSize), () => meanAblation(1, mu)]) {
+        const layerMajor = sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
+        const perLayer = sweepPerLayer({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
+        expect(layerMajor).toEqual(perLayer);
+        expect(layerMajor.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
+      }
+      expect(tf.memory().numTensors).toBe(before);
+    } finally {
+      sc.dispose();
+      mu.dispose();
+    }
+  });
+});

@@ -1,7 +1,8 @@
 // Stage 2, the patch sweep: for every (direction, site, layer) of the plan, run the patched model on a batch
 // and read each pair's gain. The real patch and every control go through this one loop.
-import type * as tf from "@tensorflow/tfjs-core";
-import type { PairBatch } from "../data/batch.js";
+import * as tf from "@tensorflow/tfjs-core";
+import { marginsOf, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { forward, type Hook } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
 import { gainOf, patchedMargins, roles, type Patch } from "./patches.js";
@@ -25,18 +26,106 @@ export const sweepInput = (sc: ScoredBatch): SweepInput => ({
 });
 
 /**
- * Gains [combo][pair of the batch] of the patch `patchFor(combo, comboIndex)` at each combo. A patch that
- * reads no source activation (mean-ablation) may be swept with only the patched model's cache.
+ * Gains [combo][pair of the batch] of the patch `patchFor(combo, comboIndex)` at each combo, one resumed forward
+ * per combo. The reference for sweepBatch, which computes the same gains layer-major.
  */
-export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
+export function sweepPerLayer(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
   return combos.map((c, ci) => {
     const { dst, src } = roles(c.direction);
     const site = hookName(c.site, c.layer);
-    const dstCache = input.caches[dst];
-    if (!dstCache) throw new Error(`sweep: no ${dst} activations cached for ${c.direction}`);
+    const dstCache = cacheOf(input, dst, c);
     const hDst = dstCache.get(site);
     const hSrc = input.caches[src]?.get(site) ?? hDst;
     const m = patchedMargins(models[dst], input.batch, c, patchFor(c, ci), { dst: hDst, src: hSrc, dstCache }, input.patchMask, s.perToken);
     return Array.from(m, (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
   });
+}
+
+function cacheOf(input: SweepInput, model: "base" | "tuned", c: Combo): ActivationCache {
+  const cache = input.caches[model];
+  if (!cache) throw new Error(`sweep: no ${model} activations cached for ${c.direction}`);
+  return cache;
+}
+
+/** One patched run in a layer-major sweep: where it enters the model and with what. */
+interface Stream {
+  ci: number;
+  start: number; // first layer it runs (L: only the head)
+  resid: tf.Tensor; // the residual it enters `start` with
+  hook?: { site: string; value: tf.Tensor }; // attn_out/mlp_out: the site value it uses at layer `start`
+}
+
+/**
+ * Gains [combo][pair of the batch] of the patch `patchFor(combo, comboIndex)` at each combo. A patch that reads
+ * no source activation (mean-ablation) may be swept with only the patched model's cache.
+ *
+ * Layer-major: every patched run of a model goes through the layers together, stacked along the rows, each run
+ * joining at its layer; then all of them go through the head at once. Each layer's weights (and the head) are
+ * read once per batch instead of once per patched run, which is what a streamed model needs, and the gains are
+ * those of one resumed forward per combo (sweepPerLayer).
+ */
+export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
+  const out: number[][] = combos.map(() => []);
+  for (const dst of ["base", "tuned"] as const) {
+    const mine = combos.map((c, ci) => ({ c, ci })).filter(({ c }) => roles(c.direction).dst === dst);
+    if (!mine.length) continue;
+    const model = models[dst];
+    const L = model.config.numLayers;
+    const dstCache = cacheOf(input, dst, mine[0]!.c);
+    const streams: Stream[] = mine.map(({ c, ci }) => {
+      const site = hookName(c.site, c.layer);
+      const hDst = dstCache.get(site);
+      const value = patchFor(c, ci)(hDst, input.caches[roles(c.direction).src]?.get(site) ?? hDst, input.patchMask);
+      if (c.site === "resid_post") return { ci, start: c.layer + 1, resid: value };
+      if (c.site === "resid_pre") return { ci, start: c.layer, resid: value };
+      return { ci, start: c.layer, resid: tf.clone(dstCache.get(hookName("resid_pre", c.layer))), hook: { site, value } };
+    });
+    let running: Stream[] = [];
+    let stacked: tf.Tensor | null = null;
+    try {
+      for (let l = 0; l <= L; l++) {
+        const joining = streams.filter((st) => st.start === l);
+        if (joining.length) {
+          const next: tf.Tensor = tf.concat([...(stacked ? [stacked] : []), ...joining.map((st) => st.resid)]);
+          stacked?.dispose();
+          stacked = next;
+          running = [...running, ...joining];
+        }
+        if (!stacked || l === L) continue;
+        const rows = repeatBatch(input.batch, running.length);
+        const R = input.batch.ids.length;
+        const hooks: Record<string, Hook> = {};
+        for (const st of joining) {
+          if (!st.hook) continue;
+          const at = running.indexOf(st);
+          const prev = hooks[st.hook.site];
+          const value = st.hook.value;
+          // replace this run's rows of the site, keep every other run's
+          hooks[st.hook.site] = (v, name) => {
+            const base = prev ? prev(v, name) : v;
+            return tf.concat([tf.slice(base, [0, 0, 0], [at * R, -1, -1]), value, tf.slice(base, [(at + 1) * R, 0, 0], [-1, -1, -1])].filter((t) => t.shape[0]! > 0));
+          };
+        }
+        const site = hookName("resid_post", l);
+        const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: l, resid: stacked }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
+        const next = r.cache.take(site);
+        r.dispose();
+        stacked.dispose();
+        stacked = next;
+      }
+      const rows = repeatBatch(input.batch, running.length);
+      const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: L, resid: stacked! }, logitsAt: rows.logitsAt });
+      const m = marginsOf(responseLogprobs(r.logits!, rows, s.perToken));
+      r.dispose();
+      const P = input.batch.pairs.length;
+      running.forEach((st, k) => {
+        const c = combos[st.ci]!;
+        out[st.ci] = Array.from(m.subarray(k * P, (k + 1) * P), (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
+      });
+    } finally {
+      stacked?.dispose();
+      for (const st of streams) tf.dispose([st.resid, ...(st.hook ? [st.hook.value] : [])]);
+    }
+  }
+  return out;
 }

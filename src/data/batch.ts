@@ -84,3 +84,19 @@ export function positionMask(batch: PairBatch, which: "all" | "response"): tf.Te
   for (let r = 0; r < B; r++) for (let t = which === "all" ? 0 : batch.respStart[r]!; t < batch.lengths[r]!; t++) m[r * batch.T + t] = 1;
   return tf.tensor3d(m, [B, batch.T, 1]);
 }
+
+/** The batch repeated `copies` times along the rows (copy k's rows follow copy k−1's), for running several streams at once. */
+export function repeatBatch(batch: PairBatch, copies: number): PairBatch {
+  const R = batch.ids.length;
+  const rep = <T>(xs: T[]) => Array.from({ length: copies }, () => xs).flat();
+  return {
+    pairs: rep(batch.pairs),
+    ids: rep(batch.ids),
+    lengths: rep(batch.lengths),
+    respStart: rep(batch.respStart),
+    logitsAt: Array.from({ length: copies }, (_, k) => batch.logitsAt.map(([r, t]): [number, number] => [r + k * R, t])).flat(),
+    targets: rep(batch.targets),
+    rowOf: Array.from({ length: copies }, (_, k) => batch.rowOf.map((r) => r + k * R)).flat(),
+    T: batch.T,
+  };
+}
