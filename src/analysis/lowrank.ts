@@ -4,14 +4,17 @@
 import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "../model/read.js";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, positionMask, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, positionMask, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
 import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
-import { gainOf, patchedMargins, subspace } from "./patches.js";
+import { gainOf, subspace } from "./patches.js";
 import type { ModelPair } from "./scoring.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
+
+/** How many low-rank patches run stacked through the layers above and the head at once. */
+export const LOWRANK_STACK = 8;
 
 /** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
 export function choosePcaLayer(patching: PatchingEntry[], s: RunSettings, L: number): { layer: number; chosenBy: string } {
@@ -86,16 +89,26 @@ export async function lowRankStage(
     const hb = upTo(models.base, batch);
     const ht = upTo(models.tuned, batch);
     const mask = positionMask(batch, s.positions);
-    ks.forEach((k, ki) => {
-      const kk = Math.min(k, p.rank);
-      const U = tf.tensor2d(p.components.subarray(0, kk * H), [kk, H]);
-      const R = randomSubspace(k, H, seededRandom(s.seed * 31 + k));
-      for (const [which, basis] of [["real", U], ["random", R]] as const) {
-        const m = patchedMargins(models.base, batch, { site: "resid_post", layer }, subspace(s.alpha, basis), { dst: hb, src: ht }, mask, s.perToken);
-        js.forEach((j, i) => gainsK[ki]![which].push(gainOf("tuned->base", m[i]!, scores.marginBase[j]!, scores.marginTuned[j]!)));
-      }
-      tf.dispose([U, R]);
-    });
+    // every (k, real/random) patch enters the base model after `layer`; they run stacked, STACK at a time, so
+    // the layers above and the head are read once per group rather than once per patch
+    const runs = ks.flatMap((k, ki) => (["real", "random"] as const).map((which) => ({ k, ki, which })));
+    for (let g = 0; g < runs.length; g += LOWRANK_STACK) {
+      const group = runs.slice(g, g + LOWRANK_STACK);
+      const values = group.map(({ k, which }) => {
+        const basis = which === "real" ? tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]) : randomSubspace(k, H, seededRandom(s.seed * 31 + k));
+        const v = subspace(s.alpha, basis)(hb, ht, mask);
+        basis.dispose();
+        return v;
+      });
+      const stacked = tf.concat(values);
+      tf.dispose(values);
+      const rows = repeatBatch(batch, group.length);
+      const out = forward(models.base, rows.ids, { lengths: rows.lengths, start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt });
+      const m = marginsOf(responseLogprobs(out.logits!, rows, s.perToken));
+      out.dispose();
+      stacked.dispose();
+      group.forEach(({ ki, which }, r) => js.forEach((j, i) => gainsK[ki]![which].push(gainOf("tuned->base", m[r * js.length + i]!, scores.marginBase[j]!, scores.marginTuned[j]!))));
+    }
     for (const j of js) testGap.push(scores.marginTuned[j]! - scores.marginBase[j]!);
     tf.dispose([hb, ht, mask]);
     cb.onProgress?.((done += js.length));
