@@ -49,7 +49,7 @@ export {
 export { analyseBatch, analysePairs, BatchTooLarge, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
 export { batchBytes, checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
 export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, type Patch } from "./analysis/patches.js";
-export { sweepBatch, sweepInput, type SweepInput } from "./analysis/sweep.js";
+export { sweepBatch, sweepInput, sweepLayerMajor, sweepPerLayer, type SweepInput } from "./analysis/sweep.js";
 export { PURPOSE, keyedNoise, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
 export { distancesOf } from "./analysis/distances.js";
 export { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./analysis/sums.js";

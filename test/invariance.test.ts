@@ -97,14 +97,14 @@ describe("the prompt/response seam", () => {
 
 describe("the layer-major sweep", () => {
   it("gives exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
-    const { makePlan, scoreBatch } = await import("../src/analysis/scoring.js");
-    const { sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
+    const { limits, makePlan, scoreBatch } = await import("../src/analysis/scoring.js");
+    const { sweepLayerMajor: sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
     const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
     const { randomDirectionPatch } = await import("../src/analysis/controls.js");
     const tf = await import("@tensorflow/tfjs-core");
     const s = resolveSettings({ sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], positions: "response" }, base.config);
     const plan = makePlan(s, base.config.numLayers);
-    const sc = scoreBatch({ base, tuned }, pairs.slice(0, 3), plan, s);
+    const sc = scoreBatch({ base, tuned }, pairs.slice(0, 2), plan, s);
     const mu = tf.fill([base.config.hiddenSize], 0.1) as import("@tensorflow/tfjs-core").Tensor1D;
     try {
       const before = tf.memory().numTensors;
@@ -113,6 +113,24 @@ describe("the layer-major sweep", () => {
         const perLayer = sweepPerLayer({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
         expect(layerMajor).toEqual(perLayer);
         expect(layerMajor.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
+        // with the head taking 3 runs at a time (as at a 128k vocabulary), the same
+        const saved = limits.headElements;
+        limits.headElements = 3 * sc.batch.logitsAt.length * base.config.vocabSize;
+        try {
+          expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);
+        } finally {
+          limits.headElements = saved;
+        }
+      }
+      // the logit lens likewise: all depths stacked, or 2 at a time
+      const { logitLensBatch } = await import("../src/analysis/lens.js");
+      const all = logitLensBatch({ base, tuned }, sc, s);
+      const saved = limits.headElements;
+      limits.headElements = 2 * sc.batch.logitsAt.length * base.config.vocabSize;
+      try {
+        expect(logitLensBatch({ base, tuned }, sc, s)).toEqual(all);
+      } finally {
+        limits.headElements = saved;
       }
       expect(tf.memory().numTensors).toBe(before);
     } finally {

@@ -10,8 +10,8 @@ const CLI = path.resolve("dist/src/cli.js");
 const BASE = "fixtures/models/stories260k";
 const TUNED = "fixtures/models/stories260k-dpo";
 const PAIRS = "fixtures/data/stories/test.jsonl";
-// runs below use the default worker count (one per core here); the reference uses one thread
-const ARGS = ["--base", BASE, "--tuned", TUNED, "--pairs", PAIRS, "--limit", "14", "--batch", "2", "--sites", "resid_post,mlp_out", "--bootstrap", "30", "--stability", "3"];
+// one thread unless a test says otherwise (the suite already runs two test files at once on two cores)
+const ARGS = ["--base", BASE, "--tuned", TUNED, "--pairs", PAIRS, "--limit", "14", "--batch", "2", "--sites", "resid_post,mlp_out", "--bootstrap", "30", "--stability", "3", "--workers", "1"];
 
 /** results.json without what legitimately differs between two runs of the same thing (timings). */
 function results(dir: string): Record<string, unknown> {
@@ -26,14 +26,14 @@ const lineCount = (f: string) => (fs.existsSync(f) ? fs.readFileSync(f, "utf8").
 let reference: string;
 beforeAll(() => {
   reference = path.join(tmpDir(), "ref");
-  const r = runCli("run", ...ARGS, "--out", reference, "--workers", "1");
+  const r = runCli("run", ...ARGS, "--out", reference);
   if (r.code !== 0) throw new Error(r.err);
 });
 
 describe("worker threads", () => {
   it("two workers write the same pairs.jsonl, pairs.bin and results.json as one", () => {
     const out = path.join(tmpDir(), "o");
-    const r = runCli("run", ...ARGS, "--out", out, "--workers", "2");
+    const r = runCli("run", ...ARGS.slice(0, -2), "--out", out, "--workers", "2");
     expect(r.code, r.err).toBe(0);
     expect(r.err).toMatch(/scoring on 2 worker threads/);
     expect(results(out)).toEqual(results(reference));
@@ -101,7 +101,7 @@ describe("resume", () => {
 
   it("Ctrl-C stops between batches with a one-line message and exit 130; --resume finishes the run", async () => {
     const out = path.join(tmpDir(), "o");
-    const child = spawn(process.execPath, [CLI, "run", ...ARGS, "--out", out], { stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [CLI, "run", ...ARGS.slice(0, -2), "--workers", "2", "--out", out], { stdio: ["ignore", "pipe", "pipe"] });
     let err = "";
     child.stderr.on("data", (d) => (err += d));
     const log = path.join(out, "pairs.jsonl");

@@ -10,10 +10,10 @@ import { forward, type LlamaModel } from "../model/llama.js";
 import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
 import { gainOf, subspace } from "./patches.js";
-import type { ModelPair } from "./scoring.js";
+import { headGroup, type ModelPair } from "./scoring.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
 
-/** How many low-rank patches run stacked through the layers above and the head at once. */
+/** At most how many low-rank patches run stacked through the layers above and the head at once (see headGroup). */
 export const LOWRANK_STACK = 8;
 
 /** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
@@ -92,8 +92,9 @@ export async function lowRankStage(
     // every (k, real/random) patch enters the base model after `layer`; they run stacked, STACK at a time, so
     // the layers above and the head are read once per group rather than once per patch
     const runs = ks.flatMap((k, ki) => (["real", "random"] as const).map((which) => ({ k, ki, which })));
-    for (let g = 0; g < runs.length; g += LOWRANK_STACK) {
-      const group = runs.slice(g, g + LOWRANK_STACK);
+    const G = Math.min(LOWRANK_STACK, headGroup(batch.logitsAt.length, models.base.config.vocabSize));
+    for (let g = 0; g < runs.length; g += G) {
+      const group = runs.slice(g, g + G);
       const values = group.map(({ k, which }) => {
         const basis = which === "real" ? tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]) : randomSubspace(k, H, seededRandom(s.seed * 31 + k));
         const v = subspace(s.alpha, basis)(hb, ht, mask);

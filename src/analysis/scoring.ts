@@ -152,3 +152,9 @@ export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number
   const logits = 3 * scored * V;
   return 4 * (cached + layer + logits);
 }
+
+/** Logit entries one head pass may produce: 64 MiB of float32 (the log-softmax and gather make about 3x that). */
+export const limits = { headElements: 2 ** 24 };
+
+/** How many stacked copies of a batch with `scored` response positions one head pass may take (at least 1). */
+export const headGroup = (scored: number, vocab: number): number => Math.max(1, Math.floor(limits.headElements / Math.max(1, scored * vocab)));

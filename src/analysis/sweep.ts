@@ -6,7 +6,7 @@ import { forward, type Hook } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
 import { gainOf, patchedMargins, roles, type Patch } from "./patches.js";
-import type { Combo, ModelPair, ScoredBatch } from "./scoring.js";
+import { headGroup, type Combo, type ModelPair, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
 /** What a sweep over one batch reads: the batch, the cached activations of each model, the unpatched margins. */
@@ -27,7 +27,7 @@ export const sweepInput = (sc: ScoredBatch): SweepInput => ({
 
 /**
  * Gains [combo][pair of the batch] of the patch `patchFor(combo, comboIndex)` at each combo, one resumed forward
- * per combo. The reference for sweepBatch, which computes the same gains layer-major.
+ * per combo. The reference for sweepLayerMajor, which computes the same gains.
  */
 export function sweepPerLayer(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
   return combos.map((c, ci) => {
@@ -57,14 +57,22 @@ interface Stream {
 
 /**
  * Gains [combo][pair of the batch] of the patch `patchFor(combo, comboIndex)` at each combo. A patch that reads
- * no source activation (mean-ablation) may be swept with only the patched model's cache.
- *
- * Layer-major: every patched run of a model goes through the layers together, stacked along the rows, each run
+ * no source activation (mean-ablation) may be swept with only the patched model's cache. Patches of a streamed
+ * model are swept layer-major (each layer read once), of a resident one per combo (faster when nothing has to
+ * be read in: one forward call per combo instead of one per layer); the gains are the same bit for bit.
+ */
+export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
+  const streamed = (["base", "tuned"] as const).some((m) => models[m].source && combos.some((c) => roles(c.direction).dst === m));
+  return streamed ? sweepLayerMajor(models, input, combos, patchFor, s) : sweepPerLayer(models, input, combos, patchFor, s);
+}
+
+/**
+ * sweepBatch layer-major: every patched run of a model goes through the layers together, stacked along the rows, each run
  * joining at its layer; then all of them go through the head at once. Each layer's weights (and the head) are
  * read once per batch instead of once per patched run, which is what a streamed model needs, and the gains are
  * those of one resumed forward per combo (sweepPerLayer).
  */
-export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
+export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
   const out: number[][] = combos.map(() => []);
   for (const dst of ["base", "tuned"] as const) {
     const mine = combos.map((c, ci) => ({ c, ci })).filter(({ c }) => roles(c.direction).dst === dst);
@@ -113,15 +121,23 @@ export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[]
         stacked.dispose();
         stacked = next;
       }
-      const rows = repeatBatch(input.batch, running.length);
-      const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: L, resid: stacked! }, logitsAt: rows.logitsAt });
-      const m = marginsOf(responseLogprobs(r.logits!, rows, s.perToken));
-      r.dispose();
+      // the head, for as many runs at a time as its logits allow
       const P = input.batch.pairs.length;
-      running.forEach((st, k) => {
-        const c = combos[st.ci]!;
-        out[st.ci] = Array.from(m.subarray(k * P, (k + 1) * P), (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
-      });
+      const R = input.batch.ids.length;
+      const G = headGroup(input.batch.logitsAt.length, model.config.vocabSize);
+      for (let g = 0; g < running.length; g += G) {
+        const group = running.slice(g, g + G);
+        const rows = repeatBatch(input.batch, group.length);
+        const resid = tf.slice(stacked!, [g * R, 0, 0], [group.length * R, -1, -1]);
+        const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: L, resid }, logitsAt: rows.logitsAt });
+        resid.dispose();
+        const m = marginsOf(responseLogprobs(r.logits!, rows, s.perToken));
+        r.dispose();
+        group.forEach((st, k) => {
+          const c = combos[st.ci]!;
+          out[st.ci] = Array.from(m.subarray(k * P, (k + 1) * P), (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
+        });
+      }
     } finally {
       stacked?.dispose();
       for (const st of streams) tf.dispose([st.resid, ...(st.hook ? [st.hook.value] : [])]);
