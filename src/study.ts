@@ -13,7 +13,7 @@ import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { backendCopies, loadModelSync, residentBytes, saveModelFolder } from "./io/model.js";
-import { iterPairs, PairsError, readPairs, tokenizePairs, type TokenizedPairs } from "./io/pairs.js";
+import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 import { loadTokenizer } from "./io/tokenizer.js";
@@ -66,6 +66,7 @@ export function shardBatches(all: Array<[number, number]>, shard: { index: numbe
 
 /** Models and pairs of a study, loaded and checked. The caller disposes the models. */
 interface Loaded {
+  perModel: number; // backend bytes each model's weights may take
   base: LlamaModel;
   tuned: LlamaModel;
   tp: TokenizedPairs;
@@ -94,8 +95,7 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
     const context = base.config.maxPositionEmbeddings;
     const maxTokens = inputs.maxTokens ?? context;
     if (maxTokens > context) info(`warning: --max-tokens ${maxTokens} lets pairs run past the model's context (max_position_embeddings ${context})`);
-    const tp = tokenizePairs(iterPairs(inputs.pairs), tok, base.config.vocabSize, { maxTokens, limit: inputs.limit, skipBad: inputs.skipBad });
-    if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${inputs.pairs} (${tp.tooLong} longer than ${maxTokens} tokens, ${tp.bad.length} malformed)`);
+    const tp = readUsablePairs(inputs.pairs, tok, base.config.vocabSize, { maxTokens, limit: inputs.limit, skipBad: inputs.skipBad });
     const fingerprints = { base: modelFingerprint(inputs.base), tuned: modelFingerprint(inputs.tuned), pairs: fileHash(inputs.pairs) };
     if (fingerprints.base === fingerprints.tuned) info("warning: base and tuned are the same weights: every gap is 0 and no recovery can be measured");
     if (tp.identical) info(`warning: ${tp.identical} pairs have identical chosen and rejected responses (margin 0 by construction)`);
@@ -111,7 +111,7 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
       sums_size: layoutOf({ base, tuned }, plan).size,
       shard: inputs.shard ?? null,
     };
-    return { base, tuned, tp, settings: s, manifest };
+    return { perModel, base, tuned, tp, settings: s, manifest };
   } catch (e) {
     disposeModel(base);
     if (tuned) disposeModel(tuned);
@@ -196,7 +196,7 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
       const workers = Math.min(inputs.workers ?? defaultWorkers(backend), todo.length);
       if (workers > 1) {
         info(`scoring on ${workers} worker threads`);
-        const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: weightBudget(backend, inputs.memoryBudget) / 2, settings: l.settings, pairs: l.tp.pairs };
+        const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs };
         fresh = await analyseInWorkers(init, todo, workers, { ...events, onPairs }, done.length);
       } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs }, { batches: todo, done: done.length });
     } finally {
@@ -327,11 +327,7 @@ export async function runTune(
   const model = loadModelSync(inputs.model);
   try {
     const tok = loadTokenizer(inputs.model);
-    const load = (file: string, limit?: number) => {
-      const tp = tokenizePairs(readPairs(file).pairs, tok, model.config.vocabSize, { maxTokens: inputs.maxTokens, limit });
-      if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${tp.tooLong} longer than --max-tokens)`);
-      return tp;
-    };
+    const load = (file: string, limit?: number) => readUsablePairs(file, tok, model.config.vocabSize, { maxTokens: inputs.maxTokens, limit });
     const train = load(inputs.pairs, inputs.limit);
     const evalSet = inputs.eval ? load(inputs.eval) : null;
     events.onInfo?.(`training pairs: ${train.pairs.length} (${train.tooLong} skipped as too long)`);

@@ -8,27 +8,21 @@ import { spawnSync } from "node:child_process";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { loadModelSync } from "../src/io/model.js";
-import { loadPairs } from "../src/io/pairs.js";
 import { readSafetensors } from "../src/io/safetensors.js";
 import type { Pair } from "../src/data/pairs.js";
 import { makeBatch, type PairBatch } from "../src/data/batch.js";
-import { disposeModel, forward, type ForwardOptions, type LlamaModel } from "../src/model/llama.js";
+import { forward, type ForwardOptions, type LlamaModel } from "../src/model/llama.js";
 import { withWeights } from "../src/model/weights.js";
-import { useBackend } from "./helpers.js";
+import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
 
 useBackend();
 
-const BASE = "fixtures/models/stories260k";
+const BASE = DEMO.base;
 let base: LlamaModel;
 let tuned: LlamaModel;
 let pairs: Pair[];
-beforeAll(() => {
-  base = loadModelSync(BASE);
-  tuned = loadModelSync("fixtures/models/stories260k-dpo");
-  pairs = loadPairs("fixtures/data/stories/test.jsonl", BASE, { limit: 4 });
-});
-afterAll(() => (disposeModel(base), disposeModel(tuned)));
+beforeAll(() => ({ base, tuned, pairs } = loadDemo(4)));
+afterAll(() => disposeDemo({ base, tuned }));
 
 function runExample(file: string, ...args: string[]): string {
   const r = spawnSync(process.execPath, [path.resolve("node_modules/tsx/dist/cli.mjs"), file, ...args], { encoding: "utf8" });

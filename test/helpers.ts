@@ -6,6 +6,10 @@ import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { beforeAll } from "vitest";
 import { initBackend } from "../src/model/backend.js";
+import { loadModelSync } from "../src/io/model.js";
+import { loadPairs } from "../src/io/pairs.js";
+import type { Pair } from "../src/data/pairs.js";
+import { disposeModel, type LlamaModel } from "../src/model/llama.js";
 
 /** Runs this test file on the named backend (wasm unless PREFPROBE_TEST_BACKEND says otherwise). */
 export function useBackend(name = process.env.PREFPROBE_TEST_BACKEND ?? "wasm"): void {
@@ -37,3 +41,14 @@ export function runCli(...args: string[]): { code: number | null; out: string; e
 
 /** A fresh temporary folder. */
 export const tmpDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-test-"));
+
+/** The demo's model pair (stories260k and its DPO-tuned copy) and its first `limit` held-out pairs. */
+export const DEMO = { base: "fixtures/models/stories260k", tuned: "fixtures/models/stories260k-dpo", pairs: "fixtures/data/stories/test.jsonl" };
+
+/** Loads the demo pair and pairs (the caller disposes the models). */
+export function loadDemo(limit: number): { base: LlamaModel; tuned: LlamaModel; pairs: Pair[] } {
+  return { base: loadModelSync(DEMO.base), tuned: loadModelSync(DEMO.tuned), pairs: loadPairs(DEMO.pairs, DEMO.base, { limit }) };
+}
+
+/** Frees a pair of models. */
+export const disposeDemo = (d: { base: LlamaModel; tuned: LlamaModel }): void => (disposeModel(d.base), disposeModel(d.tuned));

@@ -1,27 +1,22 @@
 // A pair's numbers depend on the pair, not on how the run was cut: batch size, which other layers were swept,
 // the shard (test/longrun.test.ts), and the tokenization of a response sitting after its prompt.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { loadModelSync } from "../src/io/model.js";
-import { loadPairs, readPairs, tokenizeTextPair } from "../src/io/pairs.js";
+import { readPairs, tokenizeTextPair } from "../src/io/pairs.js";
 import { loadTokenizer } from "../src/io/tokenizer.js";
 import type { Pair } from "../src/data/pairs.js";
-import { disposeModel, type LlamaModel } from "../src/model/llama.js";
+import type { LlamaModel } from "../src/model/llama.js";
 import { analysePairs, planBatches } from "../src/analysis/run.js";
 import { resolveSettings, type PairState } from "../src/analysis/settings.js";
-import { useBackend } from "./helpers.js";
+import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
 
 useBackend();
 
-const MODEL = "fixtures/models/stories260k";
+const MODEL = DEMO.base;
 let base: LlamaModel;
 let tuned: LlamaModel;
 let pairs: Pair[];
-beforeAll(() => {
-  base = loadModelSync(MODEL);
-  tuned = loadModelSync("fixtures/models/stories260k-dpo");
-  pairs = loadPairs("fixtures/data/stories/test.jsonl", MODEL, { limit: 7 });
-});
-afterAll(() => (disposeModel(base), disposeModel(tuned)));
+beforeAll(() => ({ base, tuned, pairs } = loadDemo(7)));
+afterAll(() => disposeDemo({ base, tuned }));
 
 const run = (settings: Parameters<typeof resolveSettings>[0]) => analysePairs({ base, tuned }, pairs, resolveSettings({ sites: ["resid_post", "attn_out"], ...settings }, base.config));
 

@@ -6,32 +6,29 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { backendCopies, loadModelSync, residentBytes } from "../src/io/model.js";
 import { loadPairs } from "../src/io/pairs.js";
-import { StreamedWeights } from "../src/io/stream.js";
+import { layerBytesOf, StreamedWeights } from "../src/io/stream.js";
+import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
-import { weightBytes, weightRefs } from "../src/model/weights.js";
+import { weightRefs } from "../src/model/weights.js";
 import { runAnalysis } from "../src/analysis/run.js";
 import { arbCase, randomWeights, writeModelFolder } from "./random-model.js";
 import { useBackend } from "./helpers.js";
 
 useBackend();
 
+const configOf = (dir: string) => loadConfig(dir);
+
 /** A budget that holds one layer and an eighth of the head: the head is streamed in 8 vocabulary chunks. */
 function chunkedBudget(dir: string): number {
-  const m = loadModelSync(dir);
-  const cfg = m.config;
-  disposeModel(m);
-  const layerBytes = (weightBytes(cfg) - 4 * (cfg.tieWordEmbeddings ? 1 : 2) * cfg.vocabSize * cfg.hiddenSize - 4 * cfg.hiddenSize) / cfg.numLayers;
-  return backendCopies() * (4 * cfg.hiddenSize + Math.ceil(cfg.vocabSize / 8) * 4 * cfg.hiddenSize + layerBytes + 1);
+  const cfg = configOf(dir);
+  return backendCopies() * (4 * cfg.hiddenSize + Math.ceil(cfg.vocabSize / 8) * 4 * cfg.hiddenSize + layerBytesOf(cfg) + 1);
 }
 
 /** A budget that holds the head and `layers` layers: every other layer is brought in when needed. */
 function budgetFor(dir: string, layers: number): number {
-  const m = loadModelSync(dir);
-  const cfg = m.config;
-  disposeModel(m);
-  const layerBytes = (weightBytes(cfg) - 4 * (cfg.tieWordEmbeddings ? 1 : 2) * cfg.vocabSize * cfg.hiddenSize - 4 * cfg.hiddenSize) / cfg.numLayers;
-  return backendCopies() * (4 * (cfg.vocabSize + 1) * cfg.hiddenSize + layers * layerBytes + 1);
+  const cfg = configOf(dir);
+  return backendCopies() * (4 * (cfg.vocabSize + 1) * cfg.hiddenSize + layers * layerBytesOf(cfg) + 1);
 }
 
 describe("streamed = resident", () => {

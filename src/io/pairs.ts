@@ -182,11 +182,25 @@ export function tokenizePairs(
 }
 
 /**
+ * The usable pairs of a file, read lazily (tokenizePairs over iterPairs, so `limit` stops the reading), with
+ * what was skipped; no usable pair at all is an error that says why.
+ */
+export function readUsablePairs(
+  file: string,
+  tok: TextTokenizer | null,
+  vocabSize: number,
+  opts: { maxTokens?: number; limit?: number; skipBad?: boolean } = {},
+): TokenizedPairs {
+  const tp = tokenizePairs(iterPairs(file), tok, vocabSize, opts);
+  const why = [...(opts.maxTokens === undefined ? [] : [`${tp.tooLong} longer than ${opts.maxTokens} tokens`]), `${tp.bad.length} malformed`];
+  if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${why.join(", ")})`);
+  return tp;
+}
+
+/**
  * Reads a pairs file and tokenizes it with a model folder's tokenizer: the pairs ready for runAnalysis.
  * Malformed lines fail (or, with skipBad, are skipped); pairs longer than maxTokens are skipped.
  */
 export function loadPairs(file: string, modelDir: string, opts: { limit?: number; maxTokens?: number; skipBad?: boolean } = {}): Pair[] {
-  const tp = tokenizePairs(iterPairs(file), loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts);
-  if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${tp.tooLong} longer than maxTokens, ${tp.bad.length} malformed)`);
-  return tp.pairs;
+  return readUsablePairs(file, loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts).pairs;
 }
