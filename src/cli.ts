@@ -6,7 +6,7 @@ import { Command, CommanderError, Option } from "commander";
 import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "./model/read.js";
 import cliProgress from "cli-progress";
-import { initBackend, BACKENDS } from "./model/backend.js";
+import { explainBackendError, initBackend, BACKENDS } from "./model/backend.js";
 import { disposeModel } from "./model/llama.js";
 import { logitsAndResid } from "./model/resid.js";
 import { greedy } from "./model/generate.js";
@@ -17,7 +17,7 @@ import { convertLlama2c } from "./io/llama2c.js";
 import { DEFAULT_SETTINGS, SITES, type Direction, type RunSettings, type Site } from "./analysis/settings.js";
 import { summaryTable } from "./analysis/findings.js";
 import { DEFAULT_TUNE, type TuneSettings } from "./train/dpo.js";
-import { mergeShards, parseShard, runStudy, runTune, type StudyEvents, type StudyResult } from "./study.js";
+import { mergeShards, parseShard, runStudy, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
 import { Interrupted } from "./analysis/settings.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
@@ -188,7 +188,7 @@ program
   .option("--force", "replace a run already in --out")
   .option("--shard <i/n>", "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge")
   .addOption(backendOption())
-  .addOption(budgetOption("both models together", 2))
+  .addOption(budgetOption("both models together", WASM_PAIR_BUDGET / 2 ** 30))
   .option("--workers <n>", "worker threads for scoring, each with its own backend and models (default: one per core on wasm/cpu)", int("--workers", 1))
   .action(async (o: Record<string, unknown>) => {
     const sites = String(o.sites).split(",").map((x) => x.trim());
@@ -382,7 +382,7 @@ async function main(): Promise<void> {
       process.exitCode = 130;
       return;
     }
-    const err = e as Error;
+    const err = explainBackendError(e) as Error;
     if (program.opts().debug || process.env.PREFPROBE_DEBUG) console.error(err.stack ?? String(err));
     else console.error(`prefprobe: error: ${err.message.split("\n")[0]}`);
     process.exitCode = 1;

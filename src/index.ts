@@ -5,7 +5,7 @@
 export * as tf from "@tensorflow/tfjs-core";
 
 // Backends, models and loading
-export { initBackend, ensureBackend, BACKENDS, BackendError, type BackendName } from "./model/backend.js";
+export { initBackend, ensureBackend, explainBackendError, wasmHeapBytes, BACKENDS, BackendError, type BackendName } from "./model/backend.js";
 export { parseConfig, configToJson, ConfigError, type LlamaConfig, type RopeScaling } from "./model/config.js";
 export { disposeModel, forward, GROUPED_ATTENTION_MIN, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type WeightSource } from "./model/llama.js";
 export { readValues } from "./model/read.js";
@@ -45,6 +45,8 @@ export {
   type RunCallbacks,
   type RunSettings,
   type Site,
+  type StageTimes,
+  addTimes,
 } from "./analysis/settings.js";
 export { analyseBatch, analysePairs, BatchTooLarge, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
 export { batchBytes, checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
@@ -74,4 +76,4 @@ export { activationTensors, modelFingerprint, resultsJson, writeRun, writeRunOut
 export { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunFolderError, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 export { renderReport } from "./io/report.js";
 export { convertLlama2c } from "./io/llama2c.js";
-export { batchBudget, mergeShards, WASM_PAIR_BUDGET, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";
+export { batchBudget, mergeShards, WASM_PAIR_BUDGET, WASM_SCRATCH, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";

@@ -3,7 +3,7 @@
 // the run's files are the same as with one thread.
 import * as os from "node:os";
 import { Worker } from "node:worker_threads";
-import { Interrupted, type PairState, type RunCallbacks } from "./analysis/settings.js";
+import { Interrupted, type PairState, type RunCallbacks, type StageTimes } from "./analysis/settings.js";
 import type { WorkerInit } from "./worker.js";
 
 /** Worker threads a run uses by default: one per core on the single-threaded wasm and cpu backends, else 1. */
@@ -63,10 +63,11 @@ export async function analyseInWorkers(init: WorkerInit, batches: Array<[number,
       };
       for (const w of workers) {
         w.on("error", (e) => fail(`worker: ${e.message}`));
-        w.on("message", (m: { type: "ready" } | { type: "done"; id: number; states: PairState[] } | { type: "error"; id: number; message: string }) => {
+        w.on("message", (m: { type: "ready" } | { type: "done"; id: number; states: PairState[]; times: StageTimes } | { type: "error"; id: number; message: string }) => {
           if (m.type === "error") return fail(m.message);
           if (m.type === "done") {
             inFlight.delete(m.id);
+            cb.onTimes?.(m.times);
             results.set(m.id, m.states.map((s) => ({ record: s.record, sums: new Float64Array(s.sums.buffer) })));
             emit();
           }

@@ -8,11 +8,12 @@ import { analyseInWorkers, defaultWorkers } from "./parallel.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
-import { resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings } from "./analysis/settings.js";
+import { addTimes, resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
 import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { backendCopies, loadModelSync, residentBytes, saveModelFolder } from "./io/model.js";
+import type { StreamedWeights } from "./io/stream.js";
 import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
@@ -77,10 +78,10 @@ interface Loaded {
 /** Loads both models and the pairs, checks them against each other and the settings, and builds the manifest. */
 function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, info: (line: string) => void): Loaded {
   const perModel = weightBudget(backend, inputs.memoryBudget) / 2;
-  const base = loadModelSync(inputs.base, { memoryBudget: perModel });
+  const base = loadModelSync(inputs.base, { memoryBudget: perModel, shared: true });
   let tuned: LlamaModel | null = null;
   try {
-    tuned = loadModelSync(inputs.tuned, { memoryBudget: perModel });
+    tuned = loadModelSync(inputs.tuned, { memoryBudget: perModel, shared: true });
     for (const m of [base, tuned]) {
       const need = backendCopies() * residentBytes(m.config);
       if (m.source) info(`${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`);
@@ -119,26 +120,34 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
   }
 }
 
-/** Backend bytes both models' weights may take together in a run on wasm by default (of its 4 GiB heap). */
-export const WASM_PAIR_BUDGET = 2 * 2 ** 30;
-
 /**
- * Backend bytes both models' weights may take together: what was asked, else WASM_PAIR_BUDGET on wasm (at 3 GiB
- * a streamed Llama-3.2-1B-shaped pair ran the heap out in the mean-ablation stage), elsewhere no limit.
+ * Backend bytes both models' weights may take together in a run on wasm by default (of its 4 GiB heap). A
+ * bigger share buys nothing once a model is streamed (a forward pass reads layers in order, so an LRU that holds
+ * fewer than all of them never hits) and costs heap: on a 4-layer Llama-3.2-1B-shaped pair at 2 × 160 tokens the
+ * scoring pass grew the heap to 3.69 GiB with 2 GiB, 2.23 GiB with 1 GiB, and a 16-layer pair ran out at 2 GiB.
  */
+export const WASM_PAIR_BUDGET = 2 ** 30;
+
+/** Backend bytes both models' weights may take together: what was asked, else WASM_PAIR_BUDGET on wasm, elsewhere no limit. */
 export function weightBudget(backend: string, asked?: number): number {
   return asked ?? (backend.startsWith("wasm") ? WASM_PAIR_BUDGET : Infinity);
 }
 
 /**
- * Bytes one scoring batch may use: on wasm the 4 GiB heap, elsewhere 60% of the machine's memory, less what
- * both models keep on the backend (all their float32 weights, or their share of the budget when streamed)
- * and a 512 MiB margin.
+ * Heap the wasm backend uses beyond tracked tensors and packed weights (allocator slack, XNNPACK scratch,
+ * uploads in flight): measured 1.2 GiB on the 1B-shaped pair above, so 1.5 GiB is set aside.
+ */
+export const WASM_SCRATCH = 1.5 * 2 ** 30;
+
+/**
+ * Bytes one scoring batch may use: on wasm the 4 GiB heap less WASM_SCRATCH, elsewhere 60% of the machine's
+ * memory less 512 MiB, and less what both models keep on the backend (all their float32 weights, or their
+ * share of the budget when streamed).
  */
 export function batchBudget(backend: string, cfg: LlamaConfig, perModel: number): number {
   const weights = 2 * Math.min(backendCopies() * residentBytes(cfg), perModel);
-  const memory = backend.startsWith("wasm") ? 4 * 2 ** 30 : 0.6 * os.totalmem();
-  return memory - weights - 512 * 2 ** 20;
+  const memory = backend.startsWith("wasm") ? 4 * 2 ** 30 - WASM_SCRATCH : 0.6 * os.totalmem() - 512 * 2 ** 20;
+  return memory - weights;
 }
 
 /** The meta a finished run writes beside its results. */
@@ -173,6 +182,8 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
   info(`backend: ${backend}`);
   const t0 = performance.now();
   const l = loadStudy(inputs, checked, backend, info);
+  const loadMs = performance.now() - t0;
+  const stages: StageTimes = {};
   const models = { base: l.base, tuned: l.tuned };
   try {
     info(`pairs: ${l.tp.pairs.length} used, ${l.tp.tooLong} skipped as longer than ${l.manifest.selection.max_tokens} tokens, ${l.tp.bad.length} malformed lines skipped` + (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : ""));
@@ -192,22 +203,24 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     let fresh: PairState[];
     try {
       const onPairs = (st: PairState[]) => (log.append(st), events.onPairs?.(st));
+      const onTimes = (t: StageTimes) => (addTimes(stages, t), events.onTimes?.(t));
       const todo = l.manifest.batches.slice(doneBatches);
       const workers = Math.min(inputs.workers ?? defaultWorkers(backend), todo.length);
       if (workers > 1) {
         info(`scoring on ${workers} worker threads`);
-        const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs };
-        fresh = await analyseInWorkers(init, todo, workers, { ...events, onPairs }, done.length);
-      } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs }, { batches: todo, done: done.length });
+        const stored = { base: (l.base.source as StreamedWeights | undefined)?.stored, tuned: (l.tuned.source as StreamedWeights | undefined)?.stored };
+        const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
+        fresh = await analyseInWorkers(init, todo, workers, { ...events, onPairs, onTimes }, done.length);
+      } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs, onTimes }, { batches: todo, done: done.length });
     } finally {
       log.close();
     }
-    const scoringMs = performance.now() - t0;
+    const scoringMs = performance.now() - t0 - loadMs;
     const states = [...done, ...fresh];
     const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
     if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
     const results = await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches);
-    results.timings_ms = { scoring_and_patching: scoringMs, ...results.timings_ms };
+    results.timings_ms = { loading: loadMs, scoring_and_patching: scoringMs, ...stages, ...results.timings_ms };
     const words = findings(results);
     await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
     return { results, findings: words, backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };

@@ -3,10 +3,11 @@
 import { parentPort, workerData } from "node:worker_threads";
 import { analyseBatch } from "./analysis/run.js";
 import { makePlan } from "./analysis/scoring.js";
-import type { RunSettings } from "./analysis/settings.js";
+import type { RunSettings, StageTimes } from "./analysis/settings.js";
 import type { Pair } from "./data/pairs.js";
 import { loadModelSync } from "./io/model.js";
-import { initBackend } from "./model/backend.js";
+import type { RawTensor } from "./io/safetensors.js";
+import { explainBackendError, initBackend } from "./model/backend.js";
 import { disposeModel } from "./model/llama.js";
 
 /** What a worker is started with. */
@@ -17,13 +18,16 @@ export interface WorkerInit {
   memoryBudget: number; // per model
   settings: RunSettings;
   pairs: Pair[];
+  /** Streamed models' stored tensors in SharedArrayBuffers (the main thread's copy, not duplicated). */
+  stored?: { base?: Map<string, RawTensor>; tuned?: Map<string, RawTensor> };
 }
 
 const port = parentPort!;
 const init = workerData as WorkerInit;
 try {
   await initBackend(init.backend);
-  const models = { base: loadModelSync(init.base, { memoryBudget: init.memoryBudget }), tuned: loadModelSync(init.tuned, { memoryBudget: init.memoryBudget }) };
+  const load = (dir: string, stored?: Map<string, RawTensor>) => loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
+  const models = { base: load(init.base, init.stored?.base), tuned: load(init.tuned, init.stored?.tuned) };
   const plan = makePlan(init.settings, models.base.config.numLayers);
   port.on("message", (m: { type: "batch"; id: number; start: number; end: number } | { type: "close" }) => {
     if (m.type === "close") {
@@ -33,10 +37,11 @@ try {
       return;
     }
     try {
-      const states = analyseBatch(models, init.pairs.slice(m.start, m.end), plan, init.settings);
-      port.postMessage({ type: "done", id: m.id, states }, states.map((s) => s.sums.buffer as ArrayBuffer));
+      const times: StageTimes = {};
+      const states = analyseBatch(models, init.pairs.slice(m.start, m.end), plan, init.settings, times);
+      port.postMessage({ type: "done", id: m.id, states, times }, states.map((s) => s.sums.buffer as ArrayBuffer));
     } catch (e) {
-      port.postMessage({ type: "error", id: m.id, message: (e as Error).message });
+      port.postMessage({ type: "error", id: m.id, message: (explainBackendError(e) as Error).message });
     }
   });
   port.postMessage({ type: "ready" });

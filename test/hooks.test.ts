@@ -2,6 +2,7 @@
 // names are checked, and a forward result's cache is owned (and freed) by the caller.
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { BackendError, explainBackendError } from "../src/model/backend.js";
 import { loadModelSync } from "../src/io/model.js";
 import { ActivationCache, hookName, hookNames, isHookName } from "../src/model/hooks.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
@@ -90,5 +91,16 @@ describe("backend failures", () => {
     const r = forward(model, [[1, 2, 3]]); // the fault is reported once
     expect(r.logits!.shape).toEqual([1, 3, model.config.vocabSize]);
     r.dispose();
+  });
+
+  it("the wasm runtime's own out-of-heap errors become one sentence that says what ran out and what to lower", () => {
+    for (const e of [new WebAssembly.RuntimeError("memory access out of bounds"), new Error("Aborted(). Build with -sASSERTIONS for more info.")]) {
+      const got = explainBackendError(e);
+      expect(got).toBeInstanceOf(BackendError);
+      expect((got as Error).message).toMatch(/^the wasm backend ran out of its 4 GiB heap.*: lower --memory-budget, --batch or --max-tokens/);
+      expect((got as Error).message).not.toContain("\n");
+    }
+    const other = new Error("tensor \"x\" has shape [2]");
+    expect(explainBackendError(other)).toBe(other);
   });
 });

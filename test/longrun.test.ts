@@ -42,6 +42,18 @@ describe("worker threads", () => {
   });
 });
 
+describe("worker threads on streamed models", () => {
+  it("with both models streamed (a tiny --memory-budget), two workers use the main thread's stored bytes and write the resident run's pairs", () => {
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", ...ARGS.slice(0, -2), "--out", out, "--workers", "2", "--memory-budget", "0.001");
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/stories260k: streamed/);
+    expect(r.err).toMatch(/scoring on 2 worker threads/);
+    expect(fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin")))).toBe(true);
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
+  });
+});
+
 describe("resume", () => {
   it("kill -9 at a random point, then --resume, gives the uninterrupted run's results.json", async () => {
     const out = path.join(tmpDir(), "o");

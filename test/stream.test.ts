@@ -1,6 +1,7 @@
 // Streamed models (weights in Node memory in their file dtype, layers brought into the backend on demand)
 // compute exactly what resident models compute: every site and the logits, resumed runs, the whole analysis.
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
@@ -10,7 +11,7 @@ import { layerBytesOf, StreamedWeights } from "../src/io/stream.js";
 import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
-import { weightRefs } from "../src/model/weights.js";
+import { expectedTensors, weightRefs } from "../src/model/weights.js";
 import { runAnalysis } from "../src/analysis/run.js";
 import { arbCase, randomWeights, writeModelFolder } from "./random-model.js";
 import { useBackend } from "./helpers.js";
@@ -95,6 +96,33 @@ describe("streamed = resident", () => {
       expect((streamed[0].source as StreamedWeights).stats.loads).toBeGreaterThan(resident[0].config.numLayers);
     } finally {
       for (const m of [...resident, ...streamed]) disposeModel(m);
+    }
+  });
+
+  it("a model loaded with `shared` lends its stored bytes (SharedArrayBuffers) to a second load that reads no weight file, with equal outputs", () => {
+    const dir = "fixtures/models/stories260k";
+    const a = loadModelSync(dir, { memoryBudget: chunkedBudget(dir), shared: true });
+    const stored = (a.source as StreamedWeights).stored!;
+    const cfg = configOf(dir);
+    expect(new Set(stored.keys())).toEqual(new Set([...expectedTensors(cfg).keys()].filter((n) => !(cfg.tieWordEmbeddings && n === "lm_head.weight"))));
+    for (const t of stored.values()) expect(t.bytes.buffer).toBeInstanceOf(SharedArrayBuffer);
+    // a folder holding only config.json: the second model can only come from the stored bytes
+    const bare = fs.mkdtempSync(`${os.tmpdir()}/prefprobe-bare-`);
+    fs.copyFileSync(`${dir}/config.json`, `${bare}/config.json`);
+    const b = loadModelSync(bare, { memoryBudget: chunkedBudget(dir), stored });
+    try {
+      expect(() => loadModelSync(bare, { memoryBudget: chunkedBudget(dir) })).toThrow(/no model.safetensors/);
+      const ids = [[1, 5, 9, 200, 3], [4, 4, 4, 4, 4]];
+      const ra = forward(a, ids);
+      const rb = forward(b, ids);
+      expect(rb.logits!.dataSync()).toEqual(ra.logits!.dataSync());
+      ra.dispose();
+      rb.dispose();
+      expect(() => loadModelSync(bare, { stored })).toThrow(/only for a streamed model/);
+    } finally {
+      disposeModel(a);
+      disposeModel(b);
+      fs.rmSync(bare, { recursive: true, force: true });
     }
   });
 

@@ -16,7 +16,7 @@ import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
 import { gapTooSmall, patchingEntries } from "./recovery.js";
 import { checkCompatible, comboKey, gainsByKey, makePlan, pairRecord, scoreBatch, type ModelPair, type Plan } from "./scoring.js";
-import { Interrupted, resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings } from "./settings.js";
+import { addTimes, Interrupted, resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./settings.js";
 import { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./sums.js";
 import { sweepBatch, sweepInput } from "./sweep.js";
 
@@ -66,16 +66,26 @@ export function planBatches(pairs: Pair[], size: number, budget = Infinity, byte
 /** The per-pair sums layout of a run. */
 export const layoutOf = (models: ModelPair, plan: Plan): SumsLayout => sumsLayout(models.base.config.numLayers, models.base.config.hiddenSize, plan.patchSites);
 
-/** Phase 1 for one batch: every per-pair measurement. */
-export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings): PairState[] {
-  const { numLayers: L, hiddenSize: H } = models.base.config;
-  const sc = scoreBatch(models, pairs, plan, s);
+/** `f()`, adding its milliseconds to `times[stage]`. */
+function timed<T>(times: StageTimes, stage: string, f: () => T): T {
+  const t0 = performance.now();
   try {
-    const real = sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s);
-    const random = s.controls ? sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s) : null;
-    const { distance, cosine } = distancesOf(sc, L);
-    const lens = logitLensBatch(models, sc, s);
-    const sums = pairSums(sc, layoutOf(models, plan));
+    return f();
+  } finally {
+    times[stage] = (times[stage] ?? 0) + performance.now() - t0;
+  }
+}
+
+/** Phase 1 for one batch: every per-pair measurement; each stage's milliseconds are added to `times`. */
+export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings, times: StageTimes = {}): PairState[] {
+  const { numLayers: L, hiddenSize: H } = models.base.config;
+  const sc = timed(times, "scoring", () => scoreBatch(models, pairs, plan, s));
+  try {
+    const real = timed(times, "patch_sweep", () => sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s));
+    const random = s.controls ? timed(times, "random_direction_control", () => sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s)) : null;
+    const { distance, cosine } = timed(times, "distances", () => distancesOf(sc, L));
+    const lens = timed(times, "logit_lens", () => logitLensBatch(models, sc, s));
+    const sums = timed(times, "pair_sums", () => pairSums(sc, layoutOf(models, plan)));
     return pairs.map((_, i) => ({
       record: pairRecord(sc, i, {
         distance: distance[i]!,
@@ -111,7 +121,9 @@ export async function analysePairs(
   cb.onProgress?.(done);
   for (const [start, end] of batches) {
     if (cb.shouldStop?.()) throw new Interrupted(done, total);
-    const states = analyseBatch(models, pairs.slice(start, end), plan, s);
+    const times: StageTimes = {};
+    const states = analyseBatch(models, pairs.slice(start, end), plan, s, times);
+    cb.onTimes?.(times);
     out.push(...states);
     cb.onPairs?.(states);
     done += end - start;
@@ -200,9 +212,10 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
   const s = resolveSettings(settings, base.config);
   const models = { base, tuned };
   const t0 = performance.now();
-  const states = await analysePairs(models, pairs, s, cb);
+  const stages: StageTimes = {};
+  const states = await analysePairs(models, pairs, s, { ...cb, onTimes: (t) => (addTimes(stages, t), cb.onTimes?.(t)) });
   const scoring = performance.now() - t0;
   const r = await finishAnalysis(models, pairs, states, s, cb);
-  r.timings_ms = { scoring_and_patching: scoring, ...r.timings_ms };
+  r.timings_ms = { scoring_and_patching: scoring, ...stages, ...r.timings_ms };
   return r;
 }

@@ -188,8 +188,19 @@ export interface Results {
 }
 
 /** Progress and streaming hooks for a run. */
+/** Milliseconds spent per stage (summed over batches, and over workers when they run in parallel). */
+export type StageTimes = Record<string, number>;
+
+/** Adds each stage's time in `from` to `into` (returns `into`). */
+export function addTimes(into: StageTimes, from: StageTimes): StageTimes {
+  for (const [k, v] of Object.entries(from)) into[k] = (into[k] ?? 0) + v;
+  return into;
+}
+
 export interface RunCallbacks {
   onStage?: (stage: string, total: number) => void;
+  /** Called with each batch's phase-1 stage times, as the batch completes. */
+  onTimes?: (ms: StageTimes) => void;
   onProgress?: (done: number) => void;
   /** Called with each batch's pairs as they complete (before the next batch starts). */
   onPairs?: (states: PairState[]) => void;

@@ -34,6 +34,13 @@ export interface LoadOptions {
    * wasm, everything elsewhere.
    */
   memoryBudget?: number;
+  /**
+   * Keep a streamed model's stored bytes in SharedArrayBuffers and list them in `source.stored`, so that worker
+   * threads can load the same model from them (`stored`) without reading or copying the files.
+   */
+  shared?: boolean;
+  /** A streamed model's stored tensors from another thread's load with `shared` (already checked): used instead of the folder's files. */
+  stored?: Map<string, RawTensor>;
 }
 
 /** Loads a Hugging Face Llama folder (config.json + safetensors), starting the best tfjs backend if none is running. */
@@ -48,10 +55,14 @@ export function residentBytes(cfg: LlamaConfig): number {
 }
 
 /** The weight tensors of a folder, checked against the config (names, shapes, dtypes, finite values). */
-function* checkedTensors(dir: string, cfg: LlamaConfig): Generator<[string, RawTensor, Float32Array]> {
+function* checkedTensors(dir: string, cfg: LlamaConfig, opts: LoadOptions = {}): Generator<[string, RawTensor, () => Float32Array]> {
+  if (opts.stored) {
+    for (const [name, t] of opts.stored) yield [name, t, () => decode(t.dtype, t.bytes) as Float32Array];
+    return;
+  }
   const expected = expectedTensors(cfg);
   const seen = new Set<string>();
-  for (const [name, t] of iterRawSafetensorsFolder(dir)) {
+  for (const [name, t] of iterRawSafetensorsFolder(dir, { shared: opts.shared })) {
     if (name.endsWith("rotary_emb.inv_freq")) continue; // recomputed from the config
     if (name === "lm_head.weight" && cfg.tieWordEmbeddings) continue; // tied: the embedding is the head
     const shape = expected.get(name);
@@ -62,7 +73,7 @@ function* checkedTensors(dir: string, cfg: LlamaConfig): Generator<[string, RawT
     const bad = firstNonFinite(data);
     if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${data[bad]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
     seen.add(name);
-    yield [name, t, data];
+    yield [name, t, () => data];
   }
   for (const name of expected.keys()) if (!seen.has(name)) throw new ModelError(`${dir}: missing tensor "${name}"`);
 }
@@ -86,7 +97,8 @@ export function loadModelSync(dir: string, opts: LoadOptions = {}): LlamaModel {
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new ModelError(`${dir}: not a folder`);
   const cfg = loadConfig(dir);
   const budget = (opts.memoryBudget ?? (tf.getBackend() === "wasm" ? WASM_WEIGHT_LIMIT : Infinity)) / backendCopies();
-  return residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget);
+  if (opts.stored && residentBytes(cfg) <= budget) throw new ModelError(`${dir}: stored weights are only for a streamed model`);
+  return residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget, opts);
 }
 
 function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
@@ -94,8 +106,8 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
   let tiedHead: tf.Tensor2D | null = null;
   try {
     for (const [name, t, data] of checkedTensors(dir, cfg)) {
-      got.set(name, toBackend(name, t.shape, data));
-      if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tiedHeadOf(data, t.shape);
+      got.set(name, toBackend(name, t.shape, data()));
+      if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tiedHeadOf(data(), t.shape);
     }
   } catch (e) {
     for (const t of got.values()) t.dispose();
@@ -122,7 +134,7 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
 }
 
 /** A streamed model: the final norm and head on the backend, layers and embedding rows from stored bytes. */
-function loadStreamed(dir: string, cfg: LlamaConfig, budget: number): LlamaModel {
+function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadOptions): LlamaModel {
   const H = cfg.hiddenSize;
   const headBytes = 4 * cfg.vocabSize * H;
   const layerBytes = layerBytesOf(cfg);
@@ -137,20 +149,23 @@ function loadStreamed(dir: string, cfg: LlamaConfig, budget: number): LlamaModel
     );
   }
   const raw = new Map<string, RawTensor>();
+  const stored = new Map<string, RawTensor>();
   let head: tf.Tensor2D | null = null;
   let finalNorm: tf.Tensor1D | null = null;
   try {
-    for (const [name, t, data] of checkedTensors(dir, cfg)) {
-      if (name === "model.norm.weight") finalNorm = tf.tensor1d(data);
-      else if (name === "lm_head.weight" && !chunks) head = toBackend(name, t.shape, data) as tf.Tensor2D;
+    for (const [name, t, data] of checkedTensors(dir, cfg, opts)) {
+      if (opts.shared) stored.set(name, t);
+      if (name === "model.norm.weight") finalNorm = tf.tensor1d(data());
+      else if (name === "lm_head.weight" && !chunks) head = toBackend(name, t.shape, data()) as tf.Tensor2D;
       else {
         raw.set(name, t);
-        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings && !chunks) head = tiedHeadOf(data, t.shape);
+        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings && !chunks) head = tiedHeadOf(data(), t.shape);
       }
     }
     const headRaw = raw.get(cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
     const resident = chunks ? 4 * H : headBytes + 4 * H;
     const source = new StreamedWeights(cfg, raw, budget - resident, chunks ? { raw: headRaw!, chunks } : undefined);
+    if (opts.shared) source.stored = stored;
     return { config: cfg, embed: tf.zeros([0, H]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: head ?? (tf.zeros([H, 0]) as tf.Tensor2D), source };
   } catch (e) {
     head?.dispose();

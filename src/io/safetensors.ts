@@ -213,8 +213,13 @@ export function* iterSafetensors(file: string, names?: Iterable<string>): Genera
   for (const [name, t] of iterRawSafetensors(file, names)) yield [name, { dtype: t.dtype, shape: t.shape, data: decode(t.dtype, t.bytes) }];
 }
 
+/** How raw bytes are held: `shared` puts each tensor in a SharedArrayBuffer, which worker threads use without a copy. */
+export interface RawReadOptions {
+  shared?: boolean;
+}
+
 /** iterSafetensors without decoding: each tensor's stored bytes. */
-export function* iterRawSafetensors(file: string, names?: Iterable<string>): Generator<[string, RawTensor]> {
+export function* iterRawSafetensors(file: string, names?: Iterable<string>, opts: RawReadOptions = {}): Generator<[string, RawTensor]> {
   const fd = openOrThrow(file);
   try {
     const { entries } = parseHeaderFrom(fd, file, fs.fstatSync(fd).size);
@@ -225,7 +230,7 @@ export function* iterRawSafetensors(file: string, names?: Iterable<string>): Gen
     }
     for (const en of entries) {
       if (want && !want.has(en.name)) continue;
-      const bytes = new Uint8Array(en.end - en.begin);
+      const bytes = opts.shared ? new Uint8Array(new SharedArrayBuffer(en.end - en.begin)) : new Uint8Array(en.end - en.begin);
       let got = 0;
       while (got < bytes.length) {
         const r = fs.readSync(fd, bytes, got, bytes.length - got, en.begin + got);
@@ -352,8 +357,8 @@ export function* iterSafetensorsFolder(dir: string): Generator<[string, StoredTe
 }
 
 /** Yields every tensor of a model folder as stored bytes, one at a time. */
-export function* iterRawSafetensorsFolder(dir: string): Generator<[string, RawTensor]> {
-  for (const [file, names] of folderShards(dir)) yield* iterRawSafetensors(file, names);
+export function* iterRawSafetensorsFolder(dir: string, opts: RawReadOptions = {}): Generator<[string, RawTensor]> {
+  for (const [file, names] of folderShards(dir)) yield* iterRawSafetensors(file, names, opts);
 }
 
 /** Reads every tensor of a model folder (single file or sharded) into a map. */

@@ -30,6 +30,8 @@ export class StreamedWeights implements WeightSource {
   private readonly resident = new Map<string, Unit>();
   private used = 0;
   readonly layerBytes: number;
+  /** Every stored tensor of the model in SharedArrayBuffers, when it was loaded with `shared` (for worker threads). */
+  stored?: Map<string, RawTensor>;
   /** How often a unit was brought in, and sent back out. */
   readonly stats = { loads: 0, evictions: 0 };
 

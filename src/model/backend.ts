@@ -33,6 +33,30 @@ function watchBackendMessages(): void {
     if (/XNN status .* is not successful/.test(text)) fault ??= text.trim();
     else warn(...args);
   };
+  const error = console.error.bind(console);
+  console.error = (...args: unknown[]) => {
+    // emscripten prints "Aborted()" before the RuntimeError that explainBackendError rewrites
+    if (args.length === 1 && String(args[0]).trim() === "Aborted()") return;
+    error(...args);
+  };
+}
+
+/** The wasm backend's heap in use now (its linear memory only grows), in bytes; null on other backends. */
+export function wasmHeapBytes(): number | null {
+  const b = tf.getBackend() === "wasm" ? (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }) : null;
+  return b?.wasm?.HEAPU8?.length ?? null;
+}
+
+/**
+ * An error of the wasm runtime running out of its 4 GiB heap ("memory access out of bounds", an abort) as a
+ * sentence that says so and what to lower; any other error unchanged.
+ */
+export function explainBackendError(e: unknown): unknown {
+  const msg = e instanceof Error ? e.message : String(e);
+  if (!/memory access out of bounds|^Aborted|Out of memory|Cannot enlarge memory|XNN status 6/i.test(msg)) return e;
+  const heap = wasmHeapBytes();
+  const used = heap === null ? "" : ` (${(heap / 2 ** 30).toFixed(2)} GiB in use)`;
+  return new BackendError(`the wasm backend ran out of its 4 GiB heap${used}: lower --memory-budget, --batch or --max-tokens, or install @tensorflow/tfjs-node (${msg.split("\n")[0]})`);
 }
 
 /** The backend failure seen since the last call (and clears it), or null. */

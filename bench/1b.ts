@@ -1,0 +1,188 @@
+// The paper's setting at full size: a Llama-3.2-1B-shaped BF16 pair (exact config, random weights, tuned = base +
+// a rank-1 change in the two middle layers), the real Llama 3 tokenizer and real HH-RLHF pairs. Reports load time,
+// peak RSS, forward tokens/s and efficiency against the backend's own matmul ceiling (measured in the same run),
+// seconds per pair of the full analysis with each stage's share, and — when a python3 with torch is on the machine
+// — the same layer sweep in PyTorch (bench/peers/sweep.py) as a ratio, with its margins checked against ours.
+//   npm run bench:1b [-- --layers 16 --pairs 2 --max-tokens 160 --workers N --dir DIR]
+// The models (2 × 2.3 GiB) are written to DIR (default: the system temp folder) once and reused.
+import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { parseArgs } from "node:util";
+import * as tf from "@tensorflow/tfjs-core";
+import type { PairRecord } from "../src/analysis/settings.js";
+import { readUsablePairs } from "../src/io/pairs.js";
+import { loadModel } from "../src/io/model.js";
+import { loadTokenizer } from "../src/io/tokenizer.js";
+import { initBackend } from "../src/model/backend.js";
+import { disposeModel, forward } from "../src/model/llama.js";
+import { runStudy, weightBudget } from "../src/study.js";
+import { changedLayers, llama1bConfig, writeLlama1bShaped } from "./llama-1b-shaped.js";
+import { layerFlops, layerForwardMs, matmulCeiling, oneLayerModel } from "./lib.js";
+
+const { values: a } = parseArgs({
+  options: {
+    layers: { type: "string", default: "16" },
+    pairs: { type: "string", default: "2" },
+    "max-tokens": { type: "string", default: "160" },
+    workers: { type: "string" },
+    dir: { type: "string" },
+    stage: { type: "string" }, // internal: run one measurement in a child process (its own peak RSS)
+  },
+});
+const layers = Number(a.layers);
+const nPairs = Number(a.pairs);
+const maxTokens = Number(a["max-tokens"]);
+const dir = a.dir ?? path.join(os.tmpdir(), `prefprobe-1b-${layers}`);
+const HH = "fixtures/data/hh-rlhf/harmless-base-test.jsonl.gz";
+const GiB = 2 ** 30;
+const rssGiB = () => (process.resourceUsage().maxRSS * 1024) / GiB;
+const models = { base: path.join(dir, "base"), tuned: path.join(dir, "tuned") };
+
+/** Runs this file again with `--stage`, in a fresh process, and returns the JSON it prints last. */
+function child(stage: string, extra: string[] = []): Record<string, unknown> {
+  const args = ["--import", "tsx", process.argv[1]!, "--stage", stage, "--dir", dir, "--layers", a.layers!, "--pairs", a.pairs!, "--max-tokens", a["max-tokens"]!, ...extra];
+  const r = spawnSync(process.execPath, args, { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"], maxBuffer: 2 ** 28 });
+  if (r.status !== 0) throw new Error(`bench stage ${stage} failed (exit ${r.status})`);
+  return JSON.parse(r.stdout.trim().split("\n").at(-1)!);
+}
+
+/** Stage "load": both models loaded as `run` loads them, then one streamed forward of the base at 1 × 128 and 1 × 512. */
+async function loadStage(): Promise<Record<string, unknown>> {
+  const backend = await initBackend();
+  const perModel = weightBudget(backend) / 2;
+  const t0 = performance.now();
+  const base = await loadModel(models.base, { memoryBudget: perModel });
+  const tuned = await loadModel(models.tuned, { memoryBudget: perModel });
+  const loadS = (performance.now() - t0) / 1000;
+  const tokensPerS: Record<string, number> = {};
+  for (const T of [128, 512]) {
+    const ids = [Array.from({ length: T }, (_, t) => 1000 + ((t * 7919) % 100000))];
+    const t1 = performance.now();
+    const r = forward(base, ids, { logitsAt: [[0, T - 1]] });
+    r.logits!.dataSync();
+    r.dispose();
+    tokensPerS[T] = T / ((performance.now() - t1) / 1000);
+  }
+  disposeModel(base);
+  disposeModel(tuned);
+  return { backend, load_s: loadS, tokens_per_s: tokensPerS, peak_rss_gib: rssGiB() };
+}
+
+/** Stage "run": `prefprobe run --limit pairs` with default settings; its timings and the process's peak RSS. */
+async function runStage(out: string): Promise<Record<string, unknown>> {
+  const t0 = performance.now();
+  const r = await runStudy(
+    { base: models.base, tuned: models.tuned, pairs: HH, out, force: true, limit: nPairs, maxTokens, workers: a.workers ? Number(a.workers) : undefined },
+    {},
+    { onInfo: (s) => console.error(`  ${s}`) },
+  );
+  return { wall_s: (performance.now() - t0) / 1000, timings_ms: r.results!.timings_ms, findings: r.findings, peak_rss_gib: rssGiB() };
+}
+
+/** A python3 that can import torch, if any. */
+function findTorch(): string | null {
+  for (const py of ["python3", "/usr/bin/python3"]) {
+    const r = spawnSync(py, ["-c", "import torch; print(torch.__version__)"], { encoding: "utf8" });
+    if (r.status === 0) return py;
+  }
+  return null;
+}
+
+if (a.stage === "load") console.log(JSON.stringify(await loadStage()));
+else if (a.stage === "run") console.log(JSON.stringify(await runStage(a.dir! + "-run")));
+else await main();
+
+async function main(): Promise<void> {
+  const cfg = llama1bConfig(layers);
+  const row = (k: string, v: string) => console.log(`| ${k} | ${v} |`);
+  let t0 = performance.now();
+  writeLlama1bShaped(dir, layers);
+  console.error(`models in ${dir} (${((performance.now() - t0) / 1000).toFixed(0)} s); tuned differs in layers ${changedLayers(layers).join(", ")}`);
+
+  // the pairs: real HH-RLHF, real tokenizer; how much a shared prompt would save
+  const tok = loadTokenizer(models.base)!;
+  const hh = readUsablePairs(HH, tok, cfg.vocabSize, { limit: 200, maxTokens });
+  const rows = hh.pairs.map((p) => ({ P: p.promptIds.length, C: p.chosenIds.length, R: p.rejectedIds.length }));
+  const padded = rows.reduce((s, r) => s + 2 * (r.P + Math.max(r.C, r.R)), 0);
+  const shared = rows.reduce((s, r) => s + r.P + 2 * Math.max(r.C, r.R), 0);
+  const meanLen = rows.reduce((s, r) => s + r.P + Math.max(r.C, r.R), 0) / rows.length;
+
+  // the backend's matmul ceiling and one resident layer's efficiency against it
+  const backend = await initBackend();
+  const layer = oneLayerModel(cfg);
+  const eff: string[] = [];
+  const ceilings: number[] = [];
+  for (const T of [128, 512]) {
+    const ceil = matmulCeiling(layer.layers[0]!, T);
+    ceilings.push(ceil);
+    const gflops = layerFlops(cfg, 1, T) / layerForwardMs(layer, 1, T, "grouped") / 1e6;
+    eff.push(`T=${T}: ${(gflops / ceil).toFixed(2)} (${gflops.toFixed(1)} of ${ceil.toFixed(1)} GFLOP/s)`);
+  }
+  disposeModel(layer);
+  tf.disposeVariables();
+
+  console.error("loading both models and one streamed forward (child process)…");
+  const load = child("load") as { load_s: number; tokens_per_s: Record<string, number>; peak_rss_gib: number };
+  console.error(`running the full analysis on ${nPairs} pairs (child process)…`);
+  t0 = performance.now();
+  const run = child("run", a.workers ? ["--workers", a.workers] : []) as { wall_s: number; timings_ms: Record<string, number>; peak_rss_gib: number };
+  const tm = run.timings_ms;
+  const sPerPair = tm.scoring_and_patching! / 1000 / nPairs;
+  const phase2 = ["mean_ablation", "lasso_and_probes", "pca"].reduce((s, k) => s + (tm[k] ?? 0), 0) / 1000;
+  const records = fs.readFileSync(path.join(dir + "-run", "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as PairRecord);
+
+  // the PyTorch peer on the same token ids
+  const py = findTorch();
+  let peer: { s: number; resumeS: number; maxErr: number; gflops: number } | null = null;
+  if (py) {
+    console.error(`PyTorch peer (${py} bench/peers/sweep.py)…`);
+    const sweep = (extra: string[]) => {
+      const r = spawnSync(py, ["bench/peers/sweep.py", models.base, models.tuned, path.join(dir + "-run", "pairs.jsonl"), "--count", String(nPairs), ...extra], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+      if (r.status !== 0) throw new Error("bench/peers/sweep.py failed");
+      return r.stdout.trim().split("\n").map((l) => JSON.parse(l));
+    };
+    const tl = sweep([]);
+    const resume = sweep(["--resume-style"]);
+    const lines = tl.filter((l) => "seconds" in l);
+    let maxErr = 0;
+    lines.forEach((l, i) => {
+      const rec = records[i]!;
+      const gains = rec.gains["tuned->base resid_post"]!;
+      const gap = Math.abs(rec.gap);
+      maxErr = Math.max(maxErr, Math.abs(l.base - rec.margin.base) / gap, Math.abs(l.tuned - rec.margin.tuned) / gap);
+      l.patched.forEach((m: number, k: number) => (maxErr = Math.max(maxErr, Math.abs(m - l.base - gains[k]!) / gap)));
+    });
+    const mm = spawnSync(py, ["-c", "import torch,time\na=torch.randn(128,2048);b=torch.randn(2048,8192)\nfor _ in range(3): a@b\nt=time.time()\nfor _ in range(10): a@b\nprint(2*128*2048*8192*10/(time.time()-t)/1e9)"], { encoding: "utf8" });
+    peer = {
+      s: lines.reduce((s, l) => s + l.seconds, 0) / lines.length,
+      resumeS: resume.filter((l) => "seconds" in l).reduce((s, l) => s + l.seconds, 0) / lines.length,
+      maxErr,
+      gflops: Number(mm.stdout),
+    };
+  }
+
+  console.log(`\n## bench:1b — ${layers} layers at Llama-3.2-1B width, ${backend}, ${os.availableParallelism()} cores, ${os.cpus()[0]?.model ?? "?"}\n`);
+  console.log("| measure | value |\n|---|---|");
+  const onDisk = Object.values(models).flatMap((d) => fs.readdirSync(d).map((f) => fs.statSync(path.join(d, f)).size)).reduce((x, y) => x + y, 0);
+  row("weights on disk (BF16, both models)", `${(onDisk / GiB).toFixed(2)} GiB`);
+  row("load both models (streamed, default budget)", `${load.load_s.toFixed(1)} s, peak RSS ${load.peak_rss_gib.toFixed(2)} GiB`);
+  row("wasm matmul ceiling (this run)", `T=128: ${ceilings[0]!.toFixed(1)} GFLOP/s; T=512: ${ceilings[1]!.toFixed(1)} GFLOP/s`);
+  row("one resident layer vs that ceiling (target ≥ 0.85)", eff.join("; "));
+  row("streamed forward of the base model, 1 row", `T=128: ${load.tokens_per_s[128]!.toFixed(1)} tokens/s; T=512: ${load.tokens_per_s[512]!.toFixed(1)} tokens/s (every layer brought in)`);
+  row("HH-RLHF pairs ≤ max tokens (first 200 usable)", `${rows.length} pairs, mean ${meanLen.toFixed(0)} tokens per row; computing the shared prompt once would save ${(100 * (1 - shared / padded)).toFixed(0)}% of token positions`);
+  row(`full analysis, ${nPairs} pairs, default settings`, `${run.wall_s.toFixed(0)} s wall; peak RSS ${run.peak_rss_gib.toFixed(2)} GiB`);
+  row("  per pair (scoring, sweep and controls; wall)", `${sPerPair.toFixed(1)} s`);
+  const stageNames = ["scoring", "patch_sweep", "random_direction_control", "logit_lens", "distances", "pair_sums"];
+  const thread = stageNames.reduce((s, k) => s + (tm[k] ?? 0), 0);
+  row("  per-pair stages (share of thread time)", stageNames.filter((k) => tm[k]).map((k) => `${k} ${((100 * tm[k]!) / thread).toFixed(0)}%`).join(", "));
+  row("  dataset stages (mean-ablation, LASSO/probes, PCA + low-rank)", `${phase2.toFixed(1)} s (${["mean_ablation", "lasso_and_probes", "pca"].map((k) => `${k} ${((tm[k] ?? 0) / 1000).toFixed(1)} s`).join(", ")})`);
+  if (peer) {
+    row("PyTorch peer (TransformerLens-style sweep: a full forward per layer)", `${peer.s.toFixed(1)} s per pair; matmul ${peer.gflops.toFixed(0)} GFLOP/s (${(peer.gflops / ceilings[0]!).toFixed(1)}x wasm's)`);
+    row("PyTorch peer resuming each patched forward at the patched layer", `${peer.resumeS.toFixed(1)} s per pair`);
+    row("prefprobe per pair / TL-style peer per pair (target ≤ 1.0)", `${(tm.patch_sweep! / 1000 / nPairs / peer.s).toFixed(2)} (the sweep alone, thread time); ${(sPerPair / peer.s).toFixed(2)} (all per-pair stages, wall)`);
+    row("margins, prefprobe vs peer (max error / |gap|)", peer.maxErr.toExponential(1));
+  } else row("PyTorch peer", "skipped: no python3 with torch (apt install python3-torch)");
+  console.log(`\nHow long will my run take: about ${sPerPair.toFixed(0)} s × pairs + ${phase2.toFixed(0)} s on this machine (pairs of ≤ ${maxTokens} tokens; time grows with length).`);
+}
