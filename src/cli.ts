@@ -14,7 +14,7 @@ import { loadModelSync } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
-import { DEFAULT_SETTINGS, SITES, type Direction, type RunSettings, type Site } from "./analysis/settings.js";
+import { DEFAULT_SETTINGS, METHODS, SITES, type Direction, type Method, type RunSettings, type Site } from "./analysis/settings.js";
 import { summaryTable } from "./analysis/findings.js";
 import { DEFAULT_TUNE, type TuneSettings } from "./train/dpo.js";
 import { mergeShards, parseShard, runStudy, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
@@ -175,6 +175,7 @@ program
   .option("--sites <list>", `comma-separated sites to patch (${SITES.join(", ")})`, DEFAULT_SETTINGS.sites.join(","))
   .option("--layers <list>", "comma-separated layers to patch (default: all)")
   .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]))
+  .addOption(new Option("--method <m>", "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement").choices([...METHODS]).default(DEFAULT_SETTINGS.method))
   .option("--no-controls", "skip the random-direction and mean-ablation controls")
   .option("--pca-layer <l>", "layer for low-rank reconstruction (default: first within 5% of the best recovery)", int("--pca-layer", 0))
   .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), DEFAULT_SETTINGS.pcaTestFrac)
@@ -210,6 +211,7 @@ program
       pcaLayer: (o.pcaLayer as number | undefined) ?? null,
       pcaTestFrac: o.pcaTestFrac as number,
       batchPairs: o.batch as number,
+      method: o.method as Method,
     };
     const shard = o.shard === undefined ? undefined : parseShard(String(o.shard));
     const done = await withProgress((events) =>

@@ -29,13 +29,19 @@ export { iterPairs, loadPairs, readPairs, readUsablePairs, splitHH, tokenizePair
 export {
   DEFAULT_SETTINGS,
   DIRECTIONS,
+  METHODS,
   SITES,
+  runsAttribution,
+  runsControls,
+  runsExact,
   SettingsError,
   resolveSettings,
   type Direction,
   type GainSummary,
   type LassoResult,
   type LowRankResult,
+  type Method,
+  type PairAttribution,
   Interrupted,
   type PairRecord,
   type PairState,
@@ -52,6 +58,7 @@ export { analyseBatch, analysePairs, BatchTooLarge, finishAnalysis, layoutOf, pl
 export { batchBytes, checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
 export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, type Patch } from "./analysis/patches.js";
 export { sweepBatch, sweepInput, sweepLayerMajor, sweepPerLayer, type SweepInput } from "./analysis/sweep.js";
+export { attributionBatch, attributionSummary, siteGradients, type AttributionEntry, type AttributionSummary } from "./analysis/attribution.js";
 export { PURPOSE, keyedNoise, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
 export { distancesOf } from "./analysis/distances.js";
 export { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./analysis/sums.js";
@@ -65,10 +72,11 @@ export { findings, summaryTable } from "./analysis/findings.js";
 export { lassoCV, lassoFit, lassoPath, type LassoCVResult, type LassoFit } from "./stats/lasso.js";
 export { logisticFit, probeCV, type LogisticFit } from "./stats/logistic.js";
 export { pcaOfDifferences, randomSubspace, symmetricEigen, type PcaResult } from "./stats/pca.js";
-export { bootstrapRatioCI, kFolds, mean, permutation, seededRandom, tfSeed } from "./stats/stats.js";
+export { bootstrapRatioCI, kFolds, mean, pearson, permutation, seededRandom, tfSeed } from "./stats/stats.js";
 
 // DPO
-export { DEFAULT_TUNE, enableGradients, evaluatePairs, selectWeights, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
+export { enableGradients } from "./model/gradients.js";
+export { DEFAULT_TUNE, evaluatePairs, selectWeights, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
 
 // Files: safetensors, run outputs, the report, and whole studies (what the CLI's run and tune do)
 export { readSafetensors, writeSafetensors, SafetensorsError, type DType, type StoredTensor, type TensorToWrite } from "./io/safetensors.js";

@@ -8,7 +8,8 @@ import { analyseInWorkers, defaultWorkers } from "./parallel.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
-import { addTimes, resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
+import { addTimes, resolveSettings, runsAttribution, SettingsError, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
+import { enableGradients } from "./model/gradients.js";
 import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
@@ -17,7 +18,7 @@ import type { StreamedWeights } from "./io/stream.js";
 import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
-import { loadTokenizer } from "./io/tokenizer.js";
+import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
 
 /** Where a study reads and writes, which pairs it keeps, and how it treats an existing run folder. */
@@ -71,6 +72,7 @@ interface Loaded {
   base: LlamaModel;
   tuned: LlamaModel;
   tp: TokenizedPairs;
+  tok: TextTokenizer | null;
   settings: RunSettings;
   manifest: Manifest;
 }
@@ -88,6 +90,7 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
     }
     checkCompatible(base, tuned);
     const s = resolveSettings(settings, base.config);
+    if (runsAttribution(s) && (base.source || tuned.source)) throw new SettingsError(`--method ${s.method} needs both models resident on the backend (gradients keep every layer's weights), but a model is streamed: raise --memory-budget, or use --method exact`);
     const tok = loadTokenizer(inputs.base);
     const tokFiles = [inputs.base, inputs.tuned].map((d) => path.join(d, "tokenizer.json"));
     if (tokFiles.every((f) => fs.existsSync(f)) && !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))) {
@@ -112,7 +115,7 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
       sums_size: layoutOf({ base, tuned }, plan).size,
       shard: inputs.shard ?? null,
     };
-    return { perModel, base, tuned, tp, settings: s, manifest };
+    return { perModel, base, tuned, tp, tok, settings: s, manifest };
   } catch (e) {
     disposeModel(base);
     if (tuned) disposeModel(tuned);
@@ -150,6 +153,16 @@ export function batchBudget(backend: string, cfg: LlamaConfig, perModel: number)
   return memory - weights;
 }
 
+/** Adds the token strings of the attribution heatmap's pair (for the report's axis), when there is a tokenizer. */
+function labelHeatmap(r: Results, tok: TextTokenizer | null): Results {
+  const h = r.attribution?.heatmap;
+  if (h && tok) {
+    const text = (ids: number[]) => ids.map((id) => tok.idToToken(id) ?? String(id));
+    h.tokens = { chosen: text([...h.ids.prompt, ...h.ids.chosen]), rejected: text([...h.ids.prompt, ...h.ids.rejected]) };
+  }
+  return r;
+}
+
 /** The meta a finished run writes beside its results. */
 function runMeta(l: Loaded, backend: string, words: string[], t0: number): RunMeta {
   return {
@@ -181,6 +194,7 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
   const backend = await initBackend(inputs.backend);
   info(`backend: ${backend}`);
   const t0 = performance.now();
+  if (runsAttribution(checked)) await enableGradients();
   const l = loadStudy(inputs, checked, backend, info);
   const loadMs = performance.now() - t0;
   const stages: StageTimes = {};
@@ -219,7 +233,7 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     const states = [...done, ...fresh];
     const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
     if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
-    const results = await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches);
+    const results = labelHeatmap(await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches), l.tok);
     results.timings_ms = { loading: loadMs, scoring_and_patching: scoringMs, ...stages, ...results.timings_ms };
     const words = findings(results);
     await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
@@ -292,7 +306,7 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
     } finally {
       log.close();
     }
-    const results = await finishAnalysis({ base: l.base, tuned: l.tuned }, l.tp.pairs, states, l.settings, events, l.manifest.batches);
+    const results = labelHeatmap(await finishAnalysis({ base: l.base, tuned: l.tuned }, l.tp.pairs, states, l.settings, events, l.manifest.batches), l.tok);
     const words = findings(results);
     await writeRun(out, results, runMeta(l, backend, words, t0), l.tp.pairs);
     return { results, findings: words, backend, out, pairs: { done: states.length, total: states.length, resumed: 0 } };

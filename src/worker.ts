@@ -3,7 +3,8 @@
 import { parentPort, workerData } from "node:worker_threads";
 import { analyseBatch } from "./analysis/run.js";
 import { makePlan } from "./analysis/scoring.js";
-import type { RunSettings, StageTimes } from "./analysis/settings.js";
+import { runsAttribution, type RunSettings, type StageTimes } from "./analysis/settings.js";
+import { enableGradients } from "./model/gradients.js";
 import type { Pair } from "./data/pairs.js";
 import { loadModelSync } from "./io/model.js";
 import type { RawTensor } from "./io/safetensors.js";
@@ -26,6 +27,7 @@ const port = parentPort!;
 const init = workerData as WorkerInit;
 try {
   await initBackend(init.backend);
+  if (runsAttribution(init.settings)) await enableGradients();
   const load = (dir: string, stored?: Map<string, RawTensor>) => loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
   const models = { base: load(init.base, init.stored?.base), tuned: load(init.tuned, init.stored?.tuned) };
   const plan = makePlan(init.settings, models.base.config.numLayers);

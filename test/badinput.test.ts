@@ -65,6 +65,17 @@ describe("bad input", () => {
     expect(r.err).not.toMatch(/scoring/);
   });
 
+  it("--method attribution on a streamed model is a one-line error before any compute; an unknown method is refused", () => {
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", writePairs([good(0)]), "--out", out, "--method", "attribution", "--memory-budget", "0.001", ...FAST);
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(/^prefprobe: error: --method attribution needs both models resident on the backend .*raise --memory-budget, or use --method exact$/);
+    expect(r.err).not.toMatch(/scoring/);
+    const m = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", writePairs([good(0)]), "--out", out, "--method", "gradient", ...FAST);
+    expect(m.code).toBe(1);
+    expect(lastLine(m.err)).toMatch(/^prefprobe: error: option '--method <m>' argument 'gradient' is invalid. Allowed choices are exact, attribution, both\.$/);
+  });
+
   it("--limit N stops reading after N usable pairs (a bad line further on does not matter)", () => {
     const f = writePairs([good(0), good(1), good(2), "{not json"]);
     const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), "--limit", "3", ...FAST);

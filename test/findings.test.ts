@@ -2,6 +2,7 @@
 // indistinguishable from it, a LASSO selection that moves with the CV seed is called unstable, and
 // coefficients at rounding level select nothing.
 import { describe, expect, it } from "vitest";
+import type { AttributionEntry } from "../src/analysis/attribution.js";
 import { findings } from "../src/analysis/findings.js";
 import { lassoStage } from "../src/analysis/estimators.js";
 import { patchingEntries } from "../src/analysis/recovery.js";
@@ -22,6 +23,7 @@ function resultsWith(patching: Results["patching"], lasso: Results["lasso"] = nu
     pairs: [],
     summary: { mean_margin_base: 0, mean_margin_tuned: 1, mean_gap: 1, tuned_prefers_chosen: 0.5, base_prefers_chosen: 0.5 },
     patching,
+    attribution: null,
     lasso,
     probes: [],
     pca: null,
@@ -84,5 +86,22 @@ describe("LASSO findings", () => {
     expect(found).not.toBeNull();
     const line = findings(resultsWith([], found)).find((x) => x.startsWith("LASSO"))!;
     expect(line).toMatch(/The selection is unstable: it changes with the CV fold seed alone \(\{[\d, ]*\} at seed 0, \{[\d, ]*\} at seed \d\), so no layer set is a finding\./);
+  });
+});
+
+describe("findings about attribution patching", () => {
+  const entry = (site: string, layer: number, est: number, exact: number, r: number): AttributionEntry => ({ direction: "tuned->base", site, layer, mean_estimate: est, recovery_estimate: est, exact: { recovery: exact, correlation: r, max_abs_error: 0.1 } });
+  const withAttribution = (entries: AttributionEntry[]): Results => ({ ...resultsWith([]), attribution: { entries, heads: { direction: "tuned->base", mean: [], recovery: [] }, heatmap: null } });
+
+  it("says where estimates agree with the exact sweep, where they do not, and the largest recovery difference", () => {
+    const lines = findings(withAttribution([entry("resid_post", 0, 0.1, 0.12, 0.99), entry("resid_post", 1, 0.5, 0.6, 0.95), entry("mlp_out", 0, 0.2, 0.2, 0.97), entry("mlp_out", 1, 0.3, 0.31, 0.42)]));
+    expect(lines).toContain("Attribution patching agrees with the exact sweep for resid_post (tuned->base): correlation over pairs ≥ 0.950 at every layer.");
+    expect(lines).toContain("Attribution patching of mlp_out (tuned->base) does NOT closely agree with the exact sweep: correlation over pairs 0.420 at layer 1; use the exact numbers there.");
+    expect(lines).toContain("The largest gap between estimated and exact recovery is resid_post (tuned->base) at layer 1: 50.0% estimated vs 60.0% exact.");
+  });
+
+  it("says nothing about agreement when there was no exact sweep to compare with", () => {
+    const lines = findings(withAttribution([{ ...entry("resid_post", 0, 0.1, 0.1, 1), exact: null }]));
+    expect(lines.some((l) => l.includes("Attribution"))).toBe(false);
   });
 });

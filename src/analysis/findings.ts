@@ -21,7 +21,8 @@ export function findings(r: Results): string[] {
       const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const first90 = e.find((p) => p.recovery >= 0.9);
       const ci = Number.isFinite(best.recovery_ci[0]) ? ` (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})` : " (no CI: --bootstrap 0)";
-      let line = `Patching ${site} (${dir}): recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
+      const how = best.method === "attribution" ? " [attribution estimates: first-order, no exact patches and no controls]" : "";
+      let line = `Patching ${site} (${dir})${how}: recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
       line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
       if (best.controls) {
         const rnd = best.controls.random_direction;
@@ -37,6 +38,7 @@ export function findings(r: Results): string[] {
       out.push(line);
     }
   }
+  for (const line of attributionFindings(r)) out.push(line);
   if (r.lasso) {
     const nz = r.lasso.nonzero_layers;
     const stable = r.lasso.stability.map((v, l) => [l, v] as const).filter(([, v]) => v >= 0.8).map(([l]) => l);
@@ -97,4 +99,31 @@ export function summaryTable(r: Results): string {
   }
   const w = head.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)));
   return rows.map((row) => row.map((x, c) => x.padStart(w[c]!)).join("  ")).join("\n");
+}
+
+/** How far attribution estimates can be trusted here: their agreement with the exact sweep per direction and site. */
+function attributionFindings(r: Results): string[] {
+  const a = r.attribution;
+  if (!a || !a.entries.some((e) => e.exact)) return [];
+  const groups = new Map<string, typeof a.entries>();
+  for (const e of a.entries) groups.set(`${e.site} (${e.direction})`, [...(groups.get(`${e.site} (${e.direction})`) ?? []), e]);
+  const agree: string[] = [];
+  const out: string[] = [];
+  let minAll = Infinity;
+  let worst = a.entries[0]!;
+  for (const [name, es] of groups) {
+    const rs = es.map((e) => e.exact!.correlation);
+    const minR = rs.some((x) => !Number.isFinite(x)) ? NaN : Math.min(...rs);
+    for (const e of es) if (Math.abs(e.recovery_estimate - e.exact!.recovery) > Math.abs(worst.recovery_estimate - worst.exact!.recovery)) worst = e;
+    if (minR >= 0.9) {
+      agree.push(name);
+      minAll = Math.min(minAll, minR);
+    } else {
+      const at = es.find((e) => !(e.exact!.correlation >= 0.9))!;
+      out.push(`Attribution patching of ${name} does NOT closely agree with the exact sweep: correlation over pairs ${num(at.exact!.correlation)} at layer ${at.layer}; use the exact numbers there.`);
+    }
+  }
+  if (agree.length) out.unshift(`Attribution patching agrees with the exact sweep for ${agree.join(", ")}: correlation over pairs ≥ ${num(minAll)} at every layer.`);
+  out.push(`The largest gap between estimated and exact recovery is ${worst.site} (${worst.direction}) at layer ${worst.layer}: ${pct(worst.recovery_estimate)} estimated vs ${pct(worst.exact!.recovery)} exact.`);
+  return out;
 }

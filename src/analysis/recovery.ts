@@ -27,6 +27,7 @@ export function patchingEntries(
   gap: ArrayLike<number>,
   noGap: boolean,
   s: RunSettings,
+  method: "exact" | "attribution" = "exact",
 ): PatchingEntry[] {
   const summarize = (g: ArrayLike<number>) => summarizeGains(g, gap, noGap, s.bootstrap, s.seed + 1);
   const control = (real: ArrayLike<number>, g: ArrayLike<number>): ControlSummary => ({
@@ -34,6 +35,7 @@ export function patchingEntries(
     real_minus_control_ci: summarize(Array.from(real, (v, i) => v - g[i]!)).recovery_ci,
   });
   return combos.map((c, ci) => ({
+    method,
     direction: c.direction,
     site: c.site,
     layer: c.layer,

@@ -8,6 +8,8 @@
 import type { Pair } from "../data/pairs.js";
 import type { LlamaModel } from "../model/llama.js";
 import { mean } from "../stats/stats.js";
+import { enableGradients } from "../model/gradients.js";
+import { attributionBatch, attributionSummary } from "./attribution.js";
 import { meanAblationStage, randomDirectionPatch } from "./controls.js";
 import { distancesOf } from "./distances.js";
 import { cvFolds, lassoStage, probeStage } from "./estimators.js";
@@ -16,7 +18,7 @@ import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
 import { gapTooSmall, patchingEntries } from "./recovery.js";
 import { checkCompatible, comboKey, gainsByKey, makePlan, pairRecord, scoreBatch, type ModelPair, type Plan } from "./scoring.js";
-import { addTimes, Interrupted, resolveSettings, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./settings.js";
+import { addTimes, Interrupted, resolveSettings, runsAttribution, runsControls, runsExact, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./settings.js";
 import { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./sums.js";
 import { sweepBatch, sweepInput } from "./sweep.js";
 
@@ -81,8 +83,9 @@ export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: Ru
   const { numLayers: L, hiddenSize: H } = models.base.config;
   const sc = timed(times, "scoring", () => scoreBatch(models, pairs, plan, s));
   try {
-    const real = timed(times, "patch_sweep", () => sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s));
-    const random = s.controls ? timed(times, "random_direction_control", () => sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s)) : null;
+    const real = runsExact(s) ? timed(times, "patch_sweep", () => sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s)) : null;
+    const random = runsControls(s) ? timed(times, "random_direction_control", () => sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s)) : null;
+    const attribution = runsAttribution(s) ? timed(times, "attribution", () => attributionBatch(models, sc, plan, s)) : null;
     const { distance, cosine } = timed(times, "distances", () => distancesOf(sc, L));
     const lens = timed(times, "logit_lens", () => logitLensBatch(models, sc, s));
     const sums = timed(times, "pair_sums", () => pairSums(sc, layoutOf(models, plan)));
@@ -90,7 +93,8 @@ export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: Ru
       record: pairRecord(sc, i, {
         distance: distance[i]!,
         cosine: cosine[i]!,
-        gains: gainsByKey(plan.combos, real, i),
+        gains: real ? gainsByKey(plan.combos, real, i) : {},
+        attribution: attribution?.[i] ?? null,
         randomDirection: random ? gainsByKey(plan.combos, random, i) : null,
         lens: { base: lens.base.map((d) => d[i]!), tuned: lens.tuned.map((d) => d[i]!) },
       }),
@@ -158,10 +162,13 @@ export async function finishAnalysis(
     });
 
   let t0 = performance.now();
-  const meanAbl = s.controls && plan.combos.length ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb) : null;
+  const meanAbl = runsControls(s) && plan.combos.length ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb) : null;
   timings.mean_ablation = performance.now() - t0;
   const noGap = gapTooSmall(margin.base, margin.tuned);
-  const patching = patchingEntries(plan.combos, { real: column((r) => r.gains), random: s.controls ? column((r) => r.random_direction) : null, meanAblation: s.controls ? (meanAbl ?? []) : null }, gap, noGap, s);
+  const real = runsExact(s) ? column((r) => r.gains) : column((r) => r.attribution!.gains);
+  const controls = runsControls(s) ? { random: column((r) => r.random_direction), meanAblation: meanAbl ?? [] } : { random: null, meanAblation: null };
+  const patching = patchingEntries(plan.combos, { real, ...controls }, gap, noGap, s, runsExact(s) ? "exact" : "attribution");
+  const attribution = attributionSummary(records, plan, gap);
 
   t0 = performance.now();
   cb.onStage?.("LASSO and probes", 2 * L + 1);
@@ -191,6 +198,7 @@ export async function finishAnalysis(
       base_prefers_chosen: margin.base.filter((m) => m > 0).length / n,
     },
     patching,
+    attribution,
     lasso,
     probes,
     pca,
@@ -211,6 +219,7 @@ export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pa
   if (pairs.length === 0) throw new Error("no pairs to analyse");
   const s = resolveSettings(settings, base.config);
   const models = { base, tuned };
+  if (runsAttribution(s)) await enableGradients();
   const t0 = performance.now();
   const stages: StageTimes = {};
   const states = await analysePairs(models, pairs, s, { ...cb, onTimes: (t) => (addTimes(stages, t), cb.onTimes?.(t)) });

@@ -7,7 +7,7 @@ import { hookName, type HookName } from "../model/hooks.js";
 import { forward, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
 import { sitesNeeded } from "./patches.js";
-import type { Direction, PairRecord, RunSettings, Site } from "./settings.js";
+import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
 
 /** The two models compared. */
 export interface ModelPair {
@@ -93,6 +93,7 @@ export interface PairMeasures {
   distance: number[];
   cosine: number[];
   gains: Record<string, number[]>;
+  attribution: PairAttribution | null;
   randomDirection: Record<string, number[]> | null;
   lens: { base: number[]; tuned: number[] };
 }
@@ -112,6 +113,7 @@ export function pairRecord(sc: ScoredBatch, i: number, m: PairMeasures): PairRec
     distance: m.distance,
     cosine_distance: m.cosine,
     gains: m.gains,
+    attribution: m.attribution,
     random_direction: m.randomDirection,
     lens: m.lens,
   };

@@ -2,6 +2,7 @@
 // what it returns (Results and its parts).
 import type { LlamaConfig } from "../model/config.js";
 import type { LassoCVResult } from "../stats/lasso.js";
+import type { AttributionSummary } from "./attribution.js";
 
 /** Where to patch: a per-layer hook site carrying a [B, T, hidden] activation. */
 export type Site = "resid_post" | "resid_pre" | "attn_out" | "mlp_out";
@@ -28,7 +29,20 @@ export interface RunSettings {
   pcaLayer: number | null; // null = first layer within 5% of the best resid_post recovery
   pcaTestFrac: number; // held-out fraction of pairs for PCA recovery
   batchPairs: number; // pairs per forward batch
+  /** How patches are measured: "exact" patched forwards, "attribution" (gradient estimates of every patch at once), or "both". */
+  method: Method;
 }
+
+/** Ways to measure the patch sweep. */
+export const METHODS = ["exact", "attribution", "both"] as const;
+export type Method = (typeof METHODS)[number];
+
+/** Whether a run makes exact patched forwards (and so its controls). */
+export const runsExact = (s: Pick<RunSettings, "method">): boolean => s.method !== "attribution";
+/** Whether a run makes the random-direction and mean-ablation controls: exact patches only. */
+export const runsControls = (s: Pick<RunSettings, "method" | "controls">): boolean => s.controls && runsExact(s);
+/** Whether a run estimates patches by attribution. */
+export const runsAttribution = (s: Pick<RunSettings, "method">): boolean => s.method !== "exact";
 
 /** The defaults of `prefprobe run` and of runAnalysis. */
 export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze({
@@ -47,6 +61,7 @@ export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze({
   pcaLayer: null,
   pcaTestFrac: 0.5,
   batchPairs: 4,
+  method: "exact",
 } satisfies RunSettings);
 
 /** A setting that cannot be used; the message names it. */
@@ -72,6 +87,7 @@ export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pic
   if (!Number.isFinite(s.alpha)) fail(`alpha must be a finite number, got ${s.alpha}`);
   if (!(s.C > 0 && Number.isFinite(s.C))) fail(`C must be positive, got ${s.C}`);
   if (!(s.pcaTestFrac > 0 && s.pcaTestFrac < 1)) fail(`pcaTestFrac must be in (0, 1), got ${s.pcaTestFrac}`);
+  if (!METHODS.includes(s.method)) fail(`method must be one of ${METHODS.join(", ")}, got ${String(s.method)}`);
   if (s.positions !== "all" && s.positions !== "response") fail(`positions must be "all" or "response", got ${String(s.positions)}`);
   for (const x of s.sites) if (!SITES.includes(x)) fail(`unknown site "${x}" (choose from ${SITES.join(", ")})`);
   for (const d of s.directions) if (!DIRECTIONS.includes(d)) fail(`unknown direction "${d}" (choose from ${DIRECTIONS.join(", ")})`);
@@ -104,11 +120,22 @@ export interface ControlSummary extends GainSummary {
 
 /** One (direction, site, layer) of the patch sweep, with its controls. */
 export interface PatchingEntry extends GainSummary {
+  /** Whether the gains are exact patched forwards or attribution estimates (when the run made no exact patches). */
+  method: "exact" | "attribution";
   direction: Direction;
   site: Site;
   layer: number;
   alpha: number;
   controls: { random_direction: ControlSummary; mean_ablation: ControlSummary } | null;
+}
+
+/** Per pair: "direction site" → per patched layer estimate; and, for the first combo key, per position. */
+export interface PairAttribution {
+  gains: Record<string, number[]>;
+  /** The first "direction site" of the plan per layer and position: chosen [L][T_chosen row], rejected [L][T_rejected row]. */
+  positions: { key: string; chosen: number[][]; rejected: number[][] };
+  /** The first direction's attn.hook_z estimate per layer and head. */
+  heads: number[][];
 }
 
 /** Everything measured for one pair on its own; streamed to pairs.jsonl as each pair completes. */
@@ -122,7 +149,9 @@ export interface PairRecord {
   gap: number;
   distance: number[]; // per layer: mean ‖h_tuned − h_base‖ over response positions (resid_post)
   cosine_distance: number[];
-  gains: Record<string, number[]>; // "direction site" → per patched layer (real patches)
+  gains: Record<string, number[]>; // "direction site" → per patched layer (real patches; empty with method "attribution")
+  /** Attribution estimates (methods "attribution" and "both"), else null. */
+  attribution: PairAttribution | null;
   random_direction: Record<string, number[]> | null; // the same for the random-direction control
   lens: { base: number[]; tuned: number[] }; // logit-lens margin per depth (embedding, then after each block)
 }
@@ -177,6 +206,8 @@ export interface Results {
   pairs: PairRecord[];
   summary: { mean_margin_base: number; mean_margin_tuned: number; mean_gap: number; tuned_prefers_chosen: number; base_prefers_chosen: number };
   patching: PatchingEntry[];
+  /** Attribution patching's estimates and their agreement with the exact sweep (methods "attribution" and "both"). */
+  attribution: AttributionSummary | null;
   lasso: LassoResult | null;
   probes: ProbeResult[];
   pca: LowRankResult | null;

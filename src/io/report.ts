@@ -23,7 +23,7 @@ const W = 520;
 const H = 260;
 
 /** A vega-lite chart of `values` with a title and size; `body` holds its mark and encoding, or its layers. */
-function chart(title: string, values: object[], body: object, width = W, height = H): TopLevelSpec {
+function chart(title: string | { text: string; subtitle?: string }, values: object[], body: object, width = W, height = H): TopLevelSpec {
   return { $schema: "https://vega.github.io/schema/vega-lite/v5.json", width, height, title, data: { values }, ...body } as TopLevelSpec;
 }
 
@@ -34,33 +34,149 @@ const referenceLines = (ys: number[], dash?: number[]) => ({
   encoding: { y: { field: "y", type: "quantitative" } },
 });
 
-function recoverySpec(r: Results): TopLevelSpec | null {
-  const rows = r.patching.flatMap((p) => {
-    const series = `${p.site} (${p.direction})`;
-    const out = [{ layer: p.layer, recovery: p.recovery, lo: p.recovery_ci[0], hi: p.recovery_ci[1], series, kind: "patch" }];
-    if (p.controls) {
-      out.push({ layer: p.layer, recovery: p.controls.random_direction.recovery, lo: p.controls.random_direction.recovery_ci[0], hi: p.controls.random_direction.recovery_ci[1], series, kind: "random direction" });
-      out.push({ layer: p.layer, recovery: p.controls.mean_ablation.recovery, lo: p.controls.mean_ablation.recovery_ci[0], hi: p.controls.mean_ablation.recovery_ci[1], series, kind: "mean ablation" });
-    }
-    return out;
+/** Colors that tell the measures apart in every recovery chart. */
+const MEASURES = { domain: ["exact patch", "attribution estimate", "random direction"], range: ["#1f77b4", "#ff7f0e", "#7f7f7f"] };
+
+/** The (site, direction) series of the sweep, in the run's order. */
+const seriesOf = (r: Results) => [...new Set(r.patching.map((p) => `${p.site} (${p.direction})`))];
+
+/**
+ * One small chart per site and direction: the patch's recovery with its CI, the attribution estimate when there
+ * is one, and the random-direction control, on one y scale clipped to [-0.5, 1.5] beside the real curve (a
+ * clipped point is named in the title). Mean ablation, whose scale is often 10x larger, has its own charts.
+ */
+function recoverySpecs(r: Results): TopLevelSpec[] {
+  const est = new Map((r.attribution?.entries ?? []).map((e) => [`${e.site} (${e.direction}) ${e.layer}`, e.recovery_estimate]));
+  return seriesOf(r).map((series) => {
+    const ps = r.patching.filter((p) => `${p.site} (${p.direction})` === series);
+    const exactKind = ps[0]!.method === "exact" ? "exact patch" : "attribution estimate";
+    const rows = ps.flatMap((p) => {
+      const out = [{ layer: p.layer, recovery: p.recovery, lo: p.recovery_ci[0], hi: p.recovery_ci[1], measure: exactKind }];
+      const e = est.get(`${series} ${p.layer}`);
+      if (e !== undefined && p.method === "exact") out.push({ layer: p.layer, recovery: e, lo: NaN, hi: NaN, measure: "attribution estimate" });
+      if (p.controls) out.push({ layer: p.layer, recovery: p.controls.random_direction.recovery, lo: p.controls.random_direction.recovery_ci[0], hi: p.controls.random_direction.recovery_ci[1], measure: "random direction" });
+      return out;
+    });
+    const finite = rows.flatMap((x) => [x.recovery, x.lo, x.hi]).filter(Number.isFinite);
+    const lo = Math.max(-0.5, Math.min(-0.1, ...finite));
+    const hi = Math.min(1.5, Math.max(1.1, ...finite));
+    const clipped = rows.filter((x) => x.recovery < lo || x.recovery > hi);
+    const note = clipped.map((x) => `${x.measure} L${x.layer} ${(100 * x.recovery).toFixed(0)}%`).join(", ");
+    const enc = { x: { field: "layer", type: "ordinal" as const, title: "layer" }, color: { field: "measure", type: "nominal" as const, title: null, scale: MEASURES, legend: { orient: "bottom", direction: "vertical" } } };
+    const y = { type: "quantitative" as const, title: "recovery (mean gain / mean gap)", scale: { domain: [lo, hi], clamp: true } };
+    return chart(
+      note ? { text: series, subtitle: `off scale: ${note}` } : series,
+      rows,
+      {
+        layer: [
+          { mark: { type: "errorbar", ticks: true, clip: true }, transform: [{ filter: "isFinite(datum.lo)" }], encoding: { ...enc, y: { ...y, field: "lo" }, y2: { field: "hi" } } },
+          { mark: { type: "line", point: true, clip: true }, encoding: { ...enc, y: { ...y, field: "recovery" } } },
+          referenceLines([0, 1]),
+        ],
+      },
+      W / 2 - 20,
+      H * 0.8,
+    );
   });
-  if (!rows.length) return null;
-  const enc = {
-    x: { field: "layer", type: "ordinal" as const, title: "layer" },
-    color: { field: "kind", type: "nominal" as const, title: "patch", sort: ["patch", "random direction", "mean ablation"] },
-    strokeDash: { field: "series", type: "nominal" as const, title: "site (direction)" },
-  };
-  return chart(
-    "Recovery of the margin gap by patched layer (95% bootstrap CI)",
-    rows,
-    {
+}
+
+/** The mean-ablation control per site and direction, on its own scale. */
+function meanAblationSpecs(r: Results): TopLevelSpec[] {
+  return seriesOf(r).flatMap((series) => {
+    const ps = r.patching.filter((p) => `${p.site} (${p.direction})` === series && p.controls);
+    if (!ps.length) return [];
+    const rows = ps.map((p) => ({ layer: p.layer, recovery: p.controls!.mean_ablation.recovery, lo: p.controls!.mean_ablation.recovery_ci[0], hi: p.controls!.mean_ablation.recovery_ci[1] }));
+    return [
+      chart(series, rows, {
+        layer: [
+          { mark: { type: "errorbar", ticks: true }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "lo", type: "quantitative", title: "recovery" }, y2: { field: "hi" } } },
+          { mark: { type: "line", point: true, color: "#2ca02c" }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "recovery", type: "quantitative" } } },
+          referenceLines([0, 1]),
+        ],
+      }, W / 2 - 60, H * 0.5),
+    ];
+  });
+}
+
+/** Attribution patching: its agreement with the exact sweep per layer, the per-head grid and one pair's token × layer map. */
+function attributionSpecs(r: Results): TopLevelSpec[] {
+  const a = r.attribution;
+  if (!a) return [];
+  const out: TopLevelSpec[] = [];
+  const agree = a.entries.filter((e) => e.exact && Number.isFinite(e.exact.correlation)).map((e) => ({ layer: e.layer, correlation: e.exact!.correlation, series: `${e.site} (${e.direction})` }));
+  if (agree.length) {
+    out.push(
+      chart("Attribution vs exact: correlation over pairs per layer", agree, {
+        layer: [
+          { mark: { type: "line", point: true }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "correlation", type: "quantitative", scale: { domain: [-1, 1] }, title: "Pearson r" }, color: { field: "series", type: "nominal", title: "site (direction)" } } },
+          referenceLines([0, 0.9], [4, 4]),
+        ],
+      }, W / 2 - 20, H * 0.8),
+    );
+  }
+  const heads = a.heads.recovery.flatMap((row, layer) => row.map((v, head) => ({ layer, head, recovery: v })));
+  if (heads.length) {
+    out.push(
+      chart(`Per-head attribution (attn.hook_z, ${a.heads.direction}): estimated share of the mean gap`, heads, {
+        mark: "rect",
+        encoding: {
+          x: { field: "head", type: "ordinal" },
+          y: { field: "layer", type: "ordinal" },
+          color: { field: "recovery", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: "share" },
+          tooltip: [{ field: "layer" }, { field: "head" }, { field: "recovery", format: ".3f" }],
+        },
+      }, Math.min(W, 16 * (a.heads.mean[0]?.length ?? 1)), Math.min(H, 16 * a.heads.mean.length)),
+    );
+  }
+  const h = a.heatmap;
+  if (h) {
+    const label = (row: "chosen" | "rejected", t: number) => {
+      const toks = h.tokens?.[row];
+      const isPrompt = t < h.ids.prompt.length;
+      return `${String(t).padStart(3, "0")} ${isPrompt ? "" : row === "chosen" ? "+" : "−"}${toks?.[t] ?? ""}`;
+    };
+    for (const row of ["chosen", "rejected"] as const) {
+      const cells = h[row].flatMap((vals, li) => vals.map((v, t) => ({ layer: h.layers[li], pos: label(row, t), value: v })));
+      out.push(
+        chart(`Attribution per token and layer (${h.key}), pair line ${r.pairs.find((p) => p.index === h.pair)?.line ?? h.pair} (gap ${h.gap.toFixed(2)}), ${row} row`, cells, {
+          mark: "rect",
+          encoding: {
+            x: { field: "pos", type: "ordinal", title: "position and token (+/− response)", sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
+            y: { field: "layer", type: "ordinal" },
+            color: { field: "value", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: "estimate" },
+            tooltip: [{ field: "pos" }, { field: "layer" }, { field: "value", format: ".4f" }],
+          },
+        }, Math.min(1100, Math.max(W, 9 * (h[row][0]?.length ?? 0))), Math.min(H, 18 * h.layers.length)),
+      );
+    }
+  }
+  return out;
+}
+
+/** Per-pair distributions: the margin gap, and the exact gain at the first series' best layer. */
+function distributionSpecs(r: Results): TopLevelSpec[] {
+  const out: TopLevelSpec[] = [
+    chart("Per-pair margin gap (tuned − base)", r.pairs.map((p) => ({ gap: p.gap })), {
       layer: [
-        { mark: { type: "errorbar", ticks: true }, encoding: { ...enc, y: { field: "lo", type: "quantitative", title: "recovery (mean gain / mean gap)" }, y2: { field: "hi" } } },
-        { mark: { type: "line", point: true }, encoding: { ...enc, y: { field: "recovery", type: "quantitative", title: "recovery (mean gain / mean gap)" } } },
-        referenceLines([0, 1]),
+        { mark: "bar", encoding: { x: { field: "gap", bin: { maxbins: 30 }, type: "quantitative", title: "gap (nats)" }, y: { aggregate: "count", type: "quantitative", title: "pairs" } } },
+        { mark: { type: "rule", color: "firebrick" }, data: { values: [{ x: 0 }] }, encoding: { x: { field: "x", type: "quantitative" } } },
       ],
-    },
-  );
+    }, W / 2 - 20, H * 0.7),
+  ];
+  const first = r.patching.filter((p) => Number.isFinite(p.recovery));
+  if (first.length) {
+    const series = `${first[0]!.site} (${first[0]!.direction})`;
+    const best = first.filter((p) => `${p.site} (${p.direction})` === series).reduce((x, y) => (y.recovery > x.recovery ? y : x));
+    out.push(
+      chart(`Per-pair gain at layer ${best.layer}, ${series} (${best.method})`, best.gains.map((g, i) => ({ gain: g, gap: r.pairs[i]!.gap })), {
+        layer: [
+          { mark: { type: "point", opacity: 0.6 }, encoding: { x: { field: "gap", type: "quantitative", title: "gap" }, y: { field: "gain", type: "quantitative", title: "gain" } } },
+          { mark: { type: "rule", strokeDash: [4, 4], color: "#888" }, data: { values: [{ x: Math.min(0, ...r.pairs.map((p) => p.gap)), x2: Math.max(...r.pairs.map((p) => p.gap)) }] }, encoding: { x: { field: "x", type: "quantitative" }, y: { field: "x", type: "quantitative" }, x2: { field: "x2" }, y2: { field: "x2" } } },
+        ],
+      }, W / 2 - 20, H * 0.7),
+    );
+  }
+  return out;
 }
 
 function probeSpec(r: Results): TopLevelSpec | null {
@@ -134,14 +250,17 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
   if (!r.pca) return [];
   const p = r.pca;
   let cum = 0;
-  const spec = p.explained_variance_ratio.slice(0, 16).map((v, i) => ((cum += v), { component: i + 1, ratio: v, cumulative: cum }));
+  // the spectrum up to the component where 90% is explained (at least 8, at most 128 bars)
+  let upTo = p.explained_variance_ratio.length;
+  for (let i = 0, c = 0; i < p.explained_variance_ratio.length; i++) if ((c += p.explained_variance_ratio[i]!) >= 0.9) (upTo = i + 1), (i = Infinity);
+  const spec = p.explained_variance_ratio.slice(0, Math.min(128, Math.max(8, upTo))).map((v, i) => ((cum += v), { component: i + 1, ratio: v, cumulative: cum }));
   const rec = p.recovery.flatMap((x) => [
     { k: x.k, recovery: x.recovery, subspace: "top-k principal directions" },
     { k: x.k, recovery: x.random_subspace, subspace: "random k-dim subspace" },
   ]);
   return [
     chart(
-      `PCA spectrum of h_tuned − h_base, layer ${p.layer}`,
+      `PCA spectrum of h_tuned − h_base, layer ${p.layer} (90% at ${upTo} components)`,
       spec,
       {
         layer: [
@@ -188,21 +307,26 @@ function lensSpec(r: Results): TopLevelSpec {
 
 /** Renders the whole report. `meta` rows are shown as a settings table; pairs give example texts. */
 export async function renderReport(r: Results, findings: string[], meta: Record<string, string>, pairs: Pair[]): Promise<string> {
-  const sections: Array<[string, TopLevelSpec[]]> = [
-    ["Layer-wide causal patching", [recoverySpec(r)].filter((x): x is TopLevelSpec => x !== null)],
+  const sections: Array<[string, TopLevelSpec[], string?]> = [
+    ["Layer-wide causal patching", recoverySpecs(r), "Recovery = mean gain / mean gap per patched layer, one chart per site and direction, with 95% bootstrap CIs. The y axis is clipped to [−50%, 150%]; a value off that scale is named under the chart's title. Mean ablation, often on a 10x larger scale, is charted on its own below."],
+    ["Controls: mean ablation", meanAblationSpecs(r), "The site replaced by its dataset mean over the destination model (own y scale per chart)."],
+    ["Attribution patching", attributionSpecs(r), "First-order estimates α (h_tuned − h_base) · ∂margin/∂h from one backward pass per model; beside exact patches, their correlation over pairs per layer. The token × layer maps are for the pair with the largest |gap| (red raises the margin toward the tuned model's)."],
+    ["Per-pair distributions", distributionSpecs(r)],
     ["Linear probes", [probeSpec(r)].filter((x): x is TopLevelSpec => x !== null)],
     ["LASSO: which layers' activation distances predict the per-pair gap", lassoSpecs(r)],
     ["Low-rank reconstruction", pcaSpecs(r)],
     ["Logit lens", [lensSpec(r)]],
   ];
   let body = "";
-  for (const [title, specs] of sections) {
+  for (const [title, specs, note] of sections) {
     if (!specs.length) continue;
-    body += `<h2>${escapeHtml(title)}</h2>\n<div class="plots">`;
+    body += `<h2>${escapeHtml(title)}</h2>\n${note ? `<p class="note">${escapeHtml(note)}</p>\n` : ""}<div class="plots">`;
     for (const s of specs) body += `<figure>${await svg(s)}</figure>`;
     body += "</div>\n";
   }
   const top = [...r.pairs].sort((a, b) => b.gap - a.gap).slice(0, 5);
+  const lowest = [...r.pairs].sort((a, b) => a.gap - b.gap).slice(0, 5);
+  const negative = r.pairs.filter((p) => p.gap < 0).length;
   const byIndex = new Map(pairs.map((p) => [p.index, p]));
   const example = (rec: (typeof r.pairs)[number]) => {
     const p = byIndex.get(rec.index);
@@ -215,7 +339,7 @@ export async function renderReport(r: Results, findings: string[], meta: Record<
 body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 .plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top}
-td.t{white-space:pre-wrap;max-width:28em;overflow-wrap:anywhere}li{margin:.4em 0}
+td.t{white-space:pre-wrap;max-width:28em;overflow-wrap:anywhere}li{margin:.4em 0}p.note{color:#555;font-size:.9em;max-width:60em}
 </style></head><body>
 <h1>prefprobe: where does preference tuning live?</h1>
 <h2>Findings</h2>
@@ -224,6 +348,11 @@ ${body}
 <h2>Pairs with the largest margin gap</h2>
 <table><tr><th>line</th><th>gap</th><th>prompt</th><th>chosen</th><th>rejected</th></tr>
 ${top.map(example).join("\n")}
+</table>
+<h2>Pairs with the lowest margin gap</h2>
+<p>${negative} of ${r.n_pairs} pairs have a negative gap (the tuned model prefers the chosen response less than the base does).</p>
+<table><tr><th>line</th><th>gap</th><th>prompt</th><th>chosen</th><th>rejected</th></tr>
+${lowest.map(example).join("\n")}
 </table>
 <h2>Run</h2>
 <table>${Object.entries(meta)

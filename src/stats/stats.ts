@@ -51,6 +51,26 @@ export const mean = (xs: ArrayLike<number>): number => {
   return xs.length ? s / xs.length : NaN;
 };
 
+/** Pearson correlation of two equal-length series; NaN when either is constant or shorter than 2. */
+export function pearson(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  const n = a.length;
+  if (n !== b.length) throw new Error(`pearson: lengths ${n} and ${b.length}`);
+  if (n < 2) return NaN;
+  const ma = mean(a);
+  const mb = mean(b);
+  let sab = 0;
+  let saa = 0;
+  let sbb = 0;
+  for (let i = 0; i < n; i++) {
+    const x = a[i]! - ma;
+    const y = b[i]! - mb;
+    sab += x * y;
+    saa += x * x;
+    sbb += y * y;
+  }
+  return saa > 0 && sbb > 0 ? sab / Math.sqrt(saa * sbb) : NaN;
+}
+
 /** Column means and population standard deviations of a row-major n × p matrix. */
 export function columnStats(X: Float64Array, n: number, p: number): { mu: Float64Array; sd: Float64Array } {
   const mu = new Float64Array(p);

@@ -1,0 +1,169 @@
+// Attribution patching: the first-order (gradient) estimate of every patch of the sweep at once. A patch that
+// moves a site from h_dst toward h_src by α changes the patched model's margin by about
+//   α (h_src − h_dst) · ∂margin_dst/∂h_dst,
+// summed over the patched positions of both rows of a pair; in gain terms (patches.ts gainOf) that is
+// α (h_tuned − h_base) · ∂margin_dst/∂h_dst in either direction. One forward with the gradient tape and one
+// backward per destination model give it for every site, layer, position and attention head.
+import * as tf from "@tensorflow/tfjs-core";
+import { tokenLogprobs, type PairBatch } from "../data/batch.js";
+import { hookName, type HookName } from "../model/hooks.js";
+import { gradientsEnabled } from "../model/gradients.js";
+import { forward, type LlamaModel } from "../model/llama.js";
+import { pearson } from "../stats/stats.js";
+import { readValues } from "../model/read.js";
+import { roles } from "./patches.js";
+import { comboKey, type Plan, type ScoredBatch } from "./scoring.js";
+import type { Direction, PairAttribution, PairRecord, RunSettings } from "./settings.js";
+
+/**
+ * ∂(Σ_pairs margin)/∂h at each named site of `model` on the batch, as tensors shaped like the sites (the
+ * caller disposes them). Each pair's margin depends only on its own two rows, so a pair's rows hold its own
+ * gradient. Needs the gradient registry (enableGradients) and a resident model.
+ */
+export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookName[], perToken: boolean, shapes: Map<HookName, number[]>): Map<HookName, tf.Tensor> {
+  if (model.source) throw new Error("attribution patching needs resident models: a streamed model's layers leave the backend during the pass (raise --memory-budget)");
+  if (!gradientsEnabled()) throw new Error("attribution patching needs gradients: await enableGradients() first");
+  const count = new Array<number>(batch.ids.length).fill(0);
+  for (const r of batch.rowOf) count[r]!++;
+  const sign = tf.tensor1d(batch.rowOf.map((r) => (r % 2 === 0 ? 1 : -1) / (perToken ? count[r]! : 1)));
+  try {
+    const f = (...deltas: tf.Tensor[]) => {
+      const hooks = Object.fromEntries(names.map((n, i) => [n, (v: tf.Tensor) => tf.add(v, deltas[i]!)]));
+      const r = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, hooks });
+      return tf.sum(tf.mul(tokenLogprobs(r.logits!, batch), sign)) as tf.Scalar;
+    };
+    const zeros = names.map((n) => tf.zeros(shapes.get(n)!));
+    try {
+      const grads = tf.grads(f)(zeros);
+      return new Map(names.map((n, i) => [n, grads[i]!]));
+    } finally {
+      for (const z of zeros) z.dispose();
+    }
+  } finally {
+    sign.dispose();
+  }
+}
+
+/** Attribution estimates for every pair of a scored batch: the plan's combos, per position for the first key, per head for the first direction. */
+export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }, sc: ScoredBatch, plan: Plan, s: RunSettings): PairAttribution[] {
+  const { numLayers: L, numHeads: nH, headDim: d, hiddenSize: H } = models.base.config;
+  const { batch } = sc;
+  const B = batch.ids.length;
+  const n = B / 2;
+  const mask = s.positions === "response" ? sc.mask.response : sc.mask.all; // [B, T, 1]
+  const zNames = Array.from({ length: L }, (_, l) => hookName("z", l));
+  const out: PairAttribution[] = Array.from({ length: n }, () => ({ gains: {}, positions: { key: "", chosen: [], rejected: [] }, heads: [] }));
+  const firstKey = plan.combos.length ? comboKey(plan.combos[0]!) : "";
+  const directions = [...new Set(plan.combos.map((c) => c.direction))] as Direction[];
+  for (const [di, direction] of directions.entries()) {
+    const { dst } = roles(direction);
+    const combos = plan.combos.filter((c) => c.direction === direction);
+    const siteNames = [...new Set(combos.map((c) => hookName(c.site, c.layer)))];
+    const names = di === 0 ? [...siteNames, ...zNames.filter((z) => !siteNames.includes(z))] : siteNames;
+    const shapes = new Map<HookName, number[]>(names.map((nm) => [nm, nm.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]]));
+    // z is not among the cached sites: the two models' z come from one more plain forward each
+    const zRuns = di === 0 ? { base: forward(models.base, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }), tuned: forward(models.tuned, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }) } : null;
+    const grads = siteGradients(models[dst], batch, names, s.perToken, shapes);
+    try {
+      const act = (m: "base" | "tuned", nm: HookName) => (nm.endsWith("hook_z") ? zRuns![m].cache.get(nm) : sc.runs[m].cache.get(nm));
+      // α (h_tuned − h_base) · g per row and position → [B, T]
+      const perPosition = (nm: HookName) =>
+        tf.tidy(() => {
+          const prod = tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!);
+          const flat = prod.rank === 4 ? tf.sum(prod, [2, 3]) : tf.sum(prod, 2);
+          return tf.mul(tf.mul(flat, tf.squeeze(mask, [2])), s.alpha);
+        });
+      for (const c of combos) {
+        const nm = hookName(c.site, c.layer);
+        const key = comboKey(c);
+        const rowSums = readValues(() => tf.sum(perPosition(nm), 1));
+        for (let i = 0; i < n; i++) (out[i]!.gains[key] ??= []).push(rowSums[2 * i]! + rowSums[2 * i + 1]!);
+        if (key === firstKey) {
+          const pos = readValues(() => perPosition(nm));
+          for (let i = 0; i < n; i++) {
+            const row = (r: number) => Array.from(pos.subarray(r * batch.T, r * batch.T + batch.lengths[r]!));
+            out[i]!.positions.key = key;
+            out[i]!.positions.chosen.push(row(2 * i));
+            out[i]!.positions.rejected.push(row(2 * i + 1));
+          }
+        }
+      }
+      if (di === 0) {
+        for (const nm of zNames) {
+          // per head: sum over head_dim and the masked positions of both rows
+          const perHead = readValues(() =>
+            tf.tidy(() => {
+              const prod = tf.mul(tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!), tf.expandDims(mask, 3));
+              return tf.mul(tf.sum(prod, [1, 3]), s.alpha); // [B, nH]
+            }),
+          );
+          for (let i = 0; i < n; i++) out[i]!.heads.push(Array.from({ length: nH }, (_, h) => perHead[2 * i * nH + h]! + perHead[(2 * i + 1) * nH + h]!));
+        }
+      }
+    } finally {
+      for (const g of grads.values()) g.dispose();
+      zRuns?.base.dispose();
+      zRuns?.tuned.dispose();
+    }
+  }
+  return out;
+}
+
+/** How attribution estimates compare with exact patches at one (direction, site, layer). */
+export interface AttributionEntry {
+  direction: Direction;
+  site: string;
+  layer: number;
+  mean_estimate: number;
+  recovery_estimate: number; // mean estimate / mean gap
+  /** With method "both": the exact sweep's recovery, the Pearson correlation over pairs and the largest |estimate − exact|. */
+  exact: { recovery: number; correlation: number; max_abs_error: number } | null;
+}
+
+/** The dataset-level view of attribution patching (results.attribution). */
+export interface AttributionSummary {
+  entries: AttributionEntry[];
+  /** Mean per-head estimate over pairs [layer][head] (the first direction's attn.hook_z), and as a share of the mean gap. */
+  heads: { direction: Direction; mean: number[][]; recovery: number[][] };
+  /** The per-position estimate of the pair with the largest |gap|, for the report's heatmap. */
+  heatmap: { pair: number; key: string; gap: number; layers: number[]; ids: { prompt: number[]; chosen: number[]; rejected: number[] }; chosen: number[][]; rejected: number[][]; tokens?: { chosen: string[]; rejected: string[] } } | null;
+}
+
+/** Summarizes the pairs' attribution records (null when the run made none); `gap` is each pair's gap. */
+export function attributionSummary(records: PairRecord[], plan: Plan, gap: ArrayLike<number>): AttributionSummary | null {
+  if (!records.length || !records[0]!.attribution) return null;
+  const meanGap = Array.from(gap).reduce((a, b) => a + b, 0) / records.length;
+  const keyIndex = new Map<string, number>();
+  const entries = plan.combos.map((c) => {
+    const key = comboKey(c);
+    const li = keyIndex.get(key) ?? 0;
+    keyIndex.set(key, li + 1);
+    const est = records.map((r) => r.attribution!.gains[key]![li]!);
+    const exactGains = records[0]!.gains[key] ? records.map((r) => r.gains[key]![li]!) : null;
+    const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
+    return {
+      direction: c.direction,
+      site: c.site,
+      layer: c.layer,
+      mean_estimate: mean(est),
+      recovery_estimate: mean(est) / meanGap,
+      exact: exactGains
+        ? { recovery: mean(exactGains) / meanGap, correlation: pearson(est, exactGains), max_abs_error: Math.max(...est.map((v, i) => Math.abs(v - exactGains[i]!))) }
+        : null,
+    };
+  });
+  const L = records[0]!.attribution!.heads.length;
+  const nH = records[0]!.attribution!.heads[0]?.length ?? 0;
+  const headMean = Array.from({ length: L }, (_, l) => Array.from({ length: nH }, (_, h) => records.reduce((a, r) => a + r.attribution!.heads[l]![h]!, 0) / records.length));
+  let top = 0;
+  for (let i = 1; i < records.length; i++) if (Math.abs(gap[i]!) > Math.abs(gap[top]!)) top = i;
+  const r = records[top]!;
+  const firstKey = r.attribution!.positions.key;
+  return {
+    entries,
+    heads: { direction: plan.combos[0]?.direction ?? "tuned->base", mean: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) },
+    heatmap: firstKey
+      ? { pair: r.index, key: firstKey, gap: r.gap, layers: plan.combos.filter((c) => comboKey(c) === firstKey).map((c) => c.layer), ids: r.ids, chosen: r.attribution!.positions.chosen, rejected: r.attribution!.positions.rejected }
+      : null,
+  };
+}
