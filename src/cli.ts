@@ -15,9 +15,9 @@ import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
 import { DEFAULT_SETTINGS, METHODS, SITES, type Direction, type Method, type RunSettings, type Site } from "./analysis/settings.js";
-import { summaryTable } from "./analysis/findings.js";
+import { summaryTable, transferFindings } from "./analysis/findings.js";
 import { DEFAULT_TUNE, type TuneSettings } from "./train/dpo.js";
-import { mergeShards, parseShard, runStudy, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
+import { mergeShards, parseShard, runStudy, runTransfer, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
 import { Interrupted } from "./analysis/settings.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
@@ -291,6 +291,37 @@ function printResults(done: StudyResult): void {
   console.log(`\nreport: ${path.join(done.out, "report.html")}`);
   console.log(`results: ${path.join(done.out, "results.json")}`);
 }
+
+program
+  .command("apply-subspace")
+  .description("carry a run's saved subspace (subspace.safetensors) to other pairs or another model pair of the same width: how much of the layer's effect it recovers there, and steering with its mean difference")
+  .requiredOption("--subspace <file>", "subspace.safetensors from a run's output folder")
+  .requiredOption("--base <dir>", "base model")
+  .requiredOption("--tuned <dir>", "tuned model (same width as the run that saved the subspace)")
+  .requiredOption("--pairs <file>", "pairs (same formats as run)")
+  .requiredOption("--out <file>", "JSON file for the result")
+  .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
+  .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
+  .addOption(new Option("--positions <which>", "positions a patch replaces").choices(["all", "response"]).default(DEFAULT_SETTINGS.positions))
+  .option("--alpha <a>", "patch strength", float("--alpha", () => true, "a number"), DEFAULT_SETTINGS.alpha)
+  .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
+  .option("--batch <n>", "pairs per forward batch", int("--batch", 1), DEFAULT_SETTINGS.batchPairs)
+  .option("--seed <s>", "random seed (random subspaces and directions)", int("--seed", 0), DEFAULT_SETTINGS.seed)
+  .option("--force", "replace --out if it exists")
+  .addOption(backendOption())
+  .addOption(budgetOption("both models together", WASM_PAIR_BUDGET / 2 ** 30))
+  .action(async (o: Record<string, unknown>) => {
+    const r = await withProgress((events) =>
+      runTransfer(
+        { subspace: String(o.subspace), base: String(o.base), tuned: String(o.tuned), pairs: String(o.pairs), out: String(o.out), limit: o.limit as number | undefined, maxTokens: o.maxTokens as number | undefined, backend: o.backend as string | undefined, memoryBudget: o.memoryBudget as number | undefined, force: !!o.force },
+        { positions: o.positions as "all" | "response", alpha: o.alpha as number, perToken: !!o.perToken, batchPairs: o.batch as number, seed: o.seed as number },
+        events,
+      ),
+    );
+    console.log("Findings:");
+    for (const w of transferFindings(r)) console.log(`  - ${w}`);
+    console.log(`\nresult: ${String(o.out)}`);
+  });
 
 program
   .command("tune")

@@ -9,14 +9,15 @@ import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
 import { addTimes, resolveSettings, runsAttribution, SettingsError, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
+import { transferStage, type TransferResult } from "./analysis/steering.js";
 import { enableGradients } from "./model/gradients.js";
 import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
-import { backendCopies, loadModelSync, residentBytes, saveModelFolder } from "./io/model.js";
+import { backendCopies, loadModelSync, residentBytes, saveModelFolder, writeFileAtomic } from "./io/model.js";
 import type { StreamedWeights } from "./io/stream.js";
 import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
-import { modelFingerprint, OutputError, versions, writeRun, type RunMeta } from "./io/results.js";
+import { modelFingerprint, OutputError, readSubspace, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
@@ -383,5 +384,54 @@ export async function runTune(
     return { trained: res.trained, steps: res.history.length, trainMs, last, evaluation, rank: s.rank };
   } finally {
     disposeModel(model);
+  }
+}
+
+/** What `prefprobe apply-subspace` reads. */
+export interface TransferInputs {
+  subspace: string; // a run's subspace.safetensors
+  base: string;
+  tuned: string;
+  pairs: string;
+  out: string; // the JSON file to write
+  limit?: number;
+  maxTokens?: number;
+  backend?: string;
+  memoryBudget?: number;
+  force?: boolean;
+}
+
+/**
+ * `prefprobe apply-subspace` as a call: patches a saved subspace into another model pair of the same width (or
+ * the same pair on other pairs), beside the whole-layer patch and a random subspace, and steers the base model
+ * with the saved mean difference; writes the TransferResult as JSON.
+ */
+export async function runTransfer(inputs: TransferInputs, settings: Partial<RunSettings> = {}, events: StudyEvents = {}): Promise<TransferResult> {
+  const s = resolveSettings(settings);
+  if (fs.existsSync(inputs.out) && !inputs.force) throw new OutputError(`--out ${inputs.out} already exists (use --force to replace it)`);
+  if (!fs.existsSync(path.dirname(path.resolve(inputs.out)))) throw new OutputError(`cannot write ${inputs.out}: folder ${path.dirname(path.resolve(inputs.out))} does not exist`);
+  const sub = readSubspace(inputs.subspace);
+  const backend = await initBackend(inputs.backend);
+  events.onInfo?.(`backend: ${backend}`);
+  const perModel = weightBudget(backend, inputs.memoryBudget) / 2;
+  const base = loadModelSync(inputs.base, { memoryBudget: perModel });
+  try {
+    const tuned = loadModelSync(inputs.tuned, { memoryBudget: perModel });
+    try {
+      checkCompatible(base, tuned);
+      if (sub.meanDiff.length !== base.config.hiddenSize) throw new SettingsError(`--subspace ${inputs.subspace} is for hidden size ${sub.meanDiff.length}; ${inputs.base} has ${base.config.hiddenSize}`);
+      if (sub.layer >= base.config.numLayers) throw new SettingsError(`--subspace ${inputs.subspace} is for layer ${sub.layer}; ${inputs.base} has ${base.config.numLayers} layers`);
+      const tp = readUsablePairs(inputs.pairs, loadTokenizer(inputs.base), base.config.vocabSize, { maxTokens: inputs.maxTokens ?? base.config.maxPositionEmbeddings, limit: inputs.limit });
+      events.onInfo?.(`pairs: ${tp.pairs.length} used, ${tp.tooLong} skipped as too long`);
+      events.onStage?.(`subspace at layer ${sub.layer}`, tp.pairs.length);
+      let done = 0;
+      const r = await transferStage({ base, tuned }, tp.pairs, sub, s, (c) => events.onProgress?.((done += c)));
+      writeFileAtomic(inputs.out, JSON.stringify({ schema: "prefprobe.transfer/1", inputs: { subspace: path.resolve(inputs.subspace), base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) }, settings: s, backend, versions: versions(), ...r }, null, 1) + "\n");
+      return r;
+    } finally {
+      disposeModel(tuned);
+    }
+  } finally {
+    disposeModel(base);
   }
 }

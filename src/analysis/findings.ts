@@ -1,5 +1,6 @@
 // The headline findings of a run, in plain words computed from the numbers.
 import type { Results } from "./settings.js";
+import type { TransferResult } from "./steering.js";
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3));
@@ -69,6 +70,14 @@ export function findings(r: Results): string[] {
           ? `patching only the top ${first.k} recover${first.k === 1 ? "s" : ""} ${pct(first.recovery)} of the held-out gap, vs ${pct(first.random_subspace)} for a random ${first.k}-dimensional subspace.`
           : `no k below the full width (${r.hidden_size}) recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}, k = ${r.pca.recovery[r.pca.recovery.length - 2]?.k ?? 1}: ${pct(r.pca.recovery[r.pca.recovery.length - 2]?.recovery ?? NaN)}).`),
     );
+    const [md, , rnd] = r.pca.steering;
+    if (md && rnd) {
+      const at = (v: typeof md, b: number) => v.by_strength.find((x) => x.strength === b) ?? v.by_strength[0]!;
+      const top = md.by_strength.reduce((a, b) => (b.recovery > a.recovery ? b : a));
+      out.push(
+        `Steering the base model alone (no tuned model at inference) by adding the training pairs' mean difference at layer ${r.pca.layer} recovers ${pct(at(md, 1).recovery)} of the held-out gap at β = 1 and at most ${pct(top.recovery)} (β = ${top.strength}); a random direction of the same norm: ${pct(at(rnd, 1).recovery)} at β = 1.`,
+      );
+    }
   }
   const lens = r.logit_lens;
   const gaps = lens.tuned.map((t, i) => t - lens.base[i]!);
@@ -125,5 +134,21 @@ function attributionFindings(r: Results): string[] {
   }
   if (agree.length) out.unshift(`Attribution patching agrees with the exact sweep for ${agree.join(", ")}: correlation over pairs ≥ ${num(minAll)} at every layer.`);
   out.push(`The largest gap between estimated and exact recovery is ${worst.site} (${worst.direction}) at layer ${worst.layer}: ${pct(worst.recovery_estimate)} estimated vs ${pct(worst.exact!.recovery)} exact.`);
+  return out;
+}
+
+/** Sentences about a transfer (apply-subspace): how much of the layer's effect the saved subspace carries here. */
+export function transferFindings(r: TransferResult): string[] {
+  const best = r.subspace.reduce((a, b) => (b.recovery > a.recovery ? b : a));
+  const all = r.subspace[r.subspace.length - 1]!;
+  const out = [
+    `Over ${r.n_pairs} pairs (mean gap ${num(r.mean_gap)}), patching the whole layer ${r.layer} (resid_post, tuned->base) recovers ${pct(r.full_layer_recovery)} of the gap.`,
+    `Patching only the saved subspace's ${all.k} directions recovers ${pct(all.recovery)} (${pct(all.share_of_full_layer)} of the whole layer's effect; a random ${all.k}-dim subspace: ${pct(all.random_subspace)}); the best k is ${best.k} with ${pct(best.recovery)}.`,
+  ];
+  for (const v of r.steering) {
+    const at1 = v.by_strength.find((x) => x.strength === 1) ?? v.by_strength[0]!;
+    const top = v.by_strength.reduce((a, b) => (b.recovery > a.recovery ? b : a));
+    out.push(`Steering the base model alone with the ${v.vector} (norm ${num(v.norm)}) at layer ${r.layer}: ${pct(at1.recovery)} of the gap at β = ${at1.strength}, at most ${pct(top.recovery)} (β = ${top.strength}).`);
+  }
   return out;
 }

@@ -4,17 +4,15 @@
 import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "../model/read.js";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, type PairBatch } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
 import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
-import { gainOf, subspace } from "./patches.js";
-import { headGroup, type ModelPair } from "./scoring.js";
+import { subspace } from "./patches.js";
+import { componentsFor, layerEditGains, meanRow, steer, steeringVectors, STEERING_STRENGTHS, withBasis, type LayerEdit } from "./steering.js";
+import type { ModelPair } from "./scoring.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
-
-/** At most how many low-rank patches run stacked through the layers above and the head at once (see headGroup). */
-export const LOWRANK_STACK = 8;
 
 /** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
 export function choosePcaLayer(patching: PatchingEntry[], s: RunSettings, L: number): { layer: number; chosenBy: string } {
@@ -82,39 +80,19 @@ export async function lowRankStage(
   const p = pcaOfDifferences(D);
   D.dispose();
   const ks = lowRankKs(H);
-  const gainsK = ks.map(() => ({ real: [] as number[], random: [] as number[] }));
-  const testGap: number[] = [];
-  for (const js of chunks(test, s.batchPairs)) {
-    const batch = makeBatch(js.map((j) => pairs[j]!));
-    const hb = upTo(models.base, batch);
-    const ht = upTo(models.tuned, batch);
-    const mask = positionMask(batch, s.positions);
-    // every (k, real/random) patch enters the base model after `layer`; they run stacked, STACK at a time, so
-    // the layers above and the head are read once per group rather than once per patch
-    const runs = ks.flatMap((k, ki) => (["real", "random"] as const).map((which) => ({ k, ki, which })));
-    const G = Math.min(LOWRANK_STACK, headGroup(batch.logitsAt.length, models.base.config.vocabSize));
-    for (let g = 0; g < runs.length; g += G) {
-      const group = runs.slice(g, g + G);
-      const values = group.map(({ k, which }) => {
-        const basis = which === "real" ? tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]) : randomSubspace(k, H, seededRandom(s.seed * 31 + k));
-        const v = subspace(s.alpha, basis)(hb, ht, mask);
-        basis.dispose();
-        return v;
-      });
-      const stacked = tf.concat(values);
-      tf.dispose(values);
-      const rows = repeatBatch(batch, group.length);
-      const out = forward(models.base, rows.ids, { lengths: rows.lengths, start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt });
-      const m = marginsOf(responseLogprobs(out.logits!, rows, s.perToken));
-      out.dispose();
-      stacked.dispose();
-      group.forEach(({ ki, which }, r) => js.forEach((j, i) => gainsK[ki]![which].push(gainOf("tuned->base", m[r * js.length + i]!, scores.marginBase[j]!, scores.marginTuned[j]!))));
-    }
-    for (const j of js) testGap.push(scores.marginTuned[j]! - scores.marginBase[j]!);
-    tf.dispose([hb, ht, mask]);
-    cb.onProgress?.((done += js.length));
-    await tick();
-  }
+  const basis = (k: number) => tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]) as tf.Tensor2D;
+  const edits: LayerEdit[] = ks.flatMap((k) => [
+    { name: `real ${k}`, apply: (hb, ht, mask) => withBasis(basis(k), (u) => subspace(s.alpha, u)(hb, ht, mask)) },
+    { name: `random ${k}`, apply: (hb, ht, mask) => withBasis(randomSubspace(k, H, seededRandom(s.seed * 31 + k)), (u) => subspace(s.alpha, u)(hb, ht, mask)) },
+  ]);
+  // steering with the training pairs' mean difference, its projection on the top principal directions, and a
+  // random direction of the same norm: the base model alone, no tuned activations at inference
+  const mu = meanRow(rows, H);
+  const k90 = Math.min(p.rank, componentsFor(p.explainedVarianceRatio, 0.9));
+  const vectors = steeringVectors(mu, p.components, k90, H, s.seed);
+  for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
+  const g = await layerEditGains(models, pairs, test, layer, edits, s, scores, (c) => cb.onProgress?.((done += c)));
+  const testGap = test.map((j) => scores.marginTuned[j]! - scores.marginBase[j]!);
   const mg = mean(testGap);
   return {
     layer,
@@ -127,10 +105,20 @@ export async function lowRankStage(
     recovery: ks.map((k, ki) => ({
       k,
       k_used: Math.min(k, p.rank),
-      recovery: scores.gapTooSmall ? NaN : mean(gainsK[ki]!.real) / mg,
-      random_subspace: scores.gapTooSmall ? NaN : mean(gainsK[ki]!.random) / mg,
+      recovery: scores.gapTooSmall ? NaN : mean(g[2 * ki]!) / mg,
+      random_subspace: scores.gapTooSmall ? NaN : mean(g[2 * ki + 1]!) / mg,
     })),
     components: p.components.slice(0, Math.min(p.rank, H) * H),
+    k_90: k90,
+    steering_vector: mu,
+    steering: vectors.map((v, vi) => ({
+      vector: v.name,
+      norm: Math.hypot(...v.values),
+      by_strength: STEERING_STRENGTHS.map((beta, bi) => {
+        const gains = g[2 * ks.length + vi * STEERING_STRENGTHS.length + bi]!;
+        return { strength: beta, mean_gain: mean(gains), recovery: scores.gapTooSmall ? NaN : mean(gains) / mg };
+      }),
+    })),
   };
 }
 

@@ -176,6 +176,12 @@ export interface LowRankResult {
   explained_variance_ratio: number[];
   recovery: Array<{ k: number; k_used: number; recovery: number; random_subspace: number }>;
   components: Float32Array;
+  /** Components that explain 90% of the training differences (at most the rank). */
+  k_90: number;
+  /** The training pairs' mean h_tuned − h_base over response positions at this layer (steering and subspace.safetensors). */
+  steering_vector: Float32Array;
+  /** Held-out margin gains of the base model alone with β·v added at this layer, per vector and strength β. */
+  steering: Array<{ vector: string; norm: number; by_strength: Array<{ strength: number; mean_gain: number; recovery: number }> }>;
 }
 
 /** LASSO of the per-pair gap on per-layer distances, with its inputs and how its selection moves with the CV seed. */

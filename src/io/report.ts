@@ -283,6 +283,22 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
       W / 2 - 20,
       H,
     ),
+    ...(p.steering.length
+      ? [
+          chart(
+            `Steering the base model alone at layer ${p.layer} (held-out)`,
+            p.steering.flatMap((v) => v.by_strength.map((b) => ({ strength: b.strength, recovery: b.recovery, vector: v.vector }))),
+            {
+              layer: [
+                { mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", title: "β (h + β·v)", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative", title: "recovery" }, color: { field: "vector", type: "nominal", title: null, legend: { orient: "bottom", direction: "vertical" } } } },
+                referenceLines([0, 1]),
+              ],
+            },
+            W / 2 - 20,
+            H,
+          ),
+        ]
+      : []),
   ];
 }
 

@@ -5,10 +5,11 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Results, RunSettings } from "../analysis/settings.js";
+import type { SavedSubspace } from "../analysis/steering.js";
 import { FINAL_FILES } from "./runfolder.js";
 import type { Pair } from "../data/pairs.js";
 import { renderReport } from "./report.js";
-import { writeSafetensors, type TensorToWrite } from "./safetensors.js";
+import { readHeader, readSafetensors, writeSafetensors, type TensorToWrite } from "./safetensors.js";
 import * as tf from "@tensorflow/tfjs-core";
 import { writeFileAtomic } from "./model.js";
 
@@ -32,7 +33,7 @@ export function modelFingerprint(dir: string): string {
 /** results.json content: everything but the large float arrays, which go to activations.safetensors. */
 export function resultsJson(r: Results, meta: Record<string, unknown>): Record<string, unknown> {
   const { mean_diff: _md, pca, ...rest } = r;
-  const pcaOut = pca ? (({ components: _c, ...p }) => p)(pca) : null;
+  const pcaOut = pca ? (({ components: _c, steering_vector: _v, ...p }) => p)(pca) : null;
   return { schema: "prefprobe.results/1", ...meta, ...rest, pca: pcaOut };
 }
 
@@ -57,22 +58,44 @@ export function activationTensors(r: Results): Record<string, TensorToWrite> {
     const rank = r.pca.components.length / r.hidden_size;
     t.pca_components = { dtype: "F32", shape: [rank, r.hidden_size], data: r.pca.components };
     t.pca_explained_variance_ratio = { dtype: "F64", shape: [r.pca.explained_variance_ratio.length], data: r.pca.explained_variance_ratio };
+    t.pca_steering_vector = { dtype: "F32", shape: [r.hidden_size], data: r.pca.steering_vector };
   }
   return t;
 }
 
-/** Writes results.json, activations.safetensors and report.html into outDir. */
+/**
+ * subspace.safetensors: the low-rank stage's principal directions (`components` [k, H], all the training rows
+ * gave) and mean difference (`mean_diff` [H]) at its layer, for `prefprobe apply-subspace`; metadata says where
+ * they came from. Null when the run had no low-rank stage.
+ */
+export function subspaceTensors(r: Results, source: Record<string, string>): { tensors: Record<string, TensorToWrite>; metadata: Record<string, string> } | null {
+  if (!r.pca) return null;
+  const H = r.hidden_size;
+  return {
+    tensors: {
+      components: { dtype: "F32", shape: [r.pca.components.length / H, H], data: r.pca.components },
+      mean_diff: { dtype: "F32", shape: [H], data: r.pca.steering_vector },
+      explained_variance_ratio: { dtype: "F64", shape: [r.pca.explained_variance_ratio.length], data: r.pca.explained_variance_ratio },
+    },
+    metadata: { producer: "prefprobe run", site: "resid_post", layer: String(r.pca.layer), hidden_size: String(H), k_90: String(r.pca.k_90), ...source },
+  };
+}
+
+/** Writes results.json, activations.safetensors, subspace.safetensors (when there is a low-rank stage) and report.html into outDir. */
 export function writeRunOutputs(outDir: string, r: Results, meta: Record<string, unknown>, reportHtml: string): string[] {
   const finals = FINAL_FILES.map((f) => path.join(outDir, f));
   const temps = finals.map((f) => `${f}.final-${process.pid}`);
-  const [acts, report, results] = temps as [string, string, string];
+  const [acts, sub, report, results] = temps as [string, string, string, string];
   try {
     // everything is written under temporary names first, then renamed back to back (results.json last, so
     // its presence marks a finished run): the three files appear together or not at all
     writeSafetensors(acts, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
+    const from = (meta as { inputs?: { base?: string; tuned?: string; pairs?: string } }).inputs ?? {};
+    const subspace = subspaceTensors(r, { base: from.base ?? "", tuned: from.tuned ?? "", pairs: from.pairs ?? "" });
+    if (subspace) writeSafetensors(sub, subspace.tensors, subspace.metadata);
     writeFileAtomic(report, reportHtml);
     writeFileAtomic(results, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
-    temps.forEach((t, i) => fs.renameSync(t, finals[i]!));
+    temps.forEach((t, i) => (fs.existsSync(t) ? fs.renameSync(t, finals[i]!) : fs.rmSync(finals[i]!, { force: true })));
   } finally {
     for (const t of temps) fs.rmSync(t, { force: true });
   }
@@ -131,4 +154,20 @@ export function versions(): Record<string, string> {
 /** An output location that cannot be used. */
 export class OutputError extends Error {
   override name = "OutputError";
+}
+
+/** Reads a subspace.safetensors written by `prefprobe run`; a file that is not one is a one-line error. */
+export function readSubspace(file: string): SavedSubspace {
+  if (!fs.existsSync(file)) throw new OutputError(`--subspace ${file}: no such file`);
+  const { metadata } = readHeader(file);
+  const t = readSafetensors(file);
+  const components = t.get("components");
+  const meanDiff = t.get("mean_diff");
+  const layer = Number(metadata.layer);
+  if (!components || !meanDiff || metadata.site !== "resid_post" || !Number.isInteger(layer) || layer < 0) {
+    throw new OutputError(`--subspace ${file}: not a prefprobe subspace file (needs components, mean_diff and layer/site metadata)`);
+  }
+  const H = meanDiff.shape[0]!;
+  if (components.shape.length !== 2 || components.shape[1] !== H) throw new OutputError(`--subspace ${file}: components [${components.shape}] do not match mean_diff [${H}]`);
+  return { layer, components: components.data as Float32Array, meanDiff: meanDiff.data as Float32Array };
 }

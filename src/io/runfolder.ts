@@ -27,7 +27,7 @@ export interface Manifest {
 
 const FILES = { manifest: "manifest.json", records: "pairs.jsonl", sums: "pairs.bin" } as const;
 /** Files a finished run adds; results.json is written last, so its presence means the run finished. */
-export const FINAL_FILES = ["activations.safetensors", "report.html", "results.json"] as const;
+export const FINAL_FILES = ["activations.safetensors", "subspace.safetensors", "report.html", "results.json"] as const;
 
 /** sha256 of a file's bytes, read in chunks. */
 export function fileHash(file: string): string {

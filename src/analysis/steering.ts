@@ -1,0 +1,192 @@
+// Edits of the base model's residual stream at one layer, evaluated on pairs: low-rank patches toward the tuned
+// model (h_base + α U Uᵀ (h_tuned − h_base)), and steering, which adds a fixed vector with no tuned model at
+// inference (h_base + β m v). Used by the low-rank stage on held-out pairs and by apply-subspace, which carries a
+// saved subspace to other pairs or another model pair of the same width.
+import * as tf from "@tensorflow/tfjs-core";
+import type { Pair } from "../data/pairs.js";
+import { makeBatch, marginsOf, positionMask, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { hookName } from "../model/hooks.js";
+import { forward, type LlamaModel } from "../model/llama.js";
+import { randomSubspace } from "../stats/pca.js";
+import { seededRandom } from "../stats/stats.js";
+import { gainOf, interpolate, subspace } from "./patches.js";
+import { headGroup, type ModelPair } from "./scoring.js";
+import type { RunSettings } from "./settings.js";
+
+/** One edit of resid_post at a layer: the new value from the base and tuned values there and the patch mask [B, T, 1]. */
+export interface LayerEdit {
+  name: string;
+  apply: (hBase: tf.Tensor, hTuned: tf.Tensor, mask: tf.Tensor) => tf.Tensor;
+}
+
+/** At most how many edits run stacked through the layers above and the head at once (see headGroup). */
+export const EDIT_STACK = 8;
+
+/** Steering strengths β tried for each steering vector. */
+export const STEERING_STRENGTHS = [0.5, 1, 2, 4];
+
+/** f(basis), disposing the basis. */
+export function withBasis(basis: tf.Tensor2D, f: (u: tf.Tensor2D) => tf.Tensor): tf.Tensor {
+  try {
+    return f(basis);
+  } finally {
+    basis.dispose();
+  }
+}
+
+/** The steering edit h + β m v (v [H]). */
+export const steer =
+  (v: Float32Array, beta: number) =>
+  (hb: tf.Tensor, _ht: tf.Tensor, mask: tf.Tensor): tf.Tensor =>
+    tf.tidy(() => tf.add(hb, tf.mul(mask, tf.mul(tf.tensor1d(v), beta))));
+
+/** The mean of row vectors of length H. */
+export function meanRow(rows: Float32Array[], H: number): Float32Array {
+  const acc = new Float64Array(H);
+  for (const r of rows) for (let j = 0; j < H; j++) acc[j]! += r[j]!;
+  return Float32Array.from(acc, (x) => x / Math.max(1, rows.length));
+}
+
+/** The fewest leading components whose explained-variance ratios add up to `share` (all when they never do). */
+export function componentsFor(ratios: number[], share: number): number {
+  let c = 0;
+  for (let i = 0; i < ratios.length; i++) if ((c += ratios[i]!) >= share) return i + 1;
+  return ratios.length;
+}
+
+/**
+ * Steering vectors from a mean difference μ [H] and principal directions (rows of `components` [k, H]): μ itself,
+ * its projection on the top-k directions, and a random direction with μ's norm (the control).
+ */
+export function steeringVectors(mu: Float32Array, components: Float32Array, k: number, H: number, seed: number): Array<{ name: string; values: Float32Array }> {
+  const proj = new Float32Array(H);
+  for (let c = 0; c < k; c++) {
+    const u = components.subarray(c * H, (c + 1) * H);
+    let d = 0;
+    for (let j = 0; j < H; j++) d += u[j]! * mu[j]!;
+    for (let j = 0; j < H; j++) proj[j]! += d * u[j]!;
+  }
+  const r = randomSubspace(1, H, seededRandom(seed * 31 + 7919));
+  const unit = r.dataSync() as Float32Array;
+  const norm = Math.hypot(...mu);
+  const random = Float32Array.from(unit, (x) => x * norm);
+  r.dispose();
+  return [
+    { name: "mean difference", values: mu },
+    { name: `top-${k} subspace of the mean difference`, values: proj },
+    { name: "random direction (same norm)", values: random },
+  ];
+}
+
+/**
+ * Gains (tuned->base: margin(edited base) − margin(base)) of every edit on the pairs at `idx`, as [edit][i]
+ * in `idx` order. Each edit enters the base model after `layer`; edits run stacked so the layers above and the
+ * head are read once per group. `margins` holds every pair's base and tuned margins (by position in `pairs`).
+ */
+export async function layerEditGains(
+  models: ModelPair,
+  pairs: Pair[],
+  idx: number[],
+  layer: number,
+  edits: LayerEdit[],
+  s: RunSettings,
+  margins: { marginBase: ArrayLike<number>; marginTuned: ArrayLike<number> },
+  onPairs: (count: number) => void = () => {},
+): Promise<number[][]> {
+  const site = hookName("resid_post", layer);
+  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { lengths: batch.lengths, stopAfter: layer, cache: [site] }).cache.take(site);
+  const out = edits.map(() => [] as number[]);
+  for (let i = 0; i < idx.length; i += s.batchPairs) {
+    const js = idx.slice(i, i + s.batchPairs);
+    const batch = makeBatch(js.map((j) => pairs[j]!));
+    const hb = upTo(models.base, batch);
+    const ht = upTo(models.tuned, batch);
+    const mask = positionMask(batch, s.positions);
+    const G = Math.min(EDIT_STACK, headGroup(batch.logitsAt.length, models.base.config.vocabSize));
+    for (let g = 0; g < edits.length; g += G) {
+      const group = edits.slice(g, g + G);
+      const values = group.map((e) => e.apply(hb, ht, mask));
+      const stacked = tf.concat(values);
+      tf.dispose(values);
+      const rows = repeatBatch(batch, group.length);
+      const run = forward(models.base, rows.ids, { lengths: rows.lengths, start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt });
+      const m = marginsOf(responseLogprobs(run.logits!, rows, s.perToken));
+      run.dispose();
+      stacked.dispose();
+      group.forEach((_, r) => js.forEach((j, b) => out[g + r]!.push(gainOf("tuned->base", m[r * js.length + b]!, margins.marginBase[j]!, margins.marginTuned[j]!))));
+    }
+    tf.dispose([hb, ht, mask]);
+    onPairs(js.length);
+    await new Promise<void>((r) => setImmediate(r));
+  }
+  return out;
+}
+
+/** A saved subspace: principal directions (rows of `components` [k, H]) and a mean difference at one layer's resid_post. */
+export interface SavedSubspace {
+  layer: number;
+  components: Float32Array;
+  meanDiff: Float32Array;
+}
+
+/** How much of a saved subspace's effect carries over to these pairs and models (apply-subspace's result). */
+export interface TransferResult {
+  layer: number;
+  n_pairs: number;
+  mean_gap: number;
+  /** Patching the whole layer (resid_post, tuned->base) on these pairs: the effect there is to transfer. */
+  full_layer_recovery: number;
+  /** Patching only the saved top-k directions; `share_of_full_layer` = recovery / full_layer_recovery. */
+  subspace: Array<{ k: number; recovery: number; random_subspace: number; share_of_full_layer: number }>;
+  /** Steering the base model alone with the saved mean difference (and a random direction of its norm). */
+  steering: Array<{ vector: string; norm: number; by_strength: Array<{ strength: number; mean_gain: number; recovery: number }> }>;
+}
+
+/** Patches the saved subspace (and steers with its mean difference) in `models` on `pairs`; pure apart from the models. */
+export async function transferStage(models: ModelPair, pairs: Pair[], sub: SavedSubspace, s: RunSettings, onPairs: (count: number) => void = () => {}): Promise<TransferResult> {
+  const H = models.base.config.hiddenSize;
+  if (sub.meanDiff.length !== H || sub.components.length % H !== 0) throw new Error(`the subspace is for hidden size ${sub.meanDiff.length}, the models have ${H}`);
+  if (!(sub.layer >= 0 && sub.layer < models.base.config.numLayers)) throw new Error(`the subspace is for layer ${sub.layer}, the models have ${models.base.config.numLayers} layers`);
+  const rank = sub.components.length / H;
+  const ks = [...new Set([...Array.from({ length: Math.ceil(Math.log2(rank + 1)) }, (_, i) => 2 ** i).filter((k) => k < rank), rank])];
+  const basis = (k: number) => tf.tensor2d(sub.components.subarray(0, k * H), [k, H]) as tf.Tensor2D;
+  const edits: LayerEdit[] = [{ name: "full layer", apply: interpolate(s.alpha) }];
+  for (const k of ks) {
+    edits.push({ name: `saved ${k}`, apply: (hb, ht, mask) => withBasis(basis(k), (u) => subspace(s.alpha, u)(hb, ht, mask)) });
+    edits.push({ name: `random ${k}`, apply: (hb, ht, mask) => withBasis(randomSubspace(k, H, seededRandom(s.seed * 31 + k)), (u) => subspace(s.alpha, u)(hb, ht, mask)) });
+  }
+  const vectors = steeringVectors(sub.meanDiff, sub.components, 0, H, s.seed).filter((v) => !v.name.startsWith("top-"));
+  for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
+  const margin = { marginBase: new Float64Array(pairs.length), marginTuned: new Float64Array(pairs.length) };
+  for (const [m, into] of [[models.base, margin.marginBase], [models.tuned, margin.marginTuned]] as const) {
+    for (let i = 0; i < pairs.length; i += s.batchPairs) {
+      const batch = makeBatch(pairs.slice(i, i + s.batchPairs));
+      const r = forward(m, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt });
+      into.set(marginsOf(responseLogprobs(r.logits!, batch, s.perToken)), i);
+      r.dispose();
+    }
+  }
+  const idx = pairs.map((_, i) => i);
+  const g = await layerEditGains(models, pairs, idx, sub.layer, edits, s, margin, onPairs);
+  const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
+  const gap = mean(idx.map((i) => margin.marginTuned[i]! - margin.marginBase[i]!));
+  const full = mean(g[0]!) / gap;
+  return {
+    layer: sub.layer,
+    n_pairs: pairs.length,
+    mean_gap: gap,
+    full_layer_recovery: full,
+    subspace: ks.map((k, ki) => {
+      const rec = mean(g[1 + 2 * ki]!) / gap;
+      return { k, recovery: rec, random_subspace: mean(g[2 + 2 * ki]!) / gap, share_of_full_layer: rec / full };
+    }),
+    steering: vectors.map((v, vi) => ({
+      vector: v.name,
+      norm: Math.hypot(...v.values),
+      by_strength: STEERING_STRENGTHS.map((beta, bi) => {
+        const gains = g[1 + 2 * ks.length + vi * STEERING_STRENGTHS.length + bi]!;
+        return { strength: beta, mean_gain: mean(gains), recovery: mean(gains) / gap };
+      }),
+    })),
+  };
+}
