@@ -176,6 +176,7 @@ program
   .option("--layers <list>", "comma-separated layers to patch (default: all)")
   .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]))
   .addOption(new Option("--method <m>", "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement").choices([...METHODS]).default(DEFAULT_SETTINGS.method))
+  .option("--window <n>", "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects", int("--window", 1), DEFAULT_SETTINGS.window)
   .option("--no-controls", "skip the random-direction and mean-ablation controls")
   .option("--pca-layer <l>", "layer for low-rank reconstruction (default: first within 5% of the best recovery)", int("--pca-layer", 0))
   .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), DEFAULT_SETTINGS.pcaTestFrac)
@@ -212,6 +213,7 @@ program
       pcaTestFrac: o.pcaTestFrac as number,
       batchPairs: o.batch as number,
       method: o.method as Method,
+      window: o.window as number,
     };
     const shard = o.shard === undefined ? undefined : parseShard(String(o.shard));
     const done = await withProgress((events) =>

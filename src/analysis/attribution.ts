@@ -11,7 +11,7 @@ import { gradientsEnabled } from "../model/gradients.js";
 import { forward, type LlamaModel } from "../model/llama.js";
 import { pearson } from "../stats/stats.js";
 import { readValues } from "../model/read.js";
-import { roles } from "./patches.js";
+import { roles, windowLayers } from "./patches.js";
 import { comboKey, type Plan, type ScoredBatch } from "./scoring.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings } from "./settings.js";
 
@@ -58,7 +58,9 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
   for (const [di, direction] of directions.entries()) {
     const { dst } = roles(direction);
     const combos = plan.combos.filter((c) => c.direction === direction);
-    const siteNames = [...new Set(combos.map((c) => hookName(c.site, c.layer)))];
+    // a window's estimate is the sum of its layers' (first order is additive)
+    const windowOf = (c: (typeof combos)[number]) => windowLayers(c.layer, s.window, L).map((j) => hookName(c.site, j));
+    const siteNames = [...new Set(combos.flatMap(windowOf))];
     const names = di === 0 ? [...siteNames, ...zNames.filter((z) => !siteNames.includes(z))] : siteNames;
     const shapes = new Map<HookName, number[]>(names.map((nm) => [nm, nm.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]]));
     // z is not among the cached sites: the two models' z come from one more plain forward each
@@ -73,13 +75,13 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
           const flat = prod.rank === 4 ? tf.sum(prod, [2, 3]) : tf.sum(prod, 2);
           return tf.mul(tf.mul(flat, tf.squeeze(mask, [2])), s.alpha);
         });
+      const overWindow = (c: (typeof combos)[number]) => tf.addN(windowOf(c).map(perPosition));
       for (const c of combos) {
-        const nm = hookName(c.site, c.layer);
         const key = comboKey(c);
-        const rowSums = readValues(() => tf.sum(perPosition(nm), 1));
+        const rowSums = readValues(() => tf.sum(overWindow(c), 1));
         for (let i = 0; i < n; i++) (out[i]!.gains[key] ??= []).push(rowSums[2 * i]! + rowSums[2 * i + 1]!);
         if (key === firstKey) {
-          const pos = readValues(() => perPosition(nm));
+          const pos = readValues(() => overWindow(c));
           for (let i = 0; i < n; i++) {
             const row = (r: number) => Array.from(pos.subarray(r * batch.T, r * batch.T + batch.lengths[r]!));
             out[i]!.positions.key = key;

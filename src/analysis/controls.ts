@@ -59,11 +59,14 @@ export async function meanAblationStage(
   const n = pairs.length;
   const out = plan.combos.map(() => new Float64Array(n));
   const positions = states.reduce((a, st) => a + positionsOf(st).all, 0);
-  const means = plan.combos.map((c) => {
+  // the source model's mean at each site a patch touches (every layer of a window), by "model site"
+  const means = new Map<string, tf.Tensor1D>();
+  const meanOf = (c: Combo) => {
     const src = roles(c.direction).src;
-    const si = layout.sites.indexOf(hookName(c.site, c.layer));
-    return tf.tensor1d(Float32Array.from(meanOver(states, layout.siteSum(src, si), layout.H, positions)));
-  });
+    const key = `${src} ${hookName(c.site, c.layer)}`;
+    if (!means.has(key)) means.set(key, tf.tensor1d(Float32Array.from(meanOver(states, layout.siteSum(src, layout.sites.indexOf(hookName(c.site, c.layer))), layout.H, positions))));
+    return means.get(key)!;
+  };
   cb.onStage?.("mean-ablation controls", n);
   try {
     for (const [start, end] of batches) {
@@ -73,7 +76,7 @@ export async function meanAblationStage(
         plan.combos.some((c) => roles(c.direction).dst === m) ? forward(models[m], batch.ids, { lengths: batch.lengths, cache: plan.patchSites, logitsAt: "none" }).cache : undefined;
       const caches = { base: cacheOf("base"), tuned: cacheOf("tuned") };
       const margin = { base: states.slice(start, end).map((st) => st.record.margin.base), tuned: states.slice(start, end).map((st) => st.record.margin.tuned) };
-      const gains = sweepBatch(models, { batch, caches, margin, patchMask }, plan.combos, (_c, ci) => meanAblation(s.alpha, means[ci]!), s);
+      const gains = sweepBatch(models, { batch, caches, margin, patchMask }, plan.combos, (c) => meanAblation(s.alpha, meanOf(c)), s);
       gains.forEach((g, ci) => out[ci]!.set(g, start));
       caches.base?.dispose();
       caches.tuned?.dispose();
@@ -82,7 +85,7 @@ export async function meanAblationStage(
       await new Promise<void>((r) => setImmediate(r));
     }
   } finally {
-    tf.dispose(means);
+    tf.dispose([...means.values()]);
   }
   return out;
 }

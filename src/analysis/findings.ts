@@ -23,7 +23,8 @@ export function findings(r: Results): string[] {
       const first90 = e.find((p) => p.recovery >= 0.9);
       const ci = Number.isFinite(best.recovery_ci[0]) ? ` (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})` : " (no CI: --bootstrap 0)";
       const how = best.method === "attribution" ? " [attribution estimates: first-order, no exact patches and no controls]" : "";
-      let line = `Patching ${site} (${dir})${how}: recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
+      const win = best.window > 1 ? ` in windows of ${best.window} consecutive layers (a layer l below is the window l … l+${best.window - 1})` : "";
+      let line = `Patching ${site} (${dir})${win}${how}: recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
       line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
       if (best.controls) {
         const rnd = best.controls.random_direction;

@@ -36,6 +36,7 @@ export function patchingEntries(
   });
   return combos.map((c, ci) => ({
     method,
+    window: s.window,
     direction: c.direction,
     site: c.site,
     layer: c.layer,

@@ -6,7 +6,7 @@ import { makeBatch, marginsOf, positionMask, responseLogprobs, type PairBatch } 
 import { hookName, type HookName } from "../model/hooks.js";
 import { forward, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
-import { sitesNeeded } from "./patches.js";
+import { sitesNeeded, windowLayers } from "./patches.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
 
 /** The two models compared. */
@@ -38,7 +38,14 @@ export const comboKey = (c: { direction: Direction; site: Site }): string => `${
 export function makePlan(s: RunSettings, L: number): Plan {
   const layers = s.layers ?? Array.from({ length: L }, (_, l) => l);
   const combos = s.directions.flatMap((direction) => s.sites.flatMap((site) => layers.map((layer) => ({ direction, site, layer }))));
-  const patchSites = [...new Set(combos.flatMap((c) => sitesNeeded(c.site, c.layer)))];
+  const patchSites = [
+    ...new Set(
+      combos.flatMap((c) => [
+        ...windowLayers(c.layer, s.window, L).flatMap((j) => sitesNeeded(c.site, j)),
+        ...(s.window > 1 ? [hookName("resid_pre", c.layer)] : []), // a window's patched run starts there
+      ]),
+    ),
+  ];
   const residPost = Array.from({ length: L }, (_, l) => hookName("resid_post", l));
   return { combos, patchSites, cacheSites: [...new Set<HookName>(["hook_embed", ...residPost, ...patchSites])] };
 }

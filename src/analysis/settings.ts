@@ -31,6 +31,8 @@ export interface RunSettings {
   batchPairs: number; // pairs per forward batch
   /** How patches are measured: "exact" patched forwards, "attribution" (gradient estimates of every patch at once), or "both". */
   method: Method;
+  /** Consecutive layers patched together: a patch "at layer l" covers layers l … l+window−1 (cut at the last layer). */
+  window: number;
 }
 
 /** Ways to measure the patch sweep. */
@@ -62,6 +64,7 @@ export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze({
   pcaTestFrac: 0.5,
   batchPairs: 4,
   method: "exact",
+  window: 1,
 } satisfies RunSettings);
 
 /** A setting that cannot be used; the message names it. */
@@ -84,6 +87,7 @@ export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pic
   int("stabilityReps", 0);
   int("bootstrap", 0);
   int("batchPairs", 1);
+  int("window", 1);
   if (!Number.isFinite(s.alpha)) fail(`alpha must be a finite number, got ${s.alpha}`);
   if (!(s.C > 0 && Number.isFinite(s.C))) fail(`C must be positive, got ${s.C}`);
   if (!(s.pcaTestFrac > 0 && s.pcaTestFrac < 1)) fail(`pcaTestFrac must be in (0, 1), got ${s.pcaTestFrac}`);
@@ -122,6 +126,8 @@ export interface ControlSummary extends GainSummary {
 export interface PatchingEntry extends GainSummary {
   /** Whether the gains are exact patched forwards or attribution estimates (when the run made no exact patches). */
   method: "exact" | "attribution";
+  /** Layers patched together, from `layer` on (1: that layer alone). */
+  window: number;
   direction: Direction;
   site: Site;
   layer: number;

@@ -5,7 +5,7 @@ import { marginsOf, repeatBatch, responseLogprobs, type PairBatch } from "../dat
 import { forward, type Hook } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
-import { gainOf, patchedMargins, roles, type Patch } from "./patches.js";
+import { gainOf, patchedMargins, roles, windowLayers, type Patch } from "./patches.js";
 import { headGroup, type Combo, type ModelPair, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
@@ -41,6 +41,32 @@ export function sweepPerLayer(models: ModelPair, input: SweepInput, combos: Comb
   });
 }
 
+/**
+ * Gains [combo][pair] of patching every layer of each combo's window (layers l … l+window−1) at its site
+ * together: one forward of the patched model from its cached resid_pre at l, with each window layer's site moved
+ * from its current value (which the earlier window layers have already changed) toward the source's cached value
+ * by the combo's patch (patchFor is asked for each window layer). With α = 1 and every position patched, a
+ * residual-stream window equals patching its last layer alone.
+ */
+export function sweepWindows(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
+  return combos.map((c, ci) => {
+    const { dst, src } = roles(c.direction);
+    const dstCache = cacheOf(input, dst, c);
+    const hooks: Record<string, Hook> = {};
+    for (const j of windowLayers(c.layer, s.window, models[dst].config.numLayers)) {
+      const site = hookName(c.site, j);
+      const hSrc = input.caches[src]?.get(site) ?? dstCache.get(site);
+      const patch = patchFor({ ...c, layer: j }, ci);
+      hooks[site] = (v) => patch(v, hSrc, input.patchMask);
+    }
+    const { batch } = input;
+    const r = forward(models[dst], batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, start: { layer: c.layer, resid: dstCache.get(hookName("resid_pre", c.layer)) }, hooks });
+    const m = marginsOf(responseLogprobs(r.logits!, batch, s.perToken));
+    r.dispose();
+    return Array.from(m, (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
+  });
+}
+
 function cacheOf(input: SweepInput, model: "base" | "tuned", c: Combo): ActivationCache {
   const cache = input.caches[model];
   if (!cache) throw new Error(`sweep: no ${model} activations cached for ${c.direction}`);
@@ -62,6 +88,7 @@ interface Stream {
  * be read in: one forward call per combo instead of one per layer); the gains are the same bit for bit.
  */
 export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
+  if (s.window > 1) return sweepWindows(models, input, combos, patchFor, s);
   const streamed = (["base", "tuned"] as const).some((m) => models[m].source && combos.some((c) => roles(c.direction).dst === m));
   return streamed ? sweepLayerMajor(models, input, combos, patchFor, s) : sweepPerLayer(models, input, combos, patchFor, s);
 }
