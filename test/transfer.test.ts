@@ -74,7 +74,7 @@ describe("apply-subspace", () => {
 
 describe("transfer to another model pair (planted)", () => {
   let demo: { base: LlamaModel; tuned: LlamaModel; pairs: Pair[] };
-  beforeAll(() => (demo = loadDemo(8)));
+  beforeAll(() => (demo = loadDemo(4)));
   afterAll(() => disposeDemo(demo));
 
   /** base with down_proj of layer K plus u·vᵀ (stored [in, out] = v uᵀ): the change writes along u. */
