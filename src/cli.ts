@@ -177,6 +177,8 @@ program
   .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]))
   .addOption(new Option("--method <m>", "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement").choices([...METHODS]).default(DEFAULT_SETTINGS.method))
   .option("--window <n>", "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects", int("--window", 1), DEFAULT_SETTINGS.window)
+  .option("--heads", "also patch each attention head (attn.hook_z) on its own: an exact layers × heads grid (the first direction)")
+  .option("--position-map", "also patch each token position on its own at resid_post, for the pair with the largest |gap|: an exact layer × token map")
   .option("--no-controls", "skip the random-direction and mean-ablation controls")
   .option("--pca-layer <l>", "layer for low-rank reconstruction (default: first within 5% of the best recovery)", int("--pca-layer", 0))
   .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), DEFAULT_SETTINGS.pcaTestFrac)
@@ -214,6 +216,8 @@ program
       batchPairs: o.batch as number,
       method: o.method as Method,
       window: o.window as number,
+      heads: !!o.heads,
+      positionMap: !!o.positionMap,
     };
     const shard = o.shard === undefined ? undefined : parseShard(String(o.shard));
     const done = await withProgress((events) =>

@@ -161,6 +161,14 @@ function labelHeatmap(r: Results, tok: TextTokenizer | null): Results {
     const text = (ids: number[]) => ids.map((id) => tok.idToToken(id) ?? String(id));
     h.tokens = { chosen: text([...h.ids.prompt, ...h.ids.chosen]), rejected: text([...h.ids.prompt, ...h.ids.rejected]) };
   }
+  const p = r.position_map;
+  if (p && tok) {
+    // one label per position over the longer row: the prompt's tokens, then "chosen | rejected" where they differ
+    const c = [...p.ids.prompt, ...p.ids.chosen];
+    const j = [...p.ids.prompt, ...p.ids.rejected];
+    const name = (id: number | undefined) => (id === undefined ? "·" : (tok.idToToken(id) ?? String(id)));
+    p.tokens = Array.from({ length: Math.max(c.length, j.length) }, (_, t) => (t < p.ids.prompt.length ? name(c[t]) : `${name(c[t])} | ${name(j[t])}`));
+  }
   return r;
 }
 

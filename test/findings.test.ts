@@ -24,6 +24,8 @@ function resultsWith(patching: Results["patching"], lasso: Results["lasso"] = nu
     summary: { mean_margin_base: 0, mean_margin_tuned: 1, mean_gap: 1, tuned_prefers_chosen: 0.5, base_prefers_chosen: 0.5 },
     patching,
     attribution: null,
+    heads: null,
+    position_map: null,
     lasso,
     probes: [],
     pca: null,

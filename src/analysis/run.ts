@@ -10,6 +10,7 @@ import type { LlamaModel } from "../model/llama.js";
 import { mean } from "../stats/stats.js";
 import { enableGradients } from "../model/gradients.js";
 import { attributionBatch, attributionSummary } from "./attribution.js";
+import { headSweep, positionSweep } from "./fine.js";
 import { meanAblationStage, randomDirectionPatch } from "./controls.js";
 import { distancesOf } from "./distances.js";
 import { cvFolds, lassoStage, probeStage } from "./estimators.js";
@@ -86,6 +87,8 @@ export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: Ru
     const real = runsExact(s) ? timed(times, "patch_sweep", () => sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s)) : null;
     const random = runsControls(s) ? timed(times, "random_direction_control", () => sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s)) : null;
     const attribution = runsAttribution(s) ? timed(times, "attribution", () => attributionBatch(models, sc, plan, s)) : null;
+    const first = plan.combos[0]?.direction ?? s.directions[0]!;
+    const heads = s.heads ? timed(times, "head_sweep", () => headSweep(models, sc.batch, sc.margin, sc.mask.patch, first, s)) : null;
     const { distance, cosine } = timed(times, "distances", () => distancesOf(sc, L));
     const lens = timed(times, "logit_lens", () => logitLensBatch(models, sc, s));
     const sums = timed(times, "pair_sums", () => pairSums(sc, layoutOf(models, plan)));
@@ -95,6 +98,7 @@ export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: Ru
         cosine: cosine[i]!,
         gains: real ? gainsByKey(plan.combos, real, i) : {},
         attribution: attribution?.[i] ?? null,
+        heads: heads?.[i] ?? null,
         randomDirection: random ? gainsByKey(plan.combos, random, i) : null,
         lens: { base: lens.base.map((d) => d[i]!), tuned: lens.tuned.map((d) => d[i]!) },
       }),
@@ -169,6 +173,15 @@ export async function finishAnalysis(
   const controls = runsControls(s) ? { random: column((r) => r.random_direction), meanAblation: meanAbl ?? [] } : { random: null, meanAblation: null };
   const patching = patchingEntries(plan.combos, { real, ...controls }, gap, noGap, s, runsExact(s) ? "exact" : "attribution");
   const attribution = attributionSummary(records, plan, gap);
+  const first = plan.combos[0]?.direction ?? s.directions[0]!;
+  const meanGap = mean(gap);
+  const headMean = s.heads ? records[0]!.heads!.map((row, l) => row.map((_, h) => mean(records.map((r) => r.heads![l]![h]!)))) : null;
+  const heads = headMean ? { direction: first, mean_gain: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) } : null;
+  t0 = performance.now();
+  let top = 0;
+  for (let i = 1; i < n; i++) if (Math.abs(gap[i]!) > Math.abs(gap[top]!)) top = i;
+  const position_map = s.positionMap ? { pair: records[top]!.index, direction: first, gap: gap[top]!, gains: positionSweep(models, pairs[top]!, first, s), ids: records[top]!.ids } : null;
+  timings.position_map = performance.now() - t0;
 
   t0 = performance.now();
   cb.onStage?.("LASSO and probes", 2 * L + 1);
@@ -199,6 +212,8 @@ export async function finishAnalysis(
     },
     patching,
     attribution,
+    heads,
+    position_map,
     lasso,
     probes,
     pca,

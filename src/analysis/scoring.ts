@@ -101,6 +101,7 @@ export interface PairMeasures {
   cosine: number[];
   gains: Record<string, number[]>;
   attribution: PairAttribution | null;
+  heads: number[][] | null;
   randomDirection: Record<string, number[]> | null;
   lens: { base: number[]; tuned: number[] };
 }
@@ -121,6 +122,7 @@ export function pairRecord(sc: ScoredBatch, i: number, m: PairMeasures): PairRec
     cosine_distance: m.cosine,
     gains: m.gains,
     attribution: m.attribution,
+    heads: m.heads,
     random_direction: m.randomDirection,
     lens: m.lens,
   };

@@ -32,7 +32,10 @@ export interface RunSettings {
   /** How patches are measured: "exact" patched forwards, "attribution" (gradient estimates of every patch at once), or "both". */
   method: Method;
   /** Consecutive layers patched together: a patch "at layer l" covers layers l … l+window−1 (cut at the last layer). */
-  window: number;
+  window: number;  /** Exact per-head patching (attn.hook_z, the first direction): a layers × heads grid per pair. */
+  heads: boolean;
+  /** Exact per-position patching (resid_post, the first direction) of the pair with the largest |gap|: a layer × token map. */
+  positionMap: boolean;
 }
 
 /** Ways to measure the patch sweep. */
@@ -65,6 +68,8 @@ export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze({
   batchPairs: 4,
   method: "exact",
   window: 1,
+  heads: false,
+  positionMap: false,
 } satisfies RunSettings);
 
 /** A setting that cannot be used; the message names it. */
@@ -158,6 +163,8 @@ export interface PairRecord {
   gains: Record<string, number[]>; // "direction site" → per patched layer (real patches; empty with method "attribution")
   /** Attribution estimates (methods "attribution" and "both"), else null. */
   attribution: PairAttribution | null;
+  /** With `heads`: exact gains [layer][head] of patching one head's attn.hook_z (the first direction), else null. */
+  heads: number[][] | null;
   random_direction: Record<string, number[]> | null; // the same for the random-direction control
   lens: { base: number[]; tuned: number[] }; // logit-lens margin per depth (embedding, then after each block)
 }
@@ -220,6 +227,10 @@ export interface Results {
   patching: PatchingEntry[];
   /** Attribution patching's estimates and their agreement with the exact sweep (methods "attribution" and "both"). */
   attribution: AttributionSummary | null;
+  /** With `heads`: mean exact per-head gain [layer][head] and as a share of the mean gap; null otherwise. */
+  heads: { direction: Direction; mean_gain: number[][]; recovery: number[][] } | null;
+  /** With `positionMap`: exact gains [layer][position] of patching one position (both rows) of the pair with the largest |gap|. */
+  position_map: { pair: number; direction: Direction; gap: number; gains: number[][]; ids: { prompt: number[]; chosen: number[]; rejected: number[] }; tokens?: string[] } | null;
   lasso: LassoResult | null;
   probes: ProbeResult[];
   pca: LowRankResult | null;

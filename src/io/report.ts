@@ -153,6 +153,35 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
   return out;
 }
 
+/** A layer × column heatmap with a diverging scale centred on 0. */
+function gridChart(title: string, cells: Array<{ layer: number; col: string | number; value: number }>, colTitle: string, width: number, height: number): TopLevelSpec {
+  return chart(title, cells, {
+    mark: "rect",
+    encoding: {
+      x: { field: "col", type: "ordinal", title: colTitle, sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
+      y: { field: "layer", type: "ordinal" },
+      color: { field: "value", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: "share of gap" },
+      tooltip: [{ field: "col" }, { field: "layer" }, { field: "value", format: ".4f" }],
+    },
+  }, width, height);
+}
+
+/** The exact per-head grid and the exact per-position map, when the run made them. */
+function fineSpecs(r: Results): TopLevelSpec[] {
+  const out: TopLevelSpec[] = [];
+  if (r.heads) {
+    const cells = r.heads.recovery.flatMap((row, layer) => row.map((value, head) => ({ layer, col: head, value })));
+    out.push(gridChart(`Exact per-head patching (attn.hook_z, ${r.heads.direction}): share of the mean gap`, cells, "head", Math.min(W, 16 * (r.heads.recovery[0]?.length ?? 1)), Math.min(H, 16 * r.heads.recovery.length)));
+  }
+  const p = r.position_map;
+  if (p) {
+    const cells = p.gains.flatMap((row, layer) => row.map((g, t) => ({ layer, col: `${String(t).padStart(3, "0")} ${p.tokens?.[t] ?? ""}`, value: g / p.gap })));
+    const line = r.pairs.find((x) => x.index === p.pair)?.line ?? p.pair;
+    out.push(gridChart(`Exact per-position patching (resid_post, ${p.direction}), pair line ${line} (gap ${p.gap.toFixed(2)})`, cells, "position and token (chosen | rejected where they differ)", Math.min(1100, Math.max(W, 9 * (p.gains[0]?.length ?? 0))), Math.min(H, 18 * p.gains.length)));
+  }
+  return out;
+}
+
 /** Per-pair distributions: the margin gap, and the exact gain at the first series' best layer. */
 function distributionSpecs(r: Results): TopLevelSpec[] {
   const out: TopLevelSpec[] = [
@@ -327,6 +356,7 @@ export async function renderReport(r: Results, findings: string[], meta: Record<
     ["Layer-wide causal patching", recoverySpecs(r), "Recovery = mean gain / mean gap per patched layer, one chart per site and direction, with 95% bootstrap CIs. The y axis is clipped to [−50%, 150%]; a value off that scale is named under the chart's title. Mean ablation, often on a 10x larger scale, is charted on its own below."],
     ["Controls: mean ablation", meanAblationSpecs(r), "The site replaced by its dataset mean over the destination model (own y scale per chart)."],
     ["Attribution patching", attributionSpecs(r), "First-order estimates α (h_tuned − h_base) · ∂margin/∂h from one backward pass per model; beside exact patches, their correlation over pairs per layer. The token × layer maps are for the pair with the largest |gap| (red raises the margin toward the tuned model's)."],
+    ["Heads and positions (exact patches)", fineSpecs(r), "Each attention head's attn.hook_z, or each token position's resid_post, patched on its own (the first direction)."],
     ["Per-pair distributions", distributionSpecs(r)],
     ["Linear probes", [probeSpec(r)].filter((x): x is TopLevelSpec => x !== null)],
     ["LASSO: which layers' activation distances predict the per-pair gap", lassoSpecs(r)],
