@@ -56,17 +56,19 @@ export {
 } from "./analysis/settings.js";
 export { analyseBatch, analysePairs, BatchTooLarge, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
 export { batchBytes, checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
-export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, type Patch } from "./analysis/patches.js";
-export { sweepBatch, sweepInput, sweepLayerMajor, sweepPerLayer, type SweepInput } from "./analysis/sweep.js";
+export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, windowLayers, type Patch } from "./analysis/patches.js";
+export { sweepBatch, sweepInput, sweepLayerMajor, sweepPerLayer, sweepWindows, type SweepInput } from "./analysis/sweep.js";
 export { attributionBatch, attributionSummary, siteGradients, type AttributionEntry, type AttributionSummary } from "./analysis/attribution.js";
 export { PURPOSE, keyedNoise, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
+export { headSweep, positionSweep } from "./analysis/fine.js";
+export { layerEditGains, steer, steeringVectors, STEERING_STRENGTHS, transferStage, type LayerEdit, type SavedSubspace, type TransferResult } from "./analysis/steering.js";
 export { distancesOf } from "./analysis/distances.js";
 export { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./analysis/sums.js";
 export { logitLensBatch } from "./analysis/lens.js";
 export { lassoStage, probeStage } from "./analysis/estimators.js";
 export { choosePcaLayer, lowRankKs, lowRankSplit, lowRankStage } from "./analysis/lowrank.js";
 export { gapTooSmall, patchingEntries, summarizeGains } from "./analysis/recovery.js";
-export { findings, summaryTable } from "./analysis/findings.js";
+export { findings, summaryTable, transferFindings } from "./analysis/findings.js";
 
 // Estimators and statistics
 export { lassoCV, lassoFit, lassoPath, type LassoCVResult, type LassoFit } from "./stats/lasso.js";
@@ -80,8 +82,8 @@ export { DEFAULT_TUNE, evaluatePairs, selectWeights, tuneDPO, type StepMetrics, 
 
 // Files: safetensors, run outputs, the report, and whole studies (what the CLI's run and tune do)
 export { readSafetensors, writeSafetensors, SafetensorsError, type DType, type StoredTensor, type TensorToWrite } from "./io/safetensors.js";
-export { activationTensors, modelFingerprint, resultsJson, writeRun, writeRunOutputs, OutputError, type RunMeta } from "./io/results.js";
+export { activationTensors, modelFingerprint, readSubspace, resultsJson, subspaceTensors, writeRun, writeRunOutputs, OutputError, type RunMeta } from "./io/results.js";
 export { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunFolderError, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
 export { renderReport } from "./io/report.js";
 export { convertLlama2c } from "./io/llama2c.js";
-export { batchBudget, mergeShards, WASM_PAIR_BUDGET, WASM_SCRATCH, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";
+export { batchBudget, mergeShards, runTransfer, WASM_PAIR_BUDGET, WASM_SCRATCH, type TransferInputs, parseShard, runStudy, runTune, shardBatches, weightBudget, type StudyEvents, type StudyInputs, type StudyResult, type TuneInputs, type TuneResult } from "./study.js";
