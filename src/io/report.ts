@@ -297,7 +297,7 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
           { mark: { type: "line", color: "firebrick", point: true }, encoding: { x: { field: "component", type: "ordinal" }, y: { field: "cumulative", type: "quantitative" } } },
         ],
       },
-      W / 2 - 20,
+      Math.max(W / 2 - 20, 10 * spec.length),
       H,
     ),
     chart(
