@@ -187,5 +187,12 @@ async function main(): Promise<void> {
     row("prefprobe per pair / TL-style peer per pair (target ≤ 1.0)", `${(tm.patch_sweep! / 1000 / nPairs / peer.s).toFixed(2)} (the sweep alone, thread time); ${(sPerPair / peer.s).toFixed(2)} (all per-pair stages, wall)`);
     row("margins, prefprobe vs peer (max error / |gap|)", peer.maxErr.toExponential(1));
   } else row("PyTorch peer", "skipped: no python3 with torch (apt install python3-torch)");
-  console.log(`\nHow long will my run take: about ${sPerPair.toFixed(0)} s × pairs + ${phase2.toFixed(0)} s on this machine (pairs of ≤ ${maxTokens} tokens; time grows with length).`);
+  const ablation = (tm.mean_ablation ?? 0) / 1000 / nPairs;
+  const testPairs = Math.max(1, Math.round(nPairs * 0.5));
+  const lowRank = (tm.pca ?? 0) / 1000 / testPairs;
+  console.log(
+    `\nHow long will my run take (pairs of ≤ ${maxTokens} tokens on this machine; time grows with length): about ` +
+      `${sPerPair.toFixed(0)} s × pairs (per-pair stages, ${run.workers} worker thread(s)) + ${ablation.toFixed(0)} s × pairs (mean-ablation control, one thread) + ` +
+      `${lowRank.toFixed(0)} s × held-out pairs (low-rank and steering; half the pairs by default).`,
+  );
 }
