@@ -5,6 +5,7 @@ import { headSweep, positionSweep } from "../src/analysis/fine.js";
 import { runAnalysis } from "../src/analysis/run.js";
 import { makePlan, pairMargins, scoreBatch, type ModelPair } from "../src/analysis/scoring.js";
 import { resolveSettings } from "../src/analysis/settings.js";
+import { sweepInput } from "../src/analysis/sweep.js";
 import type { Pair } from "../src/data/pairs.js";
 import { forward } from "../src/model/llama.js";
 import { disposeDemo, loadDemo, useBackend } from "./helpers.js";
@@ -27,7 +28,7 @@ describe("exact per-head patching", () => {
     const plan = makePlan(s, demo.base.config.numLayers);
     const sc = scoreBatch(demo, demo.pairs, plan, s);
     try {
-      const grid = headSweep(demo, sc.batch, sc.margin, sc.mask.patch, "tuned->base", s);
+      const grid = headSweep(demo, sweepInput(sc), "tuned->base", s);
       const { numHeads: nH, headDim: d, numLayers: L } = demo.base.config;
       expect(grid[0]).toHaveLength(L);
       expect(grid[0]![0]).toHaveLength(nH);

@@ -9,6 +9,7 @@ import { forward, type LlamaModel } from "../model/llama.js";
 import { gainOf, roles } from "./patches.js";
 import { headGroup, type ModelPair } from "./scoring.js";
 import type { Direction, RunSettings } from "./settings.js";
+import type { SweepInput } from "./sweep.js";
 
 /** The residual entering layer l of a run, from its cache (the embedding for l = 0). */
 const residPre = (cache: { get(name: string): tf.Tensor }, l: number) => (l === 0 ? cache.get("hook_embed") : cache.get(hookName("resid_post", l - 1)));
@@ -49,16 +50,18 @@ function stackedGains(
 const stack = (x: tf.Tensor, count: number) => tf.tidy(() => tf.concat(Array.from({ length: count }, () => x)));
 
 /**
- * Exact per-head patching: for every layer and head, the patched model (direction's destination) with that head's
+ * Exact per-head patching (the patched model's resid_pre from the sweep input's cache): for every layer and head, the patched model (direction's destination) with that head's
  * attn.hook_z moved toward the source model's by α over the patch mask. Returns [pair][layer][head] gains.
  */
-export function headSweep(models: ModelPair, batch: PairBatch, margin: { base: ArrayLike<number>; tuned: ArrayLike<number> }, patchMask: tf.Tensor, direction: Direction, s: RunSettings): number[][][] {
+export function headSweep(models: ModelPair, input: SweepInput, direction: Direction, s: RunSettings): number[][][] {
   const { numLayers: L, numHeads: nH } = models.base.config;
   const { dst, src } = roles(direction);
+  const { batch, margin, patchMask } = input;
+  const dstCache = input.caches[dst];
+  if (!dstCache) throw new Error(`headSweep: no ${dst} activations cached`);
   const zNames = Array.from({ length: L }, (_, l) => hookName("z", l));
-  const opts = { lengths: batch.lengths, logitsAt: "none" as const };
-  const dstRun = forward(models[dst], batch.ids, { ...opts, cache: ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))] });
-  const srcRun = forward(models[src], batch.ids, { ...opts, cache: zNames });
+  // z is not among a scoring pass's cached sites: the source model's come from one more forward
+  const srcRun = forward(models[src], batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames });
   const n = batch.ids.length / 2;
   const out = Array.from({ length: n }, () => [] as number[][]);
   try {
@@ -75,14 +78,13 @@ export function headSweep(models: ModelPair, batch: PairBatch, margin: { base: A
             const v5 = tf.reshape(v, [count, B, batch.T, nH, -1]);
             return tf.reshape(tf.add(v5, tf.mul(tf.mul(sel, tf.sub(tf.expandDims(zSrc, 0), v5)), s.alpha)), v.shape);
           });
-        const g = stackedGains(models[dst], batch, l, nH, (_f, count) => stack(residPre(dstRun.cache, l), count), (first, count) => ({ [zNames[l]!]: edit(first, count) }), direction, margin, s.perToken);
+        const g = stackedGains(models[dst], batch, l, nH, (_f, count) => stack(residPre(dstCache, l), count), (first, count) => ({ [zNames[l]!]: edit(first, count) }), direction, margin, s.perToken);
         for (let i = 0; i < n; i++) out[i]!.push(g.map((perHead) => perHead[i]!));
       }
     } finally {
       mask4.dispose();
     }
   } finally {
-    dstRun.dispose();
     srcRun.dispose();
   }
   return out;

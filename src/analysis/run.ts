@@ -88,7 +88,7 @@ export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: Ru
     const random = runsControls(s) ? timed(times, "random_direction_control", () => sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s)) : null;
     const attribution = runsAttribution(s) ? timed(times, "attribution", () => attributionBatch(models, sc, plan, s)) : null;
     const first = plan.combos[0]?.direction ?? s.directions[0]!;
-    const heads = s.heads ? timed(times, "head_sweep", () => headSweep(models, sc.batch, sc.margin, sc.mask.patch, first, s)) : null;
+    const heads = s.heads ? timed(times, "head_sweep", () => headSweep(models, sweepInput(sc), first, s)) : null;
     const { distance, cosine } = timed(times, "distances", () => distancesOf(sc, L));
     const lens = timed(times, "logit_lens", () => logitLensBatch(models, sc, s));
     const sums = timed(times, "pair_sums", () => pairSums(sc, layoutOf(models, plan)));

@@ -10,7 +10,7 @@ import { forward, type LlamaModel } from "../model/llama.js";
 import { randomSubspace } from "../stats/pca.js";
 import { seededRandom } from "../stats/stats.js";
 import { gainOf, interpolate, subspace } from "./patches.js";
-import { headGroup, type ModelPair } from "./scoring.js";
+import { headGroup, pairMargins, type ModelPair } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
 /** One edit of resid_post at a layer: the new value from the base and tuned values there and the patch mask [B, T, 1]. */
@@ -157,15 +157,8 @@ export async function transferStage(models: ModelPair, pairs: Pair[], sub: Saved
   }
   const vectors = steeringVectors(sub.meanDiff, sub.components, 0, H, s.seed).filter((v) => !v.name.startsWith("top-"));
   for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
-  const margin = { marginBase: new Float64Array(pairs.length), marginTuned: new Float64Array(pairs.length) };
-  for (const [m, into] of [[models.base, margin.marginBase], [models.tuned, margin.marginTuned]] as const) {
-    for (let i = 0; i < pairs.length; i += s.batchPairs) {
-      const batch = makeBatch(pairs.slice(i, i + s.batchPairs));
-      const r = forward(m, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt });
-      into.set(marginsOf(responseLogprobs(r.logits!, batch, s.perToken)), i);
-      r.dispose();
-    }
-  }
+  const opts = { perToken: s.perToken, batchPairs: s.batchPairs };
+  const margin = { marginBase: pairMargins(models.base, pairs, opts), marginTuned: pairMargins(models.tuned, pairs, opts) };
   const idx = pairs.map((_, i) => i);
   const g = await layerEditGains(models, pairs, idx, sub.layer, edits, s, margin, onPairs);
   const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;

@@ -114,19 +114,9 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
       }, W / 2 - 20, H * 0.8),
     );
   }
-  const heads = a.heads.recovery.flatMap((row, layer) => row.map((v, head) => ({ layer, head, recovery: v })));
+  const heads = a.heads.recovery.flatMap((row, layer) => row.map((value, head) => ({ layer, col: head, value })));
   if (heads.length) {
-    out.push(
-      chart(`Per-head attribution (attn.hook_z, ${a.heads.direction}): estimated share of the mean gap`, heads, {
-        mark: "rect",
-        encoding: {
-          x: { field: "head", type: "ordinal" },
-          y: { field: "layer", type: "ordinal" },
-          color: { field: "recovery", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: "share" },
-          tooltip: [{ field: "layer" }, { field: "head" }, { field: "recovery", format: ".3f" }],
-        },
-      }, Math.min(W, 16 * (a.heads.mean[0]?.length ?? 1)), Math.min(H, 16 * a.heads.mean.length)),
-    );
+    out.push(gridChart(`Per-head attribution (attn.hook_z, ${a.heads.direction}): estimated share of the mean gap`, heads, "head", "share of gap", Math.min(W, 16 * (a.heads.mean[0]?.length ?? 1)), Math.min(H, 16 * a.heads.mean.length)));
   }
   const h = a.heatmap;
   if (h) {
@@ -136,31 +126,22 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
       return `${String(t).padStart(3, "0")} ${isPrompt ? "" : row === "chosen" ? "+" : "−"}${toks?.[t] ?? ""}`;
     };
     for (const row of ["chosen", "rejected"] as const) {
-      const cells = h[row].flatMap((vals, li) => vals.map((v, t) => ({ layer: h.layers[li], pos: label(row, t), value: v })));
-      out.push(
-        chart(`Attribution per token and layer (${h.key}), pair line ${r.pairs.find((p) => p.index === h.pair)?.line ?? h.pair} (gap ${h.gap.toFixed(2)}), ${row} row`, cells, {
-          mark: "rect",
-          encoding: {
-            x: { field: "pos", type: "ordinal", title: "position and token (+/− response)", sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
-            y: { field: "layer", type: "ordinal" },
-            color: { field: "value", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: "estimate" },
-            tooltip: [{ field: "pos" }, { field: "layer" }, { field: "value", format: ".4f" }],
-          },
-        }, Math.min(1100, Math.max(W, 9 * (h[row][0]?.length ?? 0))), Math.min(H, 18 * h.layers.length)),
-      );
+      const cells = h[row].flatMap((vals, li) => vals.map((value, t) => ({ layer: h.layers[li]!, col: label(row, t), value })));
+      const line = r.pairs.find((p) => p.index === h.pair)?.line ?? h.pair;
+      out.push(gridChart(`Attribution per token and layer (${h.key}), pair line ${line} (gap ${h.gap.toFixed(2)}), ${row} row`, cells, "position and token (+/− response)", "estimate", Math.min(1100, Math.max(W, 9 * (h[row][0]?.length ?? 0))), Math.min(H, 18 * h.layers.length)));
     }
   }
   return out;
 }
 
 /** A layer × column heatmap with a diverging scale centred on 0. */
-function gridChart(title: string, cells: Array<{ layer: number; col: string | number; value: number }>, colTitle: string, width: number, height: number): TopLevelSpec {
+function gridChart(title: string, cells: Array<{ layer: number; col: string | number; value: number }>, colTitle: string, valueTitle: string, width: number, height: number): TopLevelSpec {
   return chart(title, cells, {
     mark: "rect",
     encoding: {
       x: { field: "col", type: "ordinal", title: colTitle, sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
       y: { field: "layer", type: "ordinal" },
-      color: { field: "value", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: "share of gap" },
+      color: { field: "value", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: valueTitle },
       tooltip: [{ field: "col" }, { field: "layer" }, { field: "value", format: ".4f" }],
     },
   }, width, height);
@@ -171,13 +152,13 @@ function fineSpecs(r: Results): TopLevelSpec[] {
   const out: TopLevelSpec[] = [];
   if (r.heads) {
     const cells = r.heads.recovery.flatMap((row, layer) => row.map((value, head) => ({ layer, col: head, value })));
-    out.push(gridChart(`Exact per-head patching (attn.hook_z, ${r.heads.direction}): share of the mean gap`, cells, "head", Math.min(W, 16 * (r.heads.recovery[0]?.length ?? 1)), Math.min(H, 16 * r.heads.recovery.length)));
+    out.push(gridChart(`Exact per-head patching (attn.hook_z, ${r.heads.direction}): share of the mean gap`, cells, "head", "share of gap", Math.min(W, 16 * (r.heads.recovery[0]?.length ?? 1)), Math.min(H, 16 * r.heads.recovery.length)));
   }
   const p = r.position_map;
   if (p) {
     const cells = p.gains.flatMap((row, layer) => row.map((g, t) => ({ layer, col: `${String(t).padStart(3, "0")} ${p.tokens?.[t] ?? ""}`, value: g / p.gap })));
     const line = r.pairs.find((x) => x.index === p.pair)?.line ?? p.pair;
-    out.push(gridChart(`Exact per-position patching (resid_post, ${p.direction}), pair line ${line} (gap ${p.gap.toFixed(2)})`, cells, "position and token (chosen | rejected where they differ)", Math.min(1100, Math.max(W, 9 * (p.gains[0]?.length ?? 0))), Math.min(H, 18 * p.gains.length)));
+    out.push(gridChart(`Exact per-position patching (resid_post, ${p.direction}), pair line ${line} (gap ${p.gap.toFixed(2)})`, cells, "position and token (chosen | rejected where they differ)", "share of gap", Math.min(1100, Math.max(W, 9 * (p.gains[0]?.length ?? 0))), Math.min(H, 18 * p.gains.length)));
   }
   return out;
 }
