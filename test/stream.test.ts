@@ -76,7 +76,7 @@ describe("streamed = resident", () => {
   it("the whole analysis on the demo pair is the same with both models streamed two layers at a time, or with the head in chunks", async () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 4 });
-    const settings = { sites: ["resid_post" as const, "mlp_out" as const], bootstrap: 20, stabilityReps: 2 };
+    const settings = { sites: ["resid_post" as const], bootstrap: 20, stabilityReps: 2 };
     const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { memoryBudget: budget } : {});
     const budget = budgetFor(base, 2);
     const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
