@@ -7,7 +7,7 @@ export * as tf from "@tensorflow/tfjs-core";
 // Backends, models and loading
 export { initBackend, ensureBackend, explainBackendError, wasmHeapBytes, BACKENDS, BackendError, type BackendName } from "./model/backend.js";
 export { parseConfig, configToJson, ConfigError, type LlamaConfig, type RopeScaling } from "./model/config.js";
-export { disposeModel, forward, GROUPED_ATTENTION_MIN, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type WeightSource } from "./model/llama.js";
+export { disposeModel, forward, GROUPED_ATTENTION_MIN, headBlock, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type WeightSource } from "./model/llama.js";
 export { readValues } from "./model/read.js";
 export { namedWeights, weightRefs, withWeights, expectedTensors, weightBytes, type WeightRef } from "./model/weights.js";
 export { loadConfig } from "./io/config.js";
@@ -22,7 +22,7 @@ export { greedy } from "./model/generate.js";
 
 // Preference pairs and batches
 export type { Pair } from "./data/pairs.js";
-export { makeBatch, marginsOf, positionMask, responseLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
+export { makeBatch, marginsOf, positionMask, responseLogprobs, rowLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
 export { iterPairs, loadPairs, readPairs, readUsablePairs, splitHH, tokenizePairs, tokenizeTextPair, PairsError, type RawPair, type TokenizedPairs } from "./io/pairs.js";
 
 // The analysis: settings and results, the whole run, and each stage

@@ -10,7 +10,7 @@ import { loadPairs } from "../src/io/pairs.js";
 import { layerBytesOf, StreamedWeights } from "../src/io/stream.js";
 import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
-import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
+import { disposeModel, forward, headBlock, type LlamaModel } from "../src/model/llama.js";
 import { expectedTensors, weightRefs } from "../src/model/weights.js";
 import { runAnalysis } from "../src/analysis/run.js";
 import { arbCase, randomWeights, writeModelFolder } from "./random-model.js";
@@ -73,9 +73,52 @@ describe("streamed = resident", () => {
     );
   });
 
+  it("scored log-probs (forward's targets): the same bits for every head chunking and vocabulary block, and a float64 log-softmax of the logits", () => {
+    fc.assert(
+      fc.property(arbCase, fc.integer({ min: 2, max: 9 }), fc.integer({ min: 3, max: 200 }), ({ cfg, seed, dtype, shards, rows }, chunks, block) => {
+        const dir = writeModelFolder({ cfg, seed, dtype, shards }, randomWeights(cfg, seed));
+        const V = cfg.vocab;
+        const headBudget = backendCopies() * (4 * cfg.hidden + Math.ceil(V / chunks) * 4 * cfg.hidden + layerBytesOf(loadConfig(dir)) + 1);
+        const resident = loadModelSync(dir);
+        const chunked = loadModelSync(dir, { memoryBudget: headBudget });
+        const saved = headBlock.size;
+        try {
+          const T = Math.max(...rows.map((r) => r.length));
+          const ids = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
+          const at = rows.flatMap((r, b) => r.map((_, t): [number, number] => [b, t]));
+          const targets = at.map(([b, t]) => (ids[b]![t]! * 7 + t) % V);
+          const opts = { lengths: rows.map((r) => r.length), logitsAt: at, targets };
+          const whole = forward(resident, ids, opts).logprobs!;
+          // float64 oracle from the float32 logits: log p = x_t − (max + log Σ exp(x − max))
+          const lg = forward(resident, ids, { lengths: opts.lengths, logitsAt: at });
+          const x = lg.logits!.dataSync();
+          lg.dispose();
+          targets.forEach((t, i) => {
+            const row = Array.from(x.subarray(i * V, (i + 1) * V));
+            const m = Math.max(...row);
+            const want = row[t]! - (m + Math.log(row.reduce((acc, v) => acc + Math.exp(v - m), 0)));
+            expect(Math.abs(whole[i]! - want)).toBeLessThan(1e-5 * Math.max(1, Math.abs(want)));
+          });
+          headBlock.size = block; // blocks that straddle chunks, and a ragged last block
+          const a = forward(resident, ids, opts).logprobs!;
+          const b = forward(chunked, ids, opts).logprobs!;
+          expect(chunked.source?.headChunks ?? 1).toBeGreaterThan(1);
+          expect(Array.from(b)).toEqual(Array.from(a));
+          a.forEach((v, i) => expect(Math.abs(v - whole[i]!)).toBeLessThan(1e-5 * Math.max(1, Math.abs(v))));
+        } finally {
+          headBlock.size = saved;
+          disposeModel(resident);
+          disposeModel(chunked);
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+      }),
+      { numRuns: 12, seed: 20261125 },
+    );
+  });
+
   it("the whole analysis on the demo pair is the same with both models streamed two layers at a time, or with the head in chunks", async () => {
     const base = "fixtures/models/stories260k";
-    const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 4 });
+    const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 3 });
     const settings = { sites: ["resid_post" as const], bootstrap: 20, stabilityReps: 2 };
     const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { memoryBudget: budget } : {});
     const budget = budgetFor(base, 2);

@@ -2,7 +2,7 @@
 // a time. Each copy of the batch patches one head (or one position), and the copies run stacked through the
 // layers above and the head, a few at a time (headGroup), resumed from the patched model's cached resid_pre.
 import * as tf from "@tensorflow/tfjs-core";
-import { makeBatch, marginsOf, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import type { Pair } from "../data/pairs.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
@@ -32,13 +32,13 @@ function stackedGains(
 ): number[][] {
   const n = batch.ids.length / 2;
   const out: number[][] = [];
-  const G = headGroup(batch.logitsAt.length, model.config.vocabSize);
+  const G = headGroup(batch.logitsAt.length, model);
   for (let first = 0; first < copies; first += G) {
     const count = Math.min(G, copies - first);
     const rows = repeatBatch(batch, count);
     const resid = start(first, count);
-    const r = forward(model, rows.ids, { lengths: rows.lengths, logitsAt: rows.logitsAt, start: { layer, resid }, hooks: hooks(first, count) });
-    const m = marginsOf(responseLogprobs(r.logits!, rows, perToken));
+    const r = forward(model, rows.ids, { lengths: rows.lengths, logitsAt: rows.logitsAt, targets: rows.targets, start: { layer, resid }, hooks: hooks(first, count) });
+    const m = marginsOf(rowLogprobs(r.logprobs!, rows, perToken));
     r.dispose();
     resid.dispose();
     for (let k = 0; k < count; k++) out.push(Array.from({ length: n }, (_, i) => gainOf(direction, m[k * n + i]!, margin.base[i]!, margin.tuned[i]!)));
@@ -100,9 +100,9 @@ export function positionSweep(models: ModelPair, pair: Pair, direction: Directio
   const { dst, src } = roles(direction);
   const batch = makeBatch([pair]);
   const names = ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))];
-  const opts = { lengths: batch.lengths, logitsAt: batch.logitsAt, cache: names };
+  const opts = { lengths: batch.lengths, logitsAt: batch.logitsAt, targets: batch.targets, cache: names };
   const runs = { base: forward(models.base, batch.ids, opts), tuned: forward(models.tuned, batch.ids, opts) };
-  const score = (m: "base" | "tuned") => marginsOf(responseLogprobs(runs[m].logits!, batch, s.perToken))[0]!;
+  const score = (m: "base" | "tuned") => marginsOf(rowLogprobs(runs[m].logprobs!, batch, s.perToken))[0]!;
   const margin = { base: [score("base")], tuned: [score("tuned")] };
   const T = batch.T;
   const valid = tf.tensor3d(batch.ids.flatMap((_, r) => Array.from({ length: T }, (_, t) => (t < batch.lengths[r]! ? 1 : 0))), [2, T, 1]);

@@ -4,7 +4,7 @@ import type { LlamaModel } from "../model/llama.js";
 import { hookName } from "../model/hooks.js";
 import { forward } from "../model/llama.js";
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, repeatBatch, responseLogprobs } from "../data/batch.js";
+import { marginsOf, repeatBatch, rowLogprobs } from "../data/batch.js";
 import { headGroup, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
@@ -15,16 +15,16 @@ import type { RunSettings } from "./settings.js";
 export function logitLensBatch(models: { base: LlamaModel; tuned: LlamaModel }, sc: ScoredBatch, s: RunSettings): { base: Float64Array[]; tuned: Float64Array[] } {
   const L = models.base.config.numLayers;
   const P = sc.pairs.length;
-  const G = headGroup(sc.batch.logitsAt.length, models.base.config.vocabSize);
   const read = (name: "base" | "tuned") => {
+    const G = headGroup(sc.batch.logitsAt.length, models[name]);
     const out: Float64Array[] = [];
     for (let d0 = 0; d0 <= L; d0 += G) {
       const depths = Array.from({ length: Math.min(G, L + 1 - d0) }, (_, i) => d0 + i);
       const stacked = repeatBatch(sc.batch, depths.length);
       const resid = tf.concat(depths.map((depth) => sc.runs[name].cache.get(depth === 0 ? "hook_embed" : hookName("resid_post", depth - 1))));
-      const r = forward(models[name], stacked.ids, { lengths: stacked.lengths, start: { layer: L, resid }, logitsAt: stacked.logitsAt });
+      const r = forward(models[name], stacked.ids, { lengths: stacked.lengths, start: { layer: L, resid }, logitsAt: stacked.logitsAt, targets: stacked.targets });
       resid.dispose();
-      const m = marginsOf(responseLogprobs(r.logits!, stacked, s.perToken));
+      const m = marginsOf(rowLogprobs(r.logprobs!, stacked, s.perToken));
       r.dispose();
       depths.forEach((_, i) => out.push(m.slice(i * P, (i + 1) * P)));
     }

@@ -3,9 +3,9 @@
 // the gain is read; runPatched resumes the patched model from cached activations.
 import * as tf from "@tensorflow/tfjs-core";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, type LlamaModel } from "../model/llama.js";
+import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
-import { marginsOf, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { marginsOf, rowLogprobs, type PairBatch } from "../data/batch.js";
 import type { Direction, Site } from "./settings.js";
 
 /**
@@ -79,15 +79,16 @@ export function sitesNeeded(site: Site, layer: number): HookName[] {
  * that layer. Returns logits at the batch's response positions (caller disposes).
  */
 export function runPatched(dst: LlamaModel, batch: PairBatch, site: Site, layer: number, value: tf.Tensor, dstCache?: ActivationCache): tf.Tensor {
-  const common = { lengths: batch.lengths, logitsAt: batch.logitsAt };
-  let r;
-  if (site === "resid_post") r = forward(dst, batch.ids, { ...common, start: { layer: layer + 1, resid: value } });
-  else if (site === "resid_pre") r = forward(dst, batch.ids, { ...common, start: { layer, resid: value } });
-  else {
-    if (!dstCache) throw new Error(`runPatched: patching ${site} resumes from resid_pre, which needs the patched model's cache`);
-    r = forward(dst, batch.ids, { ...common, start: { layer, resid: dstCache.get(hookName("resid_pre", layer)) }, hooks: { [hookName(site, layer)]: () => value } });
-  }
-  return r.logits!;
+  return patchedForward(dst, batch, site, layer, value, dstCache, false).logits!;
+}
+
+/** runPatched's forward; with `scored` it returns log p(response token) (`logprobs`) instead of logits. */
+function patchedForward(dst: LlamaModel, batch: PairBatch, site: Site, layer: number, value: tf.Tensor, dstCache: ActivationCache | undefined, scored: boolean): ForwardResult {
+  const common = { lengths: batch.lengths, logitsAt: batch.logitsAt, ...(scored ? { targets: batch.targets } : {}) };
+  if (site === "resid_post") return forward(dst, batch.ids, { ...common, start: { layer: layer + 1, resid: value } });
+  if (site === "resid_pre") return forward(dst, batch.ids, { ...common, start: { layer, resid: value } });
+  if (!dstCache) throw new Error(`runPatched: patching ${site} resumes from resid_pre, which needs the patched model's cache`);
+  return forward(dst, batch.ids, { ...common, start: { layer, resid: dstCache.get(hookName("resid_pre", layer)) }, hooks: { [hookName(site, layer)]: () => value } });
 }
 
 /** Margins of `dst` with `patch` applied at (site, layer) over `mask`; h.dst/h.src are that site's activations. */
@@ -101,8 +102,9 @@ export function patchedMargins(
   perToken: boolean,
 ): Float64Array {
   const value = patch(h.dst, h.src, mask);
-  const logits = runPatched(dst, batch, at.site, at.layer, value, h.dstCache);
-  const m = marginsOf(responseLogprobs(logits, batch, perToken));
-  tf.dispose([logits, value]);
-  return m;
+  try {
+    return marginsOf(rowLogprobs(patchedForward(dst, batch, at.site, at.layer, value, h.dstCache, true).logprobs!, batch, perToken));
+  } finally {
+    value.dispose();
+  }
 }

@@ -2,9 +2,9 @@
 // with the activations later stages of the same batch read. One ScoredBatch owns those tensors.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, positionMask, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import { forward, headBlock, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
 import { sitesNeeded, windowLayers } from "./patches.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
@@ -73,11 +73,9 @@ export function checkCompatible(base: LlamaModel, tuned: LlamaModel): void {
 /** Runs both models on `pairs` with the plan's caches; the caller disposes the result. */
 export function scoreBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings): ScoredBatch {
   const batch = makeBatch(pairs);
-  const run = (m: LlamaModel) => forward(m, batch.ids, { lengths: batch.lengths, cache: plan.cacheSites, logitsAt: batch.logitsAt });
+  const run = (m: LlamaModel) => forward(m, batch.ids, { lengths: batch.lengths, cache: plan.cacheSites, logitsAt: batch.logitsAt, targets: batch.targets });
   const runs = { base: run(models.base), tuned: run(models.tuned) };
-  const logp = { base: responseLogprobs(runs.base.logits!, batch, s.perToken), tuned: responseLogprobs(runs.tuned.logits!, batch, s.perToken) };
-  runs.base.logits!.dispose(); // [N, vocab]: large, and not needed past this point
-  runs.tuned.logits!.dispose();
+  const logp = { base: rowLogprobs(runs.base.logprobs!, batch, s.perToken), tuned: rowLogprobs(runs.tuned.logprobs!, batch, s.perToken) };
   const response = positionMask(batch, "response");
   const all = positionMask(batch, "all");
   return {
@@ -144,8 +142,8 @@ export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: Fo
   const size = opts.batchPairs ?? 4;
   for (let i = 0; i < pairs.length; i += size) {
     const batch = makeBatch(pairs.slice(i, i + size));
-    const r = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, hooks: opts.hooks });
-    out.set(marginsOf(responseLogprobs(r.logits!, batch, opts.perToken ?? false)), i);
+    const r = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, targets: batch.targets, hooks: opts.hooks });
+    out.set(marginsOf(rowLogprobs(r.logprobs!, batch, opts.perToken ?? false)), i);
     r.dispose();
   }
   return out;
@@ -167,5 +165,15 @@ export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number
 /** Logit entries one head pass may produce: 64 MiB of float32 (the log-softmax and gather make about 3x that). */
 export const limits = { headElements: 2 ** 24 };
 
-/** How many stacked copies of a batch with `scored` response positions one head pass may take (at least 1). */
-export const headGroup = (scored: number, vocab: number): number => Math.max(1, Math.floor(limits.headElements / Math.max(1, scored * vocab)));
+/**
+ * Logit columns a head pass holds at once per scored position: the whole vocabulary when the head is resident,
+ * one streamed chunk plus the block being reduced when it comes in chunks (see forward's `targets`).
+ */
+export function headWidth(model: LlamaModel): number {
+  const V = model.config.vocabSize;
+  const chunks = model.source?.headChunks;
+  return chunks ? Math.min(V, Math.ceil(V / chunks) + headBlock.size) : V;
+}
+
+/** How many stacked copies of a batch with `scored` response positions one head pass of `model` may take (at least 1). */
+export const headGroup = (scored: number, model: LlamaModel): number => Math.max(1, Math.floor(limits.headElements / Math.max(1, scored * headWidth(model))));

@@ -4,7 +4,7 @@
 // saved subspace to other pairs or another model pair of the same width.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
 import { randomSubspace } from "../stats/pca.js";
@@ -102,15 +102,15 @@ export async function layerEditGains(
     const hb = upTo(models.base, batch);
     const ht = upTo(models.tuned, batch);
     const mask = positionMask(batch, s.positions);
-    const G = Math.min(EDIT_STACK, headGroup(batch.logitsAt.length, models.base.config.vocabSize));
+    const G = Math.min(EDIT_STACK, headGroup(batch.logitsAt.length, models.base));
     for (let g = 0; g < edits.length; g += G) {
       const group = edits.slice(g, g + G);
       const values = group.map((e) => e.apply(hb, ht, mask));
       const stacked = tf.concat(values);
       tf.dispose(values);
       const rows = repeatBatch(batch, group.length);
-      const run = forward(models.base, rows.ids, { lengths: rows.lengths, start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt });
-      const m = marginsOf(responseLogprobs(run.logits!, rows, s.perToken));
+      const run = forward(models.base, rows.ids, { lengths: rows.lengths, start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt, targets: rows.targets });
+      const m = marginsOf(rowLogprobs(run.logprobs!, rows, s.perToken));
       run.dispose();
       stacked.dispose();
       group.forEach((_, r) => js.forEach((j, b) => out[g + r]!.push(gainOf("tuned->base", m[r * js.length + b]!, margins.marginBase[j]!, margins.marginTuned[j]!))));

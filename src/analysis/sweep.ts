@@ -1,7 +1,7 @@
 // Stage 2, the patch sweep: for every (direction, site, layer) of the plan, run the patched model on a batch
 // and read each pair's gain. The real patch and every control go through this one loop.
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, repeatBatch, responseLogprobs, type PairBatch } from "../data/batch.js";
+import { marginsOf, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { forward, type Hook } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
@@ -60,8 +60,8 @@ export function sweepWindows(models: ModelPair, input: SweepInput, combos: Combo
       hooks[site] = (v) => patch(v, hSrc, input.patchMask);
     }
     const { batch } = input;
-    const r = forward(models[dst], batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, start: { layer: c.layer, resid: dstCache.get(hookName("resid_pre", c.layer)) }, hooks });
-    const m = marginsOf(responseLogprobs(r.logits!, batch, s.perToken));
+    const r = forward(models[dst], batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, targets: batch.targets, start: { layer: c.layer, resid: dstCache.get(hookName("resid_pre", c.layer)) }, hooks });
+    const m = marginsOf(rowLogprobs(r.logprobs!, batch, s.perToken));
     r.dispose();
     return Array.from(m, (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
   });
@@ -151,14 +151,14 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
       // the head, for as many runs at a time as its logits allow
       const P = input.batch.pairs.length;
       const R = input.batch.ids.length;
-      const G = headGroup(input.batch.logitsAt.length, model.config.vocabSize);
+      const G = headGroup(input.batch.logitsAt.length, model);
       for (let g = 0; g < running.length; g += G) {
         const group = running.slice(g, g + G);
         const rows = repeatBatch(input.batch, group.length);
         const resid = tf.slice(stacked!, [g * R, 0, 0], [group.length * R, -1, -1]);
-        const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: L, resid }, logitsAt: rows.logitsAt });
+        const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: L, resid }, logitsAt: rows.logitsAt, targets: rows.targets });
         resid.dispose();
-        const m = marginsOf(responseLogprobs(r.logits!, rows, s.perToken));
+        const m = marginsOf(rowLogprobs(r.logprobs!, rows, s.perToken));
         r.dispose();
         group.forEach((st, k) => {
           const c = combos[st.ci]!;

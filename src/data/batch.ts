@@ -61,7 +61,11 @@ export function tokenLogprobs(logits: tf.Tensor, batch: PairBatch): tf.Tensor1D 
 
 /** Per-row response log-probability (sum, or mean with perToken) from logits [N, V] at batch.logitsAt. */
 export function responseLogprobs(logits: tf.Tensor, batch: PairBatch, perToken: boolean): Float64Array {
-  const lp = readValues(() => tokenLogprobs(logits, batch));
+  return rowLogprobs(readValues(() => tokenLogprobs(logits, batch)), batch, perToken);
+}
+
+/** Per-row response log-probability (sum, or mean with perToken) from log p(target) at each of batch.logitsAt (forward's `logprobs`). */
+export function rowLogprobs(lp: ArrayLike<number>, batch: PairBatch, perToken: boolean): Float64Array {
   const rows = batch.ids.length;
   const sum = new Float64Array(rows);
   const count = new Float64Array(rows);

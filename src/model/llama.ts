@@ -89,6 +89,11 @@ export interface ForwardOptions {
   /** Which logits: "all" → [B, T, V] (default), "none", or [batch, position] pairs → [N, V]. */
   logitsAt?: "all" | "none" | Array<[number, number]>;
   /**
+   * With logitsAt as positions: the token to score at each. The result then holds `logprobs` (log p(target),
+   * float64) instead of logits, computed one vocabulary block at a time so no [N, V] tensor is ever made.
+   */
+  targets?: number[];
+  /**
    * How attention multiplies: "grouped" (one 2-D matmul per row and kv head, fast on wasm at long T),
    * "batched", or "auto" (default: grouped once a group's score matrix has GROUPED_ATTENTION_MIN entries).
    */
@@ -101,6 +106,8 @@ export const GROUPED_ATTENTION_MIN = 16384;
 /** Logits (null when not asked for or stopped early) and the cached sites; the caller owns both. */
 export interface ForwardResult {
   logits: tf.Tensor | null;
+  /** log p(target) at each logitsAt position, when `targets` was given (else null). */
+  logprobs: Float64Array | null;
   cache: ActivationCache;
   /** Frees the logits and every cached tensor. */
   dispose(): void;
@@ -196,14 +203,81 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
   return ctx.site(`blocks.${l}.hook_resid_post`, tf.add(mid, mlpOut));
 }
 
-/** Final norm and unembedding, at all positions ([B, T, V]) or at chosen ones ([N, V]). */
-function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>): tf.Tensor {
+/** Final norm and unembedding, at all positions ([B, T, V]) or at chosen ones ([N, V]); `unembedded` false stops at the normed rows. */
+function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>, unembedded = true): tf.Tensor {
   const [B, T, H] = resid.shape as [number, number, number];
   const normed = ctx.site("ln_final.hook_normalized", rmsNorm(resid, model.finalNorm, ctx.cfg.rmsNormEps));
   if (at === "all") return unembed(model, normed);
   for (const [b, t] of at) if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
   const rows = tf.gather(tf.reshape(normed, [B * T, H]), tf.tensor1d(at.map(([b, t]) => b * T + t), "int32"));
-  return unembed(model, rows);
+  return unembedded ? unembed(model, rows) : rows;
+}
+
+/**
+ * Vocabulary block of the scored log-softmax (`targets`): each block's log-sum-exp is taken in float32 on the
+ * backend and the blocks are combined in float64. Fixed (tests lower it), so how a streamed head is chunked
+ * cannot change a bit.
+ */
+export const headBlock = { size: 8192 };
+
+/** The head's logits [N, vocab slice] piece by piece: the whole head when resident, else each streamed chunk. */
+function headPieces(model: LlamaModel, x: tf.Tensor2D): Array<() => tf.Tensor2D> {
+  const src = model.source;
+  if (!src?.headChunks) return [() => linear(x, model.lmHead) as tf.Tensor2D];
+  return Array.from({ length: src.headChunks }, (_, c) => () => linear(x, src.headChunk!(c)) as tf.Tensor2D);
+}
+
+/** log p(targets[i]) under the head at each row of x [N, H] (final-normed), one vocabulary block (headBlock) at a time. */
+function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): Float64Array {
+  const N = x.shape[0];
+  if (targets.length !== N) throw new RangeError(`targets has ${targets.length} entries for ${N} logit positions`);
+  const V = model.config.vocabSize;
+  for (const t of targets) if (!(Number.isInteger(t) && t >= 0 && t < V)) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
+  const lse: Float32Array[] = []; // per block: log Σ exp(logits) over the block, per row
+  const picked = new Float64Array(N);
+  let held: tf.Tensor2D | null = null; // logits of vocabulary [from, from + width) not yet reduced
+  let from = 0;
+  const reduce = (block: tf.Tensor2D, a: number) => {
+    const w = block.shape[1];
+    const hits = targets.flatMap((t, i) => (t >= a && t < a + w ? [i] : []));
+    const [l, p] = tf.tidy(() => [tf.logSumExp(block, 1), hits.length ? tf.gather(tf.reshape(block, [-1]), tf.tensor1d(hits.map((i) => i * w + targets[i]! - a), "int32")) : tf.zeros([0])]);
+    lse.push(l!.dataSync() as Float32Array);
+    const pv = p!.dataSync();
+    hits.forEach((i, k) => (picked[i] = pv[k]!));
+    tf.dispose([l!, p!]);
+  };
+  try {
+    for (const piece of headPieces(model, x)) {
+      const next = tf.tidy(piece);
+      const cur: tf.Tensor2D = held ? tf.concat([held, next], 1) : next;
+      if (held) tf.dispose([held, next]);
+      held = cur;
+      const width = cur.shape[1];
+      const last = from + width === V;
+      let off = 0;
+      while (width - off >= headBlock.size || (last && off < width)) {
+        const w = Math.min(headBlock.size, width - off);
+        const block = off === 0 && w === width ? cur : tf.slice(cur, [0, off], [N, w]);
+        reduce(block, from + off);
+        if (block !== cur) block.dispose();
+        off += w;
+      }
+      if (off > 0) {
+        held = off < width ? tf.slice(cur, [0, off], [N, width - off]) : null;
+        cur.dispose();
+        from += off;
+      }
+    }
+  } finally {
+    (held as tf.Tensor2D | null)?.dispose();
+  }
+  return Float64Array.from(picked, (v, i) => {
+    let m = -Infinity;
+    for (const b of lse) m = Math.max(m, b[i]!);
+    let sum = 0;
+    for (const b of lse) sum += Math.exp(b[i]! - m);
+    return v - (m + Math.log(sum));
+  });
 }
 
 /** x · lmHead, with a streamed head one vocabulary chunk at a time. */
@@ -283,14 +357,25 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
       prev.dispose();
     }
     const at = opts.logitsAt ?? "all";
-    const logits = last === cfg.numLayers - 1 && at !== "none" ? tf.tidy(() => head(model, resid, ctx, at)) : null;
+    if (opts.targets && !Array.isArray(at)) throw new RangeError("targets need logitsAt positions");
+    const headRun = last === cfg.numLayers - 1 && at !== "none";
+    let logits: tf.Tensor | null = null;
+    let logprobs: Float64Array | null = null;
+    if (headRun && opts.targets) {
+      const rows = tf.tidy(() => head(model, resid, ctx, at, false)) as tf.Tensor2D;
+      try {
+        logprobs = targetLogprobs(model, rows, opts.targets);
+      } finally {
+        rows.dispose();
+      }
+    } else if (headRun) logits = tf.tidy(() => head(model, resid, ctx, at));
     resid.dispose();
     const fault = takeBackendFault();
     if (fault) {
       logits?.dispose();
       throw new Error(`the backend failed during a forward pass, so its numbers cannot be trusted (${fault}); on wasm this is its 4 GiB heap running out: lower --memory-budget or --batch`);
     }
-    return { logits, cache: cached, dispose: () => (logits?.dispose(), cached.dispose()) };
+    return { logits, logprobs, cache: cached, dispose: () => (logits?.dispose(), cached.dispose()) };
   } catch (e) {
     cached.dispose();
     throw e;
