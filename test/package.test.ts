@@ -27,11 +27,19 @@ const results: Results = await runAnalysis(base, tuned, pairs, { seed: 1, sites:
 console.log(\`pairs \${results.n_pairs} entries \${results.patching.length} last \${results.patching.at(-1)!.recovery.toFixed(3)}\`);
 `;
 
+/** A fresh project with prefprobe installed from the repo's path (made once, for the first two tests). */
+let project: string | undefined;
+function userProject(): string {
+  if (project) return project;
+  const dir = tmpDir();
+  fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
+  execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], { cwd: dir, stdio: "pipe" });
+  return (project = dir);
+}
+
 describe("prefprobe as a library", () => {
   it("installs from a path into a fresh project, type-checks under --strict and runs", () => {
-    const dir = tmpDir();
-    fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
-    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], { cwd: dir, stdio: "pipe" });
+    const dir = userProject();
     fs.writeFileSync(path.join(dir, "main.ts"), USER_CODE(repo));
     fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
     const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });
@@ -45,12 +53,10 @@ describe("prefprobe as a library", () => {
   });
 
   it("a type error in user code is reported (the check above is not vacuous)", () => {
-    const dir = tmpDir();
-    fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
-    execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], { cwd: dir, stdio: "pipe" });
-    fs.writeFileSync(path.join(dir, "main.ts"), `import { hookName } from "prefprobe";\nconst n: number = hookName("mlp_out", 1);\nconsole.log(n);\n`);
-    fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
-    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });
+    const dir = userProject();
+    fs.writeFileSync(path.join(dir, "bad.ts"), `import { hookName } from "prefprobe";\nconst n: number = hookName("mlp_out", 1);\nconsole.log(n);\n`);
+    fs.writeFileSync(path.join(dir, "tsconfig.bad.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022", noEmit: true }, files: ["bad.ts"] }));
+    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.bad.json"], { cwd: dir, encoding: "utf8" });
     expect(tsc.status).not.toBe(0);
     expect(tsc.stdout).toMatch(/not assignable to type 'number'/);
   });
