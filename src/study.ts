@@ -4,11 +4,11 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
-import { analyseInWorkers, defaultWorkers } from "./parallel.js";
+import { ablateInWorkers, analyseInWorkers, defaultWorkers } from "./parallel.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
-import { addTimes, resolveSettings, runsAttribution, SettingsError, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
+import { addTimes, resolveSettings, runsAttribution, runsControls, SettingsError, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
 import { transferStage, type TransferResult } from "./analysis/steering.js";
 import { enableGradients } from "./model/gradients.js";
 import { initBackend } from "./model/backend.js";
@@ -36,7 +36,7 @@ export interface StudyInputs {
   force?: boolean; // replace a run already in `out`
   shard?: { index: number; count: number }; // run only this part of the batches (phase 1); merge later
   memoryBudget?: number; // float32 weight bytes both models may keep on the backend (default: weightBudget)
-  workers?: number; // worker threads for scoring (default: defaultWorkers); the numbers do not depend on it
+  workers?: number; // worker threads for scoring and the mean-ablation control (default: defaultWorkers); the numbers do not depend on it
 }
 
 /** Progress of a study: the analysis callbacks plus one-line notes (backend, pair counts, warnings). */
@@ -224,15 +224,17 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     let doneBatches = 0;
     for (let k = 0; k < done.length; doneBatches++) k += l.manifest.batches[doneBatches]![1] - l.manifest.batches[doneBatches]![0];
     let fresh: PairState[];
+    // worker threads, each with its own backend; streamed models lend them their stored bytes
+    const threads = inputs.workers ?? defaultWorkers(backend);
+    const stored = { base: (l.base.source as StreamedWeights | undefined)?.stored, tuned: (l.tuned.source as StreamedWeights | undefined)?.stored };
+    const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
     try {
       const onPairs = (st: PairState[]) => (log.append(st), events.onPairs?.(st));
       const onTimes = (t: StageTimes) => (addTimes(stages, t), events.onTimes?.(t));
       const todo = l.manifest.batches.slice(doneBatches);
-      const workers = Math.min(inputs.workers ?? defaultWorkers(backend), todo.length);
+      const workers = Math.min(threads, todo.length);
       if (workers > 1) {
         info(`scoring on ${workers} worker threads`);
-        const stored = { base: (l.base.source as StreamedWeights | undefined)?.stored, tuned: (l.tuned.source as StreamedWeights | undefined)?.stored };
-        const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
         fresh = await analyseInWorkers(init, todo, workers, { ...events, onPairs, onTimes }, done.length);
       } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs, onTimes }, { batches: todo, done: done.length });
     } finally {
@@ -242,7 +244,10 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     const states = [...done, ...fresh];
     const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
     if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
-    const results = labelHeatmap(await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches), l.tok);
+    const ablateOn = Math.min(threads, l.manifest.batches.length);
+    if (ablateOn > 1 && runsControls(l.settings)) info(`mean-ablation control on ${ablateOn} worker threads`);
+    const runners = ablateOn > 1 ? { ablate: ablateInWorkers(init, ablateOn, events.onProgress) } : {};
+    const results = labelHeatmap(await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches, runners), l.tok);
     results.timings_ms = { loading: loadMs, scoring_and_patching: scoringMs, ...stages, ...results.timings_ms };
     const words = findings(results);
     await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);

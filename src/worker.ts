@@ -1,7 +1,10 @@
 // A worker thread of a parallel run: its own tfjs backend (on wasm its own 4 GiB heap) and its own copy of both
-// models; it scores the batches the main thread sends and returns each pair's state (parallel.ts drives it).
+// models; it scores the batches the main thread sends and returns each pair's state, or runs the mean-ablation
+// control on a batch (parallel.ts drives it).
 import { parentPort, workerData } from "node:worker_threads";
 import { analyseBatch } from "./analysis/run.js";
+import { meanAblationBatch } from "./analysis/controls.js";
+import type { WorkerReply, WorkerTask } from "./parallel.js";
 import { makePlan } from "./analysis/scoring.js";
 import { runsAttribution, type RunSettings, type StageTimes } from "./analysis/settings.js";
 import { enableGradients } from "./model/gradients.js";
@@ -31,7 +34,7 @@ try {
   const load = (dir: string, stored?: Map<string, RawTensor>) => loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
   const models = { base: load(init.base, init.stored?.base), tuned: load(init.tuned, init.stored?.tuned) };
   const plan = makePlan(init.settings, models.base.config.numLayers);
-  port.on("message", (m: { type: "batch"; id: number; start: number; end: number } | { type: "close" }) => {
+  port.on("message", (m: { type: "task"; id: number; task: WorkerTask } | { type: "close" }) => {
     if (m.type === "close") {
       disposeModel(models.base);
       disposeModel(models.tuned);
@@ -39,9 +42,17 @@ try {
       return;
     }
     try {
+      const t = m.task;
+      const pairs = init.pairs.slice(t.start, t.end);
+      if (t.type === "ablate") {
+        const reply: WorkerReply = { type: "ablate", gains: meanAblationBatch(models, pairs, plan, t.means, t.margin, init.settings) };
+        port.postMessage({ type: "done", id: m.id, reply });
+        return;
+      }
       const times: StageTimes = {};
-      const states = analyseBatch(models, init.pairs.slice(m.start, m.end), plan, init.settings, times);
-      port.postMessage({ type: "done", id: m.id, states, times }, states.map((s) => s.sums.buffer as ArrayBuffer));
+      const states = analyseBatch(models, pairs, plan, init.settings, times);
+      const reply: WorkerReply = { type: "batch", states, times };
+      port.postMessage({ type: "done", id: m.id, reply }, states.map((s) => s.sums.buffer as ArrayBuffer));
     } catch (e) {
       port.postMessage({ type: "error", id: m.id, message: (explainBackendError(e) as Error).message });
     }

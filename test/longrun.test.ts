@@ -37,6 +37,7 @@ describe("worker threads on streamed models", () => {
     expect(r.code, r.err).toBe(0);
     expect(r.err).toMatch(/stories260k: streamed/);
     expect(r.err).toMatch(/scoring on 2 worker threads/);
+    expect(r.err).toMatch(/mean-ablation control on 2 worker threads/);
     expect(fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin")))).toBe(true);
     expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
     expect(results(out)).toEqual(results(reference));

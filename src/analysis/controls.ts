@@ -42,9 +42,48 @@ export const randomDirectionPatch =
     return out;
   };
 
+/** Each mean-ablated site's dataset mean in the source model over every valid position of every pair, keyed "model site". */
+export function ablationMeans(plan: Plan, states: PairState[], layout: SumsLayout): Record<string, Float32Array> {
+  const positions = states.reduce((a, st) => a + positionsOf(st).all, 0);
+  const out: Record<string, Float32Array> = {};
+  for (const src of new Set(plan.combos.map((c) => roles(c.direction).src))) {
+    layout.sites.forEach((site, si) => (out[`${src} ${site}`] = Float32Array.from(meanOver(states, layout.siteSum(src, si), layout.H, positions))));
+  }
+  return out;
+}
+
 /**
- * Mean-ablation gains [combo][pair]: the patched model's site replaced (α-mixed) by the source model's dataset
- * mean over every valid position of every pair. Re-runs the patched model per batch for its caches.
+ * Mean-ablation gains [combo][pair] of one batch of pairs: each combo's site replaced (α-mixed) by the source
+ * model's dataset mean (`means`, from ablationMeans); `margin` holds the batch's unpatched margins.
+ */
+export function meanAblationBatch(models: ModelPair, pairs: Pair[], plan: Plan, means: Record<string, Float32Array>, margin: { base: number[]; tuned: number[] }, s: RunSettings): number[][] {
+  const batch = makeBatch(pairs);
+  const patchMask = positionMask(batch, s.positions);
+  const tensors = new Map<string, tf.Tensor1D>();
+  const meanOf = (c: Combo) => {
+    const key = `${roles(c.direction).src} ${hookName(c.site, c.layer)}`;
+    if (!means[key]) throw new Error(`mean ablation: no dataset mean for ${key}`);
+    if (!tensors.has(key)) tensors.set(key, tf.tensor1d(means[key]));
+    return tensors.get(key)!;
+  };
+  const cacheOf = (m: "base" | "tuned") =>
+    plan.combos.some((c) => roles(c.direction).dst === m) ? forward(models[m], batch.ids, { lengths: batch.lengths, cache: plan.patchSites, logitsAt: "none" }).cache : undefined;
+  const caches = { base: cacheOf("base"), tuned: cacheOf("tuned") };
+  try {
+    return sweepBatch(models, { batch, caches, margin, patchMask }, plan.combos, (c) => meanAblation(s.alpha, meanOf(c)), s);
+  } finally {
+    caches.base?.dispose();
+    caches.tuned?.dispose();
+    tf.dispose([patchMask, ...tensors.values()]);
+  }
+}
+
+/** Runs meanAblationBatch on pair batches elsewhere (worker threads): each batch's gains, in batch order. */
+export type AblationRunner = (batches: Array<[number, number]>, means: Record<string, Float32Array>, margins: Array<{ base: number[]; tuned: number[] }>) => Promise<number[][][]>;
+
+/**
+ * Mean-ablation gains [combo][pair] over all pairs, batch by batch (in this thread, or through `runner`); the
+ * numbers are the same either way. Re-runs the patched model per batch for its caches.
  */
 export async function meanAblationStage(
   models: ModelPair,
@@ -55,37 +94,23 @@ export async function meanAblationStage(
   layout: SumsLayout,
   s: RunSettings,
   cb: RunCallbacks,
+  runner?: AblationRunner,
 ): Promise<Float64Array[]> {
   const n = pairs.length;
   const out = plan.combos.map(() => new Float64Array(n));
-  const positions = states.reduce((a, st) => a + positionsOf(st).all, 0);
-  // the source model's mean at each site a patch touches (every layer of a window), by "model site"
-  const means = new Map<string, tf.Tensor1D>();
-  const meanOf = (c: Combo) => {
-    const src = roles(c.direction).src;
-    const key = `${src} ${hookName(c.site, c.layer)}`;
-    if (!means.has(key)) means.set(key, tf.tensor1d(Float32Array.from(meanOver(states, layout.siteSum(src, layout.sites.indexOf(hookName(c.site, c.layer))), layout.H, positions))));
-    return means.get(key)!;
-  };
+  const means = ablationMeans(plan, states, layout);
+  const margins = batches.map(([start, end]) => ({ base: states.slice(start, end).map((st) => st.record.margin.base), tuned: states.slice(start, end).map((st) => st.record.margin.tuned) }));
   cb.onStage?.("mean-ablation controls", n);
-  try {
-    for (const [start, end] of batches) {
-      const batch = makeBatch(pairs.slice(start, end));
-      const patchMask = positionMask(batch, s.positions);
-      const cacheOf = (m: "base" | "tuned") =>
-        plan.combos.some((c) => roles(c.direction).dst === m) ? forward(models[m], batch.ids, { lengths: batch.lengths, cache: plan.patchSites, logitsAt: "none" }).cache : undefined;
-      const caches = { base: cacheOf("base"), tuned: cacheOf("tuned") };
-      const margin = { base: states.slice(start, end).map((st) => st.record.margin.base), tuned: states.slice(start, end).map((st) => st.record.margin.tuned) };
-      const gains = sweepBatch(models, { batch, caches, margin, patchMask }, plan.combos, (c) => meanAblation(s.alpha, meanOf(c)), s);
-      gains.forEach((g, ci) => out[ci]!.set(g, start));
-      caches.base?.dispose();
-      caches.tuned?.dispose();
-      patchMask.dispose();
-      cb.onProgress?.(end);
-      await new Promise<void>((r) => setImmediate(r));
-    }
-  } finally {
-    tf.dispose([...means.values()]);
+  if (runner) {
+    const gains = await runner(batches, means, margins);
+    batches.forEach(([start], bi) => gains[bi]!.forEach((g, ci) => out[ci]!.set(g, start)));
+    cb.onProgress?.(n);
+    return out;
+  }
+  for (const [bi, [start, end]] of batches.entries()) {
+    meanAblationBatch(models, pairs.slice(start, end), plan, means, margins[bi]!, s).forEach((g, ci) => out[ci]!.set(g, start));
+    cb.onProgress?.(end);
+    await new Promise<void>((r) => setImmediate(r));
   }
   return out;
 }

@@ -11,7 +11,7 @@ import { mean } from "../stats/stats.js";
 import { enableGradients } from "../model/gradients.js";
 import { attributionBatch, attributionSummary } from "./attribution.js";
 import { headSweep, positionSweep } from "./fine.js";
-import { meanAblationStage, randomDirectionPatch } from "./controls.js";
+import { meanAblationStage, randomDirectionPatch, type AblationRunner } from "./controls.js";
 import { distancesOf } from "./distances.js";
 import { cvFolds, lassoStage, probeStage } from "./estimators.js";
 import { logitLensBatch } from "./lens.js";
@@ -149,6 +149,7 @@ export async function finishAnalysis(
   s: RunSettings,
   cb: RunCallbacks = {},
   batches: Array<[number, number]> = planBatches(pairs, s.batchPairs),
+  runners: { ablate?: AblationRunner } = {},
 ): Promise<Results> {
   const { numLayers: L, hiddenSize: H } = models.base.config;
   const n = pairs.length;
@@ -166,7 +167,7 @@ export async function finishAnalysis(
     });
 
   let t0 = performance.now();
-  const meanAbl = runsControls(s) && plan.combos.length ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb) : null;
+  const meanAbl = runsControls(s) && plan.combos.length ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb, runners.ablate) : null;
   timings.mean_ablation = performance.now() - t0;
   const noGap = gapTooSmall(margin.base, margin.tuned);
   const real = runsExact(s) ? column((r) => r.gains) : column((r) => r.attribution!.gains);
