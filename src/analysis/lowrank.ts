@@ -10,7 +10,7 @@ import { forward, type LlamaModel } from "../model/llama.js";
 import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
 import { subspace } from "./patches.js";
-import { componentsFor, layerEditGains, meanRow, steer, steeringVectors, STEERING_STRENGTHS, withBasis, type LayerEdit } from "./steering.js";
+import { componentsFor, layerEditGains, meanRow, steer, steeringVectors, STEERING_STRENGTHS, BasisCache, type LayerEdit } from "./steering.js";
 import type { ModelPair } from "./scoring.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
 
@@ -80,10 +80,12 @@ export async function lowRankStage(
   const p = pcaOfDifferences(D);
   D.dispose();
   const ks = lowRankKs(H);
-  const basis = (k: number) => tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]) as tf.Tensor2D;
+  const bases = new BasisCache();
+  const real = (k: number) => bases.get(`real ${k}`, () => tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]));
+  const random = (k: number) => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(s.seed * 31 + k)));
   const edits: LayerEdit[] = ks.flatMap((k) => [
-    { name: `real ${k}`, apply: (hb, ht, mask) => withBasis(basis(k), (u) => subspace(s.alpha, u)(hb, ht, mask)) },
-    { name: `random ${k}`, apply: (hb, ht, mask) => withBasis(randomSubspace(k, H, seededRandom(s.seed * 31 + k)), (u) => subspace(s.alpha, u)(hb, ht, mask)) },
+    { name: `real ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, real(k))(hb, ht, mask) },
+    { name: `random ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, random(k))(hb, ht, mask) },
   ]);
   // steering with the training pairs' mean difference, its projection on the top principal directions, and a
   // random direction of the same norm: the base model alone, no tuned activations at inference
@@ -91,7 +93,12 @@ export async function lowRankStage(
   const k90 = Math.min(p.rank, componentsFor(p.explainedVarianceRatio, 0.9));
   const vectors = steeringVectors(mu, p.components, k90, H, s.seed);
   for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
-  const g = await layerEditGains(models, pairs, test, layer, edits, s, scores, (c) => cb.onProgress?.((done += c)));
+  let g: number[][];
+  try {
+    g = await layerEditGains(models, pairs, test, layer, edits, s, scores, (c) => cb.onProgress?.((done += c)));
+  } finally {
+    bases.dispose();
+  }
   const testGap = test.map((j) => scores.marginTuned[j]! - scores.marginBase[j]!);
   const mg = mean(testGap);
   return {

@@ -25,12 +25,21 @@ export const EDIT_STACK = 8;
 /** Steering strengths β tried for each steering vector. */
 export const STEERING_STRENGTHS = [0.5, 1, 2, 4];
 
-/** f(basis), disposing the basis. */
-export function withBasis(basis: tf.Tensor2D, f: (u: tf.Tensor2D) => tf.Tensor): tf.Tensor {
-  try {
-    return f(basis);
-  } finally {
-    basis.dispose();
+/**
+ * Subspace bases made on first use and reused by every batch of a stage (drawing a random basis of width 2048
+ * takes seconds); dispose() frees them.
+ */
+export class BasisCache {
+  private readonly bases = new Map<string, tf.Tensor2D>();
+  /** The basis called `key`, made by `make` the first time. */
+  get(key: string, make: () => tf.Tensor2D): tf.Tensor2D {
+    let b = this.bases.get(key);
+    if (!b) this.bases.set(key, (b = tf.keep(make())));
+    return b;
+  }
+  dispose(): void {
+    tf.dispose([...this.bases.values()]);
+    this.bases.clear();
   }
 }
 
@@ -149,18 +158,25 @@ export async function transferStage(models: ModelPair, pairs: Pair[], sub: Saved
   if (!(sub.layer >= 0 && sub.layer < models.base.config.numLayers)) throw new Error(`the subspace is for layer ${sub.layer}, the models have ${models.base.config.numLayers} layers`);
   const rank = sub.components.length / H;
   const ks = [...new Set([...Array.from({ length: Math.ceil(Math.log2(rank + 1)) }, (_, i) => 2 ** i).filter((k) => k < rank), rank])];
-  const basis = (k: number) => tf.tensor2d(sub.components.subarray(0, k * H), [k, H]) as tf.Tensor2D;
+  const bases = new BasisCache();
+  const saved = (k: number) => bases.get(`saved ${k}`, () => tf.tensor2d(sub.components.subarray(0, k * H), [k, H]));
+  const random = (k: number) => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(s.seed * 31 + k)));
   const edits: LayerEdit[] = [{ name: "full layer", apply: interpolate(s.alpha) }];
   for (const k of ks) {
-    edits.push({ name: `saved ${k}`, apply: (hb, ht, mask) => withBasis(basis(k), (u) => subspace(s.alpha, u)(hb, ht, mask)) });
-    edits.push({ name: `random ${k}`, apply: (hb, ht, mask) => withBasis(randomSubspace(k, H, seededRandom(s.seed * 31 + k)), (u) => subspace(s.alpha, u)(hb, ht, mask)) });
+    edits.push({ name: `saved ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, saved(k))(hb, ht, mask) });
+    edits.push({ name: `random ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, random(k))(hb, ht, mask) });
   }
   const vectors = steeringVectors(sub.meanDiff, sub.components, 0, H, s.seed).filter((v) => !v.name.startsWith("top-"));
   for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
   const opts = { perToken: s.perToken, batchPairs: s.batchPairs };
   const margin = { marginBase: pairMargins(models.base, pairs, opts), marginTuned: pairMargins(models.tuned, pairs, opts) };
   const idx = pairs.map((_, i) => i);
-  const g = await layerEditGains(models, pairs, idx, sub.layer, edits, s, margin, onPairs);
+  let g: number[][];
+  try {
+    g = await layerEditGains(models, pairs, idx, sub.layer, edits, s, margin, onPairs);
+  } finally {
+    bases.dispose();
+  }
   const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
   const gap = mean(idx.map((i) => margin.marginTuned[i]! - margin.marginBase[i]!));
   const full = mean(g[0]!) / gap;
