@@ -192,7 +192,7 @@ async function main(): Promise<void> {
   const lowRank = (tm.pca ?? 0) / 1000 / testPairs;
   console.log(
     `\nHow long will my run take (pairs of ≤ ${maxTokens} tokens on this machine; time grows with length): about ` +
-      `${sPerPair.toFixed(0)} s × pairs (per-pair stages, ${run.workers} worker thread(s)) + ${ablation.toFixed(0)} s × pairs (mean-ablation control, one thread) + ` +
+      `${sPerPair.toFixed(0)} s × pairs (per-pair stages, ${run.workers} worker thread(s)) + ${ablation.toFixed(0)} s × pairs (mean-ablation control, ${run.workers} worker thread(s)) + ` +
       `${lowRank.toFixed(0)} s × held-out pairs (low-rank and steering; half the pairs by default).`,
   );
 }
