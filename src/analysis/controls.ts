@@ -3,7 +3,7 @@
 // and mean-ablation, which needs each site's dataset mean and so runs once every pair has been scored.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, positionMask } from "../data/batch.js";
+import { makeBatch, positionMask, pairedInput } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward } from "../model/llama.js";
 import { tfSeed } from "../stats/stats.js";
@@ -17,15 +17,19 @@ import { sweepBatch } from "./sweep.js";
 export const PURPOSE = { randomDirection: 1, randomSubspace: 2 } as const;
 
 /**
- * Gaussian noise [B, T, H] for the random-direction control of `c`: row r of pair i is drawn from the key
- * (seed, purpose, direction, site, layer, pair index, chosen/rejected) over the row's own length, zero past it.
+ * Gaussian noise [B, T, H] for the random-direction control of `c`, zero past each row's length. Pair i's prompt
+ * positions share one draw (both rows hold the same prompt activations, computed once), keyed by (seed, purpose,
+ * direction, site, layer, pair index, 2); each row's response positions are drawn from the same key ending in
+ * 0 (chosen) or 1 (rejected).
  */
 export function keyedNoise(s: RunSettings, c: Combo, pairs: Pair[], lengths: number[], T: number, H: number): tf.Tensor {
   return tf.tidy(() => {
+    const key = (i: number, part: number) => tfSeed(s.seed, PURPOSE.randomDirection, DIRECTIONS.indexOf(c.direction), SITES.indexOf(c.site), c.layer, pairs[i]!.index, part);
     const rows = lengths.map((len, r) => {
-      const key = tfSeed(s.seed, PURPOSE.randomDirection, DIRECTIONS.indexOf(c.direction), SITES.indexOf(c.site), c.layer, pairs[r >> 1]!.index, r & 1);
-      const draw = tf.randomNormal([len, H], 0, 1, "float32", key);
-      return len === T ? draw : tf.concat([draw, tf.zeros([T - len, H])]);
+      const p = pairs[r >> 1]!.promptIds.length;
+      const parts = [tf.randomNormal([p, H], 0, 1, "float32", key(r >> 1, 2)), tf.randomNormal([len - p, H], 0, 1, "float32", key(r >> 1, r & 1))];
+      if (len < T) parts.push(tf.zeros([T - len, H]));
+      return tf.concat(parts);
     });
     return tf.stack(rows);
   });
@@ -67,7 +71,7 @@ export function meanAblationBatch(models: ModelPair, pairs: Pair[], plan: Plan, 
     return tensors.get(key)!;
   };
   const cacheOf = (m: "base" | "tuned") =>
-    plan.combos.some((c) => roles(c.direction).dst === m) ? forward(models[m], batch.ids, { lengths: batch.lengths, cache: plan.patchSites, logitsAt: "none" }).cache : undefined;
+    plan.combos.some((c) => roles(c.direction).dst === m) ? forward(models[m], batch.ids, { ...pairedInput(batch), cache: plan.patchSites, logitsAt: "none" }).cache : undefined;
   const caches = { base: cacheOf("base"), tuned: cacheOf("tuned") };
   try {
     return sweepBatch(models, { batch, caches, margin, patchMask }, plan.combos, (c) => meanAblation(s.alpha, meanOf(c)), s);

@@ -2,7 +2,7 @@
 // a time. Each copy of the batch patches one head (or one position), and the copies run stacked through the
 // layers above and the head, a few at a time (headGroup), resumed from the patched model's cached resid_pre.
 import * as tf from "@tensorflow/tfjs-core";
-import { makeBatch, marginsOf, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, repeatBatch, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
 import type { Pair } from "../data/pairs.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
@@ -37,7 +37,7 @@ function stackedGains(
     const count = Math.min(G, copies - first);
     const rows = repeatBatch(batch, count);
     const resid = start(first, count);
-    const r = forward(model, rows.ids, { lengths: rows.lengths, logitsAt: rows.logitsAt, targets: rows.targets, start: { layer, resid }, hooks: hooks(first, count) });
+    const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start: { layer, resid }, hooks: hooks(first, count) });
     const m = marginsOf(rowLogprobs(r.logprobs!, rows, perToken));
     r.dispose();
     resid.dispose();
@@ -61,7 +61,7 @@ export function headSweep(models: ModelPair, input: SweepInput, direction: Direc
   if (!dstCache) throw new Error(`headSweep: no ${dst} activations cached`);
   const zNames = Array.from({ length: L }, (_, l) => hookName("z", l));
   // z is not among a scoring pass's cached sites: the source model's come from one more forward
-  const srcRun = forward(models[src], batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames });
+  const srcRun = forward(models[src], batch.ids, { ...pairedInput(batch), logitsAt: "none", cache: zNames });
   const n = batch.ids.length / 2;
   const out = Array.from({ length: n }, () => [] as number[][]);
   try {
@@ -100,7 +100,7 @@ export function positionSweep(models: ModelPair, pair: Pair, direction: Directio
   const { dst, src } = roles(direction);
   const batch = makeBatch([pair]);
   const names = ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))];
-  const opts = { lengths: batch.lengths, logitsAt: batch.logitsAt, targets: batch.targets, cache: names };
+  const opts = { ...pairedInput(batch), logitsAt: batch.logitsAt, targets: batch.targets, cache: names };
   const runs = { base: forward(models.base, batch.ids, opts), tuned: forward(models.tuned, batch.ids, opts) };
   const score = (m: "base" | "tuned") => marginsOf(rowLogprobs(runs[m].logprobs!, batch, s.perToken))[0]!;
   const margin = { base: [score("base")], tuned: [score("tuned")] };

@@ -4,7 +4,7 @@ import type { LlamaModel } from "../model/llama.js";
 import { hookName } from "../model/hooks.js";
 import { forward } from "../model/llama.js";
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, repeatBatch, rowLogprobs } from "../data/batch.js";
+import { marginsOf, repeatBatch, rowLogprobs, pairedInput } from "../data/batch.js";
 import { headGroup, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
@@ -22,7 +22,7 @@ export function logitLensBatch(models: { base: LlamaModel; tuned: LlamaModel }, 
       const depths = Array.from({ length: Math.min(G, L + 1 - d0) }, (_, i) => d0 + i);
       const stacked = repeatBatch(sc.batch, depths.length);
       const resid = tf.concat(depths.map((depth) => sc.runs[name].cache.get(depth === 0 ? "hook_embed" : hookName("resid_post", depth - 1))));
-      const r = forward(models[name], stacked.ids, { lengths: stacked.lengths, start: { layer: L, resid }, logitsAt: stacked.logitsAt, targets: stacked.targets });
+      const r = forward(models[name], stacked.ids, { ...pairedInput(stacked), start: { layer: L, resid }, logitsAt: stacked.logitsAt, targets: stacked.targets });
       resid.dispose();
       const m = marginsOf(rowLogprobs(r.logprobs!, stacked, s.perToken));
       r.dispose();

@@ -4,7 +4,7 @@
 import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "../model/read.js";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, type PairBatch } from "../data/batch.js";
+import { makeBatch, type PairBatch, pairedInput } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
 import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
@@ -61,7 +61,7 @@ export async function lowRankStage(
   const H = models.base.config.hiddenSize;
   const { train, test } = lowRankSplit(pairs.length, s);
   const site = hookName("resid_post", layer);
-  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { lengths: batch.lengths, stopAfter: layer, cache: [site] }).cache.take(site);
+  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [site] }).cache.take(site);
   const tick = () => new Promise<void>((r) => setImmediate(r));
   cb.onStage?.(`PCA at layer ${layer}`, pairs.length);
   let done = 0;

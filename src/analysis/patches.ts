@@ -5,7 +5,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import { hookName, type HookName } from "../model/hooks.js";
 import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
-import { marginsOf, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { marginsOf, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
 import type { Direction, Site } from "./settings.js";
 
 /**
@@ -84,7 +84,7 @@ export function runPatched(dst: LlamaModel, batch: PairBatch, site: Site, layer:
 
 /** runPatched's forward; with `scored` it returns log p(response token) (`logprobs`) instead of logits. */
 function patchedForward(dst: LlamaModel, batch: PairBatch, site: Site, layer: number, value: tf.Tensor, dstCache: ActivationCache | undefined, scored: boolean): ForwardResult {
-  const common = { lengths: batch.lengths, logitsAt: batch.logitsAt, ...(scored ? { targets: batch.targets } : {}) };
+  const common = { ...pairedInput(batch), logitsAt: batch.logitsAt, ...(scored ? { targets: batch.targets } : {}) };
   if (site === "resid_post") return forward(dst, batch.ids, { ...common, start: { layer: layer + 1, resid: value } });
   if (site === "resid_pre") return forward(dst, batch.ids, { ...common, start: { layer, resid: value } });
   if (!dstCache) throw new Error(`runPatched: patching ${site} resumes from resid_pre, which needs the patched model's cache`);

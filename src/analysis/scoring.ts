@@ -2,7 +2,7 @@
 // with the activations later stages of the same batch read. One ScoredBatch owns those tensors.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, positionMask, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import { forward, headBlock, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
@@ -73,7 +73,7 @@ export function checkCompatible(base: LlamaModel, tuned: LlamaModel): void {
 /** Runs both models on `pairs` with the plan's caches; the caller disposes the result. */
 export function scoreBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings): ScoredBatch {
   const batch = makeBatch(pairs);
-  const run = (m: LlamaModel) => forward(m, batch.ids, { lengths: batch.lengths, cache: plan.cacheSites, logitsAt: batch.logitsAt, targets: batch.targets });
+  const run = (m: LlamaModel) => forward(m, batch.ids, { ...pairedInput(batch), cache: plan.cacheSites, logitsAt: batch.logitsAt, targets: batch.targets });
   const runs = { base: run(models.base), tuned: run(models.tuned) };
   const logp = { base: rowLogprobs(runs.base.logprobs!, batch, s.perToken), tuned: rowLogprobs(runs.tuned.logprobs!, batch, s.perToken) };
   const response = positionMask(batch, "response");
@@ -142,7 +142,7 @@ export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: Fo
   const size = opts.batchPairs ?? 4;
   for (let i = 0; i < pairs.length; i += size) {
     const batch = makeBatch(pairs.slice(i, i + size));
-    const r = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, targets: batch.targets, hooks: opts.hooks });
+    const r = forward(model, batch.ids, { ...pairedInput(batch), logitsAt: batch.logitsAt, targets: batch.targets, hooks: opts.hooks });
     out.set(marginsOf(rowLogprobs(r.logprobs!, batch, opts.perToken ?? false)), i);
     r.dispose();
   }

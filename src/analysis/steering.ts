@@ -4,7 +4,7 @@
 // saved subspace to other pairs or another model pair of the same width.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, positionMask, repeatBatch, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type LlamaModel } from "../model/llama.js";
 import { randomSubspace } from "../stats/pca.js";
@@ -103,7 +103,7 @@ export async function layerEditGains(
   onPairs: (count: number) => void = () => {},
 ): Promise<number[][]> {
   const site = hookName("resid_post", layer);
-  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { lengths: batch.lengths, stopAfter: layer, cache: [site] }).cache.take(site);
+  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [site] }).cache.take(site);
   const out = edits.map(() => [] as number[]);
   for (let i = 0; i < idx.length; i += s.batchPairs) {
     const js = idx.slice(i, i + s.batchPairs);
@@ -118,7 +118,7 @@ export async function layerEditGains(
       const stacked = tf.concat(values);
       tf.dispose(values);
       const rows = repeatBatch(batch, group.length);
-      const run = forward(models.base, rows.ids, { lengths: rows.lengths, start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt, targets: rows.targets });
+      const run = forward(models.base, rows.ids, { ...pairedInput(rows), start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt, targets: rows.targets });
       const m = marginsOf(rowLogprobs(run.logprobs!, rows, s.perToken));
       run.dispose();
       stacked.dispose();

@@ -1,7 +1,7 @@
 // Stage 2, the patch sweep: for every (direction, site, layer) of the plan, run the patched model on a batch
 // and read each pair's gain. The real patch and every control go through this one loop.
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { marginsOf, repeatBatch, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
 import { forward, type Hook } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
@@ -60,7 +60,7 @@ export function sweepWindows(models: ModelPair, input: SweepInput, combos: Combo
       hooks[site] = (v) => patch(v, hSrc, input.patchMask);
     }
     const { batch } = input;
-    const r = forward(models[dst], batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, targets: batch.targets, start: { layer: c.layer, resid: dstCache.get(hookName("resid_pre", c.layer)) }, hooks });
+    const r = forward(models[dst], batch.ids, { ...pairedInput(batch), logitsAt: batch.logitsAt, targets: batch.targets, start: { layer: c.layer, resid: dstCache.get(hookName("resid_pre", c.layer)) }, hooks });
     const m = marginsOf(rowLogprobs(r.logprobs!, batch, s.perToken));
     r.dispose();
     return Array.from(m, (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
@@ -142,7 +142,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
           };
         }
         const site = hookName("resid_post", l);
-        const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: l, resid: stacked }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
+        const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid: stacked }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
         const next = r.cache.take(site);
         r.dispose();
         stacked.dispose();
@@ -156,7 +156,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
         const group = running.slice(g, g + G);
         const rows = repeatBatch(input.batch, group.length);
         const resid = tf.slice(stacked!, [g * R, 0, 0], [group.length * R, -1, -1]);
-        const r = forward(model, rows.ids, { lengths: rows.lengths, start: { layer: L, resid }, logitsAt: rows.logitsAt, targets: rows.targets });
+        const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: L, resid }, logitsAt: rows.logitsAt, targets: rows.targets });
         resid.dispose();
         const m = marginsOf(rowLogprobs(r.logprobs!, rows, s.perToken));
         r.dispose();

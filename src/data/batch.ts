@@ -14,8 +14,12 @@ export interface PairBatch {
   logitsAt: Array<[number, number]>;
   targets: number[]; // the token id scored at each logitsAt entry
   rowOf: number[]; // the row of each logitsAt entry
+  prompts: number[]; // per pair (rows 2i, 2i+1): the prompt length both rows begin with
   T: number;
 }
+
+/** forward's row options for a batch: lengths, and the shared prompts so each pair's prompt is computed once. */
+export const pairedInput = (batch: PairBatch): { lengths: number[]; pairedPrompts: number[] } => ({ lengths: batch.lengths, pairedPrompts: batch.prompts });
 
 /** Builds the padded batch for a list of pairs. */
 export function makeBatch(pairs: Pair[]): PairBatch {
@@ -43,6 +47,7 @@ export function makeBatch(pairs: Pair[]): PairBatch {
     logitsAt,
     targets,
     rowOf,
+    prompts: pairs.map((p) => p.promptIds.length),
     T,
   };
 }
@@ -101,6 +106,7 @@ export function repeatBatch(batch: PairBatch, copies: number): PairBatch {
     logitsAt: Array.from({ length: copies }, (_, k) => batch.logitsAt.map(([r, t]): [number, number] => [r + k * R, t])).flat(),
     targets: rep(batch.targets),
     rowOf: Array.from({ length: copies }, (_, k) => batch.rowOf.map((r) => r + k * R)).flat(),
+    prompts: rep(batch.prompts),
     T: batch.T,
   };
 }

@@ -8,6 +8,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "./config.js";
 import { ActivationCache, isHookName, type HookName } from "./hooks.js";
 import { takeBackendFault } from "./backend.js";
+import { packPairs, type Packing } from "./packing.js";
 import { ropeTables } from "./rope.js";
 
 /**
@@ -82,6 +83,12 @@ export interface ForwardOptions {
    * name that is not a site of the model is an error. A hook's intermediates are freed by the pass.
    */
   hooks?: { readonly [site: string]: Hook };
+  /**
+   * Rows 2i and 2i+1 are pair i's chosen and rejected sequences, sharing their first pairedPrompts[i] tokens:
+   * each pair runs as one packed row so its prompt is computed once (model/packing.ts). Hooks, caches, `start`
+   * and logit positions still use the [B, T] rows; a hook must treat both rows' prompt alike.
+   */
+  pairedPrompts?: number[];
   /** Start at `blocks.{layer}.hook_resid_pre` with this residual [B, T, H], skipping the layers before. */
   start?: { layer: number; resid: tf.Tensor };
   /** Last layer to run (inclusive). Stopping before the last layer skips the final norm and the head. */
@@ -117,10 +124,56 @@ export interface ForwardResult {
 interface Ctx {
   cfg: LlamaConfig;
   site: (name: HookName, value: tf.Tensor) => tf.Tensor;
-  cos: tf.Tensor2D; // [T, head_dim]
-  sin: tf.Tensor2D;
+  cos: tf.Tensor; // [T, head_dim], or [rows, 1, T, head_dim] per packed row
+  sin: tf.Tensor;
   maskBias: tf.Tensor; // [B, 1, 1, T, T]: 0 where a query may attend to a key, −1e9 elsewhere
   grouped: boolean; // attention by one 2-D matmul per (row, kv head) instead of batched matmuls
+  rows: RowMap;
+}
+
+/** The rows a forward runs vs the caller's [B, T] rows: the same, or pairs packed (pairedPrompts). */
+interface RowMap {
+  shape: [number, number]; // the caller's B, T
+  /** The run's flat row index of the caller's flat entry b·T + t. */
+  slot(i: number): number;
+  /** A run tensor [rows, T', ...] as the caller's [B, T, ...], and back. */
+  unpack(x: tf.Tensor): tf.Tensor;
+  pack(x: tf.Tensor): tf.Tensor;
+  /** Throws when a hook gave a pair's two rows different prompt values (packing would drop the rejected row's). */
+  checkPrompts(x: tf.Tensor, site: string): void;
+  dispose(): void;
+}
+
+/** The identity RowMap. */
+function sameRows(B: number, T: number): RowMap {
+  return { shape: [B, T], slot: (i) => i, unpack: (x) => x, pack: (x) => x, checkPrompts: () => {}, dispose: () => {} };
+}
+
+/** The RowMap of packed pairs. */
+function packedRows(p: Packing, B: number, T: number): RowMap {
+  const [toSlots, toEntries] = [tf.tensor1d(p.unpack, "int32"), tf.tensor1d(p.pack, "int32")];
+  const [chosen, rejected] = [tf.tensor1d(Array.from(p.promptSlots, (s) => p.pack[s]!), "int32"), tf.tensor1d(p.rejectedPrompt, "int32")];
+  const move = (x: tf.Tensor, idx: tf.Tensor, from: number, to: [number, number]) => {
+    const rest = x.shape.slice(2);
+    return tf.reshape(tf.gather(tf.reshape(x, [from, ...rest]), idx), [...to, ...rest]);
+  };
+  return {
+    shape: [B, T],
+    slot: (i) => p.unpack[i]!,
+    unpack: (x) => move(x, toSlots, p.rows * p.T, [B, T]),
+    pack: (x) => move(x, toEntries, B * T, [p.rows, p.T]),
+    checkPrompts: (x, site) => {
+      const [diff, scale] = tf.tidy(() => {
+        const flat = tf.reshape(x, [B * T, -1]);
+        const a = tf.gather(flat, chosen);
+        return [tf.max(tf.abs(tf.sub(a, tf.gather(flat, rejected)))), tf.max(tf.abs(a))];
+      });
+      const [d, m] = [diff!.dataSync()[0]!, scale!.dataSync()[0]!];
+      tf.dispose([diff!, scale!]);
+      if (!(d <= 1e-5 * Math.max(1, m))) throw new Error(`the hook at ${site} changed the prompt of a pair's chosen and rejected rows differently (by ${d}), which pairedPrompts cannot run`);
+    },
+    dispose: () => tf.dispose([toSlots, toEntries, chosen, rejected]),
+  };
 }
 
 /** x · W (+ b) for x [..., in] and W [in, out]. */
@@ -136,7 +189,7 @@ function rmsNorm(x: tf.Tensor, w: tf.Tensor1D, eps: number): tf.Tensor {
 }
 
 /** RoPE in the half-rotation layout: x·cos + rotate_half(x)·sin, x [B, heads, T, head_dim]. */
-function rope(x: tf.Tensor, cos: tf.Tensor2D, sin: tf.Tensor2D): tf.Tensor {
+function rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor {
   const half = x.shape[3]! / 2;
   const [x1, x2] = tf.split(x, [half, half], 3);
   const rotated = tf.concat([tf.neg(x2!), x1!], 3);
@@ -203,13 +256,17 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
   return ctx.site(`blocks.${l}.hook_resid_post`, tf.add(mid, mlpOut));
 }
 
-/** Final norm and unembedding, at all positions ([B, T, V]) or at chosen ones ([N, V]); `unembedded` false stops at the normed rows. */
+/**
+ * Final norm and unembedding, at all positions ([B, T, V]) or at chosen ones ([N, V]); `unembedded` false stops
+ * at the normed rows. ctx.rows maps the run's rows to the caller's [B, T] (packed pairs).
+ */
 function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>, unembedded = true): tf.Tensor {
-  const [B, T, H] = resid.shape as [number, number, number];
+  const H = resid.shape[2]!;
   const normed = ctx.site("ln_final.hook_normalized", rmsNorm(resid, model.finalNorm, ctx.cfg.rmsNormEps));
-  if (at === "all") return unembed(model, normed);
+  if (at === "all") return unembed(model, ctx.rows.unpack(normed));
+  const [B, T] = ctx.rows.shape;
   for (const [b, t] of at) if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
-  const rows = tf.gather(tf.reshape(normed, [B * T, H]), tf.tensor1d(at.map(([b, t]) => b * T + t), "int32"));
+  const rows = tf.gather(tf.reshape(normed, [-1, H]), tf.tensor1d(at.map(([b, t]) => ctx.rows.slot(b * T + t)), "int32"));
   return unembedded ? unembed(model, rows) : rows;
 }
 
@@ -328,29 +385,42 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   const cached = new ActivationCache();
   const wanted: (n: HookName) => boolean =
     opts.cache === undefined ? () => false : typeof opts.cache === "function" ? opts.cache : ((s) => (n: string) => s.has(n))(new Set<string>(opts.cache));
+  const packing = opts.pairedPrompts ? packPairs(ids, lengths, opts.pairedPrompts) : null;
+  const rows = packing ? packedRows(packing, B, T) : sameRows(B, T);
   const site = (name: HookName, value: tf.Tensor): tf.Tensor => {
     const hook = opts.hooks?.[name];
-    let v = value;
+    if (!hook && !wanted(name)) return value;
+    const mine = rows.unpack(value); // the caller's [B, T, ...] view
+    let v = mine;
     if (hook) {
-      v = hook(value, name);
-      if (!tf.util.arraysEqual(v.shape, value.shape)) throw new Error(`hook for ${name} returned shape [${v.shape}], expected [${value.shape}]`);
+      v = hook(mine, name);
+      if (!tf.util.arraysEqual(v.shape, mine.shape)) throw new Error(`hook for ${name} returned shape [${v.shape}], expected [${mine.shape}]`);
     }
     if (wanted(name)) cached.set(name, tf.keep(tf.clone(v)));
-    return v;
+    if (!hook) return value;
+    rows.checkPrompts(v, name);
+    return rows.pack(v);
   };
+  const Tr = packing?.T ?? T; // the length of the rows the layers run
   const tables = ropeTables(cfg, T);
+  const ropeTable = (t: Float32Array) =>
+    tf.tidy(() => {
+      const table = tf.tensor2d(t, [T, cfg.headDim]);
+      return packing ? tf.reshape(tf.gather(table, tf.tensor1d(packing.positions, "int32")), [packing.rows, 1, Tr, cfg.headDim]) : table;
+    });
   const ctx: Ctx = {
     cfg,
     site,
-    cos: tf.tensor2d(tables.cos, [T, cfg.headDim]),
-    sin: tf.tensor2d(tables.sin, [T, cfg.headDim]),
-    maskBias: maskBias(lengths, T),
-    grouped: opts.attention === "grouped" || ((opts.attention ?? "auto") === "auto" && (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN),
+    cos: ropeTable(tables.cos),
+    sin: ropeTable(tables.sin),
+    maskBias: packing ? tf.tensor(packing.mask, [packing.rows, 1, 1, Tr, Tr]) : maskBias(lengths, T),
+    grouped: opts.attention === "grouped" || ((opts.attention ?? "auto") === "auto" && (cfg.numHeads / cfg.numKvHeads) * Tr * Tr >= GROUPED_ATTENTION_MIN),
+    rows,
   };
   try {
     let resid = opts.start
-      ? tf.clone(opts.start.resid)
-      : tf.tidy(() => tf.clone(site("hook_embed", embedTokens(model, ids))));
+      ? tf.tidy(() => tf.clone(rows.pack(opts.start!.resid)))
+      : tf.tidy(() => tf.clone(site("hook_embed", embedTokens(model, packing?.ids ?? ids))));
     for (let l = first; l <= last; l++) {
       const prev = resid;
       resid = tf.tidy(() => tf.clone(block(layerOf(model, l), l, prev, ctx)));
@@ -383,6 +453,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     ctx.cos.dispose();
     ctx.sin.dispose();
     ctx.maskBias.dispose();
+    rows.dispose();
   }
 }
 
