@@ -104,12 +104,12 @@ async function main(): Promise<void> {
   writeLlama1bShaped(dir, layers);
   console.error(`models in ${dir} (${((performance.now() - t0) / 1000).toFixed(0)} s); tuned differs in layers ${changedLayers(layers).join(", ")}`);
 
-  // the pairs: real HH-RLHF, real tokenizer; how much a shared prompt would save
+  // the pairs: real HH-RLHF, real tokenizer; how much computing the shared prompt once saves
   const tok = loadTokenizer(models.base)!;
   const hh = readUsablePairs(HH, tok, cfg.vocabSize, { limit: 200, maxTokens });
   const rows = hh.pairs.map((p) => ({ P: p.promptIds.length, C: p.chosenIds.length, R: p.rejectedIds.length }));
   const padded = rows.reduce((s, r) => s + 2 * (r.P + Math.max(r.C, r.R)), 0);
-  const shared = rows.reduce((s, r) => s + r.P + 2 * Math.max(r.C, r.R), 0);
+  const shared = rows.reduce((s, r) => s + r.P + r.C + r.R, 0); // one packed row per pair (a batch of one pair)
   const meanLen = rows.reduce((s, r) => s + r.P + Math.max(r.C, r.R), 0) / rows.length;
 
   // the backend's matmul ceiling and one resident layer's efficiency against it
@@ -174,7 +174,7 @@ async function main(): Promise<void> {
   row("wasm matmul ceiling (this run)", `T=128: ${ceilings[0]!.toFixed(1)} GFLOP/s; T=512: ${ceilings[1]!.toFixed(1)} GFLOP/s`);
   row("one resident layer vs that ceiling (target ≥ 0.85)", eff.join("; "));
   row("streamed forward of the base model, 1 row", `T=128: ${load.tokens_per_s[128]!.toFixed(1)} tokens/s; T=512: ${load.tokens_per_s[512]!.toFixed(1)} tokens/s (every layer brought in)`);
-  row("HH-RLHF pairs ≤ max tokens (first 200 usable)", `${rows.length} pairs, mean ${meanLen.toFixed(0)} tokens per row; computing the shared prompt once would save ${(100 * (1 - shared / padded)).toFixed(0)}% of token positions`);
+  row("HH-RLHF pairs ≤ max tokens (first 200 usable)", `${rows.length} pairs, mean ${meanLen.toFixed(0)} tokens per row; a packed row (prompt once) holds ${(100 * (1 - shared / padded)).toFixed(0)}% fewer token positions than the pair's two padded rows`);
   row(`full analysis, ${nPairs} pairs, default settings but --batch ${a.batch}`, `${run.wall_s.toFixed(0)} s wall; ${run.workers} worker thread(s); peak RSS ${run.peak_rss_gib.toFixed(2)} GiB`);
   row("  per pair (scoring, sweep and controls; wall)", `${sPerPair.toFixed(1)} s`);
   const stageNames = ["scoring", "patch_sweep", "random_direction_control", "logit_lens", "distances", "pair_sums"];

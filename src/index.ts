@@ -22,7 +22,7 @@ export { greedy } from "./model/generate.js";
 
 // Preference pairs and batches
 export type { Pair } from "./data/pairs.js";
-export { makeBatch, marginsOf, positionMask, responseLogprobs, rowLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
+export { makeBatch, marginsOf, pairedInput, positionMask, responseLogprobs, rowLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
 export { iterPairs, loadPairs, readPairs, readUsablePairs, splitHH, tokenizePairs, tokenizeTextPair, PairsError, type RawPair, type TokenizedPairs } from "./io/pairs.js";
 
 // The analysis: settings and results, the whole run, and each stage

@@ -192,6 +192,15 @@ describe("PCA and low-rank patching", () => {
       expect(maxAbsDiff(tf.matMul(R, R, false, true).dataSync(), tf.eye(rank).dataSync())).toBeLessThan(1e-5);
       const rnd = subspace(1, R)(tf.tensor2d(base), tf.tensor2d(tuned), tf.ones([base.length, 1]));
       expect(maxAbsDiff(rnd.dataSync(), tuned.flat())).toBeGreaterThan(0.1);
+      // only the r directions with variance come back, by either route (N > H: covariance; N < H: Gram), and they
+      // are orthonormal: the null directions would be rounding noise scaled to unit length
+      for (const rows of [diff, diff.slice(0, 8)]) {
+        const q = pcaOfDifferences(tf.tensor2d(rows));
+        expect(q.rank).toBe(rank);
+        expect(q.explainedVarianceRatio).toHaveLength(rank);
+        const C = tf.tensor2d(q.components, [q.rank, H]);
+        expect(maxAbsDiff(tf.matMul(C, C, false, true).dataSync(), tf.eye(rank).dataSync())).toBeLessThan(1e-5);
+      }
     });
   });
 });

@@ -60,12 +60,15 @@ export function symmetricEigen(A: Float64Array, n: number, opts: { maxSweeps?: n
 /** Principal directions of the rows of D (N × H): components (k × H, orthonormal rows) and variance ratios. */
 export interface PcaResult {
   components: Float32Array; // rank × H, row-major
-  rank: number; // number of components returned
+  rank: number; // number of components returned: eigenvalues above RANK_TOL of the largest
   eigenvalues: number[]; // of DᵀD/N, descending (length = rank)
   explainedVarianceRatio: number[];
 }
 
-/** PCA (uncentered) of difference rows D [N, H]. */
+/** Eigenvalues at or below this fraction of the largest count as zero (float32 products carry ~1e-7 relative error). */
+export const RANK_TOL = 1e-6;
+
+/** PCA (uncentered) of difference rows D [N, H]: the directions of non-zero variance (rank ≤ min(N, H)). */
 export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
   const [N, H] = D.shape;
   const useGram = N < H;
@@ -75,23 +78,25 @@ export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
   for (let i = 0; i < m; i++) for (let j = i + 1; j < m; j++) M[i * m + j] = M[j * m + i] = (M[i * m + j]! + M[j * m + i]!) / 2;
   const { values, vectors } = symmetricEigen(M, m);
   const total = values.reduce((s, x) => s + Math.max(0, x), 0);
+  // directions whose variance is float32 noise are dropped: through the Gram matrix they would be rounding
+  // errors scaled to unit length, arbitrary directions that change from run to run
+  const rank = Math.max(1, values.filter((v) => v > RANK_TOL * Math.max(values[0]!, 0)).length);
   let components: Float32Array;
-  if (!useGram) components = Float32Array.from(vectors);
+  if (!useGram) components = Float32Array.from(vectors.subarray(0, rank * m));
   else {
     // v = Dᵀu / ‖Dᵀu‖ for each Gram eigenvector u with a positive eigenvalue
-    const U = tf.tensor2d(Float32Array.from(vectors), [m, m]);
+    const U = tf.tensor2d(Float32Array.from(vectors.subarray(0, rank * m)), [rank, m]);
     components = readValues(() => {
-      const V = tf.matMul(U, D); // [m, H]
+      const V = tf.matMul(U, D); // [rank, H]
       return tf.div(V, tf.maximum(tf.norm(V, 2, 1, true), 1e-30));
     });
     U.dispose();
   }
-  const rank = m;
   return {
     components,
     rank,
-    eigenvalues: Array.from(values),
-    explainedVarianceRatio: Array.from(values, (v) => (total > 0 ? Math.max(0, v) / total : 0)),
+    eigenvalues: Array.from(values.subarray(0, rank)),
+    explainedVarianceRatio: Array.from(values.subarray(0, rank), (v) => (total > 0 ? Math.max(0, v) / total : 0)),
   };
 }
 
