@@ -4,7 +4,8 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
-import { ablateInWorkers, analyseInWorkers, defaultWorkers } from "./parallel.js";
+import { ablateInWorkers, analyseInWorkers, defaultWorkers, runFlops, WORKER_MIN_FLOPS, WorkerPool } from "./parallel.js";
+import type { AblationRunner } from "./analysis/controls.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
@@ -36,7 +37,7 @@ export interface StudyInputs {
   force?: boolean; // replace a run already in `out`
   shard?: { index: number; count: number }; // run only this part of the batches (phase 1); merge later
   memoryBudget?: number; // float32 weight bytes both models may keep on the backend (default: weightBudget)
-  workers?: number; // worker threads for scoring and the mean-ablation control (default: defaultWorkers); the numbers do not depend on it
+  workers?: number; // worker threads for scoring and the mean-ablation control (default: defaultWorkers, or 1 for a run below WORKER_MIN_FLOPS); the numbers do not depend on it
 }
 
 /** Progress of a study: the analysis callbacks plus one-line notes (backend, pair counts, warnings). */
@@ -225,33 +226,43 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     for (let k = 0; k < done.length; doneBatches++) k += l.manifest.batches[doneBatches]![1] - l.manifest.batches[doneBatches]![0];
     let fresh: PairState[];
     // worker threads, each with its own backend; streamed models lend them their stored bytes
-    const threads = inputs.workers ?? defaultWorkers(backend);
+    const small = runFlops(l.base.config, l.tp.pairs) < WORKER_MIN_FLOPS;
+    const threads = inputs.workers ?? (small ? 1 : defaultWorkers(backend));
     const stored = { base: (l.base.source as StreamedWeights | undefined)?.stored, tuned: (l.tuned.source as StreamedWeights | undefined)?.stored };
     const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
+    // one pool for the run: what phase 1 has left to score, then the mean-ablation control's batches
+    const poolSize = Math.min(threads, Math.max(l.manifest.batches.length - doneBatches, inputs.shard || !runsControls(l.settings) ? 0 : l.manifest.batches.length));
+    const pool = poolSize > 1 ? new WorkerPool(init, poolSize) : null;
     try {
-      const onPairs = (st: PairState[]) => (log.append(st), events.onPairs?.(st));
-      const onTimes = (t: StageTimes) => (addTimes(stages, t), events.onTimes?.(t));
-      const todo = l.manifest.batches.slice(doneBatches);
-      const workers = Math.min(threads, todo.length);
-      if (workers > 1) {
-        info(`scoring on ${workers} worker threads`);
-        fresh = await analyseInWorkers(init, todo, workers, { ...events, onPairs, onTimes }, done.length);
-      } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs, onTimes }, { batches: todo, done: done.length });
+      try {
+        const onPairs = (st: PairState[]) => (log.append(st), events.onPairs?.(st));
+        const onTimes = (t: StageTimes) => (addTimes(stages, t), events.onTimes?.(t));
+        const todo = l.manifest.batches.slice(doneBatches);
+        if (pool && todo.length > 1) {
+          info(`scoring on ${Math.min(pool.size, todo.length)} worker threads`);
+          fresh = await analyseInWorkers(pool, todo, { ...events, onPairs, onTimes }, done.length);
+        } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs, onTimes }, { batches: todo, done: done.length });
+      } finally {
+        log.close();
+      }
+      const scoringMs = performance.now() - t0 - loadMs;
+      const states = [...done, ...fresh];
+      const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
+      if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
+      // the workers end once the mean-ablation control is done: the stages after it run on this thread, and idle
+      // workers would keep their heaps
+      const ablate = pool && runsControls(l.settings) && l.manifest.batches.length > 1;
+      if (ablate) info(`mean-ablation control on ${Math.min(pool.size, l.manifest.batches.length)} worker threads`);
+      else await pool?.close();
+      const runners: { ablate?: AblationRunner } = ablate ? { ablate: (...a) => ablateInWorkers(pool, events.onProgress)(...a).finally(() => pool.close()) } : {};
+      const results = labelHeatmap(await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches, runners), l.tok);
+      results.timings_ms = { loading: loadMs, scoring_and_patching: scoringMs, ...stages, ...results.timings_ms };
+      const words = findings(results);
+      await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
+      return { results, findings: words, backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
     } finally {
-      log.close();
+      await pool?.close();
     }
-    const scoringMs = performance.now() - t0 - loadMs;
-    const states = [...done, ...fresh];
-    const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
-    if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
-    const ablateOn = Math.min(threads, l.manifest.batches.length);
-    if (ablateOn > 1 && runsControls(l.settings)) info(`mean-ablation control on ${ablateOn} worker threads`);
-    const runners = ablateOn > 1 ? { ablate: ablateInWorkers(init, ablateOn, events.onProgress) } : {};
-    const results = labelHeatmap(await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches, runners), l.tok);
-    results.timings_ms = { loading: loadMs, scoring_and_patching: scoringMs, ...stages, ...results.timings_ms };
-    const words = findings(results);
-    await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
-    return { results, findings: words, backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
   } finally {
     disposeModel(l.base);
     disposeModel(l.tuned);
