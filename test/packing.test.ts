@@ -85,15 +85,18 @@ describe("shared prompts (pairedPrompts)", () => {
     );
   });
 
-  it("refuse a hook that changes a pair's two prompts differently, rows that differ in the prompt, and odd row counts", () => {
+  it("refuse a hook or start residual that differs between a pair's two prompts, rows whose ids differ in the prompt, and odd row counts", () => {
     const model = loadModelSync("fixtures/models/llama-tiny-b");
     try {
       const ids = [[1, 2, 3, 4], [1, 2, 5, 0]];
       const lengths = [4, 3];
       const rowNoise = (v: tf.Tensor) => tf.add(v, tf.concat([tf.zeros([1, ...v.shape.slice(1)]), tf.onesLike(tf.slice(v, [1], [1]))]));
-      expect(() => forward(model, ids, { lengths, pairedPrompts: [2], hooks: { "blocks.0.hook_resid_post": rowNoise } })).toThrow(/changed the prompt of a pair's chosen and rejected rows differently/);
-      // the same hook is fine on the separate rows
-      forward(model, ids, { lengths, hooks: { "blocks.0.hook_resid_post": rowNoise } }).dispose();
+      expect(() => forward(model, ids, { lengths, pairedPrompts: [2], hooks: { "blocks.0.hook_resid_post": rowNoise } })).toThrow(/the hook at blocks\.0\.hook_resid_post gives a pair's chosen and rejected rows different prompt values/);
+      // the same hook is fine on the separate rows; a start residual whose rows differ in the prompt is refused too
+      const apart = forward(model, ids, { lengths, hooks: { "blocks.0.hook_resid_post": rowNoise }, cache: ["blocks.1.hook_resid_pre"] });
+      const resid = apart.cache.get("blocks.1.hook_resid_pre");
+      expect(() => forward(model, ids, { lengths, pairedPrompts: [2], start: { layer: 1, resid } })).toThrow(/the start residual of layer 1 gives a pair's chosen and rejected rows different prompt values/);
+      apart.dispose();
       expect(() => forward(model, [[1, 2, 3], [1, 9, 3]], { pairedPrompts: [2] })).toThrow(/differ at prompt position 1/);
       expect(() => forward(model, [[1, 2, 3]], { pairedPrompts: [1] })).toThrow(/two rows per pair/);
       expect(() => forward(model, ids, { lengths, pairedPrompts: [4] })).toThrow(/prompt length 4 outside 1\.\.3/);

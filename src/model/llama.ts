@@ -170,7 +170,7 @@ function packedRows(p: Packing, B: number, T: number): RowMap {
       });
       const [d, m] = [diff!.dataSync()[0]!, scale!.dataSync()[0]!];
       tf.dispose([diff!, scale!]);
-      if (!(d <= 1e-5 * Math.max(1, m))) throw new Error(`the hook at ${site} changed the prompt of a pair's chosen and rejected rows differently (by ${d}), which pairedPrompts cannot run`);
+      if (!(d <= 1e-5 * Math.max(1, m))) throw new Error(`${site} gives a pair's chosen and rejected rows different prompt values (by ${d}), which pairedPrompts cannot run`);
     },
     dispose: () => tf.dispose([toSlots, toEntries, chosen, rejected]),
   };
@@ -398,7 +398,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     }
     if (wanted(name)) cached.set(name, tf.keep(tf.clone(v)));
     if (!hook) return value;
-    rows.checkPrompts(v, name);
+    rows.checkPrompts(v, `the hook at ${name}`);
     return rows.pack(v);
   };
   const Tr = packing?.T ?? T; // the length of the rows the layers run
@@ -418,6 +418,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     rows,
   };
   try {
+    if (opts.start) rows.checkPrompts(opts.start.resid, `the start residual of layer ${opts.start.layer}`);
     let resid = opts.start
       ? tf.tidy(() => tf.clone(rows.pack(opts.start!.resid)))
       : tf.tidy(() => tf.clone(site("hook_embed", embedTokens(model, packing?.ids ?? ids))));
