@@ -83,10 +83,15 @@ export async function lowRankStage(
   const bases = new BasisCache();
   const real = (k: number) => bases.get(`real ${k}`, () => tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]));
   const random = (k: number) => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(s.seed * 31 + k)));
-  const edits: LayerEdit[] = ks.flatMap((k) => [
-    { name: `real ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, real(k))(hb, ht, mask) },
-    { name: `random ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, random(k))(hb, ht, mask) },
-  ]);
+  // every k past the training rows' rank patches the same rank-dimensional subspace: it runs once
+  const edits: LayerEdit[] = [];
+  const realAt = new Map<number, number>(); // k_used → its edit
+  const slots = ks.map((k) => {
+    const used = Math.min(k, p.rank);
+    if (!realAt.has(used)) realAt.set(used, edits.push({ name: `real ${used}`, apply: (hb, ht, mask) => subspace(s.alpha, real(used))(hb, ht, mask) }) - 1);
+    return { real: realAt.get(used)!, random: edits.push({ name: `random ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, random(k))(hb, ht, mask) }) - 1 };
+  });
+  const steerFrom = edits.length;
   // steering with the training pairs' mean difference, its projection on the top principal directions, and a
   // random direction of the same norm: the base model alone, no tuned activations at inference
   const mu = meanRow(rows, H);
@@ -112,8 +117,8 @@ export async function lowRankStage(
     recovery: ks.map((k, ki) => ({
       k,
       k_used: Math.min(k, p.rank),
-      recovery: scores.gapTooSmall ? NaN : mean(g[2 * ki]!) / mg,
-      random_subspace: scores.gapTooSmall ? NaN : mean(g[2 * ki + 1]!) / mg,
+      recovery: scores.gapTooSmall ? NaN : mean(g[slots[ki]!.real]!) / mg,
+      random_subspace: scores.gapTooSmall ? NaN : mean(g[slots[ki]!.random]!) / mg,
     })),
     components: p.components.slice(0, Math.min(p.rank, H) * H),
     k_90: k90,
@@ -122,7 +127,7 @@ export async function lowRankStage(
       vector: v.name,
       norm: Math.hypot(...v.values),
       by_strength: STEERING_STRENGTHS.map((beta, bi) => {
-        const gains = g[2 * ks.length + vi * STEERING_STRENGTHS.length + bi]!;
+        const gains = g[steerFrom + vi * STEERING_STRENGTHS.length + bi]!;
         return { strength: beta, mean_gain: mean(gains), recovery: scores.gapTooSmall ? NaN : mean(gains) / mg };
       }),
     })),
