@@ -141,7 +141,7 @@ export async function analysePairs(
   return out;
 }
 
-/** Phase 2: the dataset-level stages from every pair's state (states[i] belongs to pairs[i]). */
+/** Phase 2: the dataset-level stages from every pair's state (states[i] belongs to pairs[i]); `runners.ablate` runs the mean-ablation control elsewhere (worker threads) with the same numbers. */
 export async function finishAnalysis(
   models: ModelPair,
   pairs: Pair[],
