@@ -3,7 +3,7 @@
 // and mean-ablation, which needs each site's dataset mean and so runs once every pair has been scored.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, positionMask, pairedInput } from "../data/batch.js";
+import { makeBatch, pairedInput, positionMask } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward } from "../model/llama.js";
 import { tfSeed } from "../stats/stats.js";

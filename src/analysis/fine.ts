@@ -2,49 +2,17 @@
 // a time. Each copy of the batch patches one head (or one position), and the copies run stacked through the
 // layers above and the head, a few at a time (headGroup), resumed from the patched model's cached resid_pre.
 import * as tf from "@tensorflow/tfjs-core";
-import { makeBatch, marginsOf, repeatBatch, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
+import { makeBatch, marginsOf, pairedInput, rowLogprobs } from "../data/batch.js";
 import type { Pair } from "../data/pairs.js";
 import { hookName } from "../model/hooks.js";
-import { forward, type LlamaModel } from "../model/llama.js";
-import { gainOf, roles } from "./patches.js";
-import { headGroup, type ModelPair } from "./scoring.js";
+import { forward } from "../model/llama.js";
+import { roles } from "./patches.js";
+import { stackedGains, type ModelPair } from "./scoring.js";
 import type { Direction, RunSettings } from "./settings.js";
 import type { SweepInput } from "./sweep.js";
 
 /** The residual entering layer l of a run, from its cache (the embedding for l = 0). */
 const residPre = (cache: { get(name: string): tf.Tensor }, l: number) => (l === 0 ? cache.get("hook_embed") : cache.get(hookName("resid_post", l - 1)));
-
-/**
- * Gains of `copies` patched runs of `model` from layer `layer` on, as [copy][pair of the batch]: copies k … run
- * stacked along the rows, a few at a time (headGroup), entering with `start(first, count)` and hooked by
- * `hooks(first, count)`. `margin` holds the unpatched margins per pair.
- */
-function stackedGains(
-  model: LlamaModel,
-  batch: PairBatch,
-  layer: number,
-  copies: number,
-  start: (first: number, count: number) => tf.Tensor,
-  hooks: (first: number, count: number) => Record<string, (v: tf.Tensor) => tf.Tensor>,
-  direction: Direction,
-  margin: { base: ArrayLike<number>; tuned: ArrayLike<number> },
-  perToken: boolean,
-): number[][] {
-  const n = batch.ids.length / 2;
-  const out: number[][] = [];
-  const G = headGroup(batch.logitsAt.length, model);
-  for (let first = 0; first < copies; first += G) {
-    const count = Math.min(G, copies - first);
-    const rows = repeatBatch(batch, count);
-    const resid = start(first, count);
-    const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start: { layer, resid }, hooks: hooks(first, count) });
-    const m = marginsOf(rowLogprobs(r.logprobs!, rows, perToken));
-    r.dispose();
-    resid.dispose();
-    for (let k = 0; k < count; k++) out.push(Array.from({ length: n }, (_, i) => gainOf(direction, m[k * n + i]!, margin.base[i]!, margin.tuned[i]!)));
-  }
-  return out;
-}
 
 /** `count` copies of x stacked along the first axis. */
 const stack = (x: tf.Tensor, count: number) => tf.tidy(() => tf.concat(Array.from({ length: count }, () => x)));

@@ -4,7 +4,7 @@ import type { LlamaModel } from "../model/llama.js";
 import { hookName } from "../model/hooks.js";
 import { forward } from "../model/llama.js";
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, repeatBatch, rowLogprobs, pairedInput } from "../data/batch.js";
+import { marginsOf, pairedInput, repeatBatch, rowLogprobs } from "../data/batch.js";
 import { headGroup, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 

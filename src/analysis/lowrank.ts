@@ -4,14 +4,11 @@
 import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "../model/read.js";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, type PairBatch, pairedInput } from "../data/batch.js";
-import { hookName } from "../model/hooks.js";
-import { forward, type LlamaModel } from "../model/llama.js";
-import { pcaOfDifferences, randomSubspace } from "../stats/pca.js";
+import { makeBatch } from "../data/batch.js";
+import { pcaOfDifferences } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
-import { subspace } from "./patches.js";
-import { componentsFor, layerEditGains, meanRow, steer, steeringVectors, STEERING_STRENGTHS, BasisCache, type LayerEdit } from "./steering.js";
-import type { ModelPair } from "./scoring.js";
+import { BasisCache, componentsFor, layerEditGains, meanRow, randomBasis, steer, steeringVectors, STEERING_STRENGTHS, subspaceEdit, type LayerEdit } from "./steering.js";
+import { residPostAt, type ModelPair } from "./scoring.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
 
 /** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
@@ -60,16 +57,14 @@ export async function lowRankStage(
   const layer = at.layer;
   const H = models.base.config.hiddenSize;
   const { train, test } = lowRankSplit(pairs.length, s);
-  const site = hookName("resid_post", layer);
-  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [site] }).cache.take(site);
   const tick = () => new Promise<void>((r) => setImmediate(r));
   cb.onStage?.(`PCA at layer ${layer}`, pairs.length);
   let done = 0;
   const rows: Float32Array[] = [];
   for (const js of chunks(train, s.batchPairs)) {
     const batch = makeBatch(js.map((j) => pairs[j]!));
-    const hb = upTo(models.base, batch);
-    const ht = upTo(models.tuned, batch);
+    const hb = residPostAt(models.base, batch, layer);
+    const ht = residPostAt(models.tuned, batch, layer);
     const diff = readValues(() => tf.sub(ht, hb));
     for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
     tf.dispose([hb, ht]);
@@ -81,15 +76,14 @@ export async function lowRankStage(
   D.dispose();
   const ks = lowRankKs(H);
   const bases = new BasisCache();
-  const real = (k: number) => bases.get(`real ${k}`, () => tf.tensor2d(p.components.subarray(0, Math.min(k, p.rank) * H), [Math.min(k, p.rank), H]));
-  const random = (k: number) => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(s.seed * 31 + k)));
+  const real = (k: number) => bases.get(`real ${k}`, () => tf.tensor2d(p.components.subarray(0, k * H), [k, H]));
   // every k past the training rows' rank patches the same rank-dimensional subspace: it runs once
   const edits: LayerEdit[] = [];
   const realAt = new Map<number, number>(); // k_used → its edit
   const slots = ks.map((k) => {
     const used = Math.min(k, p.rank);
-    if (!realAt.has(used)) realAt.set(used, edits.push({ name: `real ${used}`, apply: (hb, ht, mask) => subspace(s.alpha, real(used))(hb, ht, mask) }) - 1);
-    return { real: realAt.get(used)!, random: edits.push({ name: `random ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, random(k))(hb, ht, mask) }) - 1 };
+    if (!realAt.has(used)) realAt.set(used, edits.push(subspaceEdit(`real ${used}`, s.alpha, () => real(used))) - 1);
+    return { real: realAt.get(used)!, random: edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed))) - 1 };
   });
   const steerFrom = edits.length;
   // steering with the training pairs' mean difference, its projection on the top principal directions, and a

@@ -5,7 +5,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import { hookName, type HookName } from "../model/hooks.js";
 import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
-import { marginsOf, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
+import { marginsOf, pairedInput, rowLogprobs, type PairBatch } from "../data/batch.js";
 import type { Direction, Site } from "./settings.js";
 
 /**

@@ -2,11 +2,11 @@
 // with the activations later stages of the same batch read. One ScoredBatch owns those tensors.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
+import { makeBatch, marginsOf, pairedInput, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import { forward, headBlock, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
-import { sitesNeeded, windowLayers } from "./patches.js";
+import { gainOf, sitesNeeded, windowLayers } from "./patches.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
 
 /** The two models compared. */
@@ -132,6 +132,43 @@ export function gainsByKey(combos: Combo[], gains: number[][], i: number): Recor
   combos.forEach((c, ci) => (out[comboKey(c)] ??= []).push(gains[ci]![i]!));
   return out;
 }
+
+/**
+ * Gains of `copies` patched runs of `model` from layer `layer` on, as [copy][pair of the batch]: copies k … run
+ * stacked along the rows, a few at a time (headGroup, at most maxGroup), entering with `start(first, count)` (freed
+ * here) and hooked by `hooks(first, count)`. `margin` holds the unpatched margins per pair.
+ */
+export function stackedGains(
+  model: LlamaModel,
+  batch: PairBatch,
+  layer: number,
+  copies: number,
+  start: (first: number, count: number) => tf.Tensor,
+  hooks: (first: number, count: number) => Record<string, (v: tf.Tensor) => tf.Tensor>,
+  direction: Direction,
+  margin: { base: ArrayLike<number>; tuned: ArrayLike<number> },
+  perToken: boolean,
+  maxGroup = Infinity,
+): number[][] {
+  const n = batch.ids.length / 2;
+  const out: number[][] = [];
+  const G = Math.min(maxGroup, headGroup(batch.logitsAt.length, model));
+  for (let first = 0; first < copies; first += G) {
+    const count = Math.min(G, copies - first);
+    const rows = repeatBatch(batch, count);
+    const resid = start(first, count);
+    const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start: { layer, resid }, hooks: hooks(first, count) });
+    const m = marginsOf(rowLogprobs(r.logprobs!, rows, perToken));
+    r.dispose();
+    resid.dispose();
+    for (let k = 0; k < count; k++) out.push(Array.from({ length: n }, (_, i) => gainOf(direction, m[k * n + i]!, margin.base[i]!, margin.tuned[i]!)));
+  }
+  return out;
+}
+
+/** A model's resid_post at `layer` on a batch (its forward stops there); the caller owns it. */
+export const residPostAt = (model: LlamaModel, batch: PairBatch, layer: number): tf.Tensor =>
+  forward(model, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [hookName("resid_post", layer)] }).cache.take(hookName("resid_post", layer));
 
 /**
  * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, optionally with hooks

@@ -4,13 +4,11 @@
 // saved subspace to other pairs or another model pair of the same width.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, positionMask, repeatBatch, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
-import { hookName } from "../model/hooks.js";
-import { forward, type LlamaModel } from "../model/llama.js";
+import { makeBatch, positionMask } from "../data/batch.js";
 import { randomSubspace } from "../stats/pca.js";
 import { seededRandom } from "../stats/stats.js";
-import { gainOf, interpolate, subspace } from "./patches.js";
-import { headGroup, pairMargins, type ModelPair } from "./scoring.js";
+import { interpolate, subspace } from "./patches.js";
+import { pairMargins, residPostAt, stackedGains, type ModelPair } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
 /** One edit of resid_post at a layer: the new value from the base and tuned values there and the patch mask [B, T, 1]. */
@@ -42,6 +40,12 @@ export class BasisCache {
     this.bases.clear();
   }
 }
+
+/** The low-rank patch along a basis (made on first use): h_base + α·m·U Uᵀ (h_tuned − h_base). */
+export const subspaceEdit = (name: string, alpha: number, basis: () => tf.Tensor2D): LayerEdit => ({ name, apply: (hb, ht, mask) => subspace(alpha, basis())(hb, ht, mask) });
+
+/** A run's random k-dimensional control basis, seeded by its seed and k (so apply-subspace redraws the run's), kept in `bases`. */
+export const randomBasis = (bases: BasisCache, k: number, H: number, seed: number): tf.Tensor2D => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(seed * 31 + k)));
 
 /** The steering edit h + β m v (v [H]). */
 export const steer =
@@ -102,28 +106,21 @@ export async function layerEditGains(
   margins: { marginBase: ArrayLike<number>; marginTuned: ArrayLike<number> },
   onPairs: (count: number) => void = () => {},
 ): Promise<number[][]> {
-  const site = hookName("resid_post", layer);
-  const upTo = (m: LlamaModel, batch: PairBatch) => forward(m, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [site] }).cache.take(site);
   const out = edits.map(() => [] as number[]);
   for (let i = 0; i < idx.length; i += s.batchPairs) {
     const js = idx.slice(i, i + s.batchPairs);
     const batch = makeBatch(js.map((j) => pairs[j]!));
-    const hb = upTo(models.base, batch);
-    const ht = upTo(models.tuned, batch);
+    const hb = residPostAt(models.base, batch, layer);
+    const ht = residPostAt(models.tuned, batch, layer);
     const mask = positionMask(batch, s.positions);
-    const G = Math.min(EDIT_STACK, headGroup(batch.logitsAt.length, models.base));
-    for (let g = 0; g < edits.length; g += G) {
-      const group = edits.slice(g, g + G);
-      const values = group.map((e) => e.apply(hb, ht, mask));
+    const start = (first: number, count: number) => {
+      const values = edits.slice(first, first + count).map((e) => e.apply(hb, ht, mask));
       const stacked = tf.concat(values);
       tf.dispose(values);
-      const rows = repeatBatch(batch, group.length);
-      const run = forward(models.base, rows.ids, { ...pairedInput(rows), start: { layer: layer + 1, resid: stacked }, logitsAt: rows.logitsAt, targets: rows.targets });
-      const m = marginsOf(rowLogprobs(run.logprobs!, rows, s.perToken));
-      run.dispose();
-      stacked.dispose();
-      group.forEach((_, r) => js.forEach((j, b) => out[g + r]!.push(gainOf("tuned->base", m[r * js.length + b]!, margins.marginBase[j]!, margins.marginTuned[j]!))));
-    }
+      return stacked;
+    };
+    const margin = { base: js.map((j) => margins.marginBase[j]!), tuned: js.map((j) => margins.marginTuned[j]!) };
+    stackedGains(models.base, batch, layer + 1, edits.length, start, () => ({}), "tuned->base", margin, s.perToken, EDIT_STACK).forEach((g, e) => out[e]!.push(...g));
     tf.dispose([hb, ht, mask]);
     onPairs(js.length);
     await new Promise<void>((r) => setImmediate(r));
@@ -159,12 +156,10 @@ export async function transferStage(models: ModelPair, pairs: Pair[], sub: Saved
   const rank = sub.components.length / H;
   const ks = [...new Set([...Array.from({ length: Math.ceil(Math.log2(rank + 1)) }, (_, i) => 2 ** i).filter((k) => k < rank), rank])];
   const bases = new BasisCache();
-  const saved = (k: number) => bases.get(`saved ${k}`, () => tf.tensor2d(sub.components.subarray(0, k * H), [k, H]));
-  const random = (k: number) => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(s.seed * 31 + k)));
   const edits: LayerEdit[] = [{ name: "full layer", apply: interpolate(s.alpha) }];
   for (const k of ks) {
-    edits.push({ name: `saved ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, saved(k))(hb, ht, mask) });
-    edits.push({ name: `random ${k}`, apply: (hb, ht, mask) => subspace(s.alpha, random(k))(hb, ht, mask) });
+    edits.push(subspaceEdit(`saved ${k}`, s.alpha, () => bases.get(`saved ${k}`, () => tf.tensor2d(sub.components.subarray(0, k * H), [k, H]))));
+    edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed)));
   }
   const vectors = steeringVectors(sub.meanDiff, sub.components, 0, H, s.seed).filter((v) => !v.name.startsWith("top-"));
   for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });

@@ -1,7 +1,7 @@
 // Stage 2, the patch sweep: for every (direction, site, layer) of the plan, run the patched model on a batch
 // and read each pair's gain. The real patch and every control go through this one loop.
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, repeatBatch, rowLogprobs, type PairBatch, pairedInput } from "../data/batch.js";
+import { marginsOf, pairedInput, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { forward, type Hook } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
