@@ -160,9 +160,11 @@ describe("planted rank-r change at one layer", () => {
     expect(r.pairs.map((p) => p.index)).toEqual([5, 6, 7, 8, 9, 10, 11, 12]);
   });
 
-  it("leaves no tensors behind", async () => {
+  it("leaves no tensors behind, with the low-rank stage at a middle or the last layer", async () => {
     const before = tf.memory().numTensors;
     await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"], directions: ["tuned->base", "base->tuned"] });
+    expect(tf.memory().numTensors).toBe(before);
+    await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, pcaLayer: base.config.numLayers - 1 });
     expect(tf.memory().numTensors).toBe(before);
   });
 });

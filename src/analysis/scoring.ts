@@ -167,8 +167,13 @@ export function stackedGains(
 }
 
 /** A model's resid_post at `layer` on a batch (its forward stops there); the caller owns it. */
-export const residPostAt = (model: LlamaModel, batch: PairBatch, layer: number): tf.Tensor =>
-  forward(model, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [hookName("resid_post", layer)] }).cache.take(hookName("resid_post", layer));
+export function residPostAt(model: LlamaModel, batch: PairBatch, layer: number): tf.Tensor {
+  const site = hookName("resid_post", layer);
+  const r = forward(model, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [site], logitsAt: "none" });
+  const h = r.cache.take(site);
+  r.dispose();
+  return h;
+}
 
 /**
  * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, optionally with hooks
