@@ -12,7 +12,7 @@ export { readValues } from "./model/read.js";
 export { namedWeights, weightRefs, withWeights, expectedTensors, weightBytes, type WeightRef } from "./model/weights.js";
 export { loadConfig } from "./io/config.js";
 export { backendCopies, loadModel, loadModelSync, residentBytes, saveModel, saveModelFolder, ModelError, WASM_WEIGHT_LIMIT, type LoadOptions } from "./io/model.js";
-export { StreamedWeights } from "./io/stream.js";
+export { Residency, shareResidency, StreamedWeights } from "./io/stream.js";
 export { loadTokenizer, TokenizerError, type TextTokenizer } from "./io/tokenizer.js";
 
 // Forward pass, hook names and caches

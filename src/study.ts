@@ -16,7 +16,7 @@ import { initBackend } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { backendCopies, loadModelSync, residentBytes, saveModelFolder, writeFileAtomic } from "./io/model.js";
-import type { StreamedWeights } from "./io/stream.js";
+import { shareResidency, type StreamedWeights } from "./io/stream.js";
 import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, readSubspace, versions, writeRun, type RunMeta } from "./io/results.js";
 import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
@@ -86,6 +86,7 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
   let tuned: LlamaModel | null = null;
   try {
     tuned = loadModelSync(inputs.tuned, { memoryBudget: perModel, shared: true });
+    shareResidency([base.source, tuned.source]);
     for (const m of [base, tuned]) {
       const need = backendCopies() * residentBytes(m.config);
       if (m.source) info(`${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`);
@@ -441,6 +442,7 @@ export async function runTransfer(inputs: TransferInputs, settings: Partial<RunS
   const base = loadModelSync(inputs.base, { memoryBudget: perModel });
   try {
     const tuned = loadModelSync(inputs.tuned, { memoryBudget: perModel });
+    shareResidency([base.source, tuned.source]);
     try {
       checkCompatible(base, tuned);
       if (sub.meanDiff.length !== base.config.hiddenSize) throw new SettingsError(`--subspace ${inputs.subspace} is for hidden size ${sub.meanDiff.length}; ${inputs.base} has ${base.config.hiddenSize}`);

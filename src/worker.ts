@@ -10,6 +10,7 @@ import { runsAttribution, type RunSettings, type StageTimes } from "./analysis/s
 import { enableGradients } from "./model/gradients.js";
 import type { Pair } from "./data/pairs.js";
 import { loadModelSync } from "./io/model.js";
+import { shareResidency } from "./io/stream.js";
 import type { RawTensor } from "./io/safetensors.js";
 import { explainBackendError, initBackend } from "./model/backend.js";
 import { disposeModel } from "./model/llama.js";
@@ -33,6 +34,7 @@ try {
   if (runsAttribution(init.settings)) await enableGradients();
   const load = (dir: string, stored?: Map<string, RawTensor>) => loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
   const models = { base: load(init.base, init.stored?.base), tuned: load(init.tuned, init.stored?.tuned) };
+  shareResidency([models.base.source, models.tuned.source]);
   const plan = makePlan(init.settings, models.base.config.numLayers);
   port.on("message", (m: { type: "task"; id: number; task: WorkerTask } | { type: "close" }) => {
     if (m.type === "close") {

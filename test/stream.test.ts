@@ -7,7 +7,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { backendCopies, loadModelSync, residentBytes } from "../src/io/model.js";
 import { loadPairs } from "../src/io/pairs.js";
-import { layerBytesOf, StreamedWeights } from "../src/io/stream.js";
+import { layerBytesOf, shareResidency, StreamedWeights } from "../src/io/stream.js";
 import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
 import { disposeModel, forward, headBlock, type LlamaModel } from "../src/model/llama.js";
@@ -116,7 +116,7 @@ describe("streamed = resident", () => {
     );
   });
 
-  it("the whole analysis on the demo pair is the same with both models streamed two layers at a time, or with the head in chunks", async () => {
+  it("the whole analysis on the demo pair is the same with both models streamed two layers at a time, with the head in chunks, or sharing one layer's room", async () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 3 });
     const settings = { sites: ["resid_post" as const], bootstrap: 20, stabilityReps: 2 };
@@ -137,6 +137,18 @@ describe("streamed = resident", () => {
         for (const m of chunked) disposeModel(m);
       }
       expect((streamed[0].source as StreamedWeights).stats.loads).toBeGreaterThan(resident[0].config.numLayers);
+      // both models sharing one layer's room (as a run's threads do): the same numbers, one layer on the backend
+      const shared = [load(base, budget), load("fixtures/models/stories260k-dpo", budget)] as const;
+      try {
+        shareResidency(shared.map((m) => m.source));
+        const held = tf.memory().numBytes;
+        for (const m of shared) forward(m, [[1, 2, 3]]).dispose();
+        expect(tf.memory().numBytes - held).toBe(layerBytesOf(shared[0].config));
+        expect(strip(await runAnalysis(shared[0], shared[1], pairs, settings))).toEqual(strip(a));
+        expect(tf.memory().numBytes - held).toBe(layerBytesOf(shared[0].config));
+      } finally {
+        for (const m of shared) disposeModel(m);
+      }
     } finally {
       for (const m of [...resident, ...streamed]) disposeModel(m);
     }
