@@ -92,7 +92,7 @@ describe("the prompt/response seam", () => {
 
 describe("the layer-major sweep", () => {
   it("gives exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
-    const { limits, makePlan, scoreBatch } = await import("../src/analysis/scoring.js");
+    const { layerBytes, limits, makePlan, scoreBatch, stackGroup } = await import("../src/analysis/scoring.js");
     const { sweepLayerMajor: sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
     const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
     const { randomDirectionPatch } = await import("../src/analysis/controls.js");
@@ -110,13 +110,20 @@ describe("the layer-major sweep", () => {
         expect(layerMajor).toEqual(perLayer);
         expect(layerMajor.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
         if (patchFor !== first) continue;
-        // with the head taking 3 runs at a time (as at a 128k vocabulary), the same
-        const saved = limits.headElements;
-        limits.headElements = 3 * sc.batch.logitsAt.length * base.config.vocabSize;
+        // with the head taking 3 runs at a time (as at a 128k vocabulary), or each layer 1 or 3 (attn_out and
+        // mlp_out runs joining in every group), the same
+        const saved = { ...limits };
+        const one = layerBytes(base.config, sc.batch.ids.length, sc.batch.ids[0]!.length);
         try {
+          limits.headElements = 3 * sc.batch.logitsAt.length * base.config.vocabSize;
           expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);
+          for (const copies of [1, 3]) {
+            limits.stackBytes = copies * one;
+            expect(stackGroup(base.config, sc.batch)).toBe(copies);
+            expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);
+          }
         } finally {
-          limits.headElements = saved;
+          Object.assign(limits, saved);
         }
       }
       // the logit lens likewise: all depths stacked, or 2 at a time

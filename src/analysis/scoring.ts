@@ -135,7 +135,7 @@ export function gainsByKey(combos: Combo[], gains: number[][], i: number): Recor
 
 /**
  * Gains of `copies` patched runs of `model` from layer `layer` on, as [copy][pair of the batch]: copies k … run
- * stacked along the rows, a few at a time (headGroup, at most maxGroup), entering with `start(first, count)` (freed
+ * stacked along the rows, a few at a time (headGroup and stackGroup, at most maxGroup), entering with `start(first, count)` (freed
  * here) and hooked by `hooks(first, count)`. `margin` holds the unpatched margins per pair.
  */
 export function stackedGains(
@@ -152,7 +152,7 @@ export function stackedGains(
 ): number[][] {
   const n = batch.ids.length / 2;
   const out: number[][] = [];
-  const G = Math.min(maxGroup, headGroup(batch.logitsAt.length, model));
+  const G = Math.min(maxGroup, headGroup(batch.logitsAt.length, model), stackGroup(model.config, batch));
   for (let first = 0; first < copies; first += G) {
     const count = Math.min(G, copies - first);
     const rows = repeatBatch(batch, count);
@@ -197,15 +197,27 @@ export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: Fo
  * response positions.
  */
 export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number {
-  const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d, vocabSize: V } = cfg;
-  const cached = 2 * plan.cacheSites.length * rows * T * H;
-  const layer = rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + 3 * rows * nH * T * T;
-  const logits = 3 * scored * V;
-  return 4 * (cached + layer + logits);
+  const cached = 2 * plan.cacheSites.length * rows * T * cfg.hiddenSize;
+  const logits = 3 * scored * cfg.vocabSize;
+  return 4 * (cached + logits) + layerBytes(cfg, rows, T);
 }
 
-/** Logit entries one head pass may produce: 64 MiB of float32 (the log-softmax and gather make about 3x that). */
-export const limits = { headElements: 2 ** 24 };
+/** An upper estimate of the float32 bytes one layer's transient activations and attention scores take for `rows` rows of T tokens. */
+export function layerBytes(cfg: LlamaConfig, rows: number, T: number): number {
+  const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
+  return 4 * (rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + 3 * rows * nH * T * T);
+}
+
+/**
+ * headElements: logit entries one head pass may produce: 64 MiB of float32 (the log-softmax and gather make about
+ * 3x that). stackBytes: what one layer call of stacked copies of a batch may take in transient activations
+ * (layerBytes); more copies go through the layer in turns, so a 16-layer sweep's 17 runs do not all sit in one
+ * wasm heap at once.
+ */
+export const limits = { headElements: 2 ** 24, stackBytes: 2 ** 28 };
+
+/** How many stacked copies of `batch` one layer call may take (at least 1): limits.stackBytes over one copy's layerBytes. */
+export const stackGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / layerBytes(cfg, batch.ids.length, batch.ids[0]!.length)));
 
 /**
  * Logit columns a head pass holds at once per scored position: the whole vocabulary when the head is resident,

@@ -2,11 +2,11 @@
 // and read each pair's gain. The real patch and every control go through this one loop.
 import * as tf from "@tensorflow/tfjs-core";
 import { marginsOf, pairedInput, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
-import { forward, type Hook } from "../model/llama.js";
+import { forward, type Hook, type LlamaModel } from "../model/llama.js";
 import type { ActivationCache } from "../model/hooks.js";
 import { hookName } from "../model/hooks.js";
 import { gainOf, patchedMargins, roles, windowLayers, type Patch } from "./patches.js";
-import { headGroup, type Combo, type ModelPair, type ScoredBatch } from "./scoring.js";
+import { headGroup, stackGroup, type Combo, type ModelPair, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
 /** What a sweep over one batch reads: the batch, the cached activations of each model, the unpatched margins. */
@@ -127,26 +127,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
           running = [...running, ...joining];
         }
         if (!stacked || l === L) continue;
-        const rows = repeatBatch(input.batch, running.length);
-        const R = input.batch.ids.length;
-        const hooks: Record<string, Hook> = {};
-        for (const st of joining) {
-          if (!st.hook) continue;
-          const at = running.indexOf(st);
-          const prev = hooks[st.hook.site];
-          const value = st.hook.value;
-          // replace this run's rows of the site, keep every other run's
-          hooks[st.hook.site] = (v, name) => {
-            const base = prev ? prev(v, name) : v;
-            return tf.concat([tf.slice(base, [0, 0, 0], [at * R, -1, -1]), value, tf.slice(base, [(at + 1) * R, 0, 0], [-1, -1, -1])].filter((t) => t.shape[0]! > 0));
-          };
-        }
-        const site = hookName("resid_post", l);
-        const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid: stacked }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
-        const next = r.cache.take(site);
-        r.dispose();
-        stacked.dispose();
-        stacked = next;
+        stacked = throughLayer(model, input.batch, l, running, joining, stacked);
       }
       // the head, for as many runs at a time as its logits allow
       const P = input.batch.pairs.length;
@@ -171,4 +152,44 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
     }
   }
   return out;
+}
+
+/**
+ * The running streams' residual after layer l (they are stacked along the rows, `joining` entered at l; the
+ * input is freed), a stackGroup of streams per call so the layer's activations stay bounded; the layer's weights
+ * are brought in once and serve every call.
+ */
+function throughLayer(model: LlamaModel, batch: PairBatch, l: number, running: Stream[], joining: Stream[], stacked: tf.Tensor): tf.Tensor {
+  const R = batch.ids.length;
+  const G = stackGroup(model.config, batch);
+  const site = hookName("resid_post", l);
+  const parts: tf.Tensor[] = [];
+  try {
+    for (let g = 0; g < running.length; g += G) {
+      const group = running.slice(g, g + G);
+      const hooks: Record<string, Hook> = {};
+      for (const st of joining) {
+        const at = group.indexOf(st);
+        if (!st.hook || at < 0) continue;
+        const prev = hooks[st.hook.site];
+        const value = st.hook.value;
+        // replace this run's rows of the site, keep every other run's
+        hooks[st.hook.site] = (v, name) => {
+          const base = prev ? prev(v, name) : v;
+          return tf.concat([tf.slice(base, [0, 0, 0], [at * R, -1, -1]), value, tf.slice(base, [(at + 1) * R, 0, 0], [-1, -1, -1])].filter((t) => t.shape[0]! > 0));
+        };
+      }
+      const rows = repeatBatch(batch, group.length);
+      const whole = group.length === running.length;
+      const resid = whole ? stacked : tf.slice(stacked, [g * R, 0, 0], [group.length * R, -1, -1]);
+      const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
+      parts.push(r.cache.take(site));
+      r.dispose();
+      if (!whole) resid.dispose();
+    }
+    return parts.length === 1 ? parts[0]! : tf.concat(parts);
+  } finally {
+    if (parts.length > 1) tf.dispose(parts);
+    stacked.dispose();
+  }
 }
