@@ -4,8 +4,8 @@
 import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "../model/config.js";
 import type { LlamaLayer, WeightSource } from "../model/llama.js";
-import { LAYER_NAMES, expectedTensors, isMatrixName, transposeData, type LayerKey } from "../model/weights.js";
-import { DTYPE_BYTES, decode, type RawTensor } from "./safetensors.js";
+import { LAYER_NAMES, expectedTensors, isMatrixName, type LayerKey } from "../model/weights.js";
+import { DTYPE_BYTES, decode, halfToFloat, type DType, type RawTensor } from "./safetensors.js";
 
 /** A budget that cannot hold what streaming needs at the least. */
 export class StreamError extends Error {
@@ -70,6 +70,33 @@ export class Residency {
 }
 
 let nextSource = 0;
+let sharedScratch = new Float32Array(0); // StreamedWeights.scratch: one per thread
+
+/**
+ * A stored row-major [rows, cols] matrix (F32, F16 or BF16 bytes) as float32 [cols, rows] in `out`, decoded and
+ * transposed in one pass, in tiles that stay in cache.
+ */
+export function transposedF32(dtype: DType, bytes: Uint8Array, rows: number, cols: number, out: Float32Array): Float32Array {
+  const n = rows * cols;
+  const width = DTYPE_BYTES[dtype];
+  const b = bytes.byteOffset % width === 0 ? bytes : bytes.slice(); // typed views need aligned offsets
+  const bits = new Uint32Array(out.buffer, out.byteOffset, n);
+  const src = width === 4 ? new Uint32Array(b.buffer, b.byteOffset, n) : new Uint16Array(b.buffer, b.byteOffset, n);
+  const TILE = 64;
+  for (let r0 = 0; r0 < rows; r0 += TILE) {
+    const r1 = Math.min(rows, r0 + TILE);
+    for (let c0 = 0; c0 < cols; c0 += TILE) {
+      const c1 = Math.min(cols, c0 + TILE);
+      for (let r = r0; r < r1; r++) {
+        const row = r * cols;
+        if (dtype === "BF16") for (let c = c0; c < c1; c++) bits[c * rows + r] = src[row + c]! << 16;
+        else if (dtype === "F32") for (let c = c0; c < c1; c++) bits[c * rows + r] = src[row + c]!;
+        else for (let c = c0; c < c1; c++) out[c * rows + r] = halfToFloat(src[row + c]!);
+      }
+    }
+  }
+  return out.subarray(0, n);
+}
 
 export class StreamedWeights implements WeightSource {
   /** Where its units live on the backend: "<id>L3" layer 3, "<id>H2" head chunk 2. */
@@ -140,6 +167,17 @@ export class StreamedWeights implements WeightSource {
     });
   }
 
+  /**
+   * Room for n float32 values on their way to the backend: one buffer reused on wasm, whose tensors copy their
+   * values into its heap at once (a 1B layer's 243 MB would otherwise be new garbage twice over per load); a new
+   * one elsewhere, since other backends may keep the array they were given.
+   */
+  private scratch(n: number): Float32Array {
+    if (tf.getBackend() !== "wasm") return new Float32Array(n);
+    if (sharedScratch.length < n) sharedScratch = new Float32Array(n);
+    return sharedScratch;
+  }
+
   layer(l: number): LlamaLayer {
     return this.unit(`L${l}`, this.layerBytes, () => {
       const p: Partial<Record<LayerKey, tf.Tensor>> = {};
@@ -147,8 +185,8 @@ export class StreamedWeights implements WeightSource {
         const name = `model.layers.${l}.${suffix}`;
         const t = this.raw.get(name);
         if (!t) continue; // optional biases
-        const data = decode(t.dtype, t.bytes) as Float32Array;
-        p[k as LayerKey] = isMatrixName(name) ? tf.tensor(transposeData(data, t.shape[0]!, t.shape[1]!), [t.shape[1]!, t.shape[0]!], "float32") : tf.tensor(data, t.shape, "float32");
+        const [rows, cols] = t.shape as [number, number];
+        p[k as LayerKey] = isMatrixName(name) ? tf.tensor(transposedF32(t.dtype, t.bytes, rows, cols, this.scratch(rows * cols)), [cols, rows], "float32") : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
       }
       return { tensors: Object.values(p) as tf.Tensor[], bytes: this.layerBytes, value: p as unknown as LlamaLayer };
     }).value as LlamaLayer;
@@ -160,8 +198,7 @@ export class StreamedWeights implements WeightSource {
       const [a, b] = this.chunkRange(c);
       const H = this.cfg.hiddenSize;
       const rowBytes = H * DTYPE_BYTES[raw.dtype];
-      const rows = decode(raw.dtype, raw.bytes.subarray(a * rowBytes, b * rowBytes)) as Float32Array;
-      const t = tf.tensor2d(transposeData(rows, b - a, H), [H, b - a]);
+      const t = tf.tensor2d(transposedF32(raw.dtype, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, this.scratch((b - a) * H)), [H, b - a]);
       return { tensors: [t], bytes: this.chunkBytes(c), value: t };
     }).value as tf.Tensor2D;
   }
