@@ -5,9 +5,12 @@ import * as path from "node:path";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import {
-  floatToBf16, floatToHalf, halfToFloat, readHeader, readSafetensors, readSafetensorsFolder, writeSafetensors,
+  decode, floatToBf16, floatToHalf, halfToFloat, readHeader, readSafetensors, readSafetensorsFolder, writeSafetensors,
   MAX_HEADER_BYTES, SafetensorsError, type DType,
 } from "../src/io/safetensors.js";
+import { firstNonFinite } from "../src/io/model.js";
+import { transposedF32 } from "../src/io/stream.js";
+import { transposeData } from "../src/model/weights.js";
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-st-"));
 
@@ -154,5 +157,36 @@ describe("malformed safetensors give a clear error", () => {
     writeSafetensors(path.join(dir, "gone.safetensors"), { y: { dtype: "F32", shape: [1], data: [1] } });
     expect(() => readSafetensorsFolder(dir)).toThrow(/no tensor named "x"/);
     expect(() => readSafetensorsFolder(tmp())).toThrow(/no model.safetensors/);
+  });
+});
+
+describe("finite checks on stored bytes", () => {
+  it("firstNonFinite reads F32, F16 and BF16 bits (any alignment) as decoding them would", () => {
+    fc.assert(
+      fc.property(fc.constantFrom("F32" as const, "F16" as const, "BF16" as const), fc.uint8Array({ minLength: 0, maxLength: 64 }), fc.integer({ min: 0, max: 3 }), (dtype, raw, shift) => {
+        const w = dtype === "F32" ? 4 : 2;
+        const n = Math.floor(raw.length / w);
+        const bytes = new Uint8Array(n * w + shift).subarray(shift); // an offset that may not be aligned
+        bytes.set(raw.subarray(0, n * w));
+        const decoded = decode(dtype, bytes) as Float32Array;
+        expect(firstNonFinite(dtype, bytes)).toBe(decoded.findIndex((v) => !Number.isFinite(v)));
+      }),
+      { numRuns: 500, seed: 7 },
+    );
+  });
+
+  it("transposedF32 decodes and transposes in one pass what decode then transposeData give, at any alignment", () => {
+    fc.assert(
+      fc.property(fc.constantFrom("F32" as const, "F16" as const, "BF16" as const), fc.integer({ min: 1, max: 150 }), fc.integer({ min: 1, max: 70 }), fc.integer({ min: 0, max: 3 }), fc.integer(), (dtype, rows, cols, shift, seed) => {
+        const w = dtype === "F32" ? 4 : 2;
+        const bytes = new Uint8Array(rows * cols * w + shift).subarray(shift);
+        for (let i = 0; i < bytes.length; i++) bytes[i] = (Math.imul(i + 1, seed | 1) >>> 13) & 255;
+        const want = transposeData(decode(dtype, bytes) as Float32Array, rows, cols);
+        const got = transposedF32(dtype, bytes, rows, cols, new Float32Array(rows * cols + 5));
+        expect(got.length).toBe(rows * cols);
+        expect(Array.from(got)).toEqual(Array.from(want)); // NaN payloads aside (the weights are checked finite first)
+      }),
+      { numRuns: 200, seed: 8 },
+    );
   });
 });

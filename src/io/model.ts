@@ -6,7 +6,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import { configToJson, type LlamaConfig } from "../model/config.js";
 import { ensureBackend } from "../model/backend.js";
 import { loadConfig } from "./config.js";
-import { decode, iterRawSafetensorsFolder, writeSafetensors, type DType, type RawTensor, type TensorToWrite } from "./safetensors.js";
+import { DTYPE_BYTES, decode, iterRawSafetensorsFolder, writeSafetensors, type DType, type RawTensor, type TensorToWrite } from "./safetensors.js";
 import { layerBytesOf, StreamedWeights } from "./stream.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, namedWeights, transposeData, weightBytes, type LayerKey } from "../model/weights.js";
@@ -16,9 +16,19 @@ export class ModelError extends Error {
   override name = "ModelError";
 }
 
-/** Index of the first NaN or ±Infinity in `x`, or −1. */
-export function firstNonFinite(x: Float32Array): number {
-  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i]!)) return i;
+/** Index of the first NaN or ±Infinity in stored F32, F16 or BF16 bytes (all exponent bits set), or −1; read without decoding. */
+export function firstNonFinite(dtype: "F32" | "F16" | "BF16", bytes: Uint8Array): number {
+  const width = DTYPE_BYTES[dtype];
+  const b = bytes.byteOffset % width === 0 ? bytes : bytes.slice();
+  const n = b.byteLength / width;
+  if (dtype === "F32") {
+    const u = new Uint32Array(b.buffer, b.byteOffset, n);
+    for (let i = 0; i < n; i++) if ((u[i]! & 0x7f800000) === 0x7f800000) return i;
+    return -1;
+  }
+  const mask = dtype === "F16" ? 0x7c00 : 0x7f80;
+  const u = new Uint16Array(b.buffer, b.byteOffset, n);
+  for (let i = 0; i < n; i++) if ((u[i]! & mask) === mask) return i;
   return -1;
 }
 
@@ -68,12 +78,13 @@ function* checkedTensors(dir: string, cfg: LlamaConfig, opts: LoadOptions = {}):
     const shape = expected.get(name);
     if (!shape) throw new ModelError(`${dir}: unexpected tensor "${name}" (not part of a Llama model with this config)`);
     if (!tf.util.arraysEqual(shape, t.shape)) throw new ModelError(`${dir}: tensor "${name}" has shape [${t.shape}], config implies [${shape}]`);
-    const data = decode(t.dtype, t.bytes);
-    if (!(data instanceof Float32Array)) throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
-    const bad = firstNonFinite(data);
-    if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${data[bad]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
+    if (t.dtype !== "F32" && t.dtype !== "F16" && t.dtype !== "BF16") throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
+    const bad = firstNonFinite(t.dtype, t.bytes);
+    const w = DTYPE_BYTES[t.dtype];
+    if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${decode(t.dtype, t.bytes.slice(bad * w, (bad + 1) * w))[0]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
     seen.add(name);
-    yield [name, t, () => data];
+    // decoded only when asked: a streamed model keeps the stored bytes and decodes a layer when it is brought in
+    yield [name, t, () => decode(t.dtype, t.bytes) as Float32Array];
   }
   for (const name of expected.keys()) if (!seen.has(name)) throw new ModelError(`${dir}: missing tensor "${name}"`);
 }
@@ -106,8 +117,9 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
   let tiedHead: tf.Tensor2D | null = null;
   try {
     for (const [name, t, data] of checkedTensors(dir, cfg)) {
-      got.set(name, toBackend(name, t.shape, data()));
-      if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tiedHeadOf(data(), t.shape);
+      const values = data();
+      got.set(name, toBackend(name, t.shape, values));
+      if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings) tiedHead = tiedHeadOf(values, t.shape);
     }
   } catch (e) {
     for (const t of got.values()) t.dispose();
