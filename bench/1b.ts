@@ -175,7 +175,7 @@ async function main(): Promise<void> {
   row("one resident layer vs that ceiling (target ≥ 0.85)", eff.join("; "));
   row("streamed forward of the base model, 1 row", `T=128: ${load.tokens_per_s[128]!.toFixed(1)} tokens/s; T=512: ${load.tokens_per_s[512]!.toFixed(1)} tokens/s (every layer brought in)`);
   row("HH-RLHF pairs ≤ max tokens (first 200 usable)", `${rows.length} pairs, mean ${meanLen.toFixed(0)} tokens per row; a packed row (prompt once) holds ${(100 * (1 - shared / padded)).toFixed(0)}% fewer token positions than the pair's two padded rows`);
-  row(`full analysis, ${nPairs} pairs, default settings but --batch ${a.batch}`, `${run.wall_s.toFixed(0)} s wall; ${run.workers} worker thread(s); peak RSS ${run.peak_rss_gib.toFixed(2)} GiB`);
+  row(`full analysis, ${nPairs} pairs, default settings but --batch ${a.batch}`, `${run.wall_s.toFixed(0)} s wall; ${run.workers} worker thread(s); peak RSS ${run.peak_rss_gib.toFixed(2)} GiB (the BF16 weights + ${(run.peak_rss_gib - onDisk / GiB).toFixed(2)} GiB; target ≤ + 2)`);
   row("  per pair (scoring, sweep and controls; wall)", `${sPerPair.toFixed(1)} s`);
   const stageNames = ["scoring", "patch_sweep", "random_direction_control", "logit_lens", "distances", "pair_sums"];
   const thread = stageNames.reduce((s, k) => s + (tm[k] ?? 0), 0);
