@@ -193,7 +193,7 @@ program
   .option("--shard <i/n>", "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge")
   .addOption(backendOption())
   .addOption(budgetOption("both models together", WASM_PAIR_BUDGET / 2 ** 30))
-  .option("--workers <n>", "worker threads for scoring, each with its own backend and models (default: one per core on wasm/cpu; 1 for a run of a few seconds, where starting them costs what they save)", int("--workers", 1))
+  .option("--workers <n>", "worker threads for scoring, each with its own backend and models (default: one per core on wasm/cpu, on wasm as many as memory holds at 4.25 GiB each; 1 for a run of a few seconds, where starting them costs what they save)", int("--workers", 1))
   .action(async (o: Record<string, unknown>) => {
     const sites = String(o.sites).split(",").map((x) => x.trim());
     for (const x of sites) if (!(SITES as readonly string[]).includes(x)) throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);

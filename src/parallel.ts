@@ -9,9 +9,22 @@ import type { AblationRunner } from "./analysis/controls.js";
 import type { Pair } from "./data/pairs.js";
 import type { LlamaConfig } from "./model/config.js";
 
-/** Worker threads a run uses by default: one per core on the single-threaded wasm and cpu backends, else 1. */
-export function defaultWorkers(backend: string): number {
-  return backend.startsWith("wasm") || backend === "cpu" ? os.availableParallelism() : 1;
+/**
+ * Memory a wasm worker may take at most: its heap can grow to 4 GiB, plus its own JavaScript (measured 0.25–0.3
+ * GiB at Llama-3.2-1B width); and what a run keeps outside its workers besides the stored weights.
+ */
+export const WASM_WORKER_BYTES = 4.25 * 2 ** 30;
+export const MAIN_THREAD_BYTES = 2 * 2 ** 30;
+
+/**
+ * Worker threads a run uses by default: one per core on the single-threaded wasm and cpu backends, else 1; on
+ * wasm no more than the machine's memory holds beside `heldBytes` (the models' stored weights in Node memory),
+ * counting each worker's whole heap, so a small machine gets fewer workers rather than running out of memory.
+ */
+export function defaultWorkers(backend: string, heldBytes = 0, machine = { cores: os.availableParallelism(), memory: os.totalmem() }): number {
+  if (backend === "cpu") return machine.cores;
+  if (!backend.startsWith("wasm")) return 1;
+  return Math.max(1, Math.min(machine.cores, Math.floor((machine.memory - heldBytes - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES)));
 }
 
 /**

@@ -4,7 +4,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
-import { ablateInWorkers, analyseInWorkers, defaultWorkers, runFlops, WORKER_MIN_FLOPS, WorkerPool } from "./parallel.js";
+import { ablateInWorkers, analyseInWorkers, defaultWorkers, runFlops, WASM_WORKER_BYTES, WORKER_MIN_FLOPS, WorkerPool } from "./parallel.js";
 import type { AblationRunner } from "./analysis/controls.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
@@ -228,8 +228,12 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     let fresh: PairState[];
     // worker threads, each with its own backend; streamed models lend them their stored bytes
     const small = runFlops(l.base.config, l.tp.pairs) < WORKER_MIN_FLOPS;
-    const threads = inputs.workers ?? (small ? 1 : defaultWorkers(backend));
     const stored = { base: (l.base.source as StreamedWeights | undefined)?.stored, tuned: (l.tuned.source as StreamedWeights | undefined)?.stored };
+    const held = [stored.base, stored.tuned].reduce((a, m) => a + [...(m?.values() ?? [])].reduce((b, t) => b + t.bytes.byteLength, 0), 0);
+    const threads = inputs.workers ?? (small ? 1 : defaultWorkers(backend, held));
+    if (!inputs.workers && !small && threads < defaultWorkers(backend, 0, { cores: os.availableParallelism(), memory: Infinity })) {
+      info(`${threads} worker thread(s), not one per core: each may take ${(WASM_WORKER_BYTES / 2 ** 30).toFixed(2)} GiB beside the ${(held / 2 ** 30).toFixed(2)} GiB of stored weights in this machine's ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB (--workers to choose)`);
+    }
     const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
     // one pool for the run: what phase 1 has left to score, then the mean-ablation control's batches
     const poolSize = Math.min(threads, Math.max(l.manifest.batches.length - doneBatches, inputs.shard || !runsControls(l.settings) ? 0 : l.manifest.batches.length));

@@ -41,3 +41,18 @@ describe("settings", () => {
     }
   });
 });
+
+describe("default worker threads", () => {
+  it("one per core, but on wasm no more than the machine's memory holds beside the stored weights, each worker counted at its whole heap", async () => {
+    const { defaultWorkers, MAIN_THREAD_BYTES, WASM_WORKER_BYTES } = await import("../src/parallel.js");
+    const GiB = 2 ** 30;
+    const held = 4.6 * GiB; // two Llama-3.2-1B models in BF16
+    expect(defaultWorkers("wasm", held, { cores: 2, memory: 24 * GiB })).toBe(2);
+    expect(defaultWorkers("wasm", held, { cores: 16, memory: 24 * GiB })).toBe(Math.floor((24 * GiB - held - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES));
+    expect(defaultWorkers("wasm", held, { cores: 2, memory: 8 * GiB })).toBe(1);
+    expect(defaultWorkers("wasm", 100 * GiB, { cores: 2, memory: 8 * GiB })).toBe(1); // never 0
+    expect(defaultWorkers("wasm (SIMD)", 0, { cores: 4, memory: 64 * GiB })).toBe(4);
+    expect(defaultWorkers("cpu", held, { cores: 3, memory: 8 * GiB })).toBe(3);
+    expect(defaultWorkers("tensorflow", 0, { cores: 8, memory: 64 * GiB })).toBe(1);
+  });
+});
