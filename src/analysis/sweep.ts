@@ -95,9 +95,9 @@ export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[]
 
 /**
  * sweepBatch layer-major: every patched run of a model goes through the layers together, stacked along the rows, each run
- * joining at its layer; then all of them go through the head at once. Each layer's weights (and the head) are
- * read once per batch instead of once per patched run, which is what a streamed model needs, and the gains are
- * those of one resumed forward per combo (sweepPerLayer).
+ * joining at its layer (a few runs per layer call, throughLayer); then through the head, as many at once as its
+ * logits allow. Each layer's weights (and the head) are read once per batch instead of once per patched run,
+ * which is what a streamed model needs, and the gains are those of one resumed forward per combo (sweepPerLayer).
  */
 export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
   const out: number[][] = combos.map(() => []);
