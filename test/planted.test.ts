@@ -164,7 +164,7 @@ describe("planted rank-r change at one layer", () => {
     const before = tf.memory().numTensors;
     await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"], directions: ["tuned->base", "base->tuned"] });
     expect(tf.memory().numTensors).toBe(before);
-    await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, pcaLayer: base.config.numLayers - 1 });
+    await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, controls: false, pcaLayer: base.config.numLayers - 1 });
     expect(tf.memory().numTensors).toBe(before);
   });
 });
