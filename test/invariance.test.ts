@@ -92,7 +92,7 @@ describe("the prompt/response seam", () => {
 
 describe("the layer-major sweep", () => {
   it("gives exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
-    const { layerBytes, limits, makePlan, scoreBatch, stackGroup } = await import("../src/analysis/scoring.js");
+    const { layerActivationBytes, limits, makePlan, scoreBatch, stackGroup } = await import("../src/analysis/scoring.js");
     const { sweepLayerMajor: sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
     const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
     const { randomDirectionPatch } = await import("../src/analysis/controls.js");
@@ -113,7 +113,7 @@ describe("the layer-major sweep", () => {
         // with the head taking 3 runs at a time (as at a 128k vocabulary), or each layer 1 or 3 (attn_out and
         // mlp_out runs joining in every group), the same
         const saved = { ...limits };
-        const one = layerBytes(base.config, sc.batch.ids.length, sc.batch.ids[0]!.length);
+        const one = layerActivationBytes(base.config, sc.batch.ids.length, sc.batch.ids[0]!.length);
         try {
           limits.headElements = 3 * sc.batch.logitsAt.length * base.config.vocabSize;
           expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);

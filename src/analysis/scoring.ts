@@ -135,8 +135,8 @@ export function gainsByKey(combos: Combo[], gains: number[][], i: number): Recor
 
 /**
  * Gains of `copies` patched runs of `model` from layer `layer` on, as [copy][pair of the batch]: copies k … run
- * stacked along the rows, a few at a time (headGroup and stackGroup, at most maxGroup), entering with `start(first, count)` (freed
- * here) and hooked by `hooks(first, count)`. `margin` holds the unpatched margins per pair.
+ * stacked along the rows, a few at a time (headGroup and stackGroup, at most maxGroup), entering with
+ * `start(first, count)` (freed here) and hooked by `hooks(first, count)`. `margin` holds the unpatched margins.
  */
 export function stackedGains(
   model: LlamaModel,
@@ -199,11 +199,11 @@ export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: Fo
 export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number {
   const cached = 2 * plan.cacheSites.length * rows * T * cfg.hiddenSize;
   const logits = 3 * scored * cfg.vocabSize;
-  return 4 * (cached + logits) + layerBytes(cfg, rows, T);
+  return 4 * (cached + logits) + layerActivationBytes(cfg, rows, T);
 }
 
 /** An upper estimate of the float32 bytes one layer's transient activations and attention scores take for `rows` rows of T tokens. */
-export function layerBytes(cfg: LlamaConfig, rows: number, T: number): number {
+export function layerActivationBytes(cfg: LlamaConfig, rows: number, T: number): number {
   const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
   return 4 * (rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + 3 * rows * nH * T * T);
 }
@@ -211,13 +211,13 @@ export function layerBytes(cfg: LlamaConfig, rows: number, T: number): number {
 /**
  * headElements: logit entries one head pass may produce: 64 MiB of float32 (the log-softmax and gather make about
  * 3x that). stackBytes: what one layer call of stacked copies of a batch may take in transient activations
- * (layerBytes); more copies go through the layer in turns, so a 16-layer sweep's 17 runs do not all sit in one
- * wasm heap at once.
+ * (layerActivationBytes); more copies go through the layer in turns, so a 16-layer sweep's 17 runs do not all
+ * sit in one wasm heap at once.
  */
 export const limits = { headElements: 2 ** 24, stackBytes: 2 ** 28 };
 
-/** How many stacked copies of `batch` one layer call may take (at least 1): limits.stackBytes over one copy's layerBytes. */
-export const stackGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / layerBytes(cfg, batch.ids.length, batch.ids[0]!.length)));
+/** How many stacked copies of `batch` one layer call may take (at least 1): limits.stackBytes over one copy's layerActivationBytes. */
+export const stackGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / layerActivationBytes(cfg, batch.ids.length, batch.ids[0]!.length)));
 
 /**
  * Logit columns a head pass holds at once per scored position: the whole vocabulary when the head is resident,

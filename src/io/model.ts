@@ -6,7 +6,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import { configToJson, type LlamaConfig } from "../model/config.js";
 import { ensureBackend } from "../model/backend.js";
 import { loadConfig } from "./config.js";
-import { DTYPE_BYTES, decode, iterRawSafetensorsFolder, writeSafetensors, type DType, type RawTensor, type TensorToWrite } from "./safetensors.js";
+import { DTYPE_BYTES, decode, iterRawSafetensorsFolder, storedBits, writeSafetensors, type DType, type WeightDType, type RawTensor, type TensorToWrite } from "./safetensors.js";
 import { layerBytesOf, StreamedWeights } from "./stream.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, namedWeights, transposeData, weightBytes, type LayerKey } from "../model/weights.js";
@@ -17,18 +17,10 @@ export class ModelError extends Error {
 }
 
 /** Index of the first NaN or ±Infinity in stored F32, F16 or BF16 bytes (all exponent bits set), or −1; read without decoding. */
-export function firstNonFinite(dtype: "F32" | "F16" | "BF16", bytes: Uint8Array): number {
-  const width = DTYPE_BYTES[dtype];
-  const b = bytes.byteOffset % width === 0 ? bytes : bytes.slice();
-  const n = b.byteLength / width;
-  if (dtype === "F32") {
-    const u = new Uint32Array(b.buffer, b.byteOffset, n);
-    for (let i = 0; i < n; i++) if ((u[i]! & 0x7f800000) === 0x7f800000) return i;
-    return -1;
-  }
-  const mask = dtype === "F16" ? 0x7c00 : 0x7f80;
-  const u = new Uint16Array(b.buffer, b.byteOffset, n);
-  for (let i = 0; i < n; i++) if ((u[i]! & mask) === mask) return i;
+export function firstNonFinite(dtype: WeightDType, bytes: Uint8Array): number {
+  const u = storedBits(dtype, bytes);
+  const mask = { F32: 0x7f800000, F16: 0x7c00, BF16: 0x7f80 }[dtype];
+  for (let i = 0; i < u.length; i++) if ((u[i]! & mask) === mask) return i;
   return -1;
 }
 

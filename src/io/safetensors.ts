@@ -142,6 +142,19 @@ export function decode(dtype: DType, bytes: Uint8Array): TensorData {
   }
 }
 
+/** The dtypes model weights may be stored in. */
+export type WeightDType = Extract<DType, "F32" | "F16" | "BF16">;
+
+/**
+ * The raw bit patterns of stored F32 (Uint32Array) or F16/BF16 (Uint16Array) values, viewed in place when the
+ * bytes are aligned to their width, else from a copy.
+ */
+export function storedBits(dtype: WeightDType, bytes: Uint8Array): Uint32Array | Uint16Array {
+  const width = DTYPE_BYTES[dtype];
+  const b = bytes.byteOffset % width === 0 ? bytes : bytes.slice();
+  return width === 4 ? new Uint32Array(b.buffer, b.byteOffset, b.byteLength / 4) : new Uint16Array(b.buffer, b.byteOffset, b.byteLength / 2);
+}
+
 /** IEEE 754 binary16 → number, exact (subnormals, infinities and NaN included). */
 export function halfToFloat(h: number): number {
   const sign = h & 0x8000 ? -1 : 1;

@@ -5,7 +5,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "../model/config.js";
 import type { LlamaLayer, WeightSource } from "../model/llama.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, type LayerKey } from "../model/weights.js";
-import { DTYPE_BYTES, decode, halfToFloat, type DType, type RawTensor } from "./safetensors.js";
+import { DTYPE_BYTES, decode, halfToFloat, storedBits, type RawTensor, type WeightDType } from "./safetensors.js";
 
 /** A budget that cannot hold what streaming needs at the least. */
 export class StreamError extends Error {
@@ -76,12 +76,10 @@ let sharedScratch = new Float32Array(0); // StreamedWeights.scratch: one per thr
  * A stored row-major [rows, cols] matrix (F32, F16 or BF16 bytes) as float32 [cols, rows] in `out`, decoded and
  * transposed in one pass, in tiles that stay in cache.
  */
-export function transposedF32(dtype: DType, bytes: Uint8Array, rows: number, cols: number, out: Float32Array): Float32Array {
+export function transposedF32(dtype: WeightDType, bytes: Uint8Array, rows: number, cols: number, out: Float32Array): Float32Array {
   const n = rows * cols;
-  const width = DTYPE_BYTES[dtype];
-  const b = bytes.byteOffset % width === 0 ? bytes : bytes.slice(); // typed views need aligned offsets
   const bits = new Uint32Array(out.buffer, out.byteOffset, n);
-  const src = width === 4 ? new Uint32Array(b.buffer, b.byteOffset, n) : new Uint16Array(b.buffer, b.byteOffset, n);
+  const src = storedBits(dtype, bytes);
   const TILE = 64;
   for (let r0 = 0; r0 < rows; r0 += TILE) {
     const r1 = Math.min(rows, r0 + TILE);
@@ -114,13 +112,13 @@ export class StreamedWeights implements WeightSource {
    */
   constructor(
     readonly cfg: LlamaConfig,
-    private readonly raw: Map<string, RawTensor>,
+    private readonly raw: Map<string, RawTensor>, // checked at load: F32, F16 or BF16, finite
     /** Float32 bytes the streamed units may take on the backend. */
     readonly budget: number,
     private readonly head?: { raw: RawTensor; chunks: number },
   ) {
     this.layerBytes = layerBytesOf(cfg);
-    const need = this.layerBytes + (head ? this.chunkBytes(0) : 0);
+    const need = this.leastBytes;
     if (budget < need) throw new StreamError(`a memory budget that leaves ${(budget / 2 ** 20).toFixed(0)} MiB for streamed weights cannot hold one layer and one head chunk (${(need / 2 ** 20).toFixed(0)} MiB)`);
     this.pool = new Residency(budget);
   }
@@ -186,7 +184,7 @@ export class StreamedWeights implements WeightSource {
         const t = this.raw.get(name);
         if (!t) continue; // optional biases
         const [rows, cols] = t.shape as [number, number];
-        p[k as LayerKey] = isMatrixName(name) ? tf.tensor(transposedF32(t.dtype, t.bytes, rows, cols, this.scratch(rows * cols)), [cols, rows], "float32") : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
+        p[k as LayerKey] = isMatrixName(name) ? tf.tensor(transposedF32(t.dtype as WeightDType, t.bytes, rows, cols, this.scratch(rows * cols)), [cols, rows], "float32") : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
       }
       return { tensors: Object.values(p) as tf.Tensor[], bytes: this.layerBytes, value: p as unknown as LlamaLayer };
     }).value as LlamaLayer;
@@ -198,7 +196,7 @@ export class StreamedWeights implements WeightSource {
       const [a, b] = this.chunkRange(c);
       const H = this.cfg.hiddenSize;
       const rowBytes = H * DTYPE_BYTES[raw.dtype];
-      const t = tf.tensor2d(transposedF32(raw.dtype, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, this.scratch((b - a) * H)), [H, b - a]);
+      const t = tf.tensor2d(transposedF32(raw.dtype as WeightDType, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, this.scratch((b - a) * H)), [H, b - a]);
       return { tensors: [t], bytes: this.chunkBytes(c), value: t };
     }).value as tf.Tensor2D;
   }
