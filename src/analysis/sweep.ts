@@ -77,7 +77,7 @@ function cacheOf(input: SweepInput, model: "base" | "tuned", c: Combo): Activati
 interface Stream {
   ci: number;
   start: number; // first layer it runs (L: only the head)
-  resid: tf.Tensor; // the residual it enters `start` with
+  resid: tf.Tensor; // the residual it enters `start` with (freed once stacked)
   hook?: { site: string; value: tf.Tensor }; // attn_out/mlp_out: the site value it uses at layer `start`
 }
 
@@ -107,27 +107,33 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
     const model = models[dst];
     const L = model.config.numLayers;
     const dstCache = cacheOf(input, dst, mine[0]!.c);
-    const streams: Stream[] = mine.map(({ c, ci }) => {
+    // a run's tensors are made when it joins (at its layer) and its residual is freed once stacked
+    const enter = ({ c, ci }: { c: Combo; ci: number }): Stream => {
       const site = hookName(c.site, c.layer);
       const hDst = dstCache.get(site);
       const value = patchFor(c, ci)(hDst, input.caches[roles(c.direction).src]?.get(site) ?? hDst, input.patchMask);
       if (c.site === "resid_post") return { ci, start: c.layer + 1, resid: value };
       if (c.site === "resid_pre") return { ci, start: c.layer, resid: value };
       return { ci, start: c.layer, resid: tf.clone(dstCache.get(hookName("resid_pre", c.layer))), hook: { site, value } };
-    });
+    };
+    const startOf = (c: Combo) => (c.site === "resid_post" ? c.layer + 1 : c.layer);
     let running: Stream[] = [];
+    let joining: Stream[] = [];
     let stacked: tf.Tensor | null = null;
     try {
       for (let l = 0; l <= L; l++) {
-        const joining = streams.filter((st) => st.start === l);
+        joining = [];
+        for (const m of mine.filter(({ c }) => startOf(c) === l)) joining.push(enter(m));
         if (joining.length) {
           const next: tf.Tensor = tf.concat([...(stacked ? [stacked] : []), ...joining.map((st) => st.resid)]);
           stacked?.dispose();
           stacked = next;
+          for (const st of joining) st.resid.dispose();
           running = [...running, ...joining];
         }
         if (!stacked || l === L) continue;
         stacked = throughLayer(model, input.batch, l, running, joining, stacked);
+        for (const st of joining) st.hook?.value.dispose();
       }
       // the head, for as many runs at a time as its logits allow
       const P = input.batch.pairs.length;
@@ -148,7 +154,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
       }
     } finally {
       stacked?.dispose();
-      for (const st of streams) tf.dispose([st.resid, ...(st.hook ? [st.hook.value] : [])]);
+      for (const st of joining) tf.dispose([st.resid, ...(st.hook ? [st.hook.value] : [])]); // after a failure mid-layer
     }
   }
   return out;
