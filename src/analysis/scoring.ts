@@ -4,7 +4,10 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
 import { makeBatch, marginsOf, pairedInput, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, headBlock, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import { forward, GROUPED_ATTENTION_MIN, groupedAttention, headBlock, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
+
+/** Score-sized tensors attention holds at once: the scores, scaled, masked and their softmax, and the mask. */
+const SCORE_COPIES = 5;
 import type { LlamaConfig } from "../model/config.js";
 import { gainOf, sitesNeeded, windowLayers } from "./patches.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
@@ -202,10 +205,17 @@ export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number
   return 4 * (cached + logits) + layerActivationBytes(cfg, rows, T);
 }
 
-/** An upper estimate of the float32 bytes one layer's transient activations and attention scores take for `rows` rows of T tokens. */
+/**
+ * An upper estimate of the float32 bytes one layer's transient activations and attention scores take for `rows`
+ * rows of T tokens (tested against the wasm heap's own allocations). Batched attention holds every (row, head)'s
+ * scores and softmax at once, but only below the length where "auto" attention goes one kv group at a time; packed
+ * rows can be shorter than T, so the bound allows either.
+ */
 export function layerActivationBytes(cfg: LlamaConfig, rows: number, T: number): number {
   const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
-  return 4 * (rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + 3 * rows * nH * T * T);
+  const g = nH / nKv;
+  const batchedScores = rows * nH * Math.min(T * T, groupedAttention(cfg, T) ? GROUPED_ATTENTION_MIN / g : Infinity);
+  return 4 * (rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + SCORE_COPIES * (batchedScores + g * T * T));
 }
 
 /**

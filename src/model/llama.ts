@@ -110,6 +110,9 @@ export interface ForwardOptions {
 /** Score-matrix entries (query heads per group × T × T) from which "auto" attention goes grouped. */
 export const GROUPED_ATTENTION_MIN = 16384;
 
+/** Whether forward's "auto" attention runs rows of length T one (row, kv head) at a time. */
+export const groupedAttention = (cfg: LlamaConfig, T: number): boolean => (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN;
+
 /** Logits (null when not asked for or stopped early) and the cached sites; the caller owns both. */
 export interface ForwardResult {
   logits: tf.Tensor | null;
@@ -232,27 +235,31 @@ function attendPerGroup(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, ctx: Ctx): tf.
   const kTs = tf.unstack(tf.reshape(tf.transpose(k, [0, 1, 3, 2]), [B * nKv, d, T])); // kᵀ once: no transposed matmul operand
   const vs = tf.unstack(tf.reshape(v, [B * nKv, T, d]));
   const masks = tf.unstack(tf.reshape(ctx.maskBias, [B, 1, T, T]));
-  const zs = qs.map((qi, i) => {
-    const scores = tf.reshape(tf.mul(tf.matMul(qi, kTs[i]!), 1 / Math.sqrt(d)), [g, T, T]);
-    const probs = tf.softmax(tf.add(scores, masks[Math.floor(i / nKv)]!), -1);
-    return tf.matMul(tf.reshape(probs, [g * T, T]), vs[i]!);
-  });
+  const zs = qs.map((qi, i) =>
+    tf.tidy(() => {
+      const scores = tf.reshape(tf.mul(tf.matMul(qi, kTs[i]!), 1 / Math.sqrt(d)), [g, T, T]);
+      const probs = tf.softmax(tf.add(scores, masks[Math.floor(i / nKv)]!), -1);
+      return tf.matMul(tf.reshape(probs, [g * T, T]), vs[i]!);
+    }),
+  );
   return tf.reshape(tf.stack(zs), [B, nKv, g * T, d]);
 }
 
-/** SwiGLU MLP: down(silu(gate(x)) · up(x)). */
+/** SwiGLU MLP: down(silu(gate(x)) · up(x)); each [.., intermediate] product is freed once used. */
 function mlp(p: LlamaLayer, x: tf.Tensor): tf.Tensor {
-  const gate = linear(x, p.gate, p.gateBias);
-  return linear(tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(x, p.up, p.upBias)), p.down, p.downBias);
+  const silu = (g: tf.Tensor) => tf.mul(g, tf.sigmoid(g));
+  const h = tf.tidy(() => tf.mul(tf.tidy(() => silu(linear(x, p.gate, p.gateBias))), linear(x, p.up, p.upBias)));
+  return linear(h, p.down, p.downBias);
 }
 
 /** One decoder layer, pre-norm residual: returns the residual stream after the layer. */
 function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor {
   const eps = ctx.cfg.rmsNormEps;
   const x = ctx.site(`blocks.${l}.hook_resid_pre`, resid);
-  const attnOut = ctx.site(`blocks.${l}.hook_attn_out`, attention(p, rmsNorm(x, p.inputNorm, eps), l, ctx));
+  // attention's and the MLP's intermediates are freed as each ends (tidy), so a layer holds the larger, not both
+  const attnOut = ctx.site(`blocks.${l}.hook_attn_out`, tf.tidy(() => attention(p, rmsNorm(x, p.inputNorm, eps), l, ctx)));
   const mid = ctx.site(`blocks.${l}.hook_resid_mid`, tf.add(x, attnOut));
-  const mlpOut = ctx.site(`blocks.${l}.hook_mlp_out`, mlp(p, rmsNorm(mid, p.postNorm, eps)));
+  const mlpOut = ctx.site(`blocks.${l}.hook_mlp_out`, tf.tidy(() => mlp(p, rmsNorm(mid, p.postNorm, eps))));
   return ctx.site(`blocks.${l}.hook_resid_post`, tf.add(mid, mlpOut));
 }
 
@@ -414,7 +421,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     cos: ropeTable(tables.cos),
     sin: ropeTable(tables.sin),
     maskBias: packing ? tf.tensor(packing.mask, [packing.rows, 1, 1, Tr, Tr]) : maskBias(lengths, T),
-    grouped: opts.attention === "grouped" || ((opts.attention ?? "auto") === "auto" && (cfg.numHeads / cfg.numKvHeads) * Tr * Tr >= GROUPED_ATTENTION_MIN),
+    grouped: opts.attention === "grouped" || ((opts.attention ?? "auto") === "auto" && groupedAttention(cfg, Tr)),
     rows,
   };
   try {

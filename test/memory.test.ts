@@ -1,0 +1,71 @@
+// The planner's memory bound: what one layer call allocates in the wasm heap stays within layerActivationBytes,
+// the estimate that sizes the sweep's and the low-rank stage's layer calls (limits.stackBytes). Measured from
+// the backend's own allocations (wasm _malloc/_free), so this file runs on wasm whatever the test backend.
+import * as tf from "@tensorflow/tfjs-core";
+import { afterAll, describe, expect, it } from "vitest";
+import { useBackend } from "./helpers.js";
+import { loadModelSync } from "../src/io/model.js";
+import { disposeModel, forward, groupedAttention, type LlamaModel } from "../src/model/llama.js";
+import { layerActivationBytes } from "../src/analysis/scoring.js";
+
+useBackend("wasm");
+
+interface WasmModule {
+  _malloc(n: number): number;
+  _free(p: number): void;
+}
+
+/** The most bytes `f` had allocated in the wasm heap at once beyond what was live when it started. */
+function peakAllocated(f: () => void): number {
+  const w = (tf.backend() as unknown as { wasm: WasmModule }).wasm;
+  w._free(w._malloc(16)); // emscripten swaps in its real _malloc on the first call
+  const [malloc, free] = [w._malloc, w._free];
+  const sizes = new Map<number, number>();
+  let live = 0;
+  let peak = 0;
+  w._malloc = (n) => {
+    const p = malloc.call(w, n);
+    sizes.set(p, n);
+    peak = Math.max(peak, (live += n));
+    return p;
+  };
+  w._free = (p) => {
+    live -= sizes.get(p) ?? 0;
+    sizes.delete(p);
+    free.call(w, p);
+  };
+  try {
+    f();
+  } finally {
+    w._malloc = malloc;
+    w._free = free;
+  }
+  return peak;
+}
+
+describe("one layer call", () => {
+  const models: LlamaModel[] = [];
+  afterAll(() => models.forEach(disposeModel));
+
+  for (const [dir, shapes] of [
+    ["fixtures/models/llama-tiny-a", [[1, 16], [3, 60], [2, 250]]],
+    ["fixtures/models/stories260k", [[2, 40], [3, 90], [4, 128], [1, 500]]],
+  ] as const) {
+    it(`allocates at most layerActivationBytes, with batched attention at short rows and grouped at long (${dir})`, () => {
+      const model = loadModelSync(dir);
+      models.push(model);
+      const kernels = new Set<boolean>();
+      for (const [B, T] of shapes) {
+        const ids = Array.from({ length: B }, (_, b) => Array.from({ length: T }, (_, t) => (b * 7 + t * 13) % model.config.vocabSize));
+        const resid = tf.randomNormal([B, T, model.config.hiddenSize], 0, 1, "float32", 5);
+        const bound = layerActivationBytes(model.config, B, T);
+        const peak = peakAllocated(() => forward(model, ids, { start: { layer: 1, resid }, stopAfter: 1, logitsAt: "none", cache: ["blocks.1.hook_resid_post"] }).dispose());
+        resid.dispose();
+        kernels.add(groupedAttention(model.config, T));
+        // not vacuous: the call allocates a good part of its bound
+        expect({ B, T, within: peak <= bound, substantial: peak >= 0.25 * bound }).toEqual({ B, T, within: true, substantial: true });
+      }
+      expect(kernels).toEqual(new Set([true, false])); // both attention kernels ran
+    });
+  }
+});
