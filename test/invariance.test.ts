@@ -92,7 +92,8 @@ describe("the prompt/response seam", () => {
 
 describe("the layer-major sweep", () => {
   it("gives exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
-    const { layerActivationBytes, limits, makePlan, scoreBatch, stackGroup } = await import("../src/analysis/scoring.js");
+    const { headGroup, layerActivationBytes, limits, makePlan, scoreBatch, stackGroup } = await import("../src/analysis/scoring.js");
+    const { headBlock } = await import("../src/model/llama.js");
     const { sweepLayerMajor: sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
     const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
     const { randomDirectionPatch } = await import("../src/analysis/controls.js");
@@ -100,6 +101,7 @@ describe("the layer-major sweep", () => {
     const s = resolveSettings({ sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], positions: "response" }, base.config);
     const plan = makePlan(s, base.config.numLayers);
     const sc = scoreBatch({ base, tuned }, pairs.slice(0, 1), plan, s);
+    const headCopyBytes = 16 * sc.batch.ids.length * sc.batch.ids[0]!.length * base.config.hiddenSize; // headGroup's per copy
     const mu = tf.fill([base.config.hiddenSize], 0.1) as import("@tensorflow/tfjs-core").Tensor1D;
     try {
       const before = tf.memory().numTensors;
@@ -110,13 +112,17 @@ describe("the layer-major sweep", () => {
         expect(layerMajor).toEqual(perLayer);
         expect(layerMajor.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
         if (patchFor !== first) continue;
-        // with the head taking 3 runs at a time (as at a 128k vocabulary), or each layer 1 or 3 (attn_out and
-        // mlp_out runs joining in every group), the same
+        // with the head taking 3 runs at a time and its logits 5 rows at a time (as at a 128k vocabulary), or
+        // each layer 1 or 3 runs (attn_out and mlp_out runs joining in every group), the same
         const saved = { ...limits };
+        const savedBlock = { ...headBlock };
         const one = layerActivationBytes(base.config, sc.batch.ids.length, sc.batch.ids[0]!.length);
         try {
-          limits.headElements = 3 * sc.batch.logitsAt.length * base.config.vocabSize;
+          limits.stackBytes = 3 * headCopyBytes;
+          expect(headGroup(base.config, sc.batch)).toBe(3);
+          headBlock.elements = 5 * (base.config.vocabSize + headBlock.size);
           expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);
+          Object.assign(headBlock, savedBlock);
           for (const copies of [1, 3]) {
             limits.stackBytes = copies * one;
             expect(stackGroup(base.config, sc.batch)).toBe(copies);
@@ -124,17 +130,22 @@ describe("the layer-major sweep", () => {
           }
         } finally {
           Object.assign(limits, saved);
+          Object.assign(headBlock, savedBlock);
         }
       }
-      // the logit lens likewise: all depths stacked, or 2 at a time
+      // the logit lens likewise: all depths stacked, or 2 at a time with the logits 7 rows at a time
       const { logitLensBatch } = await import("../src/analysis/lens.js");
       const all = logitLensBatch({ base, tuned }, sc, s);
-      const saved = limits.headElements;
-      limits.headElements = 2 * sc.batch.logitsAt.length * base.config.vocabSize;
+      const saved = { ...limits };
+      const savedBlock = { ...headBlock };
+      limits.stackBytes = 2 * headCopyBytes;
+      headBlock.elements = 7 * (base.config.vocabSize + headBlock.size);
       try {
+        expect(headGroup(base.config, sc.batch)).toBe(2);
         expect(logitLensBatch({ base, tuned }, sc, s)).toEqual(all);
       } finally {
-        limits.headElements = saved;
+        Object.assign(limits, saved);
+        Object.assign(headBlock, savedBlock);
       }
       expect(tf.memory().numTensors).toBe(before);
     } finally {

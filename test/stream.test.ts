@@ -13,6 +13,7 @@ import { hookNames } from "../src/model/hooks.js";
 import { disposeModel, forward, headBlock, type LlamaModel } from "../src/model/llama.js";
 import { expectedTensors, weightRefs } from "../src/model/weights.js";
 import { runAnalysis } from "../src/analysis/run.js";
+import { limits } from "../src/analysis/scoring.js";
 import { arbCase, randomWeights, writeModelFolder } from "./random-model.js";
 import { useBackend } from "./helpers.js";
 
@@ -81,7 +82,7 @@ describe("streamed = resident", () => {
         const headBudget = backendCopies() * (4 * cfg.hidden + Math.ceil(V / chunks) * 4 * cfg.hidden + layerBytesOf(loadConfig(dir)) + 1);
         const resident = loadModelSync(dir);
         const chunked = loadModelSync(dir, { memoryBudget: headBudget });
-        const saved = headBlock.size;
+        const saved = { ...headBlock };
         try {
           const T = Math.max(...rows.map((r) => r.length));
           const ids = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
@@ -101,12 +102,16 @@ describe("streamed = resident", () => {
           });
           headBlock.size = block; // blocks that straddle chunks, and a ragged last block
           const a = forward(resident, ids, opts).logprobs!;
+          headBlock.elements = 3 * (Math.ceil(V / chunks) + block); // and the rows 3 at a time through each chunk
+          const loads = (chunked.source as StreamedWeights).stats.loads;
           const b = forward(chunked, ids, opts).logprobs!;
+          // each layer and head chunk brought in once, however many slices of rows go through the chunk
+          expect((chunked.source as StreamedWeights).stats.loads - loads).toBeLessThanOrEqual(cfg.layers + chunked.source!.headChunks!);
           expect(chunked.source?.headChunks ?? 1).toBeGreaterThan(1);
           expect(Array.from(b)).toEqual(Array.from(a));
           a.forEach((v, i) => expect(Math.abs(v - whole[i]!)).toBeLessThan(1e-5 * Math.max(1, Math.abs(v))));
         } finally {
-          headBlock.size = saved;
+          Object.assign(headBlock, saved);
           disposeModel(resident);
           disposeModel(chunked);
           fs.rmSync(dir, { recursive: true, force: true });
@@ -150,6 +155,28 @@ describe("streamed = resident", () => {
         for (const m of shared) disposeModel(m);
       }
     } finally {
+      for (const m of [...resident, ...streamed]) disposeModel(m);
+    }
+  });
+
+  it("per-head patching and the low-rank stage (at the last layer: the head alone), layer-major on streamed models, give the resident numbers, in one wave or a copy at a time", async () => {
+    const base = "fixtures/models/stories260k";
+    const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 2 });
+    const settings = { heads: true, pcaLayer: 4, controls: false, bootstrap: 10, stabilityReps: 2 };
+    const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { memoryBudget: budget } : {});
+    const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
+    const streamed = [load(base, budgetFor(base, 2)), load("fixtures/models/stories260k-dpo", budgetFor(base, 2))] as const;
+    const saved = { ...limits };
+    try {
+      const strip = (r: Awaited<ReturnType<typeof runAnalysis>>) => ({ ...r, timings_ms: {} });
+      const a = strip(await runAnalysis(resident[0], resident[1], pairs, settings));
+      expect(a.pairs[0]!.heads).not.toBeNull();
+      expect(a.pca!.layer).toBe(resident[0].config.numLayers - 1);
+      expect(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings))).toEqual(a);
+      limits.stackBytes = 1; // one copy per layer call, head pass and wave
+      expect(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings))).toEqual(a);
+    } finally {
+      Object.assign(limits, saved);
       for (const m of [...resident, ...streamed]) disposeModel(m);
     }
   });

@@ -1,6 +1,7 @@
 // Finer exact patches than a whole layer: one attention head (attn.hook_z) at a time, and one token position at
 // a time. Each copy of the batch patches one head (or one position), and the copies run stacked through the
-// layers above and the head, a few at a time (headGroup), resumed from the patched model's cached resid_pre.
+// layers above and the head, a few at a time (stackedGains: layer-major on a streamed model), resumed from the
+// patched model's cached resid_pre.
 import * as tf from "@tensorflow/tfjs-core";
 import { makeBatch, marginsOf, pairedInput, rowLogprobs } from "../data/batch.js";
 import type { Pair } from "../data/pairs.js";

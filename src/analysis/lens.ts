@@ -16,7 +16,7 @@ export function logitLensBatch(models: { base: LlamaModel; tuned: LlamaModel }, 
   const L = models.base.config.numLayers;
   const P = sc.pairs.length;
   const read = (name: "base" | "tuned") => {
-    const G = headGroup(sc.batch.logitsAt.length, models[name]);
+    const G = headGroup(models[name].config, sc.batch);
     const out: Float64Array[] = [];
     for (let d0 = 0; d0 <= L; d0 += G) {
       const depths = Array.from({ length: Math.min(G, L + 1 - d0) }, (_, i) => d0 + i);

@@ -4,7 +4,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
 import { makeBatch, marginsOf, pairedInput, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, GROUPED_ATTENTION_MIN, groupedAttention, headBlock, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import { forward, GROUPED_ATTENTION_MIN, groupedAttention, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 
 /** Score-sized tensors attention holds at once: the scores, scaled, masked and their softmax, and the mask. */
 const SCORE_COPIES = 5;
@@ -138,8 +138,11 @@ export function gainsByKey(combos: Combo[], gains: number[][], i: number): Recor
 
 /**
  * Gains of `copies` patched runs of `model` from layer `layer` on, as [copy][pair of the batch]: copies k … run
- * stacked along the rows, a few at a time (headGroup and stackGroup, at most maxGroup), entering with
- * `start(first, count)` (freed here) and hooked by `hooks(first, count)`. `margin` holds the unpatched margins.
+ * stacked along the rows, a few at a time (stackGroup through a layer, headGroup through the head, at most
+ * maxGroup), entering with `start(first, count)` (freed here) and hooked by `hooks(first, count)`. A resident
+ * model runs each group through every layer and the head in one forward; a streamed one goes layer-major (as
+ * many copies at once as limits.stackBytes holds), so each layer and head chunk is brought in once for all of
+ * them. `margin` holds the unpatched margins.
  */
 export function stackedGains(
   model: LlamaModel,
@@ -155,16 +158,62 @@ export function stackedGains(
 ): number[][] {
   const n = batch.ids.length / 2;
   const out: number[][] = [];
-  const G = Math.min(maxGroup, headGroup(batch.logitsAt.length, model), stackGroup(model.config, batch));
-  for (let first = 0; first < copies; first += G) {
-    const count = Math.min(G, copies - first);
-    const rows = repeatBatch(batch, count);
-    const resid = start(first, count);
-    const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start: { layer, resid }, hooks: hooks(first, count) });
-    const m = marginsOf(rowLogprobs(r.logprobs!, rows, perToken));
-    r.dispose();
-    resid.dispose();
+  const record = (m: Float64Array, count: number) => {
     for (let k = 0; k < count; k++) out.push(Array.from({ length: n }, (_, i) => gainOf(direction, m[k * n + i]!, margin.base[i]!, margin.tuned[i]!)));
+  };
+  // through the head from `from` on (the final norm and head only when from is past the last layer)
+  const finish = (resid: tf.Tensor, from: number, count: number, hk: Record<string, (v: tf.Tensor) => tf.Tensor> = {}) => {
+    const rows = repeatBatch(batch, count);
+    const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start: { layer: from, resid }, hooks: hk });
+    record(marginsOf(rowLogprobs(r.logprobs!, rows, perToken)), count);
+    r.dispose();
+  };
+  const G = Math.min(maxGroup, stackGroup(model.config, batch));
+  const Gh = Math.min(maxGroup, headGroup(model.config, batch));
+  if (!model.source) {
+    for (let first = 0; first < copies; first += Math.min(G, Gh)) {
+      const count = Math.min(G, Gh, copies - first);
+      const resid = start(first, count);
+      finish(resid, layer, count, hooks(first, count));
+      resid.dispose();
+    }
+    return out;
+  }
+  const L = model.config.numLayers;
+  const R = batch.ids.length;
+  const wave = Math.max(G, Gh, Math.floor(limits.stackBytes / (4 * R * batch.ids[0]!.length * model.config.hiddenSize)));
+  for (let w0 = 0; w0 < copies; w0 += wave) {
+    const groups = Array.from({ length: Math.ceil(Math.min(wave, copies - w0) / G) }, (_, i) => ({ first: w0 + i * G, count: Math.min(G, copies - w0 - i * G, wave - i * G) }));
+    let parts: tf.Tensor[] = [];
+    let all: tf.Tensor | null = null;
+    try {
+      for (const g of groups) parts.push(start(g.first, g.count));
+      for (let l = layer; l < L; l++) {
+        const site = hookName("resid_post", l);
+        parts = parts.map((resid, gi) => {
+          const { first, count } = groups[gi]!;
+          const rows = repeatBatch(batch, count);
+          const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks: hooks(first, count), logitsAt: "none" });
+          const h = r.cache.take(site);
+          r.dispose();
+          resid.dispose();
+          return h;
+        });
+      }
+      all = parts.length === 1 ? parts[0]! : tf.concat(parts);
+      if (all !== parts[0]) tf.dispose(parts);
+      parts = [];
+      const count = groups.reduce((a, g) => a + g.count, 0);
+      for (let k = 0; k < count; k += Gh) {
+        const c = Math.min(Gh, count - k);
+        const resid = tf.slice(all, [k * R, 0, 0], [c * R, -1, -1]);
+        finish(resid, L, c, hooks(w0 + k, c)); // hooks at the final norm, if any
+        resid.dispose();
+      }
+    } finally {
+      tf.dispose(parts);
+      all?.dispose();
+    }
   }
   return out;
 }
@@ -219,25 +268,17 @@ export function layerActivationBytes(cfg: LlamaConfig, rows: number, T: number):
 }
 
 /**
- * headElements: logit entries one head pass may produce: 64 MiB of float32 (the log-softmax and gather make about
- * 3x that). stackBytes: what one layer call of stacked copies of a batch may take in transient activations
+ * stackBytes: what one layer call of stacked copies of a batch may take in transient activations
  * (layerActivationBytes); more copies go through the layer in turns, so a 16-layer sweep's 17 runs do not all
- * sit in one wasm heap at once.
+ * sit in one wasm heap at once. The head's logits are bounded by headBlock.elements (llama.ts).
  */
-export const limits = { headElements: 2 ** 24, stackBytes: 2 ** 28 };
+export const limits = { stackBytes: 2 ** 28 };
 
 /** How many stacked copies of `batch` one layer call may take (at least 1): limits.stackBytes over one copy's layerActivationBytes. */
 export const stackGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / layerActivationBytes(cfg, batch.ids.length, batch.ids[0]!.length)));
 
 /**
- * Logit columns a head pass holds at once per scored position: the whole vocabulary when the head is resident,
- * one streamed chunk plus the block being reduced when it comes in chunks (see forward's `targets`).
+ * How many stacked copies of `batch` one head pass may take (at least 1): its final norm holds about four copies
+ * of their residuals within limits.stackBytes; the logits go through the head in slices of rows (headBlock).
  */
-export function headWidth(model: LlamaModel): number {
-  const V = model.config.vocabSize;
-  const chunks = model.source?.headChunks;
-  return chunks ? Math.min(V, Math.ceil(V / chunks) + headBlock.size) : V;
-}
-
-/** How many stacked copies of a batch with `scored` response positions one head pass of `model` may take (at least 1). */
-export const headGroup = (scored: number, model: LlamaModel): number => Math.max(1, Math.floor(limits.headElements / Math.max(1, scored * headWidth(model))));
+export const headGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / (16 * batch.ids.length * batch.ids[0]!.length * cfg.hiddenSize)));

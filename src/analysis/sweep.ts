@@ -138,7 +138,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
       // the head, for as many runs at a time as its logits allow
       const P = input.batch.pairs.length;
       const R = input.batch.ids.length;
-      const G = headGroup(input.batch.logitsAt.length, model);
+      const G = headGroup(model.config, input.batch);
       for (let g = 0; g < running.length; g += G) {
         const group = running.slice(g, g + G);
         const rows = repeatBatch(input.batch, group.length);

@@ -280,15 +280,16 @@ function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[
 /**
  * Vocabulary block of the scored log-softmax (`targets`): each block's log-sum-exp is taken in float32 on the
  * backend and the blocks are combined in float64. Fixed (tests lower it), so how a streamed head is chunked
- * cannot change a bit.
+ * cannot change a bit. `elements`: logit entries the head holds at once (64 MiB of float32); more rows go through
+ * each piece of the head in slices, so a streamed head is brought in once per forward however many rows it scores.
  */
-export const headBlock = { size: 8192 };
+export const headBlock = { size: 8192, elements: 2 ** 24 };
 
-/** The head's logits [N, vocab slice] piece by piece: the whole head when resident, else each streamed chunk. */
-function headPieces(model: LlamaModel, x: tf.Tensor2D): Array<() => tf.Tensor2D> {
+/** The head's weights piece by piece ([H, vocab slice]): the whole head when resident, else each streamed chunk. */
+function headPieces(model: LlamaModel): Array<() => tf.Tensor2D> {
   const src = model.source;
-  if (!src?.headChunks) return [() => linear(x, model.lmHead) as tf.Tensor2D];
-  return Array.from({ length: src.headChunks }, (_, c) => () => linear(x, src.headChunk!(c)) as tf.Tensor2D);
+  if (!src?.headChunks) return [() => model.lmHead];
+  return Array.from({ length: src.headChunks }, (_, c) => () => src.headChunk!(c));
 }
 
 /** log p(targets[i]) under the head at each row of x [N, H] (final-normed), one vocabulary block (headBlock) at a time. */
@@ -297,43 +298,54 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): F
   if (targets.length !== N) throw new RangeError(`targets has ${targets.length} entries for ${N} logit positions`);
   const V = model.config.vocabSize;
   for (const t of targets) if (!(Number.isInteger(t) && t >= 0 && t < V)) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
+  const pieces = headPieces(model);
+  const n = Math.max(1, Math.floor(headBlock.elements / (Math.ceil(V / pieces.length) + headBlock.size))); // rows per slice
   const lse: Float32Array[] = []; // per block: log Σ exp(logits) over the block, per row
   const picked = new Float64Array(N);
-  let held: tf.Tensor2D | null = null; // logits of vocabulary [from, from + width) not yet reduced
+  // each slice of rows carries the logits of vocabulary [from, from + width) it has not yet reduced
+  const slices = Array.from({ length: Math.ceil(N / n) }, (_, i) => ({ start: i * n, x: N <= n ? x : tf.slice(x, [i * n, 0], [Math.min(n, N - i * n), -1]), held: null as tf.Tensor2D | null }));
   let from = 0;
-  const reduce = (block: tf.Tensor2D, a: number) => {
-    const w = block.shape[1];
-    const hits = targets.flatMap((t, i) => (t >= a && t < a + w ? [i] : []));
-    const [l, p] = tf.tidy(() => [tf.logSumExp(block, 1), hits.length ? tf.gather(tf.reshape(block, [-1]), tf.tensor1d(hits.map((i) => i * w + targets[i]! - a), "int32")) : tf.zeros([0])]);
-    lse.push(l!.dataSync() as Float32Array);
+  const reduce = (block: tf.Tensor2D, a: number, start: number, bi: number) => {
+    const [rows, w] = block.shape;
+    const hits = Array.from({ length: rows }, (_, i) => i).filter((i) => targets[start + i]! >= a && targets[start + i]! < a + w);
+    const [l, p] = tf.tidy(() => [tf.logSumExp(block, 1), hits.length ? tf.gather(tf.reshape(block, [-1]), tf.tensor1d(hits.map((i) => i * w + targets[start + i]! - a), "int32")) : tf.zeros([0])]);
+    (lse[bi] ??= new Float32Array(N)).set(l!.dataSync(), start);
     const pv = p!.dataSync();
-    hits.forEach((i, k) => (picked[i] = pv[k]!));
+    hits.forEach((i, k) => (picked[start + i] = pv[k]!));
     tf.dispose([l!, p!]);
   };
   try {
-    for (const piece of headPieces(model, x)) {
-      const next = tf.tidy(piece);
-      const cur: tf.Tensor2D = held ? tf.concat([held, next], 1) : next;
-      if (held) tf.dispose([held, next]);
-      held = cur;
-      const width = cur.shape[1];
-      const last = from + width === V;
-      let off = 0;
-      while (width - off >= headBlock.size || (last && off < width)) {
-        const w = Math.min(headBlock.size, width - off);
-        const block = off === 0 && w === width ? cur : tf.slice(cur, [0, off], [N, w]);
-        reduce(block, from + off);
-        if (block !== cur) block.dispose();
-        off += w;
+    for (const piece of pieces) {
+      const b0 = lse.length;
+      let advanced = 0;
+      for (const sl of slices) {
+        const next = tf.tidy(() => linear(sl.x, piece()) as tf.Tensor2D);
+        const cur: tf.Tensor2D = sl.held ? tf.concat([sl.held, next], 1) : next;
+        if (sl.held) tf.dispose([sl.held, next]);
+        sl.held = cur;
+        const [rows, width] = cur.shape;
+        const last = from + width === V;
+        let off = 0;
+        for (let bi = b0; width - off >= headBlock.size || (last && off < width); bi++) {
+          const w = Math.min(headBlock.size, width - off);
+          const block = off === 0 && w === width ? cur : tf.slice(cur, [0, off], [rows, w]);
+          reduce(block, from + off, sl.start, bi);
+          if (block !== cur) block.dispose();
+          off += w;
+        }
+        if (off > 0) {
+          sl.held = off < width ? tf.slice(cur, [0, off], [rows, width - off]) : null;
+          cur.dispose();
+        }
+        advanced = off;
       }
-      if (off > 0) {
-        held = off < width ? tf.slice(cur, [0, off], [N, width - off]) : null;
-        cur.dispose();
-        from += off;
-      }
+      from += advanced;
     }
   } finally {
-    (held as tf.Tensor2D | null)?.dispose();
+    for (const sl of slices) {
+      sl.held?.dispose();
+      if (sl.x !== x) sl.x.dispose();
+    }
   }
   return Float64Array.from(picked, (v, i) => {
     let m = -Infinity;
