@@ -128,6 +128,11 @@ export class StreamedWeights implements WeightSource {
     return this.layerBytes + (this.head ? this.chunkBytes(0) : 0);
   }
 
+  /** Float32 bytes of its largest unit: a layer, or a head chunk when the head is streamed. */
+  get unitBytes(): number {
+    return Math.max(this.layerBytes, this.head ? this.chunkBytes(0) : 0);
+  }
+
   /** Moves this model's units to `pool` (before any is brought in: what it holds now is freed). */
   usePool(pool: Residency): void {
     this.pool.release(this.id);
@@ -216,15 +221,15 @@ export class StreamedWeights implements WeightSource {
 }
 
 /**
- * Lets the streamed models of one thread share one Residency that holds one layer and one head chunk, unless
- * their own budgets hold every layer. A pass reads the layers in order, so keeping some but not all of them never
- * saves a read; and the models of a run take turns (no pass reads two models' layers at once), so the least one
- * model needs serves both: at Llama-3.2-1B width this halves the backend memory of weights (0.45 GiB instead of
- * 0.9 with XNNPACK's packed copies).
+ * Lets the streamed models of one thread share one Residency that holds one unit, a layer or a head chunk, unless
+ * their own budgets hold every layer. A pass reads the layers in order and then the head, so keeping some but not
+ * all of them never saves a read; and the models of a run take turns (no pass reads two models' layers at once),
+ * so one unit's room serves both: at Llama-3.2-1B width 0.45 GiB with XNNPACK's packed copies (a layer and a head
+ * chunk side by side took 0.7; each model's own, 1.4).
  */
 export function shareResidency(sources: Array<WeightSource | undefined>): void {
   const streamed = sources.filter((s): s is StreamedWeights => s instanceof StreamedWeights);
   if (streamed.length < 2 || streamed.every((s) => s.capacity >= s.cfg.numLayers)) return;
-  const pool = new Residency(Math.max(...streamed.map((s) => s.leastBytes)));
+  const pool = new Residency(Math.max(...streamed.map((s) => s.unitBytes)));
   for (const s of streamed) s.usePool(pool);
 }
