@@ -280,10 +280,11 @@ function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[
 /**
  * Vocabulary block of the scored log-softmax (`targets`): each block's log-sum-exp is taken in float32 on the
  * backend and the blocks are combined in float64. Fixed (tests lower it), so how a streamed head is chunked
- * cannot change a bit. `elements`: logit entries the head holds at once (64 MiB of float32); more rows go through
- * each piece of the head in slices, so a streamed head is brought in once per forward however many rows it scores.
+ * cannot change a bit. `elements`: logit entries a slice of rows holds at once (16 MiB of float32; a block's
+ * log-sum-exp makes about 3x that); more rows go through each piece of the head in slices, so a streamed head is
+ * brought in once per forward however many rows it scores.
  */
-export const headBlock = { size: 8192, elements: 2 ** 24 };
+export const headBlock = { size: 8192, elements: 2 ** 22 };
 
 /** The head's weights piece by piece ([H, vocab slice]): the whole head when resident, else each streamed chunk. */
 function headPieces(model: LlamaModel): Array<() => tf.Tensor2D> {
