@@ -164,7 +164,7 @@ describe("streamed = resident", () => {
     }
   });
 
-  it("per-head patching and the low-rank stage (at the last layer: the head alone), layer-major on streamed models, give the resident numbers, in one wave or a copy at a time", async () => {
+  it("per-head patching and the low-rank stage (at the last layer: the head alone), layer-major on streamed models, give the resident numbers a copy at a time", async () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 2 });
     const settings = { heads: true, pcaLayer: 4, controls: false, bootstrap: 10, stabilityReps: 2 };
@@ -177,7 +177,7 @@ describe("streamed = resident", () => {
       const a = strip(await runAnalysis(resident[0], resident[1], pairs, settings));
       expect(a.pairs[0]!.heads).not.toBeNull();
       expect(a.pca!.layer).toBe(resident[0].config.numLayers - 1);
-      expect(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings))).toEqual(a);
+      // (with the default limits the whole-analysis test above covers several groups in one wave)
       limits.stackBytes = 1; // one copy per layer call, head pass and wave
       expect(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings))).toEqual(a);
     } finally {
