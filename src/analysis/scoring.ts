@@ -5,9 +5,6 @@ import type { Pair } from "../data/pairs.js";
 import { makeBatch, marginsOf, pairedInput, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import { forward, GROUPED_ATTENTION_MIN, groupedAttention, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
-
-/** Score-sized tensors attention holds at once: the scores, scaled, masked and their softmax, and the mask. */
-const SCORE_COPIES = 5;
 import type { LlamaConfig } from "../model/config.js";
 import { gainOf, sitesNeeded, windowLayers } from "./patches.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
@@ -253,6 +250,9 @@ export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number
   const logits = 3 * scored * cfg.vocabSize;
   return 4 * (cached + logits) + layerActivationBytes(cfg, rows, T);
 }
+
+/** Score-sized tensors attention holds at once: the scores, scaled, masked and their softmax, and the mask. */
+const SCORE_COPIES = 5;
 
 /**
  * An upper estimate of the float32 bytes one layer's transient activations and attention scores take for `rows`
