@@ -4,6 +4,7 @@
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, describe, expect, it } from "vitest";
 import { useBackend } from "./helpers.js";
+import { filledTensor } from "../src/model/backend.js";
 import { loadModelSync } from "../src/io/model.js";
 import { disposeModel, forward, groupedAttention, type LlamaModel } from "../src/model/llama.js";
 import { layerActivationBytes } from "../src/analysis/scoring.js";
@@ -68,4 +69,19 @@ describe("one layer call", () => {
       expect(kernels).toEqual(new Set([true, false])); // both attention kernels ran
     });
   }
+});
+
+describe("streamed weights", () => {
+  it("are decoded straight into the wasm heap, with no Node-side copy on the way", () => {
+    const heap = () => (tf.backend() as unknown as { wasm: { HEAPU8: Uint8Array } }).wasm.HEAPU8.buffer;
+    const want = Float32Array.from({ length: 6 }, (_, i) => i * 0.5 - 1);
+    let target: ArrayBufferLike | null = null;
+    const t = filledTensor([2, 3], (out) => {
+      target = out.buffer;
+      out.set(want);
+    });
+    expect(target).toBe(heap());
+    expect(Array.from(t.dataSync())).toEqual(Array.from(want));
+    t.dispose();
+  });
 });

@@ -4,6 +4,7 @@
 import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "../model/config.js";
 import type { LlamaLayer, WeightSource } from "../model/llama.js";
+import { filledTensor } from "../model/backend.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, type LayerKey } from "../model/weights.js";
 import { DTYPE_BYTES, decode, halfToFloat, storedBits, type RawTensor, type WeightDType } from "./safetensors.js";
 
@@ -70,7 +71,6 @@ export class Residency {
 }
 
 let nextSource = 0;
-let sharedScratch = new Float32Array(0); // StreamedWeights.scratch: one per thread
 
 /**
  * A stored row-major [rows, cols] matrix (F32, F16 or BF16 bytes) as float32 [cols, rows] in `out`, decoded and
@@ -170,17 +170,6 @@ export class StreamedWeights implements WeightSource {
     });
   }
 
-  /**
-   * Room for n float32 values on their way to the backend: one buffer reused on wasm, whose tensors copy their
-   * values into its heap at once (a 1B layer's 243 MB would otherwise be new garbage twice over per load); a new
-   * one elsewhere, since other backends may keep the array they were given.
-   */
-  private scratch(n: number): Float32Array {
-    if (tf.getBackend() !== "wasm") return new Float32Array(n);
-    if (sharedScratch.length < n) sharedScratch = new Float32Array(n);
-    return sharedScratch;
-  }
-
   layer(l: number): LlamaLayer {
     return this.unit(`L${l}`, this.layerBytes, () => {
       const p: Partial<Record<LayerKey, tf.Tensor>> = {};
@@ -189,7 +178,7 @@ export class StreamedWeights implements WeightSource {
         const t = this.raw.get(name);
         if (!t) continue; // optional biases
         const [rows, cols] = t.shape as [number, number];
-        p[k as LayerKey] = isMatrixName(name) ? tf.tensor(transposedF32(t.dtype as WeightDType, t.bytes, rows, cols, this.scratch(rows * cols)), [cols, rows], "float32") : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
+        p[k as LayerKey] = isMatrixName(name) ? filledTensor([cols, rows], (out) => transposedF32(t.dtype as WeightDType, t.bytes, rows, cols, out)) : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
       }
       return { tensors: Object.values(p) as tf.Tensor[], bytes: this.layerBytes, value: p as unknown as LlamaLayer };
     }).value as LlamaLayer;
@@ -201,7 +190,7 @@ export class StreamedWeights implements WeightSource {
       const [a, b] = this.chunkRange(c);
       const H = this.cfg.hiddenSize;
       const rowBytes = H * DTYPE_BYTES[raw.dtype];
-      const t = tf.tensor2d(transposedF32(raw.dtype as WeightDType, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, this.scratch((b - a) * H)), [H, b - a]);
+      const t = filledTensor([H, b - a], (out) => transposedF32(raw.dtype as WeightDType, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, out)) as tf.Tensor2D;
       return { tensors: [t], bytes: this.chunkBytes(c), value: t };
     }).value as tf.Tensor2D;
   }

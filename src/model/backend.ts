@@ -112,3 +112,23 @@ export async function ensureBackend(): Promise<string> {
   if (current) return current;
   return await initBackend();
 }
+
+/**
+ * A new float32 tensor of `shape` whose values `fill` writes: on wasm straight into the backend's heap, so a
+ * streamed 1B layer's matrices never pass through a Node-side copy; elsewhere through a new array.
+ */
+export function filledTensor(shape: number[], fill: (out: Float32Array) => void): tf.Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const b = tf.backend() as unknown as {
+    makeOutput?: (shape: number[], dtype: "float32") => tf.TensorInfo;
+    typedArrayFromHeap?: (info: tf.TensorInfo) => Float32Array;
+  };
+  if (tf.getBackend() === "wasm" && b.makeOutput && b.typedArrayFromHeap) {
+    const info = b.makeOutput(shape, "float32"); // allocated, not written
+    fill(b.typedArrayFromHeap(info)); // a view of the heap: valid while nothing allocates, and fill does not
+    return tf.engine().makeTensorFromTensorInfo(info);
+  }
+  const out = new Float32Array(n);
+  fill(out);
+  return tf.tensor(out, shape, "float32");
+}
