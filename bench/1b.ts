@@ -184,7 +184,10 @@ async function main(): Promise<void> {
   if (peer) {
     row("PyTorch peer (TransformerLens-style sweep: a full forward per layer)", `${peer.s.toFixed(1)} s per pair; matmul ${peer.gflops.toFixed(0)} GFLOP/s (${(peer.gflops / ceilings[0]!).toFixed(1)}x wasm's)`);
     row("PyTorch peer resuming each patched forward at the patched layer", `${peer.resumeS.toFixed(1)} s per pair`);
-    row("prefprobe per pair / TL-style peer per pair (target ≤ 1.0)", `${(tm.patch_sweep! / 1000 / nPairs / peer.s).toFixed(2)} (the sweep alone, thread time); ${(sPerPair / peer.s).toFixed(2)} (all per-pair stages, wall)`);
+    // the peer's work per pair is prefprobe's scoring (both clean runs) and patch sweep; the random-direction
+    // control and the logit lens are extra passes it does not make
+    const same = (tm.scoring! + tm.patch_sweep!) / 1000 / nPairs;
+    row("prefprobe per pair / TL-style peer per pair (target ≤ 1.0)", `${(same / run.workers / peer.s).toFixed(2)} (the peer's work: scoring + sweep, thread time ÷ ${run.workers} worker thread(s)); ${(tm.patch_sweep! / 1000 / nPairs / peer.s).toFixed(2)} (the sweep alone, one thread); ${(sPerPair / peer.s).toFixed(2)} (all per-pair stages with the controls and lens, wall)`);
     row("margins, prefprobe vs peer (max error / |gap|)", peer.maxErr.toExponential(1));
   } else row("PyTorch peer", "skipped: no python3 with torch (apt install python3-torch)");
   const ablation = (tm.mean_ablation ?? 0) / 1000 / nPairs;
