@@ -55,6 +55,24 @@ describe("hook names", () => {
   });
 });
 
+describe("the head at scored positions", () => {
+  it("norms only the gathered positions unless ln_final is watched, with the same log-probs bit for bit; a hook there still acts", () => {
+    const ids = [[5, 9, 2, 7, 1, 3], [4, 4, 8, 6, 2, 0]];
+    const logitsAt: Array<[number, number]> = [[0, 2], [0, 5], [1, 0], [1, 4]];
+    const targets = [3, 1, 7, 2];
+    const run = (opts: Parameters<typeof forward>[2]) => {
+      const r = forward(model, ids, { logitsAt, targets, ...opts });
+      const lp = Array.from(r.logprobs!);
+      r.dispose();
+      return lp;
+    };
+    const plain = run({});
+    expect(run({ cache: ["ln_final.hook_normalized"] })).toEqual(plain);
+    expect(run({ hooks: { "ln_final.hook_normalized": (v) => v } })).toEqual(plain);
+    expect(run({ hooks: { "ln_final.hook_normalized": (v) => tf.mul(v, 2) } })).not.toEqual(plain);
+  });
+});
+
 describe("ownership of cached activations", () => {
   it("the caller owns logits and cache; dispose() frees every tensor the call made", () => {
     const before = tf.memory().numTensors;

@@ -127,6 +127,7 @@ export interface ForwardResult {
 interface Ctx {
   cfg: LlamaConfig;
   site: (name: HookName, value: tf.Tensor) => tf.Tensor;
+  watched: (name: HookName) => boolean; // a hook or the cache wants this site
   cos: tf.Tensor; // [T, head_dim], or [rows, 1, T, head_dim] per packed row
   sin: tf.Tensor;
   maskBias: tf.Tensor; // [B, 1, 1, T, T]: 0 where a query may attend to a key, −1e9 elsewhere
@@ -269,11 +270,14 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
  */
 function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>, unembedded = true): tf.Tensor {
   const H = resid.shape[2]!;
-  const normed = ctx.site("ln_final.hook_normalized", rmsNorm(resid, model.finalNorm, ctx.cfg.rmsNormEps));
-  if (at === "all") return unembed(model, ctx.rows.unpack(normed));
+  const norm = (x: tf.Tensor) => rmsNorm(x, model.finalNorm, ctx.cfg.rmsNormEps);
+  if (at === "all") return unembed(model, ctx.rows.unpack(ctx.site("ln_final.hook_normalized", norm(resid))));
   const [B, T] = ctx.rows.shape;
   for (const [b, t] of at) if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
-  const rows = tf.gather(tf.reshape(normed, [-1, H]), tf.tensor1d(at.map(([b, t]) => ctx.rows.slot(b * T + t)), "int32"));
+  const index = tf.tensor1d(at.map(([b, t]) => ctx.rows.slot(b * T + t)), "int32");
+  // the norm is per position: unless the site is watched, only the scored positions are gathered and normed
+  const watched = ctx.watched("ln_final.hook_normalized");
+  const rows = watched ? tf.gather(tf.reshape(ctx.site("ln_final.hook_normalized", norm(resid)), [-1, H]), index) : norm(tf.gather(tf.reshape(resid, [-1, H]), index));
   return unembedded ? unembed(model, rows) : rows;
 }
 
@@ -431,6 +435,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   const ctx: Ctx = {
     cfg,
     site,
+    watched: (name) => !!opts.hooks?.[name] || wanted(name),
     cos: ropeTable(tables.cos),
     sin: ropeTable(tables.sin),
     maskBias: packing ? tf.tensor(packing.mask, [packing.rows, 1, 1, Tr, Tr]) : maskBias(lengths, T),
