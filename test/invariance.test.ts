@@ -101,7 +101,7 @@ describe("the layer-major sweep", () => {
     const s = resolveSettings({ sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], positions: "response" }, base.config);
     const plan = makePlan(s, base.config.numLayers);
     const sc = scoreBatch({ base, tuned }, pairs.slice(0, 1), plan, s);
-    const headCopyBytes = 16 * sc.batch.ids.length * sc.batch.ids[0]!.length * base.config.hiddenSize; // headGroup's per copy
+    const headCopyBytes = 8 * sc.batch.ids.length * sc.batch.ids[0]!.length * base.config.hiddenSize; // headGroup's per copy
     const mu = tf.fill([base.config.hiddenSize], 0.1) as import("@tensorflow/tfjs-core").Tensor1D;
     try {
       const before = tf.memory().numTensors;
