@@ -118,6 +118,10 @@ describe("forward identities", () => {
     expect(() => forward(model, [[1, 200]])).toThrow(/outside the vocabulary/);
     expect(() => forward(model, [[1, 2], [3]])).toThrow(/same \(padded\) length/);
     expect(() => forward(model, [[1, 2]], { lengths: [3] })).toThrow(/lengths/);
+    // targets: one id per scored position, each in the vocabulary; nested lists named in a short message
+    const at: Array<[number, number]> = [[0, 0], [0, 1]];
+    expect(() => forward(model, [[1, 2]], { logitsAt: at, targets: [3, 200] })).toThrow(/target id 200 outside the vocabulary/);
+    expect(() => forward(model, [[1, 2]], { logitsAt: at, targets: [[3, 4], [5, 6]] as unknown as number[] })).toThrow(/^targets must be one integer token id per logitsAt position, got an array$/);
     const before = tf.memory().numTensors;
     const wrong = tf.zeros([1, 3, 64]);
     expect(() => forward(model, [[1, 2]], { start: { layer: 1, resid: wrong } })).toThrow(/start residual has shape \[1,3,64\], expected \[1,2,64\]/);

@@ -302,7 +302,10 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): F
   const N = x.shape[0];
   if (targets.length !== N) throw new RangeError(`targets has ${targets.length} entries for ${N} logit positions`);
   const V = model.config.vocabSize;
-  for (const t of targets) if (!(Number.isInteger(t) && t >= 0 && t < V)) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
+  for (const t of targets) {
+    if (!Number.isInteger(t)) throw new RangeError(`targets must be one integer token id per logitsAt position, got ${Array.isArray(t) ? "an array" : JSON.stringify(t)}`);
+    if (t < 0 || t >= V) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
+  }
   const pieces = headPieces(model);
   const n = Math.max(1, Math.floor(headBlock.elements / (Math.ceil(V / pieces.length) + headBlock.size))); // rows per slice
   const lse: Float32Array[] = []; // per block: log Σ exp(logits) over the block, per row
