@@ -83,5 +83,9 @@ describe("streamed weights", () => {
     expect(target).toBe(heap());
     expect(Array.from(t.dataSync())).toEqual(Array.from(want));
     t.dispose();
+    // a fill that fails leaves nothing allocated
+    const before = (tf.backend() as unknown as { numDataIds(): number }).numDataIds();
+    expect(() => filledTensor([2, 3], () => { throw new Error("bad bytes"); })).toThrow("bad bytes");
+    expect((tf.backend() as unknown as { numDataIds(): number }).numDataIds()).toBe(before);
   });
 });

@@ -125,7 +125,12 @@ export function filledTensor(shape: number[], fill: (out: Float32Array) => void)
   };
   if (tf.getBackend() === "wasm" && b.makeOutput && b.typedArrayFromHeap) {
     const info = b.makeOutput(shape, "float32"); // allocated, not written
-    fill(b.typedArrayFromHeap(info)); // a view of the heap: valid while nothing allocates, and fill does not
+    try {
+      fill(b.typedArrayFromHeap(info)); // a view of the heap: valid while nothing allocates, and fill does not
+    } catch (e) {
+      tf.backend().disposeData(info.dataId); // not yet a tensor, so nothing else would free it
+      throw e;
+    }
     return tf.engine().makeTensorFromTensorInfo(info);
   }
   const out = new Float32Array(n);
