@@ -193,9 +193,15 @@ function throughLayer(model: LlamaModel, batch: PairBatch, l: number, running: S
       r.dispose();
       if (!whole) resid.dispose();
     }
-    return parts.length === 1 ? parts[0]! : tf.concat(parts);
+  } catch (e) {
+    tf.dispose(parts);
+    throw e;
   } finally {
-    if (parts.length > 1) tf.dispose(parts);
     stacked.dispose();
   }
+  // joined after the input is freed: two copies of every run's residual at once, not three
+  if (parts.length === 1) return parts[0]!;
+  const out = tf.concat(parts);
+  tf.dispose(parts);
+  return out;
 }
