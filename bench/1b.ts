@@ -18,7 +18,7 @@ import { loadModel } from "../src/io/model.js";
 import { loadTokenizer } from "../src/io/tokenizer.js";
 import { initBackend } from "../src/model/backend.js";
 import { disposeModel, forward } from "../src/model/llama.js";
-import { runStudy, weightBudget } from "../src/study.js";
+import { weightBudget } from "../src/study.js";
 import { changedLayers, llama1bConfig, writeLlama1bShaped } from "./llama-1b-shaped.js";
 import { layerFlops, layerForwardMs, matmulCeiling, oneLayerModel } from "./lib.js";
 
@@ -72,8 +72,15 @@ async function loadStage(): Promise<Record<string, unknown>> {
   return { backend, load_s: loadS, tokens_per_s: tokensPerS, peak_rss_gib: rssGiB() };
 }
 
-/** Stage "run": `prefprobe run --limit pairs` with default settings; its timings and the process's peak RSS. */
+/**
+ * Stage "run": `prefprobe run --limit pairs` with default settings; its timings and the process's peak RSS. It
+ * runs the built library (dist/, which `npm run bench:1b` compiles first), as the `prefprobe` command does: from
+ * src/ each worker thread would load tsx and compile the sources again, which costs memory a user never pays.
+ */
 async function runStage(out: string): Promise<Record<string, unknown>> {
+  const built = new URL("../dist/src/study.js", import.meta.url);
+  if (!fs.existsSync(built)) throw new Error("dist/ is missing: run `npm run bench:1b`, which compiles it first");
+  const { runStudy } = (await import(built.href)) as typeof import("../src/study.js");
   const t0 = performance.now();
   let workers = 1;
   const r = await runStudy(
