@@ -414,9 +414,10 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     opts.cache === undefined ? () => false : typeof opts.cache === "function" ? opts.cache : ((s) => (n: string) => s.has(n))(new Set<string>(opts.cache));
   const packing = opts.pairedPrompts ? packPairs(ids, lengths, opts.pairedPrompts) : null;
   const rows = packing ? packedRows(packing, B, T) : sameRows(B, T);
+  const watched = (name: HookName) => !!opts.hooks?.[name] || wanted(name);
   const site = (name: HookName, value: tf.Tensor): tf.Tensor => {
+    if (!watched(name)) return value;
     const hook = opts.hooks?.[name];
-    if (!hook && !wanted(name)) return value;
     const mine = rows.unpack(value); // the caller's [B, T, ...] view
     let v = mine;
     if (hook) {
@@ -438,7 +439,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   const ctx: Ctx = {
     cfg,
     site,
-    watched: (name) => !!opts.hooks?.[name] || wanted(name),
+    watched,
     cos: ropeTable(tables.cos),
     sin: ropeTable(tables.sin),
     maskBias: packing ? tf.tensor(packing.mask, [packing.rows, 1, 1, Tr, Tr]) : maskBias(lengths, T),
