@@ -303,7 +303,7 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): F
   if (targets.length !== N) throw new RangeError(`targets has ${targets.length} entries for ${N} logit positions`);
   const V = model.config.vocabSize;
   for (const t of targets) {
-    if (!Number.isInteger(t)) throw new RangeError(`targets must be one integer token id per logitsAt position, got ${Array.isArray(t) ? "an array" : JSON.stringify(t)}`);
+    if (!Number.isInteger(t)) throw new RangeError(`targets must be one integer token id per logitsAt position, got ${Array.isArray(t) ? "an array" : String(t)}`);
     if (t < 0 || t >= V) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
   }
   const pieces = headPieces(model);
