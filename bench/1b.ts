@@ -3,8 +3,8 @@
 // peak RSS, forward tokens/s and efficiency against the backend's own matmul ceiling (measured in the same run),
 // seconds per pair of the full analysis with each stage's share, and — when a python3 with torch is on the machine
 // — the same layer sweep in PyTorch (bench/peers/sweep.py) as a ratio, with its margins checked against ours.
-//   npm run bench:1b [-- --layers 16 --pairs 2 --max-tokens 160 --batch 1 --workers N --dir DIR]
-// (one pair per batch by default, so that with 2 pairs each worker thread scores one)
+//   npm run bench:1b [-- --layers 16 --pairs 2 --max-tokens 160 --batch N --workers N --dir DIR]
+// (the run's own default batch unless --batch: one pair for streamed models, so with 2 pairs each worker scores one)
 // The models (2 × 2.3 GiB) are written to DIR (default: the system temp folder) once and reused.
 import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
@@ -28,7 +28,7 @@ const { values: a } = parseArgs({
     pairs: { type: "string", default: "2" },
     "max-tokens": { type: "string", default: "160" },
     workers: { type: "string" },
-    batch: { type: "string", default: "1" },
+    batch: { type: "string" }, // default: what `prefprobe run` picks (1 pair per batch for streamed models)
     dir: { type: "string" },
     stage: { type: "string" }, // internal: run one measurement in a child process (its own peak RSS)
   },
@@ -44,7 +44,7 @@ const models = { base: path.join(dir, "base"), tuned: path.join(dir, "tuned") };
 
 /** Runs this file again with `--stage`, in a fresh process, and returns the JSON it prints last. */
 function child(stage: string, extra: string[] = []): Record<string, unknown> {
-  const args = ["--import", "tsx", process.argv[1]!, "--stage", stage, "--dir", dir, "--layers", a.layers!, "--pairs", a.pairs!, "--max-tokens", a["max-tokens"]!, "--batch", a.batch!, ...extra];
+  const args = ["--import", "tsx", process.argv[1]!, "--stage", stage, "--dir", dir, "--layers", a.layers!, "--pairs", a.pairs!, "--max-tokens", a["max-tokens"]!, ...(a.batch ? ["--batch", a.batch] : []), ...extra];
   const r = spawnSync(process.execPath, args, { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"], maxBuffer: 2 ** 28 });
   if (r.status !== 0) throw new Error(`bench stage ${stage} failed (exit ${r.status})`);
   return JSON.parse(r.stdout.trim().split("\n").at(-1)!);
@@ -85,7 +85,7 @@ async function runStage(out: string): Promise<Record<string, unknown>> {
   let workers = 1;
   const r = await runStudy(
     { base: models.base, tuned: models.tuned, pairs: HH, out, force: true, limit: nPairs, maxTokens, workers: a.workers ? Number(a.workers) : undefined },
-    { batchPairs: Number(a.batch) },
+    a.batch ? { batchPairs: Number(a.batch) } : {},
     { onInfo: (s) => (console.error(`  ${s}`), (workers = Number(/scoring on (\d+) worker threads/.exec(s)?.[1] ?? workers))) },
   );
   return { wall_s: (performance.now() - t0) / 1000, timings_ms: r.results!.timings_ms, findings: r.findings, peak_rss_gib: rssGiB(), workers };
@@ -182,7 +182,8 @@ async function main(): Promise<void> {
   row("one resident layer vs that ceiling (target ≥ 0.85)", eff.join("; "));
   row("streamed forward of the base model, 1 row", `T=128: ${load.tokens_per_s[128]!.toFixed(1)} tokens/s; T=512: ${load.tokens_per_s[512]!.toFixed(1)} tokens/s (every layer brought in)`);
   row("HH-RLHF pairs ≤ max tokens (first 200 usable)", `${rows.length} pairs, mean ${meanLen.toFixed(0)} tokens per row; a packed row (prompt once) holds ${(100 * (1 - shared / padded)).toFixed(0)}% fewer token positions than the pair's two padded rows`);
-  row(`full analysis, ${nPairs} pairs, default settings but --batch ${a.batch}`, `${run.wall_s.toFixed(0)} s wall; ${run.workers} worker thread(s); peak RSS ${run.peak_rss_gib.toFixed(2)} GiB (the BF16 weights + ${(run.peak_rss_gib - onDisk / GiB).toFixed(2)} GiB; target ≤ + 2)`);
+  const batch = JSON.parse(fs.readFileSync(path.join(dir + "-run", "manifest.json"), "utf8")).settings.batchPairs as number;
+  row(`full analysis, ${nPairs} pairs, ${a.batch ? `default settings but --batch ${a.batch}` : `default settings (batches of ${batch})`}`, `${run.wall_s.toFixed(0)} s wall; ${run.workers} worker thread(s); peak RSS ${run.peak_rss_gib.toFixed(2)} GiB (the BF16 weights + ${(run.peak_rss_gib - onDisk / GiB).toFixed(2)} GiB; target ≤ + 2)`);
   row("  per pair (scoring, sweep and controls; wall)", `${sPerPair.toFixed(1)} s`);
   const stageNames = ["scoring", "patch_sweep", "random_direction_control", "logit_lens", "distances", "pair_sums"];
   const thread = stageNames.reduce((s, k) => s + (tm[k] ?? 0), 0);

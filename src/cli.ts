@@ -186,7 +186,7 @@ program
   .option("--C <c>", "inverse L2 strength of the probes", float("--C", (x) => x > 0, "positive"), DEFAULT_SETTINGS.C)
   .option("--bootstrap <n>", "bootstrap resamples for recovery CIs", int("--bootstrap", 0), DEFAULT_SETTINGS.bootstrap)
   .option("--stability <n>", "bootstrap refits for LASSO stability selection", int("--stability", 0), DEFAULT_SETTINGS.stabilityReps)
-  .option("--batch <n>", "pairs per forward batch", int("--batch", 1), DEFAULT_SETTINGS.batchPairs)
+  .option("--batch <n>", `pairs per forward batch; when not given, 1 if a model is streamed (each pair of a batch adds its activations to every worker's heap) (default: ${DEFAULT_SETTINGS.batchPairs})`, int("--batch", 1))
   .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), DEFAULT_SETTINGS.seed)
   .option("--resume", "continue the run in --out where it stopped (its inputs and settings must match)")
   .option("--force", "replace a run already in --out")
@@ -213,7 +213,7 @@ program
       bootstrap: o.bootstrap as number,
       pcaLayer: (o.pcaLayer as number | undefined) ?? null,
       pcaTestFrac: o.pcaTestFrac as number,
-      batchPairs: o.batch as number,
+      ...(o.batch === undefined ? {} : { batchPairs: o.batch as number }),
       method: o.method as Method,
       window: o.window as number,
       heads: !!o.heads,

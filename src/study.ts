@@ -79,8 +79,18 @@ interface Loaded {
   manifest: Manifest;
 }
 
-/** Loads both models and the pairs, checks them against each other and the settings, and builds the manifest. */
-function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, info: (line: string) => void): Loaded {
+/**
+ * Pairs per batch when a model is streamed and no batch size was asked for. A batch's pairs share each layer's
+ * read-in (~1 s per layer at 1B width), but every pair of it adds its cached sites and stacked patched runs to
+ * each worker's heap: on the 1B-shaped pair, batches of 1 keep a 2-worker run within the BF16 weights + 2 GiB.
+ */
+export const STREAMED_BATCH = 1;
+
+/**
+ * Loads both models and the pairs, checks them against each other and the settings, and builds the manifest.
+ * `settings.batchPairs` left out: DEFAULT_SETTINGS' unless a model is streamed (STREAMED_BATCH).
+ */
+function loadStudy(inputs: StudyInputs, settings: Partial<RunSettings>, backend: string, info: (line: string) => void): Loaded {
   const perModel = weightBudget(backend, inputs.memoryBudget) / 2;
   const base = loadModelSync(inputs.base, { memoryBudget: perModel, shared: true });
   let tuned: LlamaModel | null = null;
@@ -92,7 +102,9 @@ function loadStudy(inputs: StudyInputs, settings: RunSettings, backend: string, 
       if (m.source) info(`${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`);
     }
     checkCompatible(base, tuned);
-    const s = resolveSettings(settings, base.config);
+    const streamedBatch = settings.batchPairs === undefined && !!(base.source || tuned.source);
+    const s = resolveSettings(streamedBatch ? { ...settings, batchPairs: STREAMED_BATCH } : settings, base.config);
+    if (streamedBatch) info(`batches of ${STREAMED_BATCH} pair, as a model is streamed (each pair of a batch adds its cached activations and stacked runs to every worker's heap; --batch to choose)`);
     if (runsAttribution(s) && (base.source || tuned.source)) throw new SettingsError(`--method ${s.method} needs both models resident on the backend (gradients keep every layer's weights), but a model is streamed: raise --memory-budget, or use --method exact`);
     const tok = loadTokenizer(inputs.base);
     const tokFiles = [inputs.base, inputs.tuned].map((d) => path.join(d, "tokenizer.json"));
@@ -206,7 +218,7 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
   info(`backend: ${backend}`);
   const t0 = performance.now();
   if (runsAttribution(checked)) await enableGradients();
-  const l = loadStudy(inputs, checked, backend, info);
+  const l = loadStudy(inputs, settings, backend, info);
   const loadMs = performance.now() - t0;
   const stages: StageTimes = {};
   const models = { base: l.base, tuned: l.tuned };

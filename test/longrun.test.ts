@@ -44,6 +44,42 @@ describe("worker threads on streamed models", () => {
   });
 });
 
+describe("the batch size of a streamed run", () => {
+  const manifest = (dir: string) => JSON.parse(fs.readFileSync(path.join(dir, "manifest.json"), "utf8"));
+  const records = (dir: string) => fs.readFileSync(path.join(dir, "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+  const noBatch = ARGS.filter((a, i) => a !== "--batch" && ARGS[i - 1] !== "--batch").concat("--no-controls", "--limit", "4");
+
+  it("is one pair when a model is streamed and --batch is not given (said on stderr), with the resident run's margins and gains", () => {
+    const out = path.join(tmpDir(), "s");
+    const r = runCli("run", ...noBatch, "--out", out, "--memory-budget", "0.001");
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/batches of 1 pair, as a model is streamed/);
+    expect(manifest(out).settings.batchPairs).toBe(1);
+    expect(manifest(out).batches).toEqual([[0, 1], [1, 2], [2, 3], [3, 4]]);
+    // the reference ran resident in batches of 2: a pair's numbers do not depend on its batch (to float32 rounding)
+    const ref = records(reference).slice(0, 4);
+    records(out).forEach((rec, i) => {
+      expect(rec.ids).toEqual(ref[i].ids);
+      for (const k of ["base", "tuned"]) expect(rec.margin[k]).toBeCloseTo(ref[i].margin[k], 4);
+      for (const [key, gains] of Object.entries(rec.gains as Record<string, number[]>)) gains.forEach((g, l) => expect(g).toBeCloseTo(ref[i].gains[key][l], 4));
+    });
+  });
+
+  it("is what --batch says on a streamed model, and the default 4 on resident ones", () => {
+    const asked = path.join(tmpDir(), "a");
+    const r = runCli("run", ...noBatch, "--out", asked, "--memory-budget", "0.001", "--batch", "3");
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).not.toMatch(/batches of 1 pair/);
+    expect(manifest(asked).batches).toEqual([[0, 3], [3, 4]]);
+    const resident = path.join(tmpDir(), "r");
+    const q = runCli("run", ...noBatch, "--out", resident);
+    expect(q.code, q.err).toBe(0);
+    expect(q.err).not.toMatch(/streamed/);
+    expect(manifest(resident).settings.batchPairs).toBe(4);
+    expect(manifest(resident).batches).toEqual([[0, 4]]);
+  });
+});
+
 describe("resume", () => {
   it("kill -9 at a random point, then --resume, gives the uninterrupted run's results.json", async () => {
     const out = path.join(tmpDir(), "o");

@@ -8,6 +8,8 @@ describe("settings", () => {
     const s = resolveSettings({ seed: 3, sites: ["mlp_out"] });
     expect(s).toEqual({ ...DEFAULT_SETTINGS, seed: 3, sites: ["mlp_out"] });
     expect(Object.isFrozen(DEFAULT_SETTINGS)).toBe(true);
+    // a key given as undefined is left out, as the CLI leaves out an option not given
+    expect(resolveSettings({ seed: 3, batchPairs: undefined })).toEqual({ ...DEFAULT_SETTINGS, seed: 3 });
   });
 
   it.each([

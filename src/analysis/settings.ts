@@ -79,7 +79,8 @@ export class SettingsError extends Error {
 
 /** Defaults filled in for what `partial` leaves out, every value checked (against the model when given). */
 export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pick<LlamaConfig, "numLayers">): RunSettings {
-  const s: RunSettings = { ...DEFAULT_SETTINGS, ...partial };
+  const given = Object.fromEntries(Object.entries(partial).filter(([, v]) => v !== undefined)); // undefined: the default
+  const s: RunSettings = { ...DEFAULT_SETTINGS, ...given };
   const fail = (msg: string): never => {
     throw new SettingsError(msg);
   };
