@@ -77,7 +77,7 @@ function cacheOf(input: SweepInput, model: "base" | "tuned", c: Combo): Activati
 interface Stream {
   ci: number;
   start: number; // first layer it runs (L: only the head)
-  resid: tf.Tensor; // the residual it enters `start` with (freed once stacked)
+  resid: tf.Tensor; // the residual it enters `start` with (then the sweep's, which frees it)
   hook?: { site: string; value: tf.Tensor }; // attn_out/mlp_out: the site value it uses at layer `start`
 }
 
@@ -94,10 +94,12 @@ export function sweepBatch(models: ModelPair, input: SweepInput, combos: Combo[]
 }
 
 /**
- * sweepBatch layer-major: every patched run of a model goes through the layers together, stacked along the rows, each run
- * joining at its layer (a few runs per layer call, throughLayer); then through the head, as many at once as its
- * logits allow. Each layer's weights (and the head) are read once per batch instead of once per patched run,
- * which is what a streamed model needs, and the gains are those of one resumed forward per combo (sweepPerLayer).
+ * sweepBatch layer-major: every patched run of a model goes through the layers together, each run joining at
+ * its layer, a few runs per layer call (throughLayer); then through the head, as many at once as its logits
+ * allow. Each layer's weights (and the head) are read once per batch instead of once per patched run, which is
+ * what a streamed model needs, and the gains are those of one resumed forward per combo (sweepPerLayer). Each
+ * run's residual is its own tensor, freed as soon as its layer call has used it, so the runs' residuals are held
+ * about once, not twice.
  */
 export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Combo[], patchFor: (c: Combo, ci: number) => Patch, s: RunSettings): number[][] {
   const out: number[][] = combos.map(() => []);
@@ -107,7 +109,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
     const model = models[dst];
     const L = model.config.numLayers;
     const dstCache = cacheOf(input, dst, mine[0]!.c);
-    // a run's tensors are made when it joins (at its layer) and its residual is freed once stacked
+    // a run's tensors are made when it joins (at its layer)
     const enter = ({ c, ci }: { c: Combo; ci: number }): Stream => {
       const site = hookName(c.site, c.layer);
       const hDst = dstCache.get(site);
@@ -119,41 +121,41 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
     const startOf = (c: Combo) => (c.site === "resid_post" ? c.layer + 1 : c.layer);
     let running: Stream[] = [];
     let joining: Stream[] = [];
-    let stacked: tf.Tensor | null = null;
+    let resids: tf.Tensor[] = []; // running[k]'s residual before the current layer
     try {
       for (let l = 0; l <= L; l++) {
         joining = [];
         for (const m of mine.filter(({ c }) => startOf(c) === l)) joining.push(enter(m));
-        if (joining.length) {
-          const next: tf.Tensor = tf.concat([...(stacked ? [stacked] : []), ...joining.map((st) => st.resid)]);
-          stacked?.dispose();
-          stacked = next;
-          for (const st of joining) st.resid.dispose();
-          running = [...running, ...joining];
-        }
-        if (!stacked || l === L) continue;
-        stacked = throughLayer(model, input.batch, l, running, joining, stacked);
+        running = [...running, ...joining];
+        resids = [...resids, ...joining.map((st) => st.resid)];
+        if (!running.length || l === L) continue;
+        resids = throughLayer(model, input.batch, l, running, joining, resids);
         for (const st of joining) st.hook?.value.dispose();
+        joining = [];
       }
       // the head, for as many runs at a time as its logits allow
       const P = input.batch.pairs.length;
-      const R = input.batch.ids.length;
       const G = headGroup(model.config, input.batch);
       for (let g = 0; g < running.length; g += G) {
         const group = running.slice(g, g + G);
         const rows = repeatBatch(input.batch, group.length);
-        const resid = tf.slice(stacked!, [g * R, 0, 0], [group.length * R, -1, -1]);
-        const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: L, resid }, logitsAt: rows.logitsAt, targets: rows.targets });
-        resid.dispose();
-        const m = marginsOf(rowLogprobs(r.logprobs!, rows, s.perToken));
-        r.dispose();
+        const resid = group.length === 1 ? resids[g]! : tf.concat(resids.slice(g, g + G));
+        if (resid !== resids[g]) tf.dispose(resids.slice(g, g + G)); // joined: one copy
+        let m: Float64Array;
+        try {
+          const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: L, resid }, logitsAt: rows.logitsAt, targets: rows.targets });
+          m = marginsOf(rowLogprobs(r.logprobs!, rows, s.perToken));
+          r.dispose();
+        } finally {
+          resid.dispose();
+        }
         group.forEach((st, k) => {
           const c = combos[st.ci]!;
           out[st.ci] = Array.from(m.subarray(k * P, (k + 1) * P), (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!));
         });
       }
     } finally {
-      stacked?.dispose();
+      tf.dispose(resids); // disposing twice is a no-op
       for (const st of joining) tf.dispose([st.resid, ...(st.hook ? [st.hook.value] : [])]); // after a failure mid-layer
     }
   }
@@ -161,15 +163,15 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
 }
 
 /**
- * The running streams' residual after layer l (they are stacked along the rows, `joining` entered at l; the
- * input is freed), a stackGroup of streams per call so the layer's activations stay bounded; the layer's weights
- * are brought in once and serve every call.
+ * The running streams' residuals after layer l (`joining` entered at l), a stackGroup of streams per call so
+ * the layer's activations stay bounded; each input is freed once its call has used it (on failure too). The
+ * layer's weights are brought in once and serve every call.
  */
-function throughLayer(model: LlamaModel, batch: PairBatch, l: number, running: Stream[], joining: Stream[], stacked: tf.Tensor): tf.Tensor {
+function throughLayer(model: LlamaModel, batch: PairBatch, l: number, running: Stream[], joining: Stream[], resids: tf.Tensor[]): tf.Tensor[] {
   const R = batch.ids.length;
   const G = stackGroup(model.config, batch);
   const site = hookName("resid_post", l);
-  const parts: tf.Tensor[] = [];
+  const out: tf.Tensor[] = [];
   try {
     for (let g = 0; g < running.length; g += G) {
       const group = running.slice(g, g + G);
@@ -186,22 +188,22 @@ function throughLayer(model: LlamaModel, batch: PairBatch, l: number, running: S
         };
       }
       const rows = repeatBatch(batch, group.length);
-      const whole = group.length === running.length;
-      const resid = whole ? stacked : tf.slice(stacked, [g * R, 0, 0], [group.length * R, -1, -1]);
+      const resid = group.length === 1 ? resids[g]! : tf.concat(resids.slice(g, g + G));
       const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
-      parts.push(r.cache.take(site));
+      const h = r.cache.take(site);
       r.dispose();
-      if (!whole) resid.dispose();
+      tf.dispose([resid, ...resids.slice(g, g + G)]);
+      if (group.length === 1) out.push(h);
+      else {
+        out.push(...tf.split(h, group.length));
+        h.dispose();
+      }
     }
   } catch (e) {
-    tf.dispose(parts);
+    tf.dispose(out);
     throw e;
   } finally {
-    stacked.dispose();
+    tf.dispose(resids);
   }
-  // joined after the input is freed: two copies of every run's residual at once, not three
-  if (parts.length === 1) return parts[0]!;
-  const out = tf.concat(parts);
-  tf.dispose(parts);
   return out;
 }
