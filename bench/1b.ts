@@ -20,7 +20,7 @@ import { initBackend } from "../src/model/backend.js";
 import { disposeModel, forward } from "../src/model/llama.js";
 import { weightBudget } from "../src/study.js";
 import { changedLayers, llama1bConfig, writeLlama1bShaped } from "./llama-1b-shaped.js";
-import { layerFlops, layerForwardMs, matmulCeiling, oneLayerModel } from "./lib.js";
+import { layerFlops, layerForwardMs, matmulCeiling, oneLayerModel, sweepFlops } from "./lib.js";
 
 const { values: a } = parseArgs({
   options: {
@@ -197,6 +197,10 @@ async function main(): Promise<void> {
     const same = (tm.scoring! + tm.patch_sweep!) / 1000 / nPairs;
     row("prefprobe per pair / TL-style peer per pair (target ≤ 1.0)", `${(same / run.workers / peer.s).toFixed(2)} (the peer's work: scoring + sweep, thread time ÷ ${run.workers} worker thread(s)); ${(tm.patch_sweep! / 1000 / nPairs / peer.s).toFixed(2)} (the sweep alone, one thread); ${(sPerPair / peer.s).toFixed(2)} (all per-pair stages with the controls and lens, wall)`);
     row("margins, prefprobe vs peer (max error / |gap|)", peer.maxErr.toExponential(1));
+    // what the ratio can reach: prefprobe's exact work at the wasm ceiling on every worker, with nothing else
+    const flops = records.map((r) => sweepFlops(cfg, r.tokens)).reduce((x, f) => ({ prefprobe: x.prefprobe + f.prefprobe / nPairs, peer: x.peer + f.peer / nPairs }), { prefprobe: 0, peer: 0 });
+    const floor = flops.prefprobe / (run.workers * ceilings[0]! * 1e9);
+    row("the peer's work in FLOPs, per pair", `prefprobe ${(flops.prefprobe / 1e12).toFixed(2)} TFLOP, the peer ${(flops.peer / 1e12).toFixed(2)} (${((100 * flops.prefprobe) / flops.peer).toFixed(0)}%); at wasm's T=128 ceiling on ${run.workers} worker(s) and with nothing else, prefprobe's takes ≥ ${floor.toFixed(0)} s, ${(floor / peer.s).toFixed(2)}x the peer: the most this algorithm can reach on this backend here`);
   } else row("PyTorch peer", "skipped: no python3 with torch (apt install python3-torch)");
   const ablation = (tm.mean_ablation ?? 0) / 1000 / nPairs;
   const testPairs = Math.max(1, Math.round(nPairs * 0.5));

@@ -46,6 +46,22 @@ export function layerFlops(cfg: LlamaConfig, B: number, T: number): number {
   return B * (2 * T * (H * nH * d + 2 * H * nKv * d + nH * d * H + 3 * H * I) + 2 * 2 * nH * T * T * d);
 }
 
+/**
+ * Matmul FLOPs of one pair's clean runs and resid_post patch sweep over every layer: prefprobe's way (one packed
+ * row, each patched run resumed after its layer, log-probs only at the scored positions) and the TransformerLens-
+ * style peer's (two padded rows, a full forward per patch, logits at every position).
+ */
+export function sweepFlops(cfg: LlamaConfig, t: { prompt: number; chosen: number; rejected: number }): { prefprobe: number; peer: number } {
+  const L = cfg.numLayers;
+  const head = 2 * cfg.hiddenSize * cfg.vocabSize; // per position
+  const packed = t.prompt + t.chosen + t.rejected;
+  const padded = t.prompt + Math.max(t.chosen, t.rejected);
+  const layerRuns = 2 * L + (L * (L - 1)) / 2; // both clean runs, then the run patched at l goes through l+1 … L−1
+  const prefprobe = layerRuns * layerFlops(cfg, 1, packed) + (2 + L) * (t.chosen + t.rejected) * head;
+  const peer = (2 + L) * (L * layerFlops(cfg, 2, padded) + 2 * padded * head);
+  return { prefprobe, peer };
+}
+
 /** Best ms of one decoder layer's forward over B rows × T tokens with the given attention path. */
 export function layerForwardMs(model: LlamaModel, B: number, T: number, attention: "batched" | "grouped", reps = 2): number {
   const ids = Array.from({ length: B }, (_, b) => Array.from({ length: T }, (_, t) => (b * 7 + t) % model.config.vocabSize));
