@@ -213,7 +213,7 @@ program
       bootstrap: o.bootstrap as number,
       pcaLayer: (o.pcaLayer as number | undefined) ?? null,
       pcaTestFrac: o.pcaTestFrac as number,
-      ...(o.batch === undefined ? {} : { batchPairs: o.batch as number }),
+      batchPairs: o.batch as number | undefined, // not given: resolveSettings' default (1 for streamed models)
       method: o.method as Method,
       window: o.window as number,
       heads: !!o.heads,

@@ -139,8 +139,7 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
       for (let g = 0; g < running.length; g += G) {
         const group = running.slice(g, g + G);
         const rows = repeatBatch(input.batch, group.length);
-        const resid = group.length === 1 ? resids[g]! : tf.concat(resids.slice(g, g + G));
-        if (resid !== resids[g]) tf.dispose(resids.slice(g, g + G)); // joined: one copy
+        const resid = joinRuns(resids, g, group.length);
         let m: Float64Array;
         try {
           const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: L, resid }, logitsAt: rows.logitsAt, targets: rows.targets });
@@ -160,6 +159,14 @@ export function sweepLayerMajor(models: ModelPair, input: SweepInput, combos: Co
     }
   }
   return out;
+}
+
+/** Runs g … g+n−1's residuals as one tensor, which the caller frees; their own tensors are freed when joined. */
+function joinRuns(resids: tf.Tensor[], g: number, n: number): tf.Tensor {
+  if (n === 1) return resids[g]!;
+  const joined = tf.concat(resids.slice(g, g + n));
+  tf.dispose(resids.slice(g, g + n));
+  return joined;
 }
 
 /**
@@ -188,11 +195,15 @@ function throughLayer(model: LlamaModel, batch: PairBatch, l: number, running: S
         };
       }
       const rows = repeatBatch(batch, group.length);
-      const resid = group.length === 1 ? resids[g]! : tf.concat(resids.slice(g, g + G));
-      const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
-      const h = r.cache.take(site);
-      r.dispose();
-      tf.dispose([resid, ...resids.slice(g, g + G)]);
+      const resid = joinRuns(resids, g, group.length);
+      let h: tf.Tensor;
+      try {
+        const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks, logitsAt: "none" });
+        h = r.cache.take(site);
+        r.dispose();
+      } finally {
+        resid.dispose();
+      }
       if (group.length === 1) out.push(h);
       else {
         out.push(...tf.split(h, group.length));
