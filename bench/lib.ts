@@ -21,7 +21,7 @@ export function time(f: () => void, reps: number): number {
 export function oneLayerModel(cfg: LlamaConfig): LlamaModel {
   const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
   const w = (r: number, c: number) => tf.randomNormal([r, c], 0, 0.02, "float32", 1) as tf.Tensor2D;
-  const layer: LlamaLayer = {
+  const layer: LlamaLayer<tf.Tensor2D> = {
     inputNorm: tf.ones([H]), postNorm: tf.ones([H]),
     q: w(H, nH * d), k: w(H, nKv * d), v: w(H, nKv * d), o: w(nH * d, H), gate: w(H, I), up: w(H, I), down: w(I, H),
   };
@@ -29,7 +29,7 @@ export function oneLayerModel(cfg: LlamaConfig): LlamaModel {
 }
 
 /** The backend's best GFLOP/s over the layer's own 2-D matmul shapes ([T, H]·[H, nH·d], [T, H]·[H, I], [T, I]·[I, H]). */
-export function matmulCeiling(layer: LlamaLayer, T: number): number {
+export function matmulCeiling(layer: LlamaLayer<tf.Tensor2D>, T: number): number {
   return Math.max(
     ...[layer.q, layer.gate, layer.down].map((wt) => {
       const a = tf.randomNormal([T, wt.shape[0]]);

@@ -8,6 +8,7 @@ import type { WorkerInit } from "./worker.js";
 import type { AblationRunner } from "./analysis/controls.js";
 import type { Pair } from "./data/pairs.js";
 import type { LlamaConfig } from "./model/config.js";
+import { usesWasmHeap } from "./model/backend.js";
 
 /**
  * Memory a wasm worker may take at most: its heap can grow to 4 GiB, plus its own JavaScript (measured 0.25–0.3
@@ -23,7 +24,7 @@ export const MAIN_THREAD_BYTES = 2 * 2 ** 30;
  */
 export function defaultWorkers(backend: string, heldBytes = 0, machine = { cores: os.availableParallelism(), memory: os.totalmem() }): number {
   if (backend === "cpu") return machine.cores;
-  if (!backend.startsWith("wasm")) return 1;
+  if (!usesWasmHeap(backend)) return 1;
   return Math.max(1, Math.min(machine.cores, Math.floor((machine.memory - heldBytes - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES)));
 }
 

@@ -3,7 +3,6 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import * as tf from "@tensorflow/tfjs-core";
 import { ablateInWorkers, analyseInWorkers, defaultWorkers, runFlops, WASM_WORKER_BYTES, WORKER_MIN_FLOPS, WorkerPool } from "./parallel.js";
 import type { AblationRunner } from "./analysis/controls.js";
 import { findings } from "./analysis/findings.js";
@@ -12,7 +11,7 @@ import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
 import { addTimes, resolveSettings, runsAttribution, runsControls, SettingsError, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./analysis/settings.js";
 import { transferStage, type TransferResult } from "./analysis/steering.js";
 import { enableGradients } from "./model/gradients.js";
-import { initBackend } from "./model/backend.js";
+import { backendKind, initBackend, usesWasmHeap } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { backendCopies, loadModelSync, residentBytes, saveModelFolder, writeFileAtomic } from "./io/model.js";
@@ -148,7 +147,7 @@ export const WASM_PAIR_BUDGET = 2 ** 30;
 
 /** Backend bytes both models' weights may take together: what was asked, else WASM_PAIR_BUDGET on wasm, elsewhere no limit. */
 export function weightBudget(backend: string, asked?: number): number {
-  return asked ?? (backend.startsWith("wasm") ? WASM_PAIR_BUDGET : Infinity);
+  return asked ?? (usesWasmHeap(backend) ? WASM_PAIR_BUDGET : Infinity);
 }
 
 /**
@@ -164,7 +163,7 @@ export const WASM_SCRATCH = 1.5 * 2 ** 30;
  */
 export function batchBudget(backend: string, cfg: LlamaConfig, perModel: number): number {
   const weights = 2 * Math.min(backendCopies() * residentBytes(cfg), perModel);
-  const memory = backend.startsWith("wasm") ? 4 * 2 ** 30 - WASM_SCRATCH : 0.6 * os.totalmem() - 512 * 2 ** 20;
+  const memory = usesWasmHeap(backend) ? 4 * 2 ** 30 - WASM_SCRATCH : 0.6 * os.totalmem() - 512 * 2 ** 20;
   return memory - weights;
 }
 
@@ -246,9 +245,11 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
     if (!inputs.workers && !small && threads < defaultWorkers(backend, 0, { cores: os.availableParallelism(), memory: Infinity })) {
       info(`${threads} worker thread(s), not one per core: each may take ${(WASM_WORKER_BYTES / 2 ** 30).toFixed(2)} GiB beside the ${(held / 2 ** 30).toFixed(2)} GiB of stored weights in this machine's ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB (--workers to choose)`);
     }
-    const init = { base: inputs.base, tuned: inputs.tuned, backend: tf.getBackend(), memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
-    // one pool for the run: what phase 1 has left to score, then the mean-ablation control's batches
+    // one pool for the run: what phase 1 has left to score, then the mean-ablation control's batches; each
+    // worker's native matmul takes its share of the cores
     const poolSize = Math.min(threads, Math.max(l.manifest.batches.length - doneBatches, inputs.shard || !runsControls(l.settings) ? 0 : l.manifest.batches.length));
+    const kernelThreads = Math.max(1, Math.floor(os.availableParallelism() / Math.max(1, poolSize)));
+    const init = { base: inputs.base, tuned: inputs.tuned, backend: backendKind()!, threads: kernelThreads, memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
     const pool = poolSize > 1 ? new WorkerPool(init, poolSize) : null;
     try {
       try {

@@ -19,7 +19,8 @@ import { disposeModel } from "./model/llama.js";
 export interface WorkerInit {
   base: string;
   tuned: string;
-  backend: string; // tfjs backend name, as tf.getBackend() gives it
+  backend: string; // the backend's name in BACKENDS (backendKind())
+  threads: number; // threads a call of the native matmul may use
   memoryBudget: number; // per model
   settings: RunSettings;
   pairs: Pair[];
@@ -30,7 +31,7 @@ export interface WorkerInit {
 const port = parentPort!;
 const init = workerData as WorkerInit;
 try {
-  await initBackend(init.backend);
+  await initBackend(init.backend, { threads: init.threads });
   if (runsAttribution(init.settings)) await enableGradients();
   const load = (dir: string, stored?: Map<string, RawTensor>) => loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
   const models = { base: load(init.base, init.stored?.base), tuned: load(init.tuned, init.stored?.tuned) };

@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../src/io/safetensors.js";
 import { randomWeights, writeModelFolder } from "./random-model.js";
 import { oracleForward, type OracleConfig } from "./oracle.js";
-import { maxAbsDiff, runCli, tmpDir } from "./helpers.js";
+import { maxAbsDiff, runCli, TEST_BACKEND, tmpDir } from "./helpers.js";
 
 const run = runCli;
 const tmp = tmpDir;
@@ -30,7 +30,7 @@ describe("prefprobe logits", () => {
   it("shows sensible next tokens for stories260k", () => {
     const r = run("logits", "--model", "fixtures/models/stories260k", "--text", "Once upon a time");
     expect(r.code).toBe(0);
-    expect(r.err).toMatch(/backend: wasm/);
+    expect(r.err).toMatch(new RegExp(`backend: ${TEST_BACKEND} `));
     expect(r.out).toMatch(/tokens \(5\): 1 /);
     const top = r.out.split("\n").find((l) => l.includes("%"))!;
     expect(top).toMatch(/","/); // "Once upon a time" → ","
@@ -91,7 +91,7 @@ describe("bad input gives a one-line error and a non-zero exit", () => {
     ["both text and ids", () => ["logits", "--model", "fixtures/models/stories260k", "--text", "hi", "--ids", "1"], /exactly one of/],
     ["output folder missing", () => ["logits", "--model", "fixtures/models/stories260k", "--ids", "1", "--out", "/nonexistent/dir/o.safetensors"], /does not exist/],
     ["backend not installed", () => ["logits", "--model", "fixtures/models/stories260k", "--ids", "1", "--backend", "tensorflow"], /not available: install @tensorflow\/tfjs-node/],
-    ["too large for the wasm heap even streamed", () => { const d = goodFolder(); const c = JSON.parse(fs.readFileSync(path.join(d, "config.json"), "utf8")); Object.assign(c, { hidden_size: 8192, intermediate_size: 28672, num_hidden_layers: 80, num_attention_heads: 64, num_key_value_heads: 8, head_dim: 128, vocab_size: 128256 }); fs.writeFileSync(path.join(d, "config.json"), JSON.stringify(c)); return ["logits", "--model", d, "--ids", "1"]; }, /a memory budget of 3\.00 GiB cannot hold one layer \(6\.38 GiB\) and a 128th of the head \(0\.06 GiB\) as float32 \(each counted 2x: the backend keeps a packed copy\)/],
+    ["too large for the wasm heap even streamed", () => { const d = goodFolder(); const c = JSON.parse(fs.readFileSync(path.join(d, "config.json"), "utf8")); Object.assign(c, { hidden_size: 8192, intermediate_size: 28672, num_hidden_layers: 80, num_attention_heads: 64, num_key_value_heads: 8, head_dim: 128, vocab_size: 128256 }); fs.writeFileSync(path.join(d, "config.json"), JSON.stringify(c)); return ["logits", "--model", d, "--ids", "1", "--backend", "wasm"]; }, /a memory budget of 3\.00 GiB cannot hold one layer \(6\.38 GiB\) and a 128th of the head \(0\.06 GiB\) as float32 \(each counted 2x: the backend keeps a packed copy\)/],
     ["llama2c file truncated", () => { const d = tmp(); const f = path.join(d, "m.bin"); fs.writeFileSync(f, fs.readFileSync("fixtures/reference/stories260K/stories260K.bin").subarray(0, 5000)); return ["convert-llama2c", f, "fixtures/reference/stories260K/tok512.bin", path.join(d, "out")]; }, /header implies/],
   ];
   it.each(cases)("%s", (_name, args, msg) => expectCleanError(run(...args()), msg));

@@ -4,18 +4,25 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
-import { beforeAll } from "vitest";
-import { initBackend } from "../src/model/backend.js";
+import { beforeAll, expect } from "vitest";
+import { backendKind, initBackend } from "../src/model/backend.js";
+import { nativeMatMulActive, nativeStatus } from "../src/model/native.js";
 import { loadModelSync } from "../src/io/model.js";
 import { loadPairs } from "../src/io/pairs.js";
 import type { Pair } from "../src/data/pairs.js";
 import { disposeModel, type LlamaModel } from "../src/model/llama.js";
 
-/** Runs this test file on the named backend (wasm unless PREFPROBE_TEST_BACKEND says otherwise). */
-export function useBackend(name = process.env.PREFPROBE_TEST_BACKEND ?? "wasm"): void {
+/**
+ * The backend the suite runs on: PREFPROBE_BACKEND when set (CI runs the suite with native, then with wasm),
+ * else native where the native matmul is built, else wasm.
+ */
+export const TEST_BACKEND: string = process.env.PREFPROBE_BACKEND || (nativeStatus().ok ? "native" : "wasm");
+
+/** Runs this test file on the named backend (TEST_BACKEND unless told otherwise). */
+export function useBackend(name = TEST_BACKEND): void {
   beforeAll(async () => {
     await initBackend(name);
-    if (tf.getBackend() !== name) throw new Error(`wanted backend ${name}, got ${tf.getBackend()}`);
+    if (backendKind() !== name) throw new Error(`wanted backend ${name}, got ${backendKind()}`);
   });
 }
 
@@ -52,3 +59,61 @@ export function loadDemo(limit: number): { base: LlamaModel; tuned: LlamaModel; 
 
 /** Frees a pair of models. */
 export const disposeDemo = (d: { base: LlamaModel; tuned: LlamaModel }): void => (disposeModel(d.base), disposeModel(d.tuned));
+
+/**
+ * How far the native matmul may move a figure when the rows around it change (a batch of another size, runs
+ * stacked or not, the head in other chunks): OpenBLAS's sgemm kernel rounds a row's dot products by the row's
+ * position within its register tile (12 rows on Haswell), so such a change moves a logit by float32 rounding
+ * (seen ≤ 6e-6 on logits of magnitude ~10: 1e-6 relative). A margin or gain is a difference of sums of log-probs
+ * of up to ~100 nats, so that rounding moves it by up to ~1e-4 nats however small it is (seen ≤ 2e-5). Figures
+ * are compared to 1e-4 relative to their own size, or 1e-4 absolute below 1: a few times what the rounding was
+ * seen to move, far below any difference the analysis reports. The stock wasm kernel is row-exact, so there
+ * every comparison stays exact.
+ */
+export const NATIVE_TOLERANCE = { rel: 1e-4, abs: 1e-4 };
+
+/**
+ * Whether the numbers compared come from the native kernel: this process's backend once useBackend started one,
+ * else the CLI's (a child started by runCli picks TEST_BACKEND, as PREFPROBE_BACKEND or the best available).
+ */
+export const onNative = (): boolean => (backendKind() === null ? TEST_BACKEND === "native" : nativeMatMulActive());
+
+/** |a − b| within NATIVE_TOLERANCE: figures of two computations that differ in float32 rounding on any kernel. */
+export function expectNear(a: number, b: number, what = "value"): void {
+  const tol = Math.max(NATIVE_TOLERANCE.abs, NATIVE_TOLERANCE.rel * Math.abs(b));
+  if (!(Math.abs(a - b) <= tol)) throw new Error(`${what}: ${a} vs ${b} differ by ${Math.abs(a - b)}, more than float32 rounding (${tol})`);
+}
+
+/**
+ * Deep equality of two results (numbers, arrays, typed arrays, objects): exact on stock kernels, and on the
+ * native kernel every number within NATIVE_TOLERANCE (strings, booleans, nulls and shapes still exact).
+ */
+export function expectSame(actual: unknown, expected: unknown, what = "value"): void {
+  if (!onNative()) {
+    expect(actual, what).toEqual(expected);
+    return;
+  }
+  const walk = (a: unknown, b: unknown, at: string): void => {
+    if (typeof b === "number" && typeof a === "number") {
+      if (Number.isNaN(b) || !Number.isFinite(b)) return void expect(a, at).toEqual(b);
+      const tol = Math.max(NATIVE_TOLERANCE.abs, NATIVE_TOLERANCE.rel * Math.abs(b));
+      if (!(Math.abs(a - b) <= tol)) throw new Error(`${at}: ${a} vs ${b} differ by ${Math.abs(a - b)}, beyond the native kernel's tolerance ${tol}`);
+      return;
+    }
+    if (ArrayBuffer.isView(b) && ArrayBuffer.isView(a)) return walk(Array.from(a as unknown as ArrayLike<number>), Array.from(b as unknown as ArrayLike<number>), at);
+    if (Array.isArray(b)) {
+      expect(Array.isArray(a), `${at} is an array`).toBe(true);
+      expect((a as unknown[]).length, `${at}.length`).toBe(b.length);
+      b.forEach((v, i) => walk((a as unknown[])[i], v, `${at}[${i}]`));
+      return;
+    }
+    if (b && typeof b === "object") {
+      expect(a !== null && typeof a === "object", `${at} is an object`).toBe(true);
+      expect(Object.keys(a as object).sort(), `${at} keys`).toEqual(Object.keys(b).sort());
+      for (const k of Object.keys(b)) walk((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], `${at}.${k}`);
+      return;
+    }
+    expect(a, at).toEqual(b);
+  };
+  walk(actual, expected, what);
+}

@@ -7,7 +7,7 @@ import type { Pair } from "../src/data/pairs.js";
 import type { LlamaModel } from "../src/model/llama.js";
 import { analysePairs, planBatches } from "../src/analysis/run.js";
 import { resolveSettings, type PairState } from "../src/analysis/settings.js";
-import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
+import { DEMO, disposeDemo, expectSame, loadDemo, useBackend } from "./helpers.js";
 
 useBackend();
 
@@ -109,7 +109,7 @@ describe("the layer-major sweep", () => {
       for (const patchFor of [first, randomDirectionPatch(s, sc, base.config.hiddenSize), () => meanAblation(1, mu)]) {
         const layerMajor = sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
         const perLayer = sweepPerLayer({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
-        expect(layerMajor).toEqual(perLayer);
+        expectSame(layerMajor, perLayer, "layer-major gains");
         expect(layerMajor.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
         if (patchFor !== first) continue;
         // with the head taking 3 runs at a time and its logits 5 rows at a time (as at a 128k vocabulary), or
@@ -121,12 +121,12 @@ describe("the layer-major sweep", () => {
           limits.stackBytes = 3 * headCopyBytes;
           expect(headGroup(base.config, sc.batch)).toBe(3);
           headBlock.elements = 5 * (base.config.vocabSize + headBlock.size);
-          expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);
+          expectSame(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s), perLayer, "gains");
           Object.assign(headBlock, savedBlock);
           for (const copies of [1, 3]) {
             limits.stackBytes = copies * one;
             expect(stackGroup(base.config, sc.batch)).toBe(copies);
-            expect(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s)).toEqual(perLayer);
+            expectSame(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s), perLayer, "gains");
           }
         } finally {
           Object.assign(limits, saved);
@@ -142,7 +142,7 @@ describe("the layer-major sweep", () => {
       headBlock.elements = 7 * (base.config.vocabSize + headBlock.size);
       try {
         expect(headGroup(base.config, sc.batch)).toBe(2);
-        expect(logitLensBatch({ base, tuned }, sc, s)).toEqual(all);
+        expectSame(logitLensBatch({ base, tuned }, sc, s), all, "lens");
       } finally {
         Object.assign(limits, saved);
         Object.assign(headBlock, savedBlock);

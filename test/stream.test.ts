@@ -4,18 +4,19 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
-import { describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backendCopies, loadModelSync, residentBytes } from "../src/io/model.js";
 import { loadPairs } from "../src/io/pairs.js";
-import { layerBytesOf, shareResidency, StreamedWeights } from "../src/io/stream.js";
+import { layerBytesOf, shareResidency, STORED_HEAD_ROWS, StoredWeights, StreamedWeights } from "../src/io/stream.js";
+import { nativeMatMulActive, nativeStatus, useNativeMatMul } from "../src/model/native.js";
 import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
 import { disposeModel, forward, headBlock, type LlamaModel } from "../src/model/llama.js";
 import { expectedTensors, weightRefs } from "../src/model/weights.js";
 import { runAnalysis } from "../src/analysis/run.js";
 import { limits } from "../src/analysis/scoring.js";
-import { arbCase, randomWeights, writeModelFolder } from "./random-model.js";
-import { useBackend } from "./helpers.js";
+import { arbCase, arbConfig, randomWeights, writeModelFolder } from "./random-model.js";
+import { expectSame, useBackend } from "./helpers.js";
 
 useBackend();
 
@@ -39,8 +40,8 @@ describe("streamed = resident", () => {
       fc.property(arbCase, ({ cfg, seed, dtype, shards, rows }) => {
         const dir = writeModelFolder({ cfg, seed, dtype, shards }, randomWeights(cfg, seed));
         const resident = loadModelSync(dir);
-        const streamed = loadModelSync(dir, { memoryBudget: budgetFor(dir, 1) });
-        const chunked = loadModelSync(dir, { memoryBudget: chunkedBudget(dir) });
+        const streamed = loadModelSync(dir, { stream: "bring-in", memoryBudget: budgetFor(dir, 1) });
+        const chunked = loadModelSync(dir, { stream: "bring-in", memoryBudget: chunkedBudget(dir) });
         try {
           expect(streamed.source).toBeDefined();
           expect(streamed.source!.headChunks).toBeUndefined();
@@ -52,7 +53,8 @@ describe("streamed = resident", () => {
           const b = forward(streamed, ids, opts);
           expect(b.logits!.dataSync()).toEqual(a.logits!.dataSync());
           const c = forward(chunked, ids, { lengths: opts.lengths });
-          expect(c.logits!.dataSync()).toEqual(a.logits!.dataSync());
+          expectSame(c.logits!.dataSync(), a.logits!.dataSync(), "chunked logits"); // the head in other calls
+
           c.dispose();
           for (const n of a.cache.names()) expect(b.cache.get(n).dataSync(), n).toEqual(a.cache.get(n).dataSync());
           // resuming at the last layer reuses a layer brought in before
@@ -81,7 +83,7 @@ describe("streamed = resident", () => {
         const V = cfg.vocab;
         const headBudget = backendCopies() * (4 * cfg.hidden + Math.ceil(V / chunks) * 4 * cfg.hidden + layerBytesOf(loadConfig(dir)) + 1);
         const resident = loadModelSync(dir);
-        const chunked = loadModelSync(dir, { memoryBudget: headBudget });
+        const chunked = loadModelSync(dir, { stream: "bring-in", memoryBudget: headBudget });
         const saved = { ...headBlock };
         try {
           const T = Math.max(...rows.map((r) => r.length));
@@ -108,7 +110,7 @@ describe("streamed = resident", () => {
           // each layer and head chunk brought in once, however many slices of rows go through the chunk
           expect((chunked.source as StreamedWeights).stats.loads - loads).toBeLessThanOrEqual(cfg.layers + chunked.source!.headChunks!);
           expect(chunked.source?.headChunks ?? 1).toBeGreaterThan(1);
-          expect(Array.from(b)).toEqual(Array.from(a));
+          expectSame(Array.from(b), Array.from(a), "chunked log-probs");
           a.forEach((v, i) => expect(Math.abs(v - whole[i]!)).toBeLessThan(1e-5 * Math.max(1, Math.abs(v))));
         } finally {
           Object.assign(headBlock, saved);
@@ -125,7 +127,7 @@ describe("streamed = resident", () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 3 });
     const settings = { sites: ["resid_post" as const], bootstrap: 20, stabilityReps: 2 };
-    const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { memoryBudget: budget } : {});
+    const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { stream: "bring-in", memoryBudget: budget } : {});
     const budget = budgetFor(base, 2);
     const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
     const streamed = [load(base, budget), load("fixtures/models/stories260k-dpo", budget)] as const;
@@ -133,11 +135,11 @@ describe("streamed = resident", () => {
       const a = await runAnalysis(resident[0], resident[1], pairs, settings);
       const b = await runAnalysis(streamed[0], streamed[1], pairs, settings);
       const strip = (r: typeof a) => ({ ...r, timings_ms: {} });
-      expect(strip(b)).toEqual(strip(a));
+      expectSame(strip(b), strip(a), "streamed analysis"); // streamed models are swept layer-major, runs stacked
       const chunked = [load(base, chunkedBudget(base)), load("fixtures/models/stories260k-dpo", chunkedBudget(base))] as const;
       try {
         expect(chunked[0].source!.headChunks).toBe(8);
-        expect(strip(await runAnalysis(chunked[0], chunked[1], pairs, settings))).toEqual(strip(a));
+        expectSame(strip(await runAnalysis(chunked[0], chunked[1], pairs, settings)), strip(a), "chunked analysis");
       } finally {
         for (const m of chunked) disposeModel(m);
       }
@@ -154,7 +156,7 @@ describe("streamed = resident", () => {
         expect(tf.memory().numBytes - held).toBe(layer);
         for (const m of shared) forward(m, [[1, 2, 3]]).dispose();
         expect(tf.memory().numBytes - held).toBe(chunk);
-        expect(strip(await runAnalysis(shared[0], shared[1], pairs, settings))).toEqual(strip(a));
+        expectSame(strip(await runAnalysis(shared[0], shared[1], pairs, settings)), strip(a), "shared-room analysis");
         expect(tf.memory().numBytes - held).toBeLessThanOrEqual(layer);
       } finally {
         for (const m of shared) disposeModel(m);
@@ -168,7 +170,7 @@ describe("streamed = resident", () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 2 });
     const settings = { heads: true, pcaLayer: 4, controls: false, bootstrap: 10, stabilityReps: 2 };
-    const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { memoryBudget: budget } : {});
+    const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { stream: "bring-in", memoryBudget: budget } : {});
     const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
     const streamed = [load(base, budgetFor(base, 2)), load("fixtures/models/stories260k-dpo", budgetFor(base, 2))] as const;
     const saved = { ...limits };
@@ -179,7 +181,7 @@ describe("streamed = resident", () => {
       expect(a.pca!.layer).toBe(resident[0].config.numLayers - 1);
       // (with the default limits the whole-analysis test above covers several groups in one wave)
       limits.stackBytes = 1; // one copy per layer call, head pass and wave
-      expect(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings))).toEqual(a);
+      expectSame(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings)), a, "streamed heads and low rank");
     } finally {
       Object.assign(limits, saved);
       for (const m of [...resident, ...streamed]) disposeModel(m);
@@ -188,7 +190,7 @@ describe("streamed = resident", () => {
 
   it("a model loaded with `shared` lends its stored bytes (SharedArrayBuffers) to a second load that reads no weight file, with equal outputs", () => {
     const dir = "fixtures/models/stories260k";
-    const a = loadModelSync(dir, { memoryBudget: chunkedBudget(dir), shared: true });
+    const a = loadModelSync(dir, { stream: "bring-in", memoryBudget: chunkedBudget(dir), shared: true });
     const stored = (a.source as StreamedWeights).stored!;
     const cfg = configOf(dir);
     expect(new Set(stored.keys())).toEqual(new Set([...expectedTensors(cfg).keys()].filter((n) => !(cfg.tieWordEmbeddings && n === "lm_head.weight"))));
@@ -196,9 +198,9 @@ describe("streamed = resident", () => {
     // a folder holding only config.json: the second model can only come from the stored bytes
     const bare = fs.mkdtempSync(`${os.tmpdir()}/prefprobe-bare-`);
     fs.copyFileSync(`${dir}/config.json`, `${bare}/config.json`);
-    const b = loadModelSync(bare, { memoryBudget: chunkedBudget(dir), stored });
+    const b = loadModelSync(bare, { stream: "bring-in", memoryBudget: chunkedBudget(dir), stored });
     try {
-      expect(() => loadModelSync(bare, { memoryBudget: chunkedBudget(dir) })).toThrow(/no model.safetensors/);
+      expect(() => loadModelSync(bare, { stream: "bring-in", memoryBudget: chunkedBudget(dir) })).toThrow(/no model.safetensors/);
       const ids = [[1, 5, 9, 200, 3], [4, 4, 4, 4, 4]];
       const ra = forward(a, ids);
       const rb = forward(b, ids);
@@ -216,7 +218,7 @@ describe("streamed = resident", () => {
   it("a streamed model keeps its budget, frees everything on dispose, and refuses whole-model operations", () => {
     const dir = "fixtures/models/stories260k";
     const before = tf.memory().numTensors;
-    const m: LlamaModel = loadModelSync(dir, { memoryBudget: budgetFor(dir, 2) });
+    const m: LlamaModel = loadModelSync(dir, { stream: "bring-in", memoryBudget: budgetFor(dir, 2) });
     const src = m.source as StreamedWeights;
     expect(src.capacity).toBe(2);
     expect(backendCopies() * residentBytes(m.config)).toBeGreaterThan(budgetFor(dir, 2));
@@ -225,5 +227,91 @@ describe("streamed = resident", () => {
     expect(() => weightRefs(m)).toThrow(/streamed/);
     disposeModel(m);
     expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
+describe.skipIf(!nativeStatus().ok)(`read in place by the native matmul${nativeStatus().ok ? "" : " (not run: the native matmul is not built here)"}`, () => {
+  // both models on the native kernel, also in a suite run with PREFPROBE_BACKEND=wasm: a model read in place
+  // exists only beside it
+  let was = false;
+  beforeAll(() => {
+    was = nativeMatMulActive();
+    useNativeMatMul(true);
+  });
+  afterAll(() => useNativeMatMul(was));
+  const inPlace = (dir: string) => loadModelSync(dir, { stream: "in-place", memoryBudget: 1 }); // any budget streams it
+
+  it("every hook site, the logits and scored log-probs, bit for bit, on random configs, dtypes and shards, with no weight on the backend", () => {
+    fc.assert(
+      fc.property(arbCase, ({ cfg, seed, dtype, shards, rows }) => {
+        const dir = writeModelFolder({ cfg, seed, dtype, shards }, randomWeights(cfg, seed));
+        const before = tf.memory().numBytes;
+        const resident = loadModelSync(dir);
+        const held = tf.memory().numBytes;
+        const stored = inPlace(dir);
+        try {
+          expect(stored.source).toBeInstanceOf(StoredWeights);
+          forward(stored, [[0]]).dispose();
+          // on the backend: the final norm and, once a layer is used, its norms and biases (no matrix)
+          const small = 4 * cfg.hidden * (1 + 2 * cfg.layers) + 4 * cfg.layers * ((cfg.attnBias ? cfg.heads * cfg.headDim + 2 * cfg.kvHeads * cfg.headDim + cfg.hidden : 0) + (cfg.mlpBias ? 2 * cfg.inter + cfg.hidden : 0));
+          expect(tf.memory().numBytes - held).toBeLessThanOrEqual(small);
+          const T = Math.max(...rows.map((r) => r.length));
+          const ids = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
+          const opts = { lengths: rows.map((r) => r.length), cache: hookNames(resident.config) };
+          const a = forward(resident, ids, opts);
+          const b = forward(stored, ids, opts);
+          expect(b.logits!.dataSync()).toEqual(a.logits!.dataSync());
+          for (const n of a.cache.names()) expect(b.cache.get(n).dataSync(), n).toEqual(a.cache.get(n).dataSync());
+          const at = rows.flatMap((r, i) => r.map((_, t): [number, number] => [i, t]));
+          const targets = at.map(([i, t]) => (ids[i]![t]! * 5 + t) % cfg.vocab);
+          expect(Array.from(forward(stored, ids, { lengths: opts.lengths, logitsAt: at, targets }).logprobs!)).toEqual(Array.from(forward(resident, ids, { lengths: opts.lengths, logitsAt: at, targets }).logprobs!));
+          a.dispose();
+          b.dispose();
+          expect(() => weightRefs(stored)).toThrow(/streamed/);
+        } finally {
+          disposeModel(resident);
+          disposeModel(stored);
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+        expect(tf.memory().numBytes).toBe(before);
+      }),
+      { numRuns: 15, seed: 20261203 },
+    );
+  });
+
+  it(`a head of more than ${STORED_HEAD_ROWS} rows in chunks, tied or not, gives the whole head's bits`, () => {
+    for (const tied of [true, false]) {
+      const cfg = { ...(fc.sample(arbConfig, { numRuns: 1, seed: 7 })[0]!), vocab: STORED_HEAD_ROWS + 777, hidden: 8, tied };
+      const dir = writeModelFolder({ cfg, seed: 3, dtype: "BF16", shards: 2 }, randomWeights(cfg, 3));
+      const resident = loadModelSync(dir);
+      const stored = inPlace(dir);
+      try {
+        expect(stored.source!.headChunks).toBe(2);
+        const ids = [[1, 8900, 5, 8500, 2]];
+        expect(forward(stored, ids).logits!.dataSync()).toEqual(forward(resident, ids).logits!.dataSync());
+        const at: Array<[number, number]> = [[0, 0], [0, 3], [0, 4]];
+        const targets = [8300, 12, STORED_HEAD_ROWS + 700];
+        expect(Array.from(forward(stored, ids, { logitsAt: at, targets }).logprobs!)).toEqual(Array.from(forward(resident, ids, { logitsAt: at, targets }).logprobs!));
+      } finally {
+        disposeModel(resident);
+        disposeModel(stored);
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    }
+  });
+
+  it("the whole analysis on the demo pair read in place equals the resident one (to float32 rounding: its sweeps stack runs)", async () => {
+    const base = "fixtures/models/stories260k";
+    const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 3 });
+    const settings = { sites: ["resid_post" as const, "mlp_out" as const], bootstrap: 20, stabilityReps: 2, heads: true };
+    const resident = [loadModelSync(base), loadModelSync("fixtures/models/stories260k-dpo")] as const;
+    const stored = [inPlace(base), inPlace("fixtures/models/stories260k-dpo")] as const;
+    const strip = (r: Awaited<ReturnType<typeof runAnalysis>>) => ({ ...r, timings_ms: {} });
+    try {
+      const a = strip(await runAnalysis(resident[0], resident[1], pairs, settings));
+      expectSame(strip(await runAnalysis(stored[0], stored[1], pairs, settings)), a, "in-place analysis");
+    } finally {
+      for (const m of [...resident, ...stored]) disposeModel(m);
+    }
   });
 });

@@ -7,7 +7,8 @@ import { configToJson, type LlamaConfig } from "../model/config.js";
 import { ensureBackend } from "../model/backend.js";
 import { loadConfig } from "./config.js";
 import { DTYPE_BYTES, decode, iterRawSafetensorsFolder, storedBits, writeSafetensors, type DType, type WeightDType, type RawTensor, type TensorToWrite } from "./safetensors.js";
-import { layerBytesOf, StreamedWeights } from "./stream.js";
+import { layerBytesOf, StoredWeights, StreamedWeights } from "./stream.js";
+import { nativeMatMulActive, nativeStatus } from "../model/native.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, namedWeights, transposeData, weightBytes, type LayerKey } from "../model/weights.js";
 
@@ -43,6 +44,12 @@ export interface LoadOptions {
   shared?: boolean;
   /** A streamed model's stored tensors from another thread's load with `shared` (already checked): used instead of the folder's files. */
   stored?: Map<string, RawTensor>;
+  /**
+   * How a streamed model uses its stored weights: "in-place", the native matmul multiplies by them where they
+   * lie (the default when tf.matMul runs on it), or "bring-in", layers and head chunks are decoded into the
+   * backend as needed, as many kept as the budget holds (the default elsewhere).
+   */
+  stream?: "in-place" | "bring-in";
 }
 
 /** Loads a Hugging Face Llama folder (config.json + safetensors), starting the best tfjs backend if none is running. */
@@ -93,7 +100,7 @@ const tiedHeadOf = (data: Float32Array, shape: number[]) => tf.tensor(transposeD
  * Copies of each weight the backend holds: 2 on wasm, whose matmuls keep an XNNPACK-packed copy of every
  * weight matrix they have used, else 1. Budgets count weights this many times.
  */
-export const backendCopies = (): number => (tf.getBackend() === "wasm" ? 2 : 1);
+export const backendCopies = (): number => (tf.getBackend() === "wasm" && !nativeMatMulActive() ? 2 : 1);
 
 /** Loads a Hugging Face Llama folder onto the current tfjs backend (streamed when it exceeds the memory budget). */
 export function loadModelSync(dir: string, opts: LoadOptions = {}): LlamaModel {
@@ -119,14 +126,14 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
     throw e;
   }
   const w = (n: string) => got.get(n)!;
-  const layers: LlamaLayer[] = [];
+  const layers: LlamaLayer<tf.Tensor2D>[] = [];
   for (let l = 0; l < cfg.numLayers; l++) {
     const p: Partial<Record<LayerKey, tf.Tensor>> = {};
     for (const [k, suffix] of Object.entries(LAYER_NAMES)) {
       const t = got.get(`model.layers.${l}.${suffix}`);
       if (t) p[k as LayerKey] = t;
     }
-    layers.push(p as unknown as LlamaLayer);
+    layers.push(p as unknown as LlamaLayer<tf.Tensor2D>);
   }
   return {
     config: cfg,
@@ -137,9 +144,20 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
   };
 }
 
-/** A streamed model: the final norm and head on the backend, layers and embedding rows from stored bytes. */
+/**
+ * A streamed model: the final norm on the backend, layers and embedding rows from stored bytes. With the native
+ * matmul every matrix is read where it lies (StoredWeights); else layers and head chunks are brought in
+ * (StreamedWeights), and the head stays resident when the budget holds it.
+ */
 function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadOptions): LlamaModel {
   const H = cfg.hiddenSize;
+  const inPlace = (opts.stream ?? (nativeMatMulActive() ? "in-place" : "bring-in")) === "in-place";
+  if (inPlace && tf.getBackend() !== "wasm") throw new ModelError(`${dir}: a model read in place needs the native matmul on the wasm backend (the backend is ${tf.getBackend()})`);
+  if (inPlace) {
+    const status = nativeStatus();
+    if (!status.ok) throw new ModelError(`${dir}: a model read in place needs the native matmul, which is not available here: ${status.why}`);
+    return loadInPlace(dir, cfg, opts);
+  }
   const headBytes = 4 * cfg.vocabSize * H;
   const layerBytes = layerBytesOf(cfg);
   // the head stays resident when it fits beside one layer; else it is streamed in the fewest vocabulary chunks
@@ -176,6 +194,25 @@ function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadO
     finalNorm?.dispose();
     throw e;
   }
+}
+
+/** A streamed model whose matrices the native matmul reads in their stored bytes. */
+function loadInPlace(dir: string, cfg: LlamaConfig, opts: LoadOptions): LlamaModel {
+  const raw = new Map<string, RawTensor>();
+  let finalNorm: tf.Tensor1D | null = null;
+  try {
+    for (const [name, t, data] of checkedTensors(dir, cfg, opts)) {
+      if (name === "model.norm.weight") finalNorm = tf.tensor1d(data());
+      raw.set(name, t);
+    }
+  } catch (e) {
+    finalNorm?.dispose();
+    throw e;
+  }
+  const source = new StoredWeights(cfg, raw, raw.get(cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight")!);
+  if (opts.shared) source.stored = raw;
+  const H = cfg.hiddenSize;
+  return { config: cfg, embed: tf.zeros([0, H]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: tf.zeros([H, 0]) as tf.Tensor2D, source };
 }
 
 /** Writes config.json and model.safetensors for a model (F32 by default, or BF16/F16). */

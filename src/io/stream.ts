@@ -5,6 +5,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "../model/config.js";
 import type { LlamaLayer, WeightSource } from "../model/llama.js";
 import { filledTensor } from "../model/backend.js";
+import { StoredMatrix } from "../model/native.js";
 import { LAYER_NAMES, expectedTensors, isMatrixName, type LayerKey } from "../model/weights.js";
 import { DTYPE_BYTES, decode, halfToFloat, storedBits, type RawTensor, type WeightDType } from "./safetensors.js";
 
@@ -201,12 +202,7 @@ export class StreamedWeights implements WeightSource {
   }
 
   embedRows(ids: number[]): tf.Tensor2D {
-    const t = this.raw.get("model.embed_tokens.weight")!;
-    const H = this.cfg.hiddenSize;
-    const rowBytes = H * DTYPE_BYTES[t.dtype];
-    const out = new Float32Array(ids.length * H);
-    ids.forEach((id, i) => out.set(decode(t.dtype, t.bytes.subarray(id * rowBytes, (id + 1) * rowBytes)) as Float32Array, i * H));
-    return tf.tensor2d(out, [ids.length, H]);
+    return embedRowsOf(this.raw.get("model.embed_tokens.weight")!, this.cfg.hiddenSize, ids);
   }
 
   dispose(): void {
@@ -226,4 +222,74 @@ export function shareResidency(sources: Array<WeightSource | undefined>): void {
   if (streamed.length < 2 || streamed.every((s) => s.capacity >= s.cfg.numLayers)) return;
   const pool = new Residency(Math.max(...streamed.map((s) => s.unitBytes)));
   for (const s of streamed) s.usePool(pool);
+}
+
+/** Vocabulary rows of one head chunk of a model read in place: at 1B width a [≤ 256 rows, 8192] logits slice per chunk. */
+export const STORED_HEAD_ROWS = 8192;
+
+/**
+ * A streamed model read in place by the native matmul: every matrix stays in its stored bytes (BF16, F16 or F32,
+ * in Node memory or SharedArrayBuffers that worker threads share) and is multiplied where it lies, so nothing is
+ * brought into the backend, decoded ahead or transposed; only the norms and biases (a few KB a layer) are tensors.
+ */
+export class StoredWeights implements WeightSource {
+  private readonly layers: LlamaLayer[] = [];
+  /** Every stored tensor of the model in SharedArrayBuffers, when it was loaded with `shared` (for worker threads). */
+  stored?: Map<string, RawTensor>;
+  readonly headChunks: number;
+
+  constructor(
+    readonly cfg: LlamaConfig,
+    private readonly raw: Map<string, RawTensor>, // checked at load: F32, F16 or BF16, finite
+    /** The head's stored rows [vocab, hidden]: the embedding when tied, else lm_head.weight. */
+    private readonly head: RawTensor,
+  ) {
+    this.headChunks = Math.ceil(cfg.vocabSize / STORED_HEAD_ROWS);
+  }
+
+  private matrix(t: RawTensor, rows = t.shape[0]!, from = 0): StoredMatrix {
+    const cols = t.shape[1]!;
+    const w = DTYPE_BYTES[t.dtype];
+    return new StoredMatrix(t.bytes.subarray(from * cols * w, (from + rows) * cols * w), t.dtype as WeightDType, rows, cols);
+  }
+
+  layer(l: number): LlamaLayer {
+    const have = this.layers[l];
+    if (have) return have;
+    const p: Partial<Record<LayerKey, tf.Tensor | StoredMatrix>> = {};
+    for (const [k, suffix] of Object.entries(LAYER_NAMES)) {
+      const name = `model.layers.${l}.${suffix}`;
+      const t = this.raw.get(name);
+      if (!t) continue; // optional biases
+      p[k as LayerKey] = isMatrixName(name) ? this.matrix(t) : tf.keep(tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32"));
+    }
+    return (this.layers[l] = p as unknown as LlamaLayer);
+  }
+
+  /** The vocabulary rows [start, end) of head chunk c. */
+  chunkRange(c: number): [number, number] {
+    return [c * STORED_HEAD_ROWS, Math.min(this.cfg.vocabSize, (c + 1) * STORED_HEAD_ROWS)];
+  }
+
+  headChunk(c: number): StoredMatrix {
+    const [a, b] = this.chunkRange(c);
+    return this.matrix(this.head, b - a, a);
+  }
+
+  embedRows(ids: number[]): tf.Tensor2D {
+    return embedRowsOf(this.raw.get("model.embed_tokens.weight")!, this.cfg.hiddenSize, ids);
+  }
+
+  dispose(): void {
+    for (const p of this.layers) for (const t of Object.values(p ?? {})) if (t instanceof tf.Tensor) t.dispose();
+    this.layers.length = 0;
+  }
+}
+
+/** Rows `ids` of a stored [vocab, hidden] embedding as float32 [ids.length, hidden]. */
+function embedRowsOf(t: RawTensor, H: number, ids: number[]): tf.Tensor2D {
+  const rowBytes = H * DTYPE_BYTES[t.dtype];
+  const out = new Float32Array(ids.length * H);
+  ids.forEach((id, i) => out.set(decode(t.dtype, t.bytes.subarray(id * rowBytes, (id + 1) * rowBytes)) as Float32Array, i * H));
+  return tf.tensor2d(out, [ids.length, H]);
 }

@@ -1,9 +1,14 @@
-// Picks the tfjs backend: tfjs-node-gpu, then tfjs-node when the user has installed them, else wasm, else cpu.
+// Picks the tfjs backend: tfjs-node-gpu, then tfjs-node when the user has installed them, else native (wasm with
+// the BLAS matmul of native/, when it is built), else wasm, else cpu.
 import * as tf from "@tensorflow/tfjs-core";
+import { nativeMatMulActive, nativeStatus, nativeThreads, useNativeMatMul } from "./native.js";
 
-/** Backend names a user can ask for. */
-export const BACKENDS = ["tensorflow-gpu", "tensorflow", "wasm", "cpu"] as const;
+/** Backend names a user can ask for, best first. */
+export const BACKENDS = ["tensorflow-gpu", "tensorflow", "native", "wasm", "cpu"] as const;
 export type BackendName = (typeof BACKENDS)[number];
+
+/** The environment variable that picks the backend when none is asked for (as --backend does). */
+export const BACKEND_ENV = "PREFPROBE_BACKEND";
 
 /** A backend that was asked for but cannot be used here. */
 export class BackendError extends Error {
@@ -13,6 +18,7 @@ export class BackendError extends Error {
 const PACKAGES: Record<BackendName, string> = {
   "tensorflow-gpu": "@tensorflow/tfjs-node-gpu",
   tensorflow: "@tensorflow/tfjs-node",
+  native: "@tensorflow/tfjs-backend-wasm",
   wasm: "@tensorflow/tfjs-backend-wasm",
   cpu: "@tensorflow/tfjs-backend-cpu",
 };
@@ -41,9 +47,23 @@ function watchBackendMessages(): void {
   };
 }
 
+/** This thread's backend by the names of BACKENDS ("native" is the wasm backend with the native matmul); null before one starts. */
+export function backendKind(): BackendName | null {
+  const current = (tf.engine() as unknown as { backendName: string | null }).backendName;
+  if (!current) return null;
+  if (current === "wasm") return nativeMatMulActive() ? "native" : "wasm";
+  return current === "tensorflow" || current === "cpu" ? current : null;
+}
+
+/**
+ * Whether a backend (a name, or initBackend's description, which starts with it) keeps tensors in a wasm heap of
+ * at most 4 GiB: wasm, and native, which is wasm with a BLAS matmul.
+ */
+export const usesWasmHeap = (backend: string | null = backendKind()): boolean => !!backend && /^(wasm|native)\b/.test(backend);
+
 /** The wasm backend's heap in use now (its linear memory only grows), in bytes; null on other backends. */
 export function wasmHeapBytes(): number | null {
-  const b = tf.getBackend() === "wasm" ? (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }) : null;
+  const b = usesWasmHeap() ? (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }) : null;
   return b?.wasm?.HEAPU8?.length ?? null;
 }
 
@@ -66,44 +86,92 @@ export function takeBackendFault(): string | null {
   return f;
 }
 
-async function tryBackend(name: BackendName): Promise<string | null> {
+/**
+ * Runs `start` and takes back the process-wide 'uncaughtException' / 'unhandledRejection' handlers it added:
+ * emscripten's (the wasm backend's runtime) rethrow from inside its minified source, so any error a user's script
+ * throws later would print tens of KB of that source and exit with its code instead of the user's message.
+ */
+async function withoutProcessHandlers<T>(start: () => Promise<T>): Promise<T> {
+  const events = ["uncaughtException", "unhandledRejection"];
+  const listeners = (e: string) => process.listeners(e as "uncaughtException") as Array<(...a: unknown[]) => void>;
+  const before = events.map((e) => new Set(listeners(e)));
+  try {
+    return await start();
+  } finally {
+    events.forEach((e, i) => {
+      for (const l of listeners(e)) if (!before[i]!.has(l)) process.removeListener(e, l);
+    });
+  }
+}
+
+async function tryBackend(name: BackendName, opts: BackendOptions = {}): Promise<string | null> {
+  return withoutProcessHandlers(() => startBackend(name, opts));
+}
+
+async function startBackend(name: BackendName, opts: BackendOptions): Promise<string | null> {
+  if (name === "native" && !nativeStatus().ok) return null;
   try {
     await import(PACKAGES[name]);
   } catch {
     return null;
   }
-  const registered = name === "tensorflow-gpu" ? "tensorflow" : name;
+  const registered = name === "tensorflow-gpu" ? "tensorflow" : name === "native" ? "wasm" : name;
   try {
     if (!(await tf.setBackend(registered))) return null;
     await tf.ready();
   } catch {
     return null;
   }
+  if (registered === "wasm") useNativeMatMul(name === "native", opts.threads);
   return registered;
 }
 
+/** How a backend is started. */
+export interface BackendOptions {
+  /**
+   * Threads each call of the native matmul may use (its numbers do not depend on them). Default: one per core;
+   * a run on several worker threads gives each its share of the cores.
+   */
+  threads?: number;
+}
+
 /**
- * Sets the best available backend (or the one asked for) and returns a description like "wasm (SIMD)".
- * Throws BackendError when a forced backend is not installed.
+ * Sets the backend asked for (else the one PREFPROBE_BACKEND names, else the best available) and returns a
+ * description like "native (OpenBLAS …, 2 threads)". A wasm backend picked because the native matmul is not
+ * built says why and how to get it. Throws BackendError when a backend asked for cannot be started.
  */
-export async function initBackend(force?: string): Promise<string> {
+export async function initBackend(force?: string, opts: BackendOptions = {}): Promise<string> {
   // Production mode silences tfjs's own console advice (we report the backend ourselves).
   tf.env().set("PROD", true);
   watchBackendMessages();
-  if (force !== undefined) {
-    if (!(BACKENDS as readonly string[]).includes(force)) throw new BackendError(`unknown backend "${force}" (choose from ${BACKENDS.join(", ")})`);
-    const got = await tryBackend(force as BackendName);
-    if (!got) throw new BackendError(`backend "${force}" is not available: install ${PACKAGES[force as BackendName]}`);
-    return await describeBackend(force as BackendName);
+  const asked = force ?? (process.env[BACKEND_ENV] || undefined);
+  const from = force === undefined && asked !== undefined ? ` (from ${BACKEND_ENV})` : "";
+  if (asked !== undefined) {
+    if (!(BACKENDS as readonly string[]).includes(asked)) throw new BackendError(`unknown backend "${asked}"${from} (choose from ${BACKENDS.join(", ")})`);
+    const name = asked as BackendName;
+    if (!(await tryBackend(name, opts))) {
+      const status = nativeStatus();
+      const why = name === "native" && !status.ok ? `the native matmul is not available here: ${status.why}` : `install ${PACKAGES[name]}`;
+      throw new BackendError(`backend "${name}"${from} is not available: ${why}`);
+    }
+    return await describeBackend(name, opts, false);
   }
-  for (const name of BACKENDS) if (await tryBackend(name)) return await describeBackend(name);
+  for (const name of BACKENDS) if (await tryBackend(name, opts)) return await describeBackend(name, opts, true);
   throw new BackendError("no tfjs backend could be started");
 }
 
-async function describeBackend(name: BackendName): Promise<string> {
+async function describeBackend(name: BackendName, opts: BackendOptions, auto: boolean): Promise<string> {
+  if (name === "native") {
+    const threads = nativeThreads() ?? 1;
+    const status = nativeStatus();
+    const blas = status.ok ? status.blas.split(" ").slice(0, 2).join(" ") : "a BLAS";
+    return `native (wasm with the ${blas} matmul, ${threads} thread${threads > 1 ? "s" : ""} a call)`;
+  }
   if (name !== "wasm") return name;
   const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT").catch(() => false);
-  return simd ? "wasm (SIMD)" : "wasm (no SIMD)";
+  const status = nativeStatus();
+  const why = auto && !status.ok ? `; the faster native matmul is not used: ${status.why}` : "";
+  return (simd ? "wasm (SIMD)" : "wasm (no SIMD)") + why;
 }
 
 /** The backend in use, starting the best available one (as initBackend) when none has been started yet. */

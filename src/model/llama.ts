@@ -8,27 +8,32 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "./config.js";
 import { ActivationCache, isHookName, type HookName } from "./hooks.js";
 import { takeBackendFault } from "./backend.js";
+import { StoredMatrix, storedMatMul } from "./native.js";
 import { packPairs, type Packing } from "./packing.js";
 import { ropeTables } from "./rope.js";
 
 /**
- * One decoder layer's weights. Matrices are stored transposed from Hugging Face's [out, in] to [in, out], so
- * that every projection is a plain x·W (tfjs's wasm matmul is ~10x slower with a transposed operand).
+ * A weight matrix: a tensor [in, out] on the backend (transposed from Hugging Face's [out, in], so that every
+ * projection is a plain x·W: tfjs's wasm matmul is ~10x slower with a transposed operand), or a streamed
+ * model's StoredMatrix, [out, in] in its stored bytes outside the backend, which the native matmul reads in place.
  */
-export interface LlamaLayer {
+export type Matrix = tf.Tensor2D | StoredMatrix;
+
+/** One decoder layer's weights; a resident model's matrices are all tensors (LlamaLayer<tf.Tensor2D>). */
+export interface LlamaLayer<M extends Matrix = Matrix> {
   inputNorm: tf.Tensor1D;
-  q: tf.Tensor2D;
-  k: tf.Tensor2D;
-  v: tf.Tensor2D;
-  o: tf.Tensor2D;
+  q: M;
+  k: M;
+  v: M;
+  o: M;
   qBias?: tf.Tensor1D;
   kBias?: tf.Tensor1D;
   vBias?: tf.Tensor1D;
   oBias?: tf.Tensor1D;
   postNorm: tf.Tensor1D;
-  gate: tf.Tensor2D;
-  up: tf.Tensor2D;
-  down: tf.Tensor2D;
+  gate: M;
+  up: M;
+  down: M;
   gateBias?: tf.Tensor1D;
   upBias?: tf.Tensor1D;
   downBias?: tf.Tensor1D;
@@ -38,7 +43,7 @@ export interface LlamaLayer {
 export interface LlamaModel {
   config: LlamaConfig;
   embed: tf.Tensor2D; // [vocab, hidden]; empty ([0, hidden]) when streamed: rows come from `source`
-  layers: LlamaLayer[]; // empty when streamed: layers come from `source`
+  layers: LlamaLayer<tf.Tensor2D>[]; // empty when streamed: layers come from `source`
   finalNorm: tf.Tensor1D;
   lmHead: tf.Tensor2D; // [hidden, vocab]: the embedding transposed when tied
   /** Where a streamed model's layers and embedding rows come from (io/stream.ts); absent when all resident. */
@@ -53,8 +58,8 @@ export interface WeightSource {
   embedRows(ids: number[]): tf.Tensor2D;
   /** When set, the head is not resident (`lmHead` is empty) but comes in this many vocabulary chunks. */
   headChunks?: number;
-  /** Head chunk c: [hidden, chunk vocab], chunks in vocabulary order; valid until the next request. */
-  headChunk?(c: number): tf.Tensor2D;
+  /** Head chunk c: [hidden, chunk vocab] (a StoredMatrix [chunk vocab, hidden]), chunks in vocabulary order; valid until the next request. */
+  headChunk?(c: number): Matrix;
   /** Frees whatever the source holds on the backend. */
   dispose(): void;
 }
@@ -180,8 +185,9 @@ function packedRows(p: Packing, B: number, T: number): RowMap {
   };
 }
 
-/** x · W (+ b) for x [..., in] and W [in, out]. */
-function linear(x: tf.Tensor, w: tf.Tensor2D, b?: tf.Tensor1D): tf.Tensor {
+/** x · W (+ b) for x [..., in] and W [in, out] (a StoredMatrix [out, in] is read transposed where it lies). */
+function linear(x: tf.Tensor, w: Matrix, b?: tf.Tensor1D): tf.Tensor {
+  if (w instanceof StoredMatrix) return b ? tf.add(storedMatMul(x, w), b) : storedMatMul(x, w);
   const lead = x.shape.slice(0, -1);
   const y = tf.matMul(tf.reshape(x, [-1, w.shape[0]]), w);
   return tf.reshape(b ? tf.add(y, b) : y, [...lead, w.shape[1]]);
@@ -205,7 +211,7 @@ function attention(p: LlamaLayer, x: tf.Tensor, l: number, ctx: Ctx): tf.Tensor 
   const { numHeads: nH, numKvHeads: nKv, headDim: d } = ctx.cfg;
   const [B, T] = x.shape as [number, number, number];
   const g = nH / nKv;
-  const heads = (w: tf.Tensor2D, b: tf.Tensor1D | undefined, n: number, perm: number[]) =>
+  const heads = (w: Matrix, b: tf.Tensor1D | undefined, n: number, perm: number[]) =>
     tf.transpose(tf.reshape(linear(x, w, b), [B, T, n, d]), perm);
   const q = rope(heads(p.q, p.qBias, nH, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nH, T, d]
   const k = rope(heads(p.k, p.kBias, nKv, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nKv, T, d]
@@ -291,7 +297,7 @@ function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[
 export const headBlock = { size: 8192, elements: 2 ** 22 };
 
 /** The head's weights piece by piece ([H, vocab slice]): the whole head when resident, else each streamed chunk. */
-function headPieces(model: LlamaModel): Array<() => tf.Tensor2D> {
+function headPieces(model: LlamaModel): Array<() => Matrix> {
   const src = model.source;
   if (!src?.headChunks) return [() => model.lmHead];
   return Array.from({ length: src.headChunks }, (_, c) => () => src.headChunk!(c));

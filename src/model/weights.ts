@@ -119,7 +119,7 @@ export function withWeights(model: LlamaModel, replace: Map<string, tf.Tensor>):
       const t = replace.get(`model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`);
       if (t) q[k] = t;
     }
-    return q as unknown as LlamaLayer;
+    return q as unknown as LlamaLayer<tf.Tensor2D>;
   });
   const embed = (replace.get("model.embed_tokens.weight") ?? model.embed) as tf.Tensor2D;
   const tiedHead = model.config.tieWordEmbeddings && replace.has("model.embed_tokens.weight") ? (tf.transpose(embed) as tf.Tensor2D) : null;
