@@ -11,7 +11,7 @@
           "xcode_settings": { "OTHER_CFLAGS": ["-O3"] }
         }, {
           "include_dirs": ["<!@(sh ./blas-include.sh)"],
-          "libraries": ["-lopenblas"]
+          "libraries": ["-lopenblas", "-lm"]
         }]
       ]
     }

@@ -4,6 +4,7 @@
 // A batched call gives one byte offset per batch entry for A, B and C, so any broadcast is the caller's choice.
 #define NAPI_VERSION 8
 #include <node_api.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -235,6 +236,49 @@ static napi_value matmul(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+// lse(x: Uint8Array, offset, rows, cols, out: Float32Array): out[r] = log Σ_j exp(x[r, j]) for float32 x at the byte
+// offset, row-major [rows, cols]: the row's max, then the sum of exp(x − max) in double (one pass each).
+static napi_value lse(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc != 5) { napi_throw_type_error(env, NULL, "lse takes 5 arguments"); return NULL; }
+  uint8_t *x;
+  size_t xLen, outLen;
+  double off;
+  int32_t rows, cols;
+  CHECK(napi_get_value_double(env, argv[1], &off));
+  CHECK(napi_get_value_int32(env, argv[2], &rows));
+  CHECK(napi_get_value_int32(env, argv[3], &cols));
+  bool is_ta = false;
+  napi_typedarray_type type;
+  void *op;
+  napi_value ab;
+  size_t boff;
+  if (!bytes_of(env, argv[0], &x, &xLen) || napi_is_typedarray(env, argv[4], &is_ta) != napi_ok || !is_ta ||
+      napi_get_typedarray_info(env, argv[4], &type, &outLen, &op, &ab, &boff) != napi_ok || type != napi_float32_array) {
+    napi_throw_type_error(env, NULL, "lse: x must be a Uint8Array and out a Float32Array");
+    return NULL;
+  }
+  if (rows < 0 || cols < 1 || off < 0 || ((size_t)off & 3) || off + 4.0 * rows * cols > (double)xLen || (size_t)rows > outLen) {
+    napi_throw_range_error(env, NULL, "lse: the rows lie outside their arrays");
+    return NULL;
+  }
+  const float *v = (const float *)(x + (size_t)off);
+  float *out = (float *)op;
+  for (int r = 0; r < rows; r++) {
+    const float *row = v + (size_t)r * cols;
+    float m = row[0];
+    for (int j = 1; j < cols; j++) m = row[j] > m ? row[j] : m;
+    double sum = 0;
+    if (m == INFINITY || m != m) { out[r] = m; continue; } // +inf or NaN: the result
+    if (m == -INFINITY) { out[r] = -INFINITY; continue; }
+    for (int j = 0; j < cols; j++) sum += expf(row[j] - m);
+    out[r] = (float)(m + log(sum));
+  }
+  return NULL;
+}
+
 // describe(): which BLAS this is, as its own words.
 static napi_value describe(napi_env env, napi_callback_info info) {
   (void)info;
@@ -254,6 +298,7 @@ NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
     {"matmul", NULL, matmul, NULL, NULL, NULL, napi_default, NULL},
     {"describe", NULL, describe, NULL, NULL, NULL, napi_default, NULL},
+    {"lse", NULL, lse, NULL, NULL, NULL, napi_default, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

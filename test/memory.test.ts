@@ -1,12 +1,14 @@
 // The planner's memory bound: what one layer call allocates in the wasm heap stays within layerActivationBytes,
 // the estimate that sizes the sweep's and the low-rank stage's layer calls (limits.stackBytes). Measured from
-// the backend's own allocations (wasm _malloc/_free), so this file runs on wasm whatever the test backend.
+// the backend's own allocations (wasm _malloc/_free), so this file runs on the wasm heap: on wasm's own kernels,
+// and again on the native ones where they are built (their attention goes batched up to other lengths).
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, describe, expect, it } from "vitest";
 import { useBackend } from "./helpers.js";
 import { filledTensor } from "../src/model/backend.js";
 import { loadModelSync } from "../src/io/model.js";
 import { disposeModel, forward, groupedAttention, type LlamaModel } from "../src/model/llama.js";
+import { nativeStatus, useNativeKernels } from "../src/model/native.js";
 import { layerActivationBytes } from "../src/analysis/scoring.js";
 
 useBackend("wasm");
@@ -46,27 +48,33 @@ function peakAllocated(f: () => void): number {
 
 describe("one layer call", () => {
   const models: LlamaModel[] = [];
-  afterAll(() => models.forEach(disposeModel));
+  afterAll(() => {
+    models.forEach(disposeModel);
+    useNativeKernels(false);
+  });
 
-  for (const [dir, shapes] of [
-    ["fixtures/models/llama-tiny-a", [[1, 16], [3, 60], [2, 250]]],
-    ["fixtures/models/stories260k", [[2, 40], [3, 90], [4, 128], [1, 500]]],
+  for (const [kernels, dir, shapes] of [
+    ["wasm", "fixtures/models/llama-tiny-a", [[1, 16], [3, 60], [2, 250]]],
+    ["wasm", "fixtures/models/stories260k", [[2, 40], [3, 90], [4, 128], [1, 500]]],
+    ["native", "fixtures/models/llama-tiny-a", [[1, 16], [3, 60], [2, 400], [1, 520]]],
+    ["native", "fixtures/models/stories260k", [[2, 40], [3, 90], [4, 128], [1, 600]]],
   ] as const) {
-    it(`allocates at most layerActivationBytes, with batched attention at short rows and grouped at long (${dir})`, () => {
+    it.skipIf(kernels === "native" && !nativeStatus().ok)(`allocates at most layerActivationBytes, with batched attention at short rows and grouped at long (${dir}, ${kernels} kernels)`, () => {
+      useNativeKernels(kernels === "native");
       const model = loadModelSync(dir);
       models.push(model);
-      const kernels = new Set<boolean>();
+      const grouped = new Set<boolean>();
       for (const [B, T] of shapes) {
         const ids = Array.from({ length: B }, (_, b) => Array.from({ length: T }, (_, t) => (b * 7 + t * 13) % model.config.vocabSize));
         const resid = tf.randomNormal([B, T, model.config.hiddenSize], 0, 1, "float32", 5);
         const bound = layerActivationBytes(model.config, B, T);
         const peak = peakAllocated(() => forward(model, ids, { start: { layer: 1, resid }, stopAfter: 1, logitsAt: "none", cache: ["blocks.1.hook_resid_post"] }).dispose());
         resid.dispose();
-        kernels.add(groupedAttention(model.config, T));
+        grouped.add(groupedAttention(model.config, T));
         // not vacuous: the call allocates a good part of its bound
         expect({ B, T, within: peak <= bound, substantial: peak >= 0.25 * bound }).toEqual({ B, T, within: true, substantial: true });
       }
-      expect(kernels).toEqual(new Set([true, false])); // both attention kernels ran
+      expect(grouped).toEqual(new Set([true, false])); // both attention kernels ran
     });
   }
 });

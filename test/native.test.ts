@@ -10,7 +10,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, describe, expect, it } from "vitest";
 import { initBackend, wasmHeapBytes } from "../src/model/backend.js";
 import { enableGradients } from "../src/model/gradients.js";
-import { nativeStatus, nativeThreads, StoredMatrix, storedMatMul, useNativeMatMul } from "../src/model/native.js";
+import { nativeStatus, nativeThreads, rowLogSumExp, StoredMatrix, storedMatMul, useNativeKernels } from "../src/model/native.js";
 import { tmpDir } from "./helpers.js";
 
 const status = nativeStatus();
@@ -64,7 +64,7 @@ describe.skipIf(!status.ok)(`the native matmul kernel${status.ok ? "" : ` (not r
     }
     ready = true;
   };
-  afterAll(() => useNativeMatMul(true));
+  afterAll(() => useNativeKernels(true));
 
   it("equals a float64 oracle for every transpose, rank 2-4 broadcasting and shapes of 0 and 1, as tf.matMul and its gradients", async () => {
     await start();
@@ -110,9 +110,9 @@ describe.skipIf(!status.ok)(`the native matmul kernel${status.ok ? "" : ` (not r
           const g = tf.tensor(values(M * N, seed + 2), [M, N]);
           const grads = () => tf.grads((x: tf.Tensor, y: tf.Tensor) => tf.sum(tf.mul(tf.matMul(x, y, ta, tb), g)))([a, b]);
           const [da, db] = grads();
-          useNativeMatMul(false);
+          useNativeKernels(false);
           const [sa, sb] = grads();
-          useNativeMatMul(true);
+          useNativeKernels(true);
           const scale = (t: tf.Tensor) => Math.max(1e-30, ...Array.from(t.dataSync(), Math.abs));
           for (const [x, y] of [[da, sa], [db, sb]] as const) {
             const d = Array.from(x!.dataSync(), (v, i) => Math.abs(v - y!.dataSync()[i]!));
@@ -151,7 +151,7 @@ describe.skipIf(!status.ok)(`the native matmul kernel${status.ok ? "" : ` (not r
     const a = tf.tensor(values(70 * 300, 1), [70, 300]);
     const b = tf.tensor(values(300 * 700, 2), [300, 700]);
     const runs = [1, 2, 3, 7].map((t) => {
-      useNativeMatMul(true, t);
+      useNativeKernels(true, t);
       expect(nativeThreads()).toBe(t);
       const c = tf.matMul(a, b);
       const v = c.dataSync().slice();
@@ -159,8 +159,47 @@ describe.skipIf(!status.ok)(`the native matmul kernel${status.ok ? "" : ` (not r
       return v;
     });
     for (const r of runs.slice(1)) expect(r).toEqual(runs[0]);
-    expect(() => useNativeMatMul(true, 0)).toThrow(/threads must be an integer ≥ 1/);
+    expect(() => useNativeKernels(true, 0)).toThrow(/threads must be an integer ≥ 1/);
     tf.dispose([a, b]);
+  });
+
+  it("gathers as wasm's own GatherV2 does (any axis, float32 and int32), and refuses an index out of range", async () => {
+    await start();
+    const shape = fc.array(fc.integer({ min: 1, max: 5 }), { minLength: 1, maxLength: 4 });
+    fc.assert(
+      fc.property(shape, fc.nat(), fc.array(fc.nat(), { minLength: 0, maxLength: 9 }), fc.boolean(), (s, axisSeed, picks, int) => {
+        const axis = axisSeed % s.length;
+        const n = s.reduce((a, b) => a * b, 1);
+        const x = int ? tf.tensor(Int32Array.from({ length: n }, (_, i) => i * 7 - 3), s, "int32") : tf.tensor(values(n, 9), s);
+        const idx = tf.tensor1d(picks.map((p) => p % s[axis]!), "int32");
+        const ours = tf.gather(x, idx, axis);
+        useNativeKernels(false);
+        const theirs = tf.gather(x, idx, axis);
+        useNativeKernels(true);
+        expect(ours.shape).toEqual(theirs.shape);
+        expect(ours.dtype).toBe(theirs.dtype);
+        expect(Array.from(ours.dataSync())).toEqual(Array.from(theirs.dataSync()));
+        tf.dispose([x, idx, ours, theirs]);
+      }),
+      { numRuns: 60, seed: 3 },
+    );
+    const before = tf.memory().numTensors;
+    const x = tf.ones([3, 2]);
+    expect(() => tf.gather(x, tf.tensor1d([0, 3], "int32"))).toThrow(/gather index 3 is outside \[0, 3\)/);
+    x.dispose();
+    expect(tf.memory().numTensors - before).toBeLessThanOrEqual(1); // the index tensor of the failed call
+  });
+
+  it("takes each row's log-sum-exp as a float64 log-softmax would, at ±Infinity and NaN too", async () => {
+    await start();
+    const rows = [Array.from(values(300, 2), (v) => 30 * v), [0, 0, 0], [-Infinity, -Infinity], [-Infinity, 2], [1, Infinity], [NaN, 1], [88, 89, -100]];
+    for (const r of rows) {
+      const got = rowLogSumExp(tf.tensor2d([r])).dataSync()[0]!;
+      const m = Math.max(...r);
+      const want = r.some(Number.isNaN) ? NaN : m === Infinity ? Infinity : m === -Infinity ? -Infinity : m + Math.log(r.reduce((a, v) => a + Math.exp(v - m), 0));
+      if (Number.isFinite(want)) expect(Math.abs(got - want)).toBeLessThan(2e-7 * Math.max(1, Math.abs(want)));
+      else expect(got).toBe(want);
+    }
   });
 
   it("multiplies by stored F32, BF16 and F16 matrices where they lie, with the bits of the widened tensor and a gradient", async () => {

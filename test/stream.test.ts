@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backendCopies, loadModelSync, residentBytes } from "../src/io/model.js";
 import { loadPairs } from "../src/io/pairs.js";
 import { layerBytesOf, shareResidency, STORED_HEAD_ROWS, StoredWeights, StreamedWeights } from "../src/io/stream.js";
-import { nativeMatMulActive, nativeStatus, useNativeMatMul } from "../src/model/native.js";
+import { nativeMatMulActive, nativeStatus, useNativeKernels } from "../src/model/native.js";
 import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
 import { disposeModel, forward, headBlock, type LlamaModel } from "../src/model/llama.js";
@@ -236,9 +236,9 @@ describe.skipIf(!nativeStatus().ok)(`read in place by the native matmul${nativeS
   let was = false;
   beforeAll(() => {
     was = nativeMatMulActive();
-    useNativeMatMul(true);
+    useNativeKernels(true);
   });
-  afterAll(() => useNativeMatMul(was));
+  afterAll(() => useNativeKernels(was));
   const inPlace = (dir: string) => loadModelSync(dir, { stream: "in-place", memoryBudget: 1 }); // any budget streams it
 
   it("every hook site, the logits and scored log-probs, bit for bit, on random configs, dtypes and shards, with no weight on the backend", () => {

@@ -4,7 +4,8 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
 import { makeBatch, marginsOf, pairedInput, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, GROUPED_ATTENTION_MIN, groupedAttention, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import { nativeMatMulActive } from "../model/native.js";
+import { forward, GROUPED_ATTENTION_MIN, groupedAttention, NATIVE_GROUPED_MIN, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
 import { gainOf, sitesNeeded, windowLayers } from "./patches.js";
 import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
@@ -263,7 +264,8 @@ const SCORE_COPIES = 5;
 export function layerActivationBytes(cfg: LlamaConfig, rows: number, T: number): number {
   const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
   const g = nH / nKv;
-  const batchedScores = rows * nH * Math.min(T * T, groupedAttention(cfg, T) ? GROUPED_ATTENTION_MIN / g : Infinity);
+  const rowLimit = nativeMatMulActive() ? NATIVE_GROUPED_MIN : (nH * GROUPED_ATTENTION_MIN) / g; // a row's batched scores at most
+  const batchedScores = rows * Math.min(nH * T * T, groupedAttention(cfg, T) ? rowLimit : Infinity);
   return 4 * (rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + SCORE_COPIES * (batchedScores + g * T * T));
 }
 

@@ -1,7 +1,7 @@
 // Picks the tfjs backend: tfjs-node-gpu, then tfjs-node when the user has installed them, else native (wasm with
 // the BLAS matmul of native/, when it is built), else wasm, else cpu.
 import * as tf from "@tensorflow/tfjs-core";
-import { nativeMatMulActive, nativeStatus, nativeThreads, useNativeMatMul } from "./native.js";
+import { nativeMatMulActive, nativeStatus, nativeThreads, useNativeKernels } from "./native.js";
 
 /** Backend names a user can ask for, best first. */
 export const BACKENDS = ["tensorflow-gpu", "tensorflow", "native", "wasm", "cpu"] as const;
@@ -122,7 +122,7 @@ async function startBackend(name: BackendName, opts: BackendOptions): Promise<st
   } catch {
     return null;
   }
-  if (registered === "wasm") useNativeMatMul(name === "native", opts.threads);
+  if (registered === "wasm") useNativeKernels(name === "native", opts.threads);
   return registered;
 }
 

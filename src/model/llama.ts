@@ -8,7 +8,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "./config.js";
 import { ActivationCache, isHookName, type HookName } from "./hooks.js";
 import { takeBackendFault } from "./backend.js";
-import { StoredMatrix, storedMatMul } from "./native.js";
+import { nativeMatMulActive, rowLogSumExp, StoredMatrix, storedMatMul } from "./native.js";
 import { packPairs, type Packing } from "./packing.js";
 import { ropeTables } from "./rope.js";
 
@@ -107,7 +107,7 @@ export interface ForwardOptions {
   targets?: number[];
   /**
    * How attention multiplies: "grouped" (one 2-D matmul per row and kv head, fast on wasm at long T),
-   * "batched", or "auto" (default: grouped once a group's score matrix has GROUPED_ATTENTION_MIN entries).
+   * "batched", or "auto" (default: groupedAttention's choice for the kernel that runs).
    */
   attention?: "auto" | "grouped" | "batched";
 }
@@ -115,8 +115,16 @@ export interface ForwardOptions {
 /** Score-matrix entries (query heads per group × T × T) from which "auto" attention goes grouped. */
 export const GROUPED_ATTENTION_MIN = 16384;
 
-/** Whether forward's "auto" attention runs rows of length T one (row, kv head) at a time. */
-export const groupedAttention = (cfg: LlamaConfig, T: number): boolean => (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN;
+/**
+ * Score entries of one row (heads × T × T) from which "auto" attention goes grouped on the native matmul, which
+ * runs batched products as fast as 2-D ones (1B width, T = 222: 2.7-3.1 s a 16-layer forward batched, 3.5-4.3
+ * grouped): only to keep every head's scores of a long row from being held at once (8 MiB a row at this size).
+ */
+export const NATIVE_GROUPED_MIN = 2 ** 21;
+
+/** Whether forward's "auto" attention runs rows of length T one (row, kv head) at a time, on the kernel that runs now. */
+export const groupedAttention = (cfg: LlamaConfig, T: number): boolean =>
+  nativeMatMulActive() ? cfg.numHeads * T * T >= NATIVE_GROUPED_MIN : (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN;
 
 /** Logits (null when not asked for or stopped early) and the cached sites; the caller owns both. */
 export interface ForwardResult {
@@ -322,7 +330,7 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): F
   const reduce = (block: tf.Tensor2D, a: number, start: number, bi: number) => {
     const [rows, w] = block.shape;
     const hits = Array.from({ length: rows }, (_, i) => i).filter((i) => targets[start + i]! >= a && targets[start + i]! < a + w);
-    const [l, p] = tf.tidy(() => [tf.logSumExp(block, 1), hits.length ? tf.gather(tf.reshape(block, [-1]), tf.tensor1d(hits.map((i) => i * w + targets[start + i]! - a), "int32")) : tf.zeros([0])]);
+    const [l, p] = tf.tidy(() => [rowLogSumExp(block), hits.length ? tf.gather(tf.reshape(block, [-1]), tf.tensor1d(hits.map((i) => i * w + targets[start + i]! - a), "int32")) : tf.zeros([0])]);
     (lse[bi] ??= new Float32Array(N)).set(l!.dataSync(), start);
     const pv = p!.dataSync();
     hits.forEach((i, k) => (picked[start + i] = pv[k]!));

@@ -17,6 +17,7 @@ interface BlasAddon {
     c: Uint8Array, cOffsets: Float64Array, threads: number,
   ): void;
   describe(): string;
+  lse(x: Uint8Array, offset: number, rows: number, cols: number, out: Float32Array): void;
 }
 
 /** Stored dtypes the kernel reads as its B operand. */
@@ -92,6 +93,7 @@ interface WasmBackend {
   wasm: { HEAPU8: Uint8Array };
   dataIdMap: { get(id: tf.DataId): { memoryOffset: number } };
   makeOutput(shape: number[], dtype: "float32"): tf.TensorInfo;
+  disposeData(id: tf.DataId): void;
 }
 const offsetOf = (b: WasmBackend, t: tf.TensorInfo) => b.dataIdMap.get(t.dataId).memoryOffset;
 
@@ -175,7 +177,7 @@ const storedKernel = (threads: number) => ({ inputs, attrs, backend }: KernelArg
 
 /**
  * x [..., K] · Wᵀ for a stored matrix W [N, K] → [..., N] (with `transposed`, x [..., N] · W → [..., K]), by the
- * native kernel (useNativeMatMul(true) registers it); differentiable in x.
+ * native kernel (useNativeKernels(true) registers it); differentiable in x.
  */
 export function storedMatMul(x: tf.Tensor, w: StoredMatrix, transposed = false): tf.Tensor {
   if (!tf.getKernel(STORED_MATMUL, "wasm")) registerStored(os.availableParallelism());
@@ -192,31 +194,86 @@ const THREADS = Symbol("prefprobe native threads");
 type Marked = tf.KernelFunc & { [THREADS]?: number };
 const marked = (f: (a: KernelArgs) => tf.TensorInfo, threads: number): tf.KernelFunc => Object.assign(f as unknown as tf.KernelFunc, { [THREADS]: threads });
 
-/** The stock kernel, kept to put back (useNativeMatMul(false)). */
-let stock: tf.KernelConfig | null = null;
+/**
+ * GatherV2 by row copies in the heap (axis any, batchDims 0, 4-byte values): the stock wasm kernel copies element
+ * by element, which took 13% of a 1B pair's thread time in the packed rows' gathers. Out-of-range indices throw.
+ */
+const gather = (fallback: tf.KernelConfig | undefined) => (args: KernelArgs): tf.TensorInfo => {
+  const { inputs, attrs, backend } = args;
+  const { x, indices } = inputs as { x: tf.TensorInfo; indices: tf.TensorInfo };
+  const { axis, batchDims } = attrs as unknown as { axis: number; batchDims: number };
+  if (batchDims || (x.dtype !== "float32" && x.dtype !== "int32") || indices.dtype !== "int32") {
+    if (!fallback) throw new Error(`GatherV2 of ${x.dtype} by ${indices.dtype} indices with batchDims ${batchDims} is not supported`);
+    return (fallback.kernelFunc as unknown as (a: KernelArgs) => tf.TensorInfo)(args);
+  }
+  const be = backend as WasmBackend;
+  const ax = tf.util.parseAxisParam(axis, x.shape)[0]!;
+  const size = (s: number[]) => s.reduce((p, q) => p * q, 1);
+  const [outer, n, inner] = [size(x.shape.slice(0, ax)), x.shape[ax]!, size(x.shape.slice(ax + 1))];
+  const m = size(indices.shape);
+  const out = be.makeOutput([...x.shape.slice(0, ax), ...indices.shape, ...x.shape.slice(ax + 1)], x.dtype as "float32");
+  const heap = new Int32Array(be.wasm.HEAPU8.buffer); // after makeOutput, which may grow the heap
+  const [xo, io, oo] = [offsetOf(be, x) / 4, offsetOf(be, indices) / 4, offsetOf(be, out) / 4];
+  for (let i = 0; i < m; i++) {
+    const idx = heap[io + i]!;
+    if (!(idx >= 0 && idx < n)) {
+      be.disposeData(out.dataId);
+      throw new RangeError(`gather index ${idx} is outside [0, ${n})`);
+    }
+  }
+  for (let o = 0; o < outer; o++)
+    for (let i = 0; i < m; i++) {
+      const from = xo + (o * n + heap[io + i]!) * inner;
+      const to = oo + (o * m + i) * inner;
+      if (inner === 1) heap[to] = heap[from]!;
+      else heap.copyWithin(to, from, from + inner);
+    }
+  return out;
+};
 
 /**
- * Makes tf.matMul on the wasm backend run on the native kernel (true), with up to `threads` threads per call, or
- * on wasm's own (false). The numbers do not depend on `threads`. The wasm backend must be the current one.
+ * log Σ exp(x) along the last axis of x [rows, cols] → [rows]: by the native kernel in one pass per row (its max,
+ * then the sum of exp(x − max) in double) when the native kernels run, else tf.logSumExp.
+ */
+export function rowLogSumExp(x: tf.Tensor2D): tf.Tensor1D {
+  if (!nativeMatMulActive()) return tf.logSumExp(x, 1);
+  const be = tf.backend() as unknown as WasmBackend;
+  const [rows, cols] = x.shape;
+  const out = new Float32Array(rows);
+  addon().lse(be.wasm.HEAPU8, offsetOf(be, x), rows, cols, out);
+  return tf.tensor1d(out);
+}
+
+/** The stock kernels, kept to put back (useNativeKernels(false)). */
+let stock: tf.KernelConfig | null = null;
+let stockGather: tf.KernelConfig | null = null;
+
+/**
+ * Makes tf.matMul on the wasm backend run on the native kernel (true), with up to `threads` threads per call, and
+ * tf.gather on row copies; or both on wasm's own kernels (false). The numbers do not depend on `threads`. The wasm backend must be the current one.
  * Throws when `on` and the kernel is not built here.
  */
-export function useNativeMatMul(on: boolean, threads = os.availableParallelism()): void {
+export function useNativeKernels(on: boolean, threads = os.availableParallelism()): void {
   if (tf.getBackend() !== "wasm") throw new Error("the native matmul runs on the wasm backend's heap: start the wasm backend first");
   if (on) addon();
   if (!(Number.isInteger(threads) && threads >= 1)) throw new RangeError(`native matmul threads must be an integer ≥ 1, got ${threads}`);
   const current = tf.getKernel("BatchMatMul", "wasm");
-  if (nativeThreads() === null) stock ??= current ?? null;
-  if (current) tf.unregisterKernel("BatchMatMul", "wasm");
+  if (nativeThreads() === null) {
+    stock ??= current ?? null;
+    stockGather ??= tf.getKernel("GatherV2", "wasm") ?? null;
+  }
+  for (const name of ["BatchMatMul", "GatherV2"]) if (tf.getKernel(name, "wasm")) tf.unregisterKernel(name, "wasm");
   if (!on) {
-    if (stock) tf.registerKernel(stock);
+    for (const k of [stock, stockGather]) if (k) tf.registerKernel(k);
     return;
   }
   tf.registerKernel({ kernelName: "BatchMatMul", backendName: "wasm", kernelFunc: marked(batchMatMul(threads), threads) });
+  tf.registerKernel({ kernelName: "GatherV2", backendName: "wasm", kernelFunc: gather(stockGather ?? undefined) as unknown as tf.KernelFunc });
   registerStored(threads);
 }
 
 /**
- * Registers the stored-matrix kernel with up to `threads` threads a call. useNativeMatMul(true) does; a model read
+ * Registers the stored-matrix kernel with up to `threads` threads a call. useNativeKernels(true) does; a model read
  * in place on the stock wasm matmul (for tests of both) gets it with one thread per core at its first product.
  */
 function registerStored(threads: number): void {
