@@ -2,6 +2,7 @@
 // pair of models, with every backend kernel timed, and prints each stage's time by kernel category (matmul,
 // attention softmax, the head's log-sum-exp, elementwise, data movement, the rest). Ratios within one run only.
 //   npx tsx bench/profile.ts [--base DIR --tuned DIR] [--pairs FILE] [--max-tokens 160] [--backend native|wasm] [--threads N]
+//                            [--pair I] [--batch N] [--method exact|attribution|both]
 // (default: the Llama-3.2-1B-shaped pair bench:1b writes to the temp folder, and the HH-RLHF test pairs)
 import * as os from "node:os";
 import * as path from "node:path";
@@ -15,6 +16,7 @@ import { disposeModel } from "../src/model/llama.js";
 import { analyseBatch } from "../src/analysis/run.js";
 import { makePlan } from "../src/analysis/scoring.js";
 import { resolveSettings } from "../src/analysis/settings.js";
+import { enableGradients } from "../src/model/gradients.js";
 
 const { values: a } = parseArgs({
   options: {
@@ -24,7 +26,9 @@ const { values: a } = parseArgs({
     "max-tokens": { type: "string", default: "160" },
     backend: { type: "string" },
     threads: { type: "string" },
-    pair: { type: "string", default: "0" },
+    pair: { type: "string", default: "0" }, // the first pair of the batch
+    batch: { type: "string", default: "1" }, // pairs in the batch
+    method: { type: "string", default: "exact" }, // exact | attribution | both
   },
 });
 
@@ -79,10 +83,11 @@ for (const k of registry) {
 const base = loadModelSync(a.base, { memoryBudget: 2 ** 29 });
 const tuned = loadModelSync(a.tuned, { memoryBudget: 2 ** 29 });
 const tok = loadTokenizer(a.base);
-const tp = readUsablePairs(a.pairs, tok, base.config.vocabSize, { maxTokens: Number(a["max-tokens"]), limit: Number(a.pair) + 1 });
-const pair = tp.pairs[Number(a.pair)]!;
-console.error(`pair ${a.pair}: ${pair.promptIds.length} + ${pair.chosenIds.length} / ${pair.rejectedIds.length} tokens`);
-const s = resolveSettings({ batchPairs: 1 }, base.config);
+const tp = readUsablePairs(a.pairs, tok, base.config.vocabSize, { maxTokens: Number(a["max-tokens"]), limit: Number(a.pair) + Number(a.batch) });
+const batch = tp.pairs.slice(Number(a.pair));
+for (const p of batch) console.error(`pair ${p.index}: ${p.promptIds.length} + ${p.chosenIds.length} / ${p.rejectedIds.length} tokens`);
+const s = resolveSettings({ batchPairs: Number(a.batch), method: a.method as "exact" | "attribution" | "both" }, base.config);
+if (s.method !== "exact") await enableGradients();
 const plan = makePlan(s, base.config.numLayers);
 const times: Record<string, number> = {};
 // analyseBatch's own timer adds each stage's milliseconds at its end: that gives the stage's interval
@@ -95,7 +100,7 @@ const tracked = new Proxy(times, {
     return true;
   },
 });
-analyseBatch({ base, tuned }, [pair], plan, s, tracked);
+analyseBatch({ base, tuned }, batch, plan, s, tracked);
 disposeModel(base);
 disposeModel(tuned);
 const byStage = new Map<string, Map<string, number>>();

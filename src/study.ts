@@ -104,7 +104,6 @@ function loadStudy(inputs: StudyInputs, settings: Partial<RunSettings>, backend:
     const streamedBatch = settings.batchPairs === undefined && !!(base.source || tuned.source);
     const s = resolveSettings(streamedBatch ? { ...settings, batchPairs: STREAMED_BATCH } : settings, base.config);
     if (streamedBatch) info(`batches of ${STREAMED_BATCH} pair, as a model is streamed (each pair of a batch adds its cached activations and stacked runs to every worker's heap; --batch to choose)`);
-    if (runsAttribution(s) && (base.source || tuned.source)) throw new SettingsError(`--method ${s.method} needs both models resident on the backend (gradients keep every layer's weights), but a model is streamed: raise --memory-budget, or use --method exact`);
     const tok = loadTokenizer(inputs.base);
     const tokFiles = [inputs.base, inputs.tuned].map((d) => path.join(d, "tokenizer.json"));
     if (tokFiles.every((f) => fs.existsSync(f)) && !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))) {

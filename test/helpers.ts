@@ -89,15 +89,17 @@ export function expectNear(a: number, b: number, what = "value"): void {
  * native kernel every number within NATIVE_TOLERANCE (strings, booleans, nulls and shapes still exact).
  */
 export function expectSame(actual: unknown, expected: unknown, what = "value"): void {
-  if (!onNative()) {
-    expect(actual, what).toEqual(expected);
-    return;
-  }
+  if (!onNative()) expect(actual, what).toEqual(expected);
+  else expectClose(actual, expected, what);
+}
+
+/** Deep equality with every number within NATIVE_TOLERANCE, on any kernel: two computations that sum in other orders. */
+export function expectClose(actual: unknown, expected: unknown, what = "value"): void {
   const walk = (a: unknown, b: unknown, at: string): void => {
     if (typeof b === "number" && typeof a === "number") {
       if (Number.isNaN(b) || !Number.isFinite(b)) return void expect(a, at).toEqual(b);
       const tol = Math.max(NATIVE_TOLERANCE.abs, NATIVE_TOLERANCE.rel * Math.abs(b));
-      if (!(Math.abs(a - b) <= tol)) throw new Error(`${at}: ${a} vs ${b} differ by ${Math.abs(a - b)}, beyond the native kernel's tolerance ${tol}`);
+      if (!(Math.abs(a - b) <= tol)) throw new Error(`${at}: ${a} vs ${b} differ by ${Math.abs(a - b)}, beyond float32 rounding's tolerance ${tol}`);
       return;
     }
     if (ArrayBuffer.isView(b) && ArrayBuffer.isView(a)) return walk(Array.from(a as unknown as ArrayLike<number>), Array.from(b as unknown as ArrayLike<number>), at);

@@ -2,10 +2,10 @@
 // moves a site from h_dst toward h_src by α changes the patched model's margin by about
 //   α (h_src − h_dst) · ∂margin_dst/∂h_dst,
 // summed over the patched positions of both rows of a pair; in gain terms (patches.ts gainOf) that is
-// α (h_tuned − h_base) · ∂margin_dst/∂h_dst in either direction. One forward with the gradient tape and one
-// backward per destination model give it for every site, layer, position and attention head.
+// α (h_tuned − h_base) · ∂margin_dst/∂h_dst in either direction. One backward pass per destination model, a
+// layer at a time from the scoring pass's cached residuals, gives it for every site, layer, position and head.
 import * as tf from "@tensorflow/tfjs-core";
-import { tokenLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, tokenLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import { gradientsEnabled } from "../model/gradients.js";
 import { forward, type LlamaModel } from "../model/llama.js";
@@ -18,30 +18,89 @@ import type { Direction, PairAttribution, PairRecord, RunSettings } from "./sett
 /**
  * ∂(Σ_pairs margin)/∂h at each named site of `model` on the batch, as tensors shaped like the sites (the
  * caller disposes them). Each pair's margin depends only on its own two rows, so a pair's rows hold its own
- * gradient. Needs the gradient registry (enableGradients) and a resident model.
+ * gradient. Backpropagated a layer at a time: the head's gradient first, then each layer's vector-Jacobian product
+ * from its cached input, last layer first, so the gradient tape holds one layer's activations at a time (not the
+ * whole model's), and a streamed model works as a resident one. `residIn(l)` gives the residual entering layer l
+ * (l = numLayers: entering the final norm) in the caller's [B, T, H] layout, e.g. from a scoring pass's cache;
+ * without it one plain forward makes them. Needs the gradient registry (enableGradients).
  */
-export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookName[], perToken: boolean, shapes: Map<HookName, number[]>): Map<HookName, tf.Tensor> {
-  if (model.source) throw new Error("attribution patching needs resident models: a streamed model's layers leave the backend during the pass (raise --memory-budget)");
+export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookName[], perToken: boolean, residIn?: (l: number) => tf.Tensor): Map<HookName, tf.Tensor> {
   if (!gradientsEnabled()) throw new Error("attribution patching needs gradients: await enableGradients() first");
-  const count = new Array<number>(batch.ids.length).fill(0);
+  const { numLayers: L, numHeads: nH, headDim: d, hiddenSize: H } = model.config;
+  const B = batch.ids.length;
+  const count = new Array<number>(B).fill(0);
   for (const r of batch.rowOf) count[r]!++;
   const sign = tf.tensor1d(batch.rowOf.map((r) => (r % 2 === 0 ? 1 : -1) / (perToken ? count[r]! : 1)));
+  const own = residIn ? null : forward(model, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))] });
+  const input = residIn ?? ((l: number) => own!.cache.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)));
+  const want = new Set<string>(names);
+  const out = new Map<HookName, tf.Tensor>();
+  const base = { lengths: batch.lengths };
+  let g: tf.Tensor | null = null;
   try {
-    const f = (...deltas: tf.Tensor[]) => {
-      const hooks = Object.fromEntries(names.map((n, i) => [n, (v: tf.Tensor) => tf.add(v, deltas[i]!)]));
-      const r = forward(model, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt, hooks });
-      return tf.sum(tf.mul(tokenLogprobs(r.logits!, batch), sign)) as tf.Scalar;
-    };
-    const zeros = names.map((n) => tf.zeros(shapes.get(n)!));
-    try {
-      const grads = tf.grads(f)(zeros);
-      return new Map(names.map((n, i) => [n, grads[i]!]));
-    } finally {
-      for (const z of zeros) z.dispose();
+    // ∂M/∂resid_post[L−1]: through the final norm and the head at the scored positions
+    g = tf.tidy(() =>
+      tf.grad((x: tf.Tensor) => {
+        const r = forward(model, batch.ids, { ...base, logitsAt: batch.logitsAt, start: { layer: L, resid: x } });
+        return tf.sum(tf.mul(tokenLogprobs(r.logits!, batch), sign));
+      })(input(L)),
+    );
+    for (let l = L - 1; l >= 0; l--) {
+      const [pre, post] = [hookName("resid_pre", l), hookName("resid_post", l)];
+      const inLayer = names.filter((n) => n.startsWith(`blocks.${l}.`) && n !== pre && n !== post);
+      const dy: tf.Tensor = g;
+      let y: tf.Tensor | null = null; // the layer's output: a cached site, which tidy scopes do not free
+      const [gx, ...gd] = tf.tidy(() => {
+        const zeros = inLayer.map((n) => tf.zeros(n.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]));
+        return tf.grads((x: tf.Tensor, ...deltas: tf.Tensor[]) => {
+          const hooks = Object.fromEntries(inLayer.map((n, i) => [n, (v: tf.Tensor) => tf.add(v, deltas[i]!)]));
+          const r = forward(model, batch.ids, { ...base, logitsAt: "none", start: { layer: l, resid: x }, stopAfter: l, cache: [post], hooks });
+          return (y = r.cache.take(post));
+        })([input(l), ...zeros], dy);
+      });
+      (y as tf.Tensor | null)?.dispose();
+      inLayer.forEach((n, i) => out.set(n, gd[i]!));
+      if (want.has(post)) out.set(post, dy);
+      else dy.dispose();
+      g = gx!;
+      if (want.has(pre)) out.set(pre, tf.clone(g));
     }
+    return out;
+  } catch (e) {
+    for (const t of out.values()) t.dispose();
+    throw e;
   } finally {
+    if (g && ![...out.values()].includes(g)) g.dispose();
     sign.dispose();
+    own?.dispose();
   }
+}
+
+/**
+ * siteGradients for a batch of pairs, one pair at a time (a pair's margin depends on its two rows only, so its
+ * gradients are the batch's at its rows): the tape then holds one pair's layer, not the batch's. `residIn` as
+ * siteGradients', in the batch's [B, T, H] layout; the gradients come back in it (0 past a pair's length).
+ */
+function batchGradients(model: LlamaModel, batch: PairBatch, names: HookName[], perToken: boolean, residIn: (l: number) => tf.Tensor): Map<HookName, tf.Tensor> {
+  const parts = batch.pairs.map((p, i) => {
+    const one = makeBatch([p]);
+    const rows = (t: tf.Tensor) => tf.slice(t, [2 * i, 0, 0], [2, one.T, -1]);
+    const g = siteGradients(model, one, names, perToken, (l) => rows(residIn(l)));
+    if (one.T === batch.T) return g;
+    for (const [n, t] of g) {
+      g.set(n, tf.pad(t, t.shape.map((_, k) => (k === 1 ? [0, batch.T - one.T] : [0, 0])) as Array<[number, number]>));
+      t.dispose();
+    }
+    return g;
+  });
+  return new Map(
+    names.map((n) => {
+      const all = parts.map((g) => g.get(n)!);
+      const joined = all.length === 1 ? all[0]! : tf.concat(all, 0);
+      if (all.length > 1) tf.dispose(all);
+      return [n, joined];
+    }),
+  );
 }
 
 /** Attribution estimates for every pair of a scored batch: the plan's combos, per position for the first key, per head for the first direction. */
@@ -62,12 +121,13 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
     const windowOf = (c: (typeof combos)[number]) => windowLayers(c.layer, s.window, L).map((j) => hookName(c.site, j));
     const siteNames = [...new Set(combos.flatMap(windowOf))];
     const names = di === 0 ? [...siteNames, ...zNames.filter((z) => !siteNames.includes(z))] : siteNames;
-    const shapes = new Map<HookName, number[]>(names.map((nm) => [nm, nm.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]]));
-    // z is not among the cached sites: the two models' z come from one more plain forward each
-    const zRuns = di === 0 ? { base: forward(models.base, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }), tuned: forward(models.tuned, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }) } : null;
-    const grads = siteGradients(models[dst], batch, names, s.perToken, shapes);
+    // the residuals entering each layer, and z, from the scoring pass's cache (makePlan caches z for attribution;
+    // a plan made without it gets z from one more plain forward per model)
+    const cached = sc.runs[dst].cache;
+    const zRuns = di === 0 && !sc.runs.base.cache.has(zNames[0]!) ? { base: forward(models.base, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }), tuned: forward(models.tuned, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }) } : null;
+    const grads = batchGradients(models[dst], batch, names, s.perToken, (l) => cached.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)));
     try {
-      const act = (m: "base" | "tuned", nm: HookName) => (nm.endsWith("hook_z") ? zRuns![m].cache.get(nm) : sc.runs[m].cache.get(nm));
+      const act = (m: "base" | "tuned", nm: HookName) => (zRuns && nm.endsWith("hook_z") ? zRuns[m].cache.get(nm) : sc.runs[m].cache.get(nm));
       // α (h_tuned − h_base) · g per row and position → [B, T]
       const perPosition = (nm: HookName) =>
         tf.tidy(() => {

@@ -8,7 +8,7 @@ import { nativeMatMulActive } from "../model/native.js";
 import { forward, GROUPED_ATTENTION_MIN, groupedAttention, NATIVE_GROUPED_MIN, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
 import { gainOf, sitesNeeded, windowLayers } from "./patches.js";
-import type { Direction, PairAttribution, PairRecord, RunSettings, Site } from "./settings.js";
+import { runsAttribution, type Direction, type PairAttribution, type PairRecord, type RunSettings, type Site } from "./settings.js";
 
 /** The two models compared. */
 export interface ModelPair {
@@ -28,7 +28,7 @@ export interface Plan {
   combos: Combo[];
   /** Sites a patch reads or resumes from (also the sites whose means mean-ablation needs). */
   patchSites: HookName[];
-  /** Everything the scoring pass caches: the embedding, every resid_post and the patch sites. */
+  /** Everything the scoring pass caches: the embedding, every resid_post and the patch sites (and z for attribution). */
   cacheSites: HookName[];
 }
 
@@ -48,7 +48,9 @@ export function makePlan(s: RunSettings, L: number): Plan {
     ),
   ];
   const residPost = Array.from({ length: L }, (_, l) => hookName("resid_post", l));
-  return { combos, patchSites, cacheSites: [...new Set<HookName>(["hook_embed", ...residPost, ...patchSites])] };
+  // attribution's per-head estimates read both models' z (attn.hook_z) at every layer
+  const z = runsAttribution(s) ? Array.from({ length: L }, (_, l) => hookName("z", l)) : [];
+  return { combos, patchSites, cacheSites: [...new Set<HookName>(["hook_embed", ...residPost, ...patchSites, ...z])] };
 }
 
 /** A batch run through both models: margins, log-probabilities, cached activations and position masks. */
