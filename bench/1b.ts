@@ -1,9 +1,11 @@
 // The paper's setting at full size: a Llama-3.2-1B-shaped BF16 pair (exact config, random weights, tuned = base +
-// a rank-1 change in the two middle layers), the real Llama 3 tokenizer and real HH-RLHF pairs. Reports load time,
-// peak RSS, forward tokens/s and efficiency against the backend's own matmul ceiling (measured in the same run),
-// seconds per pair of the full analysis with each stage's share, and — when a python3 with torch is on the machine
-// — the same layer sweep in PyTorch (bench/peers/sweep.py) as a ratio, with its margins checked against ours.
-//   npm run bench:1b [-- --layers 16 --pairs 2 --max-tokens 160 --batch N --workers N --dir DIR]
+// a rank-1 change in the two middle layers), the real Llama 3 tokenizer and real HH-RLHF pairs. For the native
+// matmul and wasm's own kernels in the same run: the matmul ceiling, load time, peak RSS, forward tokens/s, seconds
+// per pair of the full analysis by stage, and the hours a --limit 200 study takes at those rates; and — when a
+// python3 with torch is on the machine — the same layer sweep in PyTorch (bench/peers/sweep.py) as a ratio, with
+// its margins checked against ours.
+//   npm run bench:1b [-- --layers 16 --pairs 2 --max-tokens 160 --batch N --workers N --dir DIR --kernels native,wasm]
+// (the wasm run of the full analysis takes about half an hour on 2 cores: --kernels native leaves it out)
 // (the run's own default batch unless --batch: one pair for streamed models, so with 2 pairs each worker scores one)
 // The models (2 × 2.3 GiB) are written to DIR (default: the system temp folder) once and reused.
 import { spawnSync } from "node:child_process";
@@ -30,7 +32,9 @@ const { values: a } = parseArgs({
     workers: { type: "string" },
     batch: { type: "string" }, // default: what `prefprobe run` picks (1 pair per batch for streamed models)
     dir: { type: "string" },
+    kernels: { type: "string", default: "native,wasm" },
     stage: { type: "string" }, // internal: run one measurement in a child process (its own peak RSS)
+    backend: { type: "string" }, // internal: the child's backend
   },
 });
 const layers = Number(a.layers);
@@ -42,9 +46,9 @@ const GiB = 2 ** 30;
 const rssGiB = () => (process.resourceUsage().maxRSS * 1024) / GiB;
 const models = { base: path.join(dir, "base"), tuned: path.join(dir, "tuned") };
 
-/** Runs this file again with `--stage`, in a fresh process, and returns the JSON it prints last. */
-function child(stage: string, extra: string[] = []): Record<string, unknown> {
-  const args = ["--import", "tsx", process.argv[1]!, "--stage", stage, "--dir", dir, "--layers", a.layers!, "--pairs", a.pairs!, "--max-tokens", a["max-tokens"]!, ...(a.batch ? ["--batch", a.batch] : []), ...extra];
+/** Runs this file again with `--stage` on `backend`, in a fresh process, and returns the JSON it prints last. */
+function child(stage: string, backend: string, extra: string[] = []): Record<string, unknown> {
+  const args = ["--import", "tsx", process.argv[1]!, "--stage", stage, "--backend", backend, "--dir", dir, "--layers", a.layers!, "--pairs", a.pairs!, "--max-tokens", a["max-tokens"]!, ...(a.batch ? ["--batch", a.batch] : []), ...extra];
   const r = spawnSync(process.execPath, args, { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"], maxBuffer: 2 ** 28 });
   if (r.status !== 0) throw new Error(`bench stage ${stage} failed (exit ${r.status})`);
   return JSON.parse(r.stdout.trim().split("\n").at(-1)!);
@@ -52,7 +56,7 @@ function child(stage: string, extra: string[] = []): Record<string, unknown> {
 
 /** Stage "load": both models loaded as `run` loads them, then one streamed forward of the base at 1 × 128 and 1 × 512. */
 async function loadStage(): Promise<Record<string, unknown>> {
-  const backend = await initBackend();
+  const backend = await initBackend(a.backend);
   const perModel = weightBudget(backend) / 2;
   const t0 = performance.now();
   const base = await loadModel(models.base, { memoryBudget: perModel });
@@ -84,7 +88,7 @@ async function runStage(out: string): Promise<Record<string, unknown>> {
   const t0 = performance.now();
   let workers = 1;
   const r = await runStudy(
-    { base: models.base, tuned: models.tuned, pairs: HH, out, force: true, limit: nPairs, maxTokens, workers: a.workers ? Number(a.workers) : undefined },
+    { base: models.base, tuned: models.tuned, pairs: HH, out, force: true, limit: nPairs, maxTokens, workers: a.workers ? Number(a.workers) : undefined, backend: a.backend },
     a.batch ? { batchPairs: Number(a.batch) } : {},
     { onInfo: (s) => (console.error(`  ${s}`), (workers = Number(/scoring on (\d+) worker threads/.exec(s)?.[1] ?? workers))) },
   );
@@ -101,13 +105,22 @@ function findTorch(): string | null {
 }
 
 if (a.stage === "load") console.log(JSON.stringify(await loadStage()));
-else if (a.stage === "run") console.log(JSON.stringify(await runStage(a.dir! + "-run")));
+else if (a.stage === "run") console.log(JSON.stringify(await runStage(`${a.dir!}-run-${a.backend}`)));
 else await main();
+
+/** One kernel's measurements: its matmul ceiling, one resident layer against it, the load stage and the full run. */
+interface KernelRun {
+  name: string;
+  ceilings: number[]; // GFLOP/s at T = 128, 512, one thread
+  allThreads: number; // GFLOP/s at T = 512 with every thread a call may use
+  eff: string[];
+  load: { load_s: number; tokens_per_s: Record<string, number>; peak_rss_gib: number; backend: string };
+  run: { wall_s: number; timings_ms: Record<string, number>; peak_rss_gib: number; workers: number } | null;
+}
 
 async function main(): Promise<void> {
   const cfg = llama1bConfig(layers);
-  const row = (k: string, v: string) => console.log(`| ${k} | ${v} |`);
-  let t0 = performance.now();
+  const t0 = performance.now();
   writeLlama1bShaped(dir, layers);
   console.error(`models in ${dir} (${((performance.now() - t0) / 1000).toFixed(0)} s); tuned differs in layers ${changedLayers(layers).join(", ")}`);
 
@@ -119,37 +132,45 @@ async function main(): Promise<void> {
   const shared = rows.reduce((s, r) => s + r.P + r.C + r.R, 0); // one packed row per pair (a batch of one pair)
   const meanLen = rows.reduce((s, r) => s + r.P + Math.max(r.C, r.R), 0) / rows.length;
 
-  // the backend's matmul ceiling and one resident layer's efficiency against it
-  const backend = await initBackend();
-  const layer = oneLayerModel(cfg);
-  const eff: string[] = [];
-  const ceilings: number[] = [];
-  for (const T of [128, 512]) {
-    const ceil = matmulCeiling(layer.layers[0]!, T);
-    ceilings.push(ceil);
-    const gflops = layerFlops(cfg, 1, T) / layerForwardMs(layer, 1, T, "grouped") / 1e6;
-    eff.push(`T=${T}: ${(gflops / ceil).toFixed(2)} (${gflops.toFixed(1)} of ${ceil.toFixed(1)} GFLOP/s)`);
+  const kernels = a.kernels!.split(",").map((k) => k.trim());
+  const runs: KernelRun[] = [];
+  for (const name of kernels) {
+    // the kernel's matmul ceiling (one thread a call, as in a worker of a 2-worker run, and every thread) and one
+    // resident layer's efficiency against it, measured in this process
+    await initBackend(name, { threads: 1 });
+    const layer = oneLayerModel(cfg);
+    const eff: string[] = [];
+    const ceilings: number[] = [];
+    for (const T of [128, 512]) {
+      const ceil = matmulCeiling(layer.layers[0]!, T);
+      ceilings.push(ceil);
+      const gflops = layerFlops(cfg, 1, T) / layerForwardMs(layer, 1, T, name === "native" ? "batched" : "grouped") / 1e6;
+      eff.push(`T=${T}: ${(gflops / ceil).toFixed(2)} (${gflops.toFixed(1)} of ${ceil.toFixed(1)} GFLOP/s)`);
+    }
+    let allThreads = ceilings[1]!;
+    if (name === "native") {
+      await initBackend(name);
+      allThreads = matmulCeiling(layer.layers[0]!, 512);
+    }
+    disposeModel(layer);
+    tf.disposeVariables();
+    console.error(`${name}: loading both models and one streamed forward (child process)…`);
+    const load = child("load", name) as KernelRun["load"];
+    console.error(`${name}: the full analysis on ${nPairs} pairs (child process)…`);
+    const run = child("run", name, a.workers ? ["--workers", a.workers] : []) as KernelRun["run"];
+    runs.push({ name, ceilings, allThreads, eff, load, run });
   }
-  disposeModel(layer);
-  tf.disposeVariables();
-
-  console.error("loading both models and one streamed forward (child process)…");
-  const load = child("load") as { load_s: number; tokens_per_s: Record<string, number>; peak_rss_gib: number };
-  console.error(`running the full analysis on ${nPairs} pairs (child process)…`);
-  t0 = performance.now();
-  const run = child("run", a.workers ? ["--workers", a.workers] : []) as { wall_s: number; timings_ms: Record<string, number>; peak_rss_gib: number; workers: number };
-  const tm = run.timings_ms;
-  const sPerPair = tm.scoring_and_patching! / 1000 / nPairs;
-  const phase2 = ["mean_ablation", "lasso_and_probes", "pca"].reduce((s, k) => s + (tm[k] ?? 0), 0) / 1000;
-  const records = fs.readFileSync(path.join(dir + "-run", "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as PairRecord);
+  const first = runs[0]!;
+  const runDir = `${dir}-run-${first.name}`;
+  const records = fs.readFileSync(path.join(runDir, "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as PairRecord);
 
   // the PyTorch peer on the same token ids
   const py = findTorch();
-  let peer: { s: number; resumeS: number; maxErr: number; gflops: number } | null = null;
+  let peer: { s: number; resumeS: number; maxErr: number; gflops: number; threads: number } | null = null;
   if (py) {
     console.error(`PyTorch peer (${py} bench/peers/sweep.py)…`);
     const sweep = (extra: string[]) => {
-      const r = spawnSync(py, ["bench/peers/sweep.py", models.base, models.tuned, path.join(dir + "-run", "pairs.jsonl"), "--count", String(nPairs), ...extra], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+      const r = spawnSync(py, ["bench/peers/sweep.py", models.base, models.tuned, path.join(runDir, "pairs.jsonl"), "--count", String(nPairs), ...extra], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
       if (r.status !== 0) throw new Error("bench/peers/sweep.py failed");
       return r.stdout.trim().split("\n").map((l) => JSON.parse(l));
     };
@@ -170,44 +191,59 @@ async function main(): Promise<void> {
       resumeS: resume.filter((l) => "seconds" in l).reduce((s, l) => s + l.seconds, 0) / lines.length,
       maxErr,
       gflops: Number(mm.stdout),
+      threads: tl.find((l) => "threads" in l)?.threads ?? 0,
     };
   }
 
-  console.log(`\n## bench:1b — ${layers} layers at Llama-3.2-1B width, ${backend}, ${os.availableParallelism()} cores, ${os.cpus()[0]?.model ?? "?"}\n`);
-  console.log("| measure | value |\n|---|---|");
+  const cols = runs.map((r) => r.name);
+  const row = (k: string, v: string) => console.log(`| ${k} | ${v} |${" |".repeat(cols.length - 1)}`); // one value for all
+  console.log(`\n## bench:1b — ${layers} layers at Llama-3.2-1B width, ${os.availableParallelism()} cores, ${os.cpus()[0]?.model ?? "?"}\n`);
+  console.log(`| measure | ${cols.join(" | ")} |\n|---|${cols.map(() => "---").join("|")}|`);
+  const each = (k: string, f: (r: KernelRun) => string) => console.log(`| ${k} | ${runs.map(f).join(" | ")} |`);
   const onDisk = Object.values(models).flatMap((d) => fs.readdirSync(d).map((f) => fs.statSync(path.join(d, f)).size)).reduce((x, y) => x + y, 0);
-  row("weights on disk (BF16, both models)", `${(onDisk / GiB).toFixed(2)} GiB`);
-  row("load both models (streamed, default budget)", `${load.load_s.toFixed(1)} s, peak RSS ${load.peak_rss_gib.toFixed(2)} GiB`);
-  row("wasm matmul ceiling (this run)", `T=128: ${ceilings[0]!.toFixed(1)} GFLOP/s; T=512: ${ceilings[1]!.toFixed(1)} GFLOP/s`);
-  row("one resident layer vs that ceiling (target ≥ 0.85)", eff.join("; "));
-  row("streamed forward of the base model, 1 row", `T=128: ${load.tokens_per_s[128]!.toFixed(1)} tokens/s; T=512: ${load.tokens_per_s[512]!.toFixed(1)} tokens/s (every layer brought in)`);
-  row("HH-RLHF pairs ≤ max tokens (first 200 usable)", `${rows.length} pairs, mean ${meanLen.toFixed(0)} tokens per row; a packed row (prompt once) holds ${(100 * (1 - shared / padded)).toFixed(0)}% fewer token positions than the pair's two padded rows`);
-  const batch = JSON.parse(fs.readFileSync(path.join(dir + "-run", "manifest.json"), "utf8")).settings.batchPairs as number;
-  row(`full analysis, ${nPairs} pairs, ${a.batch ? `default settings but --batch ${a.batch}` : `default settings (batches of ${batch})`}`, `${run.wall_s.toFixed(0)} s wall; ${run.workers} worker thread(s); peak RSS ${run.peak_rss_gib.toFixed(2)} GiB (the BF16 weights + ${(run.peak_rss_gib - onDisk / GiB).toFixed(2)} GiB; target ≤ + 2)`);
-  row("  per pair (scoring, sweep and controls; wall)", `${sPerPair.toFixed(1)} s`);
+  each("backend", (r) => r.load.backend);
+  each("weights on disk (BF16, both models)", () => `${(onDisk / GiB).toFixed(2)} GiB`);
+  each("matmul ceiling, one thread ([T, 2048]·[2048, 8192] and the layer's other shapes)", (r) => `T=128: ${r.ceilings[0]!.toFixed(1)} GFLOP/s; T=512: ${r.ceilings[1]!.toFixed(1)}`);
+  each(`matmul, every thread a call may use (T=512, ${os.availableParallelism()} cores)`, (r) => `${r.allThreads.toFixed(1)} GFLOP/s`);
+  each("one resident layer vs the one-thread ceiling", (r) => r.eff.join("; "));
+  each("load both models (default budget)", (r) => `${r.load.load_s.toFixed(1)} s, peak RSS ${r.load.peak_rss_gib.toFixed(2)} GiB`);
+  each("forward of the base model, 1 row", (r) => `T=128: ${r.load.tokens_per_s[128]!.toFixed(1)} tokens/s; T=512: ${r.load.tokens_per_s[512]!.toFixed(1)}`);
+  const batch = JSON.parse(fs.readFileSync(path.join(runDir, "manifest.json"), "utf8")).settings.batchPairs as number;
   const stageNames = ["scoring", "patch_sweep", "random_direction_control", "logit_lens", "distances", "pair_sums"];
-  const thread = stageNames.reduce((s, k) => s + (tm[k] ?? 0), 0);
-  row("  per-pair stages (share of thread time)", stageNames.filter((k) => tm[k]).map((k) => `${k} ${((100 * tm[k]!) / thread).toFixed(0)}%`).join(", "));
-  row("  dataset stages (mean-ablation, LASSO/probes, PCA + low-rank)", `${phase2.toFixed(1)} s (${["mean_ablation", "lasso_and_probes", "pca"].map((k) => `${k} ${((tm[k] ?? 0) / 1000).toFixed(1)} s`).join(", ")})`);
+  const perPair = (r: KernelRun) => r.run!.timings_ms.scoring_and_patching! / 1000 / nPairs;
+  const ablation = (r: KernelRun) => (r.run!.timings_ms.mean_ablation ?? 0) / 1000 / nPairs;
+  const testPairs = Math.max(1, Math.round(nPairs * 0.5));
+  const lowRank = (r: KernelRun) => (r.run!.timings_ms.pca ?? 0) / 1000 / testPairs;
+  each(`full analysis, ${nPairs} pairs, ${a.batch ? `default settings but --batch ${a.batch}` : `default settings (batches of ${batch})`}`, (r) => `${r.run!.wall_s.toFixed(0)} s wall on ${r.run!.workers} worker thread(s); peak RSS ${r.run!.peak_rss_gib.toFixed(2)} GiB (the BF16 weights + ${(r.run!.peak_rss_gib - onDisk / GiB).toFixed(2)})`);
+  each("  per pair, per-pair stages (wall)", (r) => `${perPair(r).toFixed(1)} s`);
+  each("  per-pair stages (thread s per pair)", (r) => stageNames.filter((k) => r.run!.timings_ms[k]).map((k) => `${k} ${(r.run!.timings_ms[k]! / 1000 / nPairs).toFixed(1)}`).join(", "));
+  each("  mean-ablation control per pair (wall)", (r) => `${ablation(r).toFixed(1)} s`);
+  each(`  PCA + low-rank + steering per held-out pair (wall, ${testPairs} held out)`, (r) => `${lowRank(r).toFixed(1)} s`);
+  each("  LASSO and probes", (r) => `${((r.run!.timings_ms.lasso_and_probes ?? 0) / 1000).toFixed(1)} s`);
+  // a --limit 200 study at these rates: per-pair stages and mean ablation for every pair, the low-rank stage for
+  // the held-out half
+  const hours = (r: KernelRun) => (200 * (perPair(r) + ablation(r)) + 100 * lowRank(r)) / 3600;
+  each("--limit 200 study at these rates, every stage, default settings", (r) => `${hours(r).toFixed(1)} h`);
+  if (runs.length > 1) row("native / wasm, per pair (wall)", `${(perPair(runs[0]!) / perPair(runs[1]!)).toFixed(2)}; matmul ceiling ${(runs[0]!.ceilings[1]! / runs[1]!.ceilings[1]!).toFixed(1)}x at T=512`);
   if (peer) {
-    row("PyTorch peer (TransformerLens-style sweep: a full forward per layer)", `${peer.s.toFixed(1)} s per pair; matmul ${peer.gflops.toFixed(0)} GFLOP/s (${(peer.gflops / ceilings[0]!).toFixed(1)}x wasm's)`);
+    row(`PyTorch peer (TransformerLens-style sweep: a full forward per layer, ${peer.threads} threads)`, `${peer.s.toFixed(1)} s per pair; its matmul ${peer.gflops.toFixed(0)} GFLOP/s`);
     row("PyTorch peer resuming each patched forward at the patched layer", `${peer.resumeS.toFixed(1)} s per pair`);
     // the peer's work per pair is prefprobe's scoring (both clean runs) and patch sweep; the random-direction
     // control and the logit lens are extra passes it does not make
-    const same = (tm.scoring! + tm.patch_sweep!) / 1000 / nPairs;
-    row("prefprobe per pair / TL-style peer per pair (target ≤ 1.0)", `${(same / run.workers / peer.s).toFixed(2)} (the peer's work: scoring + sweep, thread time ÷ ${run.workers} worker thread(s)); ${(tm.patch_sweep! / 1000 / nPairs / peer.s).toFixed(2)} (the sweep alone, one thread); ${(sPerPair / peer.s).toFixed(2)} (all per-pair stages with the controls and lens, wall)`);
+    for (const r of runs) {
+      const tm = r.run!.timings_ms;
+      const same = (tm.scoring! + tm.patch_sweep!) / 1000 / nPairs;
+      row(`${r.name} / TL-style peer per pair (targets: ≤ 0.5 on the peer's work, ≤ 1.0 all stages)`, `${(same / r.run!.workers / peer.s).toFixed(2)} on the peer's work (scoring + sweep, thread time ÷ ${r.run!.workers} worker thread(s)); ${(perPair(r) / peer.s).toFixed(2)} all per-pair stages with the controls and lens (wall)`);
+    }
     row("margins, prefprobe vs peer (max error / |gap|)", peer.maxErr.toExponential(1));
-    // what the ratio can reach: prefprobe's exact work at the wasm ceiling on every worker, with nothing else
-    const flops = records.map((r) => sweepFlops(cfg, r.tokens)).reduce((x, f) => ({ prefprobe: x.prefprobe + f.prefprobe / nPairs, peer: x.peer + f.peer / nPairs }), { prefprobe: 0, peer: 0 });
-    const floor = flops.prefprobe / (run.workers * ceilings[0]! * 1e9);
-    row("the peer's work in FLOPs, per pair", `prefprobe ${(flops.prefprobe / 1e12).toFixed(2)} TFLOP, the peer ${(flops.peer / 1e12).toFixed(2)} (${((100 * flops.prefprobe) / flops.peer).toFixed(0)}%); at wasm's T=128 ceiling on ${run.workers} worker(s) and with nothing else, prefprobe's takes ≥ ${floor.toFixed(0)} s, ${(floor / peer.s).toFixed(2)}x the peer: the most this algorithm can reach on this backend here`);
-  } else row("PyTorch peer", "skipped: no python3 with torch (apt install python3-torch)");
-  const ablation = (tm.mean_ablation ?? 0) / 1000 / nPairs;
-  const testPairs = Math.max(1, Math.round(nPairs * 0.5));
-  const lowRank = (tm.pca ?? 0) / 1000 / testPairs;
-  console.log(
-    `\nHow long will my run take (pairs of ≤ ${maxTokens} tokens on this machine; time grows with length): about ` +
-      `${sPerPair.toFixed(0)} s × pairs (per-pair stages, ${run.workers} worker thread(s)) + ${ablation.toFixed(0)} s × pairs (mean-ablation control, ${run.workers} worker thread(s)) + ` +
-      `${lowRank.toFixed(0)} s × held-out pairs (low-rank and steering; half the pairs by default).`,
-  );
+    const flops = records.map((rec) => sweepFlops(cfg, rec.tokens)).reduce((x, f) => ({ prefprobe: x.prefprobe + f.prefprobe / nPairs, peer: x.peer + f.peer / nPairs }), { prefprobe: 0, peer: 0 });
+    row("the peer's work in FLOPs, per pair", `prefprobe ${(flops.prefprobe / 1e12).toFixed(2)} TFLOP, the peer ${(flops.peer / 1e12).toFixed(2)} (${((100 * flops.prefprobe) / flops.peer).toFixed(0)}%)`);
+  } else row("PyTorch peer", "skipped: no python3 with torch (apt install python3-torch libopenblas0-pthread)");
+  for (const r of runs) {
+    console.log(
+      `\n${r.name}: how long will my run take (pairs of ≤ ${maxTokens} tokens on this machine; time grows with length): about ` +
+        `${perPair(r).toFixed(0)} s × pairs (per-pair stages) + ${ablation(r).toFixed(0)} s × pairs (mean-ablation control) + ` +
+        `${lowRank(r).toFixed(0)} s × held-out pairs (low-rank and steering; half the pairs by default).`,
+    );
+  }
 }

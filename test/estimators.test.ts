@@ -119,7 +119,7 @@ describe("logistic regression probe", () => {
 });
 
 describe("PCA and low-rank patching", () => {
-  it("Jacobi eigendecomposition: A v = λ v, orthonormal vectors, descending values", () => {
+  it("eigendecomposition: A v = λ v, orthonormal vectors, descending values (repeated and zero eigenvalues too)", () => {
     fc.assert(
       fc.property(fc.integer({ min: 1, max: 12 }), fc.integer({ min: 1, max: 1e9 }), (n, seed) => {
         const r = seededRandom(seed);
@@ -141,6 +141,37 @@ describe("PCA and low-rank patching", () => {
         }
       }),
       { numRuns: 30 },
+    );
+  });
+
+  it("eigendecomposition recovers a planted spectrum with repeated and zero eigenvalues (low-rank covariances)", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 40 }), fc.array(fc.constantFrom(0, 0, 1, 2.5, -3), { minLength: 40, maxLength: 40 }), fc.integer({ min: 1, max: 1e9 }), (n, lam, seed) => {
+        const r = seededRandom(seed);
+        // a random orthonormal basis (Gram–Schmidt), then A = U diag(λ) Uᵀ
+        const U: number[][] = [];
+        while (U.length < n) {
+          const x = Array.from({ length: n }, () => gaussian(r));
+          for (const u of U) {
+            const d = x.reduce((acc, v, i) => acc + v * u[i]!, 0);
+            for (let i = 0; i < n; i++) x[i]! -= d * u[i]!;
+          }
+          const nx = Math.hypot(...x);
+          if (nx > 1e-6) U.push(x.map((v) => v / nx));
+        }
+        const A = new Float64Array(n * n);
+        for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) A[i * n + j]! += U[k]![i]! * lam[k]! * U[k]![j]!;
+        const { values, vectors } = symmetricEigen(A, n);
+        const want = lam.slice(0, n).sort((x, y) => y - x);
+        values.forEach((v, k) => expect(Math.abs(v - want[k]!)).toBeLessThan(1e-9));
+        for (let k = 0; k < n; k++)
+          for (let i = 0; i < n; i++) {
+            let av = 0;
+            for (let j = 0; j < n; j++) av += A[i * n + j]! * vectors[k * n + j]!;
+            expect(Math.abs(av - values[k]! * vectors[k * n + i]!)).toBeLessThan(1e-9);
+          }
+      }),
+      { numRuns: 40, seed: 11 },
     );
   });
 

@@ -45,7 +45,10 @@ export class BasisCache {
 export const subspaceEdit = (name: string, alpha: number, basis: () => tf.Tensor2D): LayerEdit => ({ name, apply: (hb, ht, mask) => subspace(alpha, basis())(hb, ht, mask) });
 
 /** A run's random k-dimensional control basis, seeded by its seed and k (so apply-subspace redraws the run's), kept in `bases`. */
-export const randomBasis = (bases: BasisCache, k: number, H: number, seed: number): tf.Tensor2D => bases.get(`random ${k}`, () => randomSubspace(k, H, seededRandom(seed * 31 + k)));
+export const randomBasis = (bases: BasisCache, k: number, H: number, seed: number): tf.Tensor2D =>
+  // a k = H subspace is the whole space whatever its basis: the identity projects onto it exactly, where
+  // Gram–Schmidt on H Gaussian rows costs 2H³ (20 s at 1B width)
+  bases.get(`random ${k}`, () => (k >= H ? (tf.eye(H) as tf.Tensor2D) : randomSubspace(k, H, seededRandom(seed * 31 + k))));
 
 /** The steering edit h + β m v (v [H]). */
 export const steer =
