@@ -16,7 +16,10 @@ import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
 import { DEFAULT_SETTINGS, METHODS, SITES, type Direction, type Method, type RunSettings, type Site } from "./analysis/settings.js";
 import { summaryTable, transferFindings } from "./analysis/findings.js";
-import { DEFAULT_TUNE, type TuneSettings } from "./train/dpo.js";
+import { DEFAULT_TUNE, SCHEDULES, type Schedule, type TuneSettings } from "./train/dpo.js";
+
+/** A reward accuracy for printing: two decimals, or "n/a" when every pair was within float32 noise. */
+const accuracy = (a: number | null): string => (a === null ? "n/a (within float32 noise)" : a.toFixed(2));
 import { mergeShards, parseShard, runStudy, runTransfer, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
 import { Interrupted } from "./analysis/settings.js";
 
@@ -339,8 +342,14 @@ program
   .option("--lr <lr>", "Adam learning rate", float("--lr", (x) => x > 0, "positive"), DEFAULT_TUNE.lr)
   .option("--epochs <n>", "passes over the pairs", int("--epochs", 1), DEFAULT_TUNE.epochs)
   .option("--batch <n>", "pairs per step", int("--batch", 1), DEFAULT_TUNE.batchPairs)
-  .option("--train <patterns>", "comma-separated weight name patterns to train (substring or glob, e.g. layers.2.mlp.down_proj)", "*")
-  .option("--rank <r>", "train a rank-r update of each matrix (merged on save) instead of the full matrix", int("--rank", 1))
+  .option("--train <patterns>", "comma-separated weight name patterns, each of which must select a weight: a pattern with *, ? or [..] is a glob matched against the whole name (model.layers.*.mlp.down_proj.weight); any other selects every weight whose name contains it (norm, layers.2.mlp)", "*")
+  .option("--rank <r>", "train a rank-r update (α/r)·A·B of each selected matrix (merged on save; 1-D weights are still updated in full); r at most the matrix's smaller side", int("--rank", 1))
+  .option("--lora-alpha <a>", "the α of the low-rank update's scale α/r (default: r, a scale of 1)", float("--lora-alpha", (x) => x > 0, "positive"))
+  .option("--adam-beta1 <b>", "Adam β1", float("--adam-beta1", (x) => x >= 0 && x < 1, "in [0, 1)"), DEFAULT_TUNE.adamBeta1)
+  .option("--adam-beta2 <b>", "Adam β2", float("--adam-beta2", (x) => x >= 0 && x < 1, "in [0, 1)"), DEFAULT_TUNE.adamBeta2)
+  .option("--adam-eps <e>", "Adam ε, added to √v̂ (PyTorch's default is 1e-8)", float("--adam-eps", (x) => x > 0, "positive"), DEFAULT_TUNE.adamEpsilon)
+  .option("--warmup <steps>", "ramp the learning rate linearly from 0 over the first steps", int("--warmup", 0), DEFAULT_TUNE.warmupSteps)
+  .addOption(new Option("--schedule <s>", "learning rate after the warm-up").choices([...SCHEDULES]).default(DEFAULT_TUNE.schedule))
   .option("--seed <s>", "random seed (shuffling, low-rank init)", int("--seed", 0), DEFAULT_TUNE.seed)
   .option("--eval <file>", "held-out pairs: report margins and reward accuracy before and after")
   .option("--limit <n>", "use the first n pairs", int("--limit", 1))
@@ -355,8 +364,15 @@ program
       batchPairs: o.batch as number,
       train: String(o.train).split(",").map((x) => x.trim()).filter(Boolean),
       rank: (o.rank as number | undefined) ?? null,
+      loraAlpha: (o.loraAlpha as number | undefined) ?? null,
       seed: o.seed as number,
+      adamBeta1: o.adamBeta1 as number,
+      adamBeta2: o.adamBeta2 as number,
+      adamEpsilon: o.adamEps as number,
+      warmupSteps: o.warmup as number,
+      schedule: o.schedule as Schedule,
     };
+    if (settings.loraAlpha !== null && settings.rank === null) throw new UsageError("--lora-alpha scales a low-rank update: give --rank too");
     const bar = new cliProgress.SingleBar(
       { format: "DPO [{bar}] {value}/{total} | loss {loss} | reward acc {acc} | reward margin {margin} | ETA {eta_formatted}", hideCursor: true },
       cliProgress.Presets.shades_classic,
@@ -380,7 +396,7 @@ program
       {
         onInfo: (line) => process.stderr.write(line + "\n"),
         onStep: (m, total) => {
-          const vals = { loss: m.loss.toFixed(4), acc: m.rewardAccuracy.toFixed(2), margin: m.rewardMargin.toFixed(3) };
+          const vals = { loss: m.loss.toFixed(4), acc: accuracy(m.rewardAccuracy), margin: m.rewardMargin.toFixed(3) };
           if (tty) {
             if (!started) bar.start(total, 0, vals);
             started = true;
@@ -391,9 +407,10 @@ program
     ).finally(() => started && bar.stop());
     const { last, evaluation } = res;
     console.log(`trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${res.rank ? ` (rank-${res.rank} updates)` : ""} for ${res.steps} steps in ${(res.trainMs / 1000).toFixed(1)} s`);
-    console.log(`last step: loss ${last.loss.toFixed(4)}, reward accuracy ${last.rewardAccuracy.toFixed(2)}, reward margin ${last.rewardMargin.toFixed(3)}`);
+    console.log(`last step: loss ${last.loss.toFixed(4)}, reward accuracy ${accuracy(last.rewardAccuracy)}${last.atNoiseFloor ? ` (${last.atNoiseFloor} of the batch's pairs within float32 noise, not counted)` : ""}, reward margin ${last.rewardMargin.toFixed(3)}`);
     if (evaluation) {
-      console.log(`held-out (${evaluation.pairs} pairs): mean margin ${evaluation.meanMarginBase.toFixed(3)} → ${evaluation.meanMarginTuned.toFixed(3)}; reward accuracy ${(100 * evaluation.rewardAccuracy).toFixed(1)}%; prefers chosen ${(100 * evaluation.basePrefersChosen).toFixed(1)}% → ${(100 * evaluation.tunedPrefersChosen).toFixed(1)}%`);
+      const acc = evaluation.rewardAccuracy === null ? "reward accuracy undefined (no margin moved beyond float32 noise)" : `reward accuracy ${(100 * evaluation.rewardAccuracy).toFixed(1)}%${evaluation.atNoiseFloor ? ` (${evaluation.atNoiseFloor} pairs within float32 noise, not counted)` : ""}`;
+      console.log(`held-out (${evaluation.pairs} pairs): mean margin ${evaluation.meanMarginBase.toFixed(3)} → ${evaluation.meanMarginTuned.toFixed(3)}; ${acc}; prefers chosen ${(100 * evaluation.basePrefersChosen).toFixed(1)}% → ${(100 * evaluation.tunedPrefersChosen).toFixed(1)}%`);
     }
     console.log(`wrote ${out}`);
   });

@@ -42,13 +42,11 @@ function marginSum(m: LlamaModel, pairs: Pair[]): number {
 }
 
 describe("DPO", () => {
-  it("selects weights by substring or glob", () => {
+  it("selects weights by substring or whole-name glob (the tricky cases: test/tune.test.ts)", () => {
     expect(selectWeights(base, ["layers.2.mlp.down_proj"]).map((w) => w.name)).toEqual(["model.layers.2.mlp.down_proj.weight"]);
-    expect(selectWeights(base, ["model.layers.*.mlp.up_proj"]).map((w) => w.name)).toHaveLength(5);
+    expect(selectWeights(base, ["model.layers.*.mlp.up_proj.weight"]).map((w) => w.name)).toHaveLength(5);
     expect(selectWeights(base, ["*"]).length).toBe(weightRefs(base).length);
-    expect(selectWeights(base, ["nope"])).toHaveLength(0);
-    expect(selectWeights(base, ["layers.1.mlp"]).map((w) => w.name)).toEqual(["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]);
-    expect(selectWeights(base, ["ayers.1.mlp"])).toHaveLength(0); // plain patterns match whole name parts
+    expect(() => selectWeights(base, ["nope"])).toThrow(/matches no weight/);
   });
 
   it("the gradient of the margin matches central finite differences", () => {

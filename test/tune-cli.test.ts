@@ -44,7 +44,8 @@ describe("prefprobe tune", () => {
     disposeModel(tuned);
     expect(ev.meanMarginTuned).not.toBeCloseTo(ev.meanMarginBase, 2);
     const pct = (x: number) => (100 * x).toFixed(1);
-    expect(r.out).toContain(`held-out (12 pairs): mean margin ${ev.meanMarginBase.toFixed(3)} → ${ev.meanMarginTuned.toFixed(3)}; reward accuracy ${pct(ev.rewardAccuracy)}%; prefers chosen ${pct(ev.basePrefersChosen)}% → ${pct(ev.tunedPrefersChosen)}%`);
+    const noise = ev.atNoiseFloor ? ` (${ev.atNoiseFloor} pairs within float32 noise, not counted)` : "";
+    expect(r.out).toContain(`held-out (12 pairs): mean margin ${ev.meanMarginBase.toFixed(3)} → ${ev.meanMarginTuned.toFixed(3)}; reward accuracy ${pct(ev.rewardAccuracy!)}%${noise}; prefers chosen ${pct(ev.basePrefersChosen)}% → ${pct(ev.tunedPrefersChosen)}%`);
     const logits = run("logits", "--model", out, "--text", "Once upon a time");
     expect(logits.code).toBe(0);
     expect(fs.readdirSync(dir)).toEqual(["tuned"]); // no temporary folder left behind
@@ -54,6 +55,11 @@ describe("prefprobe tune", () => {
     ["a pattern that matches nothing", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.9.nothing"], /matches no weight/],
     ["an existing output folder", (o) => (fs.mkdirSync(o), ["--pairs", TRAIN, "--out", o]), /already exists \(use --force/],
     ["a bad learning rate", (o) => ["--pairs", TRAIN, "--out", o, "--lr", "-1"], /--lr must be positive/],
+    ["a list with one pattern that matches nothing", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "model.layers.2.self_attn.?_proj.weight,nothing"], /--train pattern "nothing" matches no weight/],
+    ["a glob that is only part of a name", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.*.mlp.down_proj"], /a glob must match a whole name/],
+    ["a rank above a matrix's smaller side", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.0.self_attn", "--rank", "33"], /--rank 33 is more than model.layers.0.self_attn.k_proj.weight can take/],
+    ["--lora-alpha without --rank", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--lora-alpha", "8"], /--lora-alpha scales a low-rank update: give --rank too/],
+    ["an unknown schedule", (o) => ["--pairs", TRAIN, "--out", o, "--schedule", "step"], /argument 'step' is invalid/],
     ["a missing pairs file", (o) => ["--pairs", "/nonexistent.jsonl", "--out", o], /cannot read/],
   ];
   it.each(bad)("%s gives a one-line error and writes nothing", (_n, args, msg) => {
