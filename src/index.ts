@@ -5,14 +5,15 @@
 export * as tf from "@tensorflow/tfjs-core";
 
 // Backends, models and loading
-export { initBackend, ensureBackend, explainBackendError, wasmHeapBytes, BACKENDS, BackendError, type BackendName } from "./model/backend.js";
+export { initBackend, ensureBackend, explainBackendError, wasmHeapBytes, backendKind, BACKENDS, BACKEND_ENV, BackendError, type BackendName, type BackendOptions } from "./model/backend.js";
+export { nativeStatus, StoredMatrix } from "./model/native.js";
 export { parseConfig, configToJson, ConfigError, type LlamaConfig, type RopeScaling } from "./model/config.js";
-export { disposeModel, forward, GROUPED_ATTENTION_MIN, headBlock, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type WeightSource } from "./model/llama.js";
+export { disposeModel, forward, GROUPED_ATTENTION_MIN, headBlock, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type Matrix, type WeightSource } from "./model/llama.js";
 export { readValues } from "./model/read.js";
 export { namedWeights, weightRefs, withWeights, expectedTensors, weightBytes, type WeightRef } from "./model/weights.js";
 export { loadConfig } from "./io/config.js";
 export { backendCopies, loadModel, loadModelSync, residentBytes, saveModel, saveModelFolder, ModelError, WASM_WEIGHT_LIMIT, type LoadOptions } from "./io/model.js";
-export { Residency, shareResidency, StreamedWeights } from "./io/stream.js";
+export { Residency, shareResidency, StoredWeights, StreamedWeights } from "./io/stream.js";
 export { loadTokenizer, TokenizerError, type TextTokenizer } from "./io/tokenizer.js";
 
 // Forward pass, hook names and caches
@@ -78,7 +79,7 @@ export { bootstrapRatioCI, kFolds, mean, pearson, permutation, seededRandom, tfS
 
 // DPO
 export { enableGradients } from "./model/gradients.js";
-export { DEFAULT_TUNE, evaluatePairs, selectWeights, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
+export { DEFAULT_TUNE, evaluatePairs, learningRate, noiseFloor, SCHEDULES, selectWeights, tuneDPO, TuneError, type Schedule, type StepMetrics, type TuneSettings } from "./train/dpo.js";
 
 // Files: safetensors, run outputs, the report, and whole studies (what the CLI's run and tune do)
 export { readSafetensors, writeSafetensors, SafetensorsError, type DType, type StoredTensor, type TensorToWrite } from "./io/safetensors.js";
