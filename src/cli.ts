@@ -334,12 +334,12 @@ program
 
 program
   .command("tune")
-  .description("DPO-tune a model on preference pairs (reference = the starting model) and save an HF folder")
+  .description("DPO-tune a model on preference pairs (reference = the starting model) and save an HF folder; exactly what runs: docs/tune.md")
   .requiredOption("--model <dir>", "starting model (Hugging Face Llama folder); also the DPO reference")
   .requiredOption("--pairs <file>", "training pairs (same formats as run)")
   .requiredOption("--out <dir>", "folder to write the tuned model into (must not exist, or use --force)")
   .option("--beta <b>", "DPO β", float("--beta", (x) => x > 0, "positive"), DEFAULT_TUNE.beta)
-  .option("--lr <lr>", "Adam learning rate", float("--lr", (x) => x > 0, "positive"), DEFAULT_TUNE.lr)
+  .option("--lr <lr>", "Adam learning rate (constant unless --warmup or --schedule say otherwise)", float("--lr", (x) => x > 0, "positive"), DEFAULT_TUNE.lr)
   .option("--epochs <n>", "passes over the pairs", int("--epochs", 1), DEFAULT_TUNE.epochs)
   .option("--batch <n>", "pairs per step", int("--batch", 1), DEFAULT_TUNE.batchPairs)
   .option("--train <patterns>", "comma-separated weight name patterns, each of which must select a weight: a pattern with *, ? or [..] is a glob matched against the whole name (model.layers.*.mlp.down_proj.weight); any other selects every weight whose name contains it (norm, layers.2.mlp)", "*")
