@@ -10,9 +10,10 @@ import { gainsByKey, makePlan, scoreBatch, type ModelPair } from "../src/analysi
 import { resolveSettings, type RunSettings } from "../src/analysis/settings.js";
 import { sweepBatch, sweepInput } from "../src/analysis/sweep.js";
 import type { Pair } from "../src/data/pairs.js";
-import { loadModelSync } from "../src/io/model.js";
+import { backendCopies, loadModelSync } from "../src/io/model.js";
 import { enableGradients } from "../src/model/gradients.js";
-import { disposeModel, type LlamaModel } from "../src/model/llama.js";
+import { disposeModel, headBlock, targetLogprobGradient, type LlamaModel } from "../src/model/llama.js";
+import { layerBytesOf } from "../src/io/stream.js";
 import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
 
 useBackend();
@@ -176,5 +177,38 @@ describe("attribution in a run", () => {
     expect(only.patching.every((p) => p.method === "attribution" && p.controls === null)).toBe(true);
     expect(only.pairs.every((r) => Object.keys(r.gains).length === 0 && r.random_direction === null)).toBe(true);
     only.patching.forEach((p, l) => expect(p.recovery).toBeCloseTo(a.entries[l]!.recovery_estimate, 5));
+  });
+});
+
+describe("the head's gradient without a [N, V] tensor (targetLogprobGradient)", () => {
+  it("equals autodiff of Σ w log-softmax at the targets, for a resident head in blocks and a streamed head in chunks", () => {
+    const { vocabSize: V, hiddenSize: H } = demo.base.config;
+    const N = 7;
+    const x = tf.randomNormal([N, H], 0, 2, "float32", 3) as tf.Tensor2D;
+    const targets = [0, 5, V - 1, 17, 17, 300, 511 % V];
+    const weights = [1, -1, 0.5, -0.25, 1, 2, -3];
+    const want = tf.grad((v: tf.Tensor) => {
+      const lp = tf.logSoftmax(tf.matMul(v, demo.base.lmHead), -1);
+      return tf.sum(tf.mul(tf.gather(tf.reshape(lp, [-1]), tf.tensor1d(targets.map((t, i) => i * V + t), "int32")), tf.tensor1d(weights)));
+    })(x);
+    const scale = Math.max(...Array.from(want.dataSync(), Math.abs));
+    const close = (got: tf.Tensor, what: string) => {
+      const d = Math.max(...Array.from(got.dataSync(), (v, i) => Math.abs(v - want.dataSync()[i]!)));
+      expect(d / scale, what).toBeLessThan(1e-5);
+    };
+    const saved = { ...headBlock };
+    const chunked = loadModelSync(DEMO.base, { stream: "bring-in", memoryBudget: backendCopies() * (4 * H + Math.ceil(V / 8) * 4 * H + layerBytesOf(demo.base.config) + 1) });
+    try {
+      close(targetLogprobGradient(demo.base, x, targets, weights), "whole head");
+      headBlock.size = 37; // blocks of 37 columns: the running max grows many times
+      close(targetLogprobGradient(demo.base, x, targets, weights), "blocks of 37");
+      expect(chunked.source!.headChunks).toBe(8);
+      close(targetLogprobGradient(chunked, x, targets, weights), "a streamed head in 8 chunks");
+      expect(() => targetLogprobGradient(demo.base, x, [V, 0, 0, 0, 0, 0, 0], weights)).toThrow(/outside the vocabulary/);
+    } finally {
+      Object.assign(headBlock, saved);
+      disposeModel(chunked);
+      tf.dispose([x, want]);
+    }
   });
 });

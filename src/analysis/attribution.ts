@@ -5,10 +5,10 @@
 // α (h_tuned − h_base) · ∂margin_dst/∂h_dst in either direction. One backward pass per destination model, a
 // layer at a time from the scoring pass's cached residuals, gives it for every site, layer, position and head.
 import * as tf from "@tensorflow/tfjs-core";
-import { makeBatch, tokenLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import { gradientsEnabled } from "../model/gradients.js";
-import { forward, type LlamaModel } from "../model/llama.js";
+import { forward, normedRows, targetLogprobGradient, type LlamaModel } from "../model/llama.js";
 import { pearson } from "../stats/stats.js";
 import { readValues } from "../model/read.js";
 import { roles, windowLayers } from "./patches.js";
@@ -38,13 +38,13 @@ export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookNa
   const base = { lengths: batch.lengths };
   let g: tf.Tensor | null = null;
   try {
-    // ∂M/∂resid_post[L−1]: through the final norm and the head at the scored positions
-    g = tf.tidy(() =>
-      tf.grad((x: tf.Tensor) => {
-        const r = forward(model, batch.ids, { ...base, logitsAt: batch.logitsAt, start: { layer: L, resid: x } });
-        return tf.sum(tf.mul(tokenLogprobs(r.logits!, batch), sign));
-      })(input(L)),
-    );
+    // ∂M/∂resid_post[L−1]: the head's gradient at the scored rows a vocabulary block at a time, then back
+    // through the final norm
+    g = tf.tidy(() => {
+      const x = input(L);
+      const dy = targetLogprobGradient(model, normedRows(model, x, batch.logitsAt), batch.targets, Array.from(sign.dataSync()));
+      return tf.grads((r: tf.Tensor) => normedRows(model, r, batch.logitsAt))([x], dy)[0]!;
+    });
     for (let l = L - 1; l >= 0; l--) {
       const [pre, post] = [hookName("resid_pre", l), hookName("resid_post", l)];
       const inLayer = names.filter((n) => n.startsWith(`blocks.${l}.`) && n !== pre && n !== post);

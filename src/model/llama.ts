@@ -378,6 +378,67 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): F
   });
 }
 
+/** The final norm at positions `at` of a residual [B, T, H] (unpacked rows) → [N, H]: the head's input at scored positions. */
+export function normedRows(model: LlamaModel, resid: tf.Tensor, at: Array<[number, number]>): tf.Tensor2D {
+  const [, T, H] = resid.shape as [number, number, number];
+  return tf.tidy(() => rmsNorm(tf.gather(tf.reshape(resid, [-1, H]), tf.tensor1d(at.map(([b, t]) => b * T + t), "int32")), model.finalNorm, model.config.rmsNormEps)) as tf.Tensor2D;
+}
+
+/** d · Wᵀ for d [N, out] and a head piece W (a tensor [in, out], or a StoredMatrix [out, in]) → [N, in]. */
+const linearT = (d: tf.Tensor, w: Matrix): tf.Tensor => (w instanceof StoredMatrix ? storedMatMul(d, w, true) : tf.matMul(d, w, false, true));
+
+/**
+ * ∂(Σᵢ wᵢ log p(targetᵢ))/∂x at final-normed rows x [N, H], without autodiff and without a [N, V] tensor:
+ * wᵢ (W[:, tᵢ] − Σ_v softmax(x W)ᵢᵥ W[:, v]), the softmax taken over the head's pieces in vocabulary blocks with
+ * a running max (rescaling what is summed so far when the max grows).
+ */
+export function targetLogprobGradient(model: LlamaModel, x: tf.Tensor2D, targets: number[], weights: number[]): tf.Tensor2D {
+  const [N, H] = x.shape;
+  if (targets.length !== N || weights.length !== N) throw new RangeError(`targets and weights need ${N} entries, one per row`);
+  const V = model.config.vocabSize;
+  for (const t of targets) if (!(Number.isInteger(t) && t >= 0 && t < V)) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
+  let m = tf.fill([N, 1], -Infinity) as tf.Tensor2D; // running max of the logits
+  let s = tf.zeros([N, 1]) as tf.Tensor2D; // Σ exp(logit − m)
+  let A = tf.zeros([N, H]) as tf.Tensor2D; // Σ exp(logit − m) W[:, v]
+  let B = tf.zeros([N, H]) as tf.Tensor2D; // W[:, target]
+  let from = 0;
+  const block = (logits: tf.Tensor2D, w: Matrix, a: number) => {
+    const width = logits.shape[1];
+    const next = tf.tidy(() => {
+      const mNew = tf.maximum(m, tf.max(logits, 1, true));
+      const scale = tf.exp(tf.sub(m, mNew));
+      const e = tf.exp(tf.sub(logits, mNew));
+      const onehot = new Float32Array(N * width);
+      targets.forEach((t, i) => t >= a && t < a + width && (onehot[i * width + t - a] = 1));
+      const both = linearT(tf.concat([e, tf.tensor2d(onehot, [N, width])]), w); // one product for both sums
+      const [ea, oa] = tf.split(both, 2);
+      return [mNew, tf.add(tf.mul(s, scale), tf.sum(e, 1, true)), tf.add(tf.mul(A, scale), ea!), tf.add(B, oa!)] as tf.Tensor2D[];
+    });
+    tf.dispose([m, s, A, B]);
+    [m, s, A, B] = next as [tf.Tensor2D, tf.Tensor2D, tf.Tensor2D, tf.Tensor2D];
+  };
+  try {
+    for (const piece of headPieces(model)) {
+      const w = piece();
+      const width = w instanceof StoredMatrix ? w.rows : w.shape[1];
+      // a wide resident piece goes a block of columns at a time
+      for (let c = 0; c < width; c += headBlock.size) {
+        const cw = Math.min(headBlock.size, width - c);
+        const sub = w instanceof StoredMatrix || cw === width ? w : (tf.slice(w, [0, c], [-1, cw]) as tf.Tensor2D);
+        const logits = tf.tidy(() => linear(x, sub) as tf.Tensor2D);
+        block(logits, sub, from + c);
+        logits.dispose();
+        if (sub !== w) (sub as tf.Tensor).dispose();
+        if (w instanceof StoredMatrix) break; // a stored piece is one chunk of the head, taken whole
+      }
+      from += width;
+    }
+    return tf.tidy(() => tf.mul(tf.sub(B, tf.div(A, s)), tf.tensor2d(weights, [N, 1]))) as tf.Tensor2D;
+  } finally {
+    tf.dispose([m, s, A, B]);
+  }
+}
+
 /** x · lmHead, with a streamed head one vocabulary chunk at a time. */
 function unembed(model: LlamaModel, x: tf.Tensor): tf.Tensor {
   const src = model.source;
