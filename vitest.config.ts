@@ -7,5 +7,7 @@ export default defineConfig({
     hookTimeout: 120_000,
     pool: "forks",
     maxWorkers: 2,
+    setupFiles: ["test/setup.ts"],
+    globalSetup: ["test/global-setup.ts"],
   },
 });

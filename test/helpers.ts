@@ -5,6 +5,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { beforeAll, expect } from "vitest";
+import { tempDir } from "./tempdirs.js";
 import { backendKind, initBackend } from "../src/model/backend.js";
 import { nativeMatMulActive, nativeStatus } from "../src/model/native.js";
 import { loadModelSync } from "../src/io/model.js";
@@ -47,7 +48,8 @@ export function runCli(...args: string[]): { code: number | null; out: string; e
 }
 
 /** A fresh temporary folder. */
-export const tmpDir = (): string => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-test-"));
+/** A new temporary folder, removed after the test file (tempdirs.ts). */
+export const tmpDir = (): string => tempDir("test");
 
 /** The demo's model pair (stories260k and its DPO-tuned copy) and its first `limit` held-out pairs. */
 export const DEMO = { base: "fixtures/models/stories260k", tuned: "fixtures/models/stories260k-dpo", pairs: "fixtures/data/stories/test.jsonl" };

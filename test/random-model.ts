@@ -7,6 +7,7 @@ import fc from "fast-check";
 import { writeSafetensors, type DType } from "../src/io/safetensors.js";
 import { seededRandom } from "../src/stats/stats.js";
 import type { OracleConfig, Weights } from "./oracle.js";
+import { tempDir } from "./tempdirs.js";
 
 export interface RandomModelSpec {
   cfg: OracleConfig;
@@ -104,7 +105,7 @@ export function randomWeights(c: OracleConfig, seed: number): Weights {
 }
 
 /** Writes an HF folder (config.json + one or several safetensors shards) and returns its path. */
-export function writeModelFolder(spec: RandomModelSpec, w: Weights, dir = fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-rand-"))): string {
+export function writeModelFolder(spec: RandomModelSpec, w: Weights, dir = tempDir("rand")): string {
   const c = spec.cfg;
   const rope =
     c.rope.kind === "default"

@@ -4,6 +4,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
+import { tempDir } from "./tempdirs.js";
 import {
   decode, floatToBf16, floatToHalf, halfToFloat, readHeader, readSafetensors, readSafetensorsFolder, writeSafetensors,
   MAX_HEADER_BYTES, SafetensorsError, type DType,
@@ -12,7 +13,7 @@ import { firstNonFinite } from "../src/io/model.js";
 import { transposedF32 } from "../src/io/stream.js";
 import { transposeData } from "../src/model/weights.js";
 
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-st-"));
+const tmp = () => tempDir("st");
 
 /** Builds a file from a raw header object and data bytes, bypassing the writer. */
 function rawFile(header: unknown, data: Uint8Array | number, headerText?: string): string {

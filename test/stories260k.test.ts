@@ -4,6 +4,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tempDir } from "./tempdirs.js";
 import { convertLlama2c } from "../src/io/llama2c.js";
 import { loadModelSync } from "../src/io/model.js";
 import { loadTokenizer, type TextTokenizer } from "../src/io/tokenizer.js";
@@ -68,7 +69,7 @@ afterAll(() => disposeModel(model));
 
 describe("stories260K", () => {
   it("convert-llama2c reproduces the committed HF folder byte for byte", () => {
-    const out = fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-conv-"));
+    const out = tempDir("conv");
     convertLlama2c(`${REF}/stories260K.bin`, `${REF}/tok512.bin`, out);
     for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]) {
       expect(fs.readFileSync(path.join(out, f)).equals(fs.readFileSync(path.join(DIR, f))), f).toBe(true);

@@ -5,6 +5,7 @@ import * as os from "node:os";
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tempDir } from "./tempdirs.js";
 import { backendCopies, loadModelSync, residentBytes } from "../src/io/model.js";
 import { loadPairs } from "../src/io/pairs.js";
 import { layerBytesOf, shareResidency, STORED_HEAD_ROWS, StoredWeights, StreamedWeights } from "../src/io/stream.js";
@@ -196,7 +197,7 @@ describe("streamed = resident", () => {
     expect(new Set(stored.keys())).toEqual(new Set([...expectedTensors(cfg).keys()].filter((n) => !(cfg.tieWordEmbeddings && n === "lm_head.weight"))));
     for (const t of stored.values()) expect(t.bytes.buffer).toBeInstanceOf(SharedArrayBuffer);
     // a folder holding only config.json: the second model can only come from the stored bytes
-    const bare = fs.mkdtempSync(`${os.tmpdir()}/prefprobe-bare-`);
+    const bare = tempDir("bare");
     fs.copyFileSync(`${dir}/config.json`, `${bare}/config.json`);
     const b = loadModelSync(bare, { stream: "bring-in", memoryBudget: chunkedBudget(dir), stored });
     try {
