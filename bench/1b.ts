@@ -14,10 +14,8 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { parseArgs } from "node:util";
 import * as tf from "@tensorflow/tfjs-core";
-import type { PairRecord } from "../src/analysis/settings.js";
-import { readUsablePairs } from "../src/io/pairs.js";
+import type { PairRecord } from "../src/analysis/schema.js";
 import { loadModel } from "../src/io/model.js";
-import { loadTokenizer } from "../src/io/tokenizer.js";
 import { initBackend } from "../src/model/backend.js";
 import { disposeModel, forward } from "../src/model/llama.js";
 import { weightBudget } from "../src/study.js";
@@ -123,14 +121,6 @@ async function main(): Promise<void> {
   const t0 = performance.now();
   writeLlama1bShaped(dir, layers);
   console.error(`models in ${dir} (${((performance.now() - t0) / 1000).toFixed(0)} s); tuned differs in layers ${changedLayers(layers).join(", ")}`);
-
-  // the pairs: real HH-RLHF, real tokenizer; how much computing the shared prompt once saves
-  const tok = loadTokenizer(models.base)!;
-  const hh = readUsablePairs(HH, tok, cfg.vocabSize, { limit: 200, maxTokens });
-  const rows = hh.pairs.map((p) => ({ P: p.promptIds.length, C: p.chosenIds.length, R: p.rejectedIds.length }));
-  const padded = rows.reduce((s, r) => s + 2 * (r.P + Math.max(r.C, r.R)), 0);
-  const shared = rows.reduce((s, r) => s + r.P + r.C + r.R, 0); // one packed row per pair (a batch of one pair)
-  const meanLen = rows.reduce((s, r) => s + r.P + Math.max(r.C, r.R), 0) / rows.length;
 
   const kernels = a.kernels!.split(",").map((k) => k.trim());
   const runs: KernelRun[] = [];

@@ -1,6 +1,6 @@
 // Zero-ablate one MLP of the base model and see how each pair's reward margin moves.
 //   npx tsx examples/zero-ablate-mlp.ts [layer] [pairs]
-import { disposeModel, hookName, loadModel, loadPairs, pairMargins, tf } from "prefprobe";
+import { disposeModel, hookName, loadModel, loadPairs, margins, tf } from "prefprobe";
 
 const modelDir = "fixtures/models/stories260k";
 const layer = Number(process.argv[2] ?? 2);
@@ -8,8 +8,8 @@ const pairs = loadPairs("fixtures/data/stories/test.jsonl", modelDir, { limit: N
 const model = await loadModel(modelDir);
 
 // margin = log p(chosen | prompt) − log p(rejected | prompt), with and without the MLP's output zeroed
-const clean = pairMargins(model, pairs);
-const ablated = pairMargins(model, pairs, { hooks: { [hookName("mlp_out", layer)]: (v) => tf.zerosLike(v) } });
+const clean = margins(model, pairs);
+const ablated = margins(model, pairs, { hooks: { [hookName("mlp_out", layer)]: (v) => tf.zerosLike(v) } });
 
 console.log(`zero-ablating ${hookName("mlp_out", layer)} of ${modelDir}`);
 pairs.forEach((p, i) => {

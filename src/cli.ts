@@ -21,7 +21,7 @@ import { DEFAULT_TUNE, SCHEDULES, type Schedule, type TuneSettings } from "./tra
 /** A reward accuracy for printing: two decimals, or "n/a" when every pair was within float32 noise. */
 const accuracy = (a: number | null): string => (a === null ? "n/a (within float32 noise)" : a.toFixed(2));
 import { mergeShards, parseShard, runStudy, runTransfer, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
-import { Interrupted } from "./analysis/settings.js";
+import { Interrupted } from "./analysis/schema.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {

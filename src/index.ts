@@ -8,7 +8,7 @@ export * as tf from "@tensorflow/tfjs-core";
 export { initBackend, ensureBackend, explainBackendError, wasmHeapBytes, backendKind, BACKENDS, BACKEND_ENV, BackendError, type BackendName, type BackendOptions } from "./model/backend.js";
 export { nativeStatus, StoredMatrix } from "./model/native.js";
 export { parseConfig, configToJson, ConfigError, type LlamaConfig, type RopeScaling } from "./model/config.js";
-export { disposeModel, forward, GROUPED_ATTENTION_MIN, headBlock, type ForwardOptions, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type Matrix, type WeightSource } from "./model/llama.js";
+export { disposeModel, forward, GROUPED_ATTENTION_MIN, HEAD_BLOCK, type ForwardOptions, type HeadBlock, type Hooks, type ForwardResult, type Hook, type LlamaLayer, type LlamaModel, type Matrix, type WeightSource } from "./model/llama.js";
 export { readValues } from "./model/read.js";
 export { namedWeights, weightRefs, withWeights, expectedTensors, weightBytes, type WeightRef } from "./model/weights.js";
 export { loadConfig } from "./io/config.js";
@@ -21,45 +21,25 @@ export { ActivationCache, BLOCK_SITES, hookName, hookNames, isHookName, type Blo
 export { logitsAndResid, residSites } from "./model/resid.js";
 export { greedy } from "./model/generate.js";
 
+// The intervention engine: margins of named patched runs, and of plain ones
+export { runMargins, type Run, type RunOptions, type Strategy } from "./engine/runs.js";
+export { margins, marginsOfRun, residAfter, scored, type MarginOptions } from "./engine/margins.js";
+export { DEFAULT_LIMITS, headGroup, layerActivationBytes, scoringBytes, stackGroup, type Limits } from "./engine/limits.js";
+
 // Preference pairs and batches
 export type { Pair } from "./data/pairs.js";
 export { makeBatch, marginsOf, pairedInput, positionMask, responseLogprobs, rowLogprobs, tokenLogprobs, type PairBatch } from "./data/batch.js";
 export { iterPairs, loadPairs, readPairs, readUsablePairs, splitHH, tokenizePairs, tokenizeTextPair, PairsError, type RawPair, type TokenizedPairs } from "./io/pairs.js";
 
 // The analysis: settings and results, the whole run, and each stage
-export {
-  DEFAULT_SETTINGS,
-  DIRECTIONS,
-  METHODS,
-  SITES,
-  runsAttribution,
-  runsControls,
-  runsExact,
-  SettingsError,
-  resolveSettings,
-  type Direction,
-  type GainSummary,
-  type LassoResult,
-  type LowRankResult,
-  type Method,
-  type PairAttribution,
-  Interrupted,
-  type PairRecord,
-  type PairState,
-  type PatchingEntry,
-  type ProbeResult,
-  type Results,
-  type RunCallbacks,
-  type RunSettings,
-  type Site,
-  type StageTimes,
-  addTimes,
-} from "./analysis/settings.js";
+export { DEFAULT_SETTINGS, DIRECTIONS, METHODS, SITES, runsAttribution, runsControls, runsExact, SettingsError, resolveSettings, type Direction, type Method, type RunSettings, type Site } from "./analysis/settings.js";
+export { type GainSummary, type LassoResult, type LowRankResult, type PairAttribution, Interrupted, type PairRecord, type PairState, type PatchingEntry, type ProbeResult, type Results, type RunCallbacks, type StageTimes, addTimes } from "./analysis/schema.js";
 export { analyseBatch, analysePairs, BatchTooLarge, finishAnalysis, layoutOf, planBatches, runAnalysis } from "./analysis/run.js";
-export { batchBytes, checkCompatible, comboKey, makePlan, pairMargins, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
-export { gainOf, interpolate, meanAblation, patchedMargins, randomDirection, roles, runPatched, sitesNeeded, subspace, windowLayers, type Patch } from "./analysis/patches.js";
-export { sweepBatch, sweepInput, sweepLayerMajor, sweepPerLayer, sweepWindows, type SweepInput } from "./analysis/sweep.js";
-export { attributionBatch, attributionSummary, siteGradients, type AttributionEntry, type AttributionSummary } from "./analysis/attribution.js";
+export { batchBytes, checkCompatible, comboKey, makePlan, pairRecord, scoreBatch, type Combo, type ModelPair, type Plan, type ScoredBatch } from "./analysis/scoring.js";
+export { gainOf, interpolate, meanAblation, randomDirection, roles, sitesNeeded, subspace, windowLayers, type Patch } from "./analysis/patches.js";
+export { comboRun, sweepBatch, sweepInput, type SweepInput } from "./analysis/sweep.js";
+export { attributionBatch, attributionSummary, siteGradients } from "./analysis/attribution.js";
+export { type AttributionEntry, type AttributionSummary } from "./analysis/schema.js";
 export { PURPOSE, keyedNoise, meanAblationStage, randomDirectionPatch } from "./analysis/controls.js";
 export { headSweep, positionSweep } from "./analysis/fine.js";
 export { layerEditGains, steer, steeringVectors, STEERING_STRENGTHS, transferStage, type LayerEdit, type SavedSubspace, type TransferResult } from "./analysis/steering.js";

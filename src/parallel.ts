@@ -3,8 +3,8 @@
 // pair's numbers and the run's files are the same as with one thread; then the mean-ablation control's batches.
 import * as os from "node:os";
 import { Worker } from "node:worker_threads";
-import { Interrupted, type PairState, type RunCallbacks, type StageTimes } from "./analysis/settings.js";
-import type { WorkerInit } from "./worker.js";
+import { Interrupted, type PairState, type RunCallbacks } from "./analysis/schema.js";
+import type { WorkerInit, WorkerReply, WorkerTask } from "./protocol.js";
 import type { AblationRunner } from "./analysis/controls.js";
 import type { Pair } from "./data/pairs.js";
 import type { LlamaConfig } from "./model/config.js";
@@ -49,14 +49,6 @@ function startWorker(init: WorkerInit): Worker {
   const boot = `import("tsx/esm/api").then(({ register }) => { register(); return import(${JSON.stringify(url)}); })`;
   return new Worker(boot, { eval: true, workerData: init });
 }
-
-/** Work for a worker thread: score a batch of pairs, or run the mean-ablation control on one. */
-export type WorkerTask =
-  | { type: "batch"; start: number; end: number }
-  | { type: "ablate"; start: number; end: number; means: Record<string, Float32Array>; margin: { base: number[]; tuned: number[] } };
-
-/** What a worker sends back for a task. */
-export type WorkerReply = { type: "batch"; states: PairState[]; times: StageTimes } | { type: "ablate"; gains: number[][] };
 
 /**
  * Worker threads kept for a whole run (scoring, then the mean-ablation control), so each starts its backend and

@@ -4,29 +4,16 @@
 import { parentPort, workerData } from "node:worker_threads";
 import { analyseBatch } from "./analysis/run.js";
 import { meanAblationBatch } from "./analysis/controls.js";
-import type { WorkerReply, WorkerTask } from "./parallel.js";
+import type { WorkerInit, WorkerReply, WorkerTask } from "./protocol.js";
 import { makePlan } from "./analysis/scoring.js";
-import { runsAttribution, type RunSettings, type StageTimes } from "./analysis/settings.js";
+import { runsAttribution } from "./analysis/settings.js";
+import { type StageTimes } from "./analysis/schema.js";
 import { enableGradients } from "./model/gradients.js";
-import type { Pair } from "./data/pairs.js";
 import { loadModelSync } from "./io/model.js";
 import { shareResidency } from "./io/stream.js";
 import type { RawTensor } from "./io/safetensors.js";
 import { explainBackendError, initBackend } from "./model/backend.js";
 import { disposeModel } from "./model/llama.js";
-
-/** What a worker is started with. */
-export interface WorkerInit {
-  base: string;
-  tuned: string;
-  backend: string; // the backend's name in BACKENDS (backendKind())
-  threads: number; // threads a call of the native matmul may use
-  memoryBudget: number; // per model
-  settings: RunSettings;
-  pairs: Pair[];
-  /** Streamed models' stored tensors in SharedArrayBuffers (the main thread's copy, not duplicated). */
-  stored?: { base?: Map<string, RawTensor>; tuned?: Map<string, RawTensor> };
-}
 
 const port = parentPort!;
 const init = workerData as WorkerInit;

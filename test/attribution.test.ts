@@ -12,7 +12,7 @@ import { sweepBatch, sweepInput } from "../src/analysis/sweep.js";
 import type { Pair } from "../src/data/pairs.js";
 import { backendCopies, loadModelSync } from "../src/io/model.js";
 import { enableGradients } from "../src/model/gradients.js";
-import { disposeModel, headBlock, targetLogprobGradient, type LlamaModel } from "../src/model/llama.js";
+import { disposeModel, HEAD_BLOCK, targetLogprobGradient, type LlamaModel } from "../src/model/llama.js";
 import { layerBytesOf } from "../src/io/stream.js";
 import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
 
@@ -196,17 +196,15 @@ describe("the head's gradient without a [N, V] tensor (targetLogprobGradient)", 
       const d = Math.max(...Array.from(got.dataSync(), (v, i) => Math.abs(v - want.dataSync()[i]!)));
       expect(d / scale, what).toBeLessThan(1e-5);
     };
-    const saved = { ...headBlock };
     const chunked = loadModelSync(DEMO.base, { stream: "bring-in", memoryBudget: backendCopies() * (4 * H + Math.ceil(V / 8) * 4 * H + layerBytesOf(demo.base.config) + 1) });
     try {
       close(targetLogprobGradient(demo.base, x, targets, weights), "whole head");
-      headBlock.size = 37; // blocks of 37 columns: the running max grows many times
-      close(targetLogprobGradient(demo.base, x, targets, weights), "blocks of 37");
+      // blocks of 37 columns: the running max grows many times
+      close(targetLogprobGradient(demo.base, x, targets, weights, { ...HEAD_BLOCK, size: 37 }), "blocks of 37");
       expect(chunked.source!.headChunks).toBe(8);
       close(targetLogprobGradient(chunked, x, targets, weights), "a streamed head in 8 chunks");
       expect(() => targetLogprobGradient(demo.base, x, [V, 0, 0, 0, 0, 0, 0], weights)).toThrow(/outside the vocabulary/);
     } finally {
-      Object.assign(headBlock, saved);
       disposeModel(chunked);
       tf.dispose([x, want]);
     }

@@ -2,11 +2,12 @@
 // indistinguishable from it, a LASSO selection that moves with the CV seed is called unstable, and
 // coefficients at rounding level select nothing.
 import { describe, expect, it } from "vitest";
-import type { AttributionEntry } from "../src/analysis/attribution.js";
+import type { AttributionEntry } from "../src/analysis/schema.js";
 import { findings } from "../src/analysis/findings.js";
 import { lassoStage } from "../src/analysis/estimators.js";
 import { patchingEntries } from "../src/analysis/recovery.js";
-import { resolveSettings, type PairRecord, type Results } from "../src/analysis/settings.js";
+import { resolveSettings } from "../src/analysis/settings.js";
+import { type PairRecord, type Results } from "../src/analysis/schema.js";
 import { seededRandom, gaussian } from "../src/stats/stats.js";
 import { useBackend } from "./helpers.js";
 

@@ -3,7 +3,9 @@ import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { headSweep, positionSweep } from "../src/analysis/fine.js";
 import { runAnalysis } from "../src/analysis/run.js";
-import { makePlan, pairMargins, scoreBatch, type ModelPair } from "../src/analysis/scoring.js";
+import { makePlan, scoreBatch, type ModelPair } from "../src/analysis/scoring.js";
+import { margins as pairMargins } from "../src/engine/margins.js";
+import { hookName } from "../src/model/hooks.js";
 import { resolveSettings } from "../src/analysis/settings.js";
 import { sweepInput } from "../src/analysis/sweep.js";
 import type { Pair } from "../src/data/pairs.js";
@@ -37,7 +39,7 @@ describe("exact per-head patching", () => {
         for (const [l, h] of [[0, 0], [2, 5], [4, nH - 1]] as const) {
           const z = tunedZ.cache.get(`blocks.${l}.attn.hook_z`);
           const onlyHead = tf.reshape(tf.tensor1d(Array.from({ length: nH * d }, (_, j) => (Math.floor(j / d) === h ? 1 : 0))), [1, 1, nH, d]);
-          const patched = pairMargins(demo.base, demo.pairs, { hooks: { [`blocks.${l}.attn.hook_z`]: (v) => tf.add(v, tf.mul(onlyHead, tf.sub(z, v))) } });
+          const patched = pairMargins(demo.base, demo.pairs, { hooks: { [hookName("z", l)]: (v) => tf.add(v, tf.mul(onlyHead, tf.sub(z, v))) } });
           onlyHead.dispose();
           demo.pairs.forEach((_, i) => close(grid[i]![l]![h]!, patched[i]! - sc.margin.base[i]!));
         }
@@ -67,7 +69,7 @@ describe("exact per-position patching", () => {
       for (const [l, t] of [[0, 0], [1, pair.promptIds.length - 1], [4, pair.promptIds.length], [2, T - 1]] as const) {
         const h = tuned.cache.get(`blocks.${l}.hook_resid_post`);
         const at = tf.tensor3d(Array.from({ length: 2 * T }, (_, j) => (j % T === t && j % T < ids[Math.floor(j / T)]!.length ? 1 : 0)), [2, T, 1]);
-        const [patched] = pairMargins(demo.base, [pair], { hooks: { [`blocks.${l}.hook_resid_post`]: (v) => tf.add(v, tf.mul(at, tf.sub(h, v))) } });
+        const [patched] = pairMargins(demo.base, [pair], { hooks: { [hookName("resid_post", l)]: (v) => tf.add(v, tf.mul(at, tf.sub(h, v))) } });
         at.dispose();
         close(map[l]![t]!, patched! - base!);
       }

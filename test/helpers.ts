@@ -1,14 +1,13 @@
 // Shared test helpers: backend selection and array comparison.
 import { spawnSync } from "node:child_process";
-import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
-import * as tf from "@tensorflow/tfjs-core";
 import { beforeAll, expect } from "vitest";
 import { tempDir } from "./tempdirs.js";
 import { backendKind, initBackend } from "../src/model/backend.js";
 import { nativeMatMulActive, nativeStatus } from "../src/model/native.js";
-import { loadModelSync } from "../src/io/model.js";
+import { backendCopies, loadModelSync } from "../src/io/model.js";
+import { loadConfig } from "../src/io/config.js";
+import { layerBytesOf } from "../src/io/stream.js";
 import { loadPairs } from "../src/io/pairs.js";
 import type { Pair } from "../src/data/pairs.js";
 import { disposeModel, type LlamaModel } from "../src/model/llama.js";
@@ -48,6 +47,12 @@ export function runCli(...args: string[]): { code: number | null; out: string; e
 }
 
 /** A fresh temporary folder. */
+/** A memory budget that holds the model's head and `layers` layers: every other layer is brought in when needed. */
+export function budgetFor(dir: string, layers: number): number {
+  const cfg = loadConfig(dir);
+  return backendCopies() * (4 * (cfg.vocabSize + 1) * cfg.hiddenSize + layers * layerBytesOf(cfg) + 1);
+}
+
 /** A new temporary folder, removed after the test file (tempdirs.ts). */
 export const tmpDir = (): string => tempDir("test");
 

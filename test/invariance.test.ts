@@ -6,7 +6,8 @@ import { loadTokenizer } from "../src/io/tokenizer.js";
 import type { Pair } from "../src/data/pairs.js";
 import type { LlamaModel } from "../src/model/llama.js";
 import { analysePairs, planBatches } from "../src/analysis/run.js";
-import { resolveSettings, type PairState } from "../src/analysis/settings.js";
+import { resolveSettings } from "../src/analysis/settings.js";
+import { type PairState } from "../src/analysis/schema.js";
 import { DEMO, disposeDemo, expectSame, loadDemo, useBackend } from "./helpers.js";
 
 useBackend();
@@ -90,63 +91,46 @@ describe("the prompt/response seam", () => {
   });
 });
 
-describe("the layer-major sweep", () => {
-  it("gives exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
-    const { headGroup, layerActivationBytes, limits, makePlan, scoreBatch, stackGroup } = await import("../src/analysis/scoring.js");
-    const { headBlock } = await import("../src/model/llama.js");
-    const { sweepLayerMajor: sweepBatch, sweepInput, sweepPerLayer } = await import("../src/analysis/sweep.js");
+describe("the engine's strategies", () => {
+  it("give exactly the gains of one resumed forward per combo, for every site, both directions and every patch kind", async () => {
+    const { makePlan, scoreBatch } = await import("../src/analysis/scoring.js");
+    const { DEFAULT_LIMITS, headGroup, layerActivationBytes, stackGroup } = await import("../src/engine/limits.js");
+    const { sweepBatch, sweepInput } = await import("../src/analysis/sweep.js");
     const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
     const { randomDirectionPatch } = await import("../src/analysis/controls.js");
     const tf = await import("@tensorflow/tfjs-core");
     const s = resolveSettings({ sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], positions: "response" }, base.config);
     const plan = makePlan(s, base.config.numLayers);
     const sc = scoreBatch({ base, tuned }, pairs.slice(0, 1), plan, s);
-    const headCopyBytes = 8 * sc.batch.ids.length * sc.batch.ids[0]!.length * base.config.hiddenSize; // headGroup's per copy
+    const [R, T] = [sc.batch.ids.length, sc.batch.T];
+    const headCopyBytes = 8 * R * T * base.config.hiddenSize; // headGroup's per copy
     const mu = tf.fill([base.config.hiddenSize], 0.1) as import("@tensorflow/tfjs-core").Tensor1D;
     try {
       const before = tf.memory().numTensors;
       const first = () => interpolate(0.7);
       for (const patchFor of [first, randomDirectionPatch(s, sc, base.config.hiddenSize), () => meanAblation(1, mu)]) {
-        const layerMajor = sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
-        const perLayer = sweepPerLayer({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s);
-        expectSame(layerMajor, perLayer, "layer-major gains");
-        expect(layerMajor.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
+        const perRun = sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s, { strategy: "per-run" });
+        expect(perRun.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
+        for (const strategy of ["stacked", "layer-major"] as const) expectSame(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s, { strategy }), perRun, `${strategy} gains`);
         if (patchFor !== first) continue;
         // with the head taking 3 runs at a time and its logits 5 rows at a time (as at a 128k vocabulary), or
         // each layer 1 or 3 runs (attn_out and mlp_out runs joining in every group), the same
-        const saved = { ...limits };
-        const savedBlock = { ...headBlock };
-        const one = layerActivationBytes(base.config, sc.batch.ids.length, sc.batch.ids[0]!.length);
-        try {
-          limits.stackBytes = 3 * headCopyBytes;
-          expect(headGroup(base.config, sc.batch)).toBe(3);
-          headBlock.elements = 5 * (base.config.vocabSize + headBlock.size);
-          expectSame(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s), perLayer, "gains");
-          Object.assign(headBlock, savedBlock);
-          for (const copies of [1, 3]) {
-            limits.stackBytes = copies * one;
-            expect(stackGroup(base.config, sc.batch)).toBe(copies);
-            expectSame(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s), perLayer, "gains");
-          }
-        } finally {
-          Object.assign(limits, saved);
-          Object.assign(headBlock, savedBlock);
+        const three = { stackBytes: 3 * headCopyBytes, head: { ...DEFAULT_LIMITS.head, elements: 5 * (base.config.vocabSize + DEFAULT_LIMITS.head.size) } };
+        expect(headGroup(base.config, R, T, three)).toBe(3);
+        for (const strategy of ["stacked", "layer-major"] as const) expectSame(sweepBatch({ base, tuned, limits: three }, sweepInput(sc), plan.combos, patchFor, s, { strategy }), perRun, `${strategy} gains, head 3 runs`);
+        const one = layerActivationBytes(base.config, R, T);
+        for (const copies of [1, 3]) {
+          const limits = { ...DEFAULT_LIMITS, stackBytes: copies * one };
+          expect(stackGroup(base.config, R, T, limits)).toBe(copies);
+          for (const strategy of ["stacked", "layer-major"] as const) expectSame(sweepBatch({ base, tuned, limits }, sweepInput(sc), plan.combos, patchFor, s, { strategy }), perRun, `${strategy} gains, ${copies} per layer call`);
         }
       }
       // the logit lens likewise: all depths stacked, or 2 at a time with the logits 7 rows at a time
       const { logitLensBatch } = await import("../src/analysis/lens.js");
       const all = logitLensBatch({ base, tuned }, sc, s);
-      const saved = { ...limits };
-      const savedBlock = { ...headBlock };
-      limits.stackBytes = 2 * headCopyBytes;
-      headBlock.elements = 7 * (base.config.vocabSize + headBlock.size);
-      try {
-        expect(headGroup(base.config, sc.batch)).toBe(2);
-        expectSame(logitLensBatch({ base, tuned }, sc, s), all, "lens");
-      } finally {
-        Object.assign(limits, saved);
-        Object.assign(headBlock, savedBlock);
-      }
+      const two = { stackBytes: 2 * headCopyBytes, head: { ...DEFAULT_LIMITS.head, elements: 7 * (base.config.vocabSize + DEFAULT_LIMITS.head.size) } };
+      expect(headGroup(base.config, R, T, two)).toBe(2);
+      expectSame(logitLensBatch({ base, tuned, limits: two }, sc, s), all, "lens");
       expect(tf.memory().numTensors).toBe(before);
     } finally {
       sc.dispose();

@@ -1,5 +1,5 @@
 // The planner's memory bound: what one layer call allocates in the wasm heap stays within layerActivationBytes,
-// the estimate that sizes the sweep's and the low-rank stage's layer calls (limits.stackBytes). Measured from
+// the estimate that sizes the sweep's and the low-rank stage's layer calls (Limits.stackBytes, src/engine/limits.ts). Measured from
 // the backend's own allocations (wasm _malloc/_free), so this file runs on the wasm heap: on wasm's own kernels,
 // and again on the native ones where they are built (their attention goes batched up to other lengths).
 import * as tf from "@tensorflow/tfjs-core";
@@ -9,7 +9,7 @@ import { filledTensor } from "../src/model/backend.js";
 import { loadModelSync } from "../src/io/model.js";
 import { disposeModel, forward, groupedAttention, type LlamaModel } from "../src/model/llama.js";
 import { nativeStatus, useNativeKernels } from "../src/model/native.js";
-import { layerActivationBytes } from "../src/analysis/scoring.js";
+import { layerActivationBytes } from "../src/engine/limits.js";
 
 useBackend("wasm");
 

@@ -8,7 +8,8 @@ import { tokenizePairs } from "../src/io/pairs.js";
 import type { Pair } from "../src/data/pairs.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
 import { runAnalysis } from "../src/analysis/run.js";
-import { DEFAULT_SETTINGS, type Results } from "../src/analysis/settings.js";
+import { DEFAULT_SETTINGS } from "../src/analysis/settings.js";
+import { type Results } from "../src/analysis/schema.js";
 import { NATIVE_TOLERANCE, onNative, useBackend } from "./helpers.js";
 
 useBackend();

@@ -1,7 +1,6 @@
 // Random small Llama models for property tests: a fast-check arbitrary for configs, weights whose values are
 // exact in F16, BF16 and F32 (multiples of 2^-7 of small magnitude), and a writer for an HF-layout folder.
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { writeSafetensors, type DType } from "../src/io/safetensors.js";

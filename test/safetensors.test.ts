@@ -1,6 +1,5 @@
 // safetensors: write→read round trips for every dtype, and a clear error for each malformed-file rule.
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";

@@ -1,6 +1,5 @@
 // stories260K: the llama2.c conversion, llama2.c's exact greedy output, and the tokenizer.
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";

@@ -1,7 +1,6 @@
 // Streamed models (weights in Node memory in their file dtype, layers brought into the backend on demand)
 // compute exactly what resident models compute: every site and the logits, resumed runs, the whole analysis.
 import * as fs from "node:fs";
-import * as os from "node:os";
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -12,12 +11,12 @@ import { layerBytesOf, shareResidency, STORED_HEAD_ROWS, StoredWeights, Streamed
 import { nativeMatMulActive, nativeStatus, useNativeKernels } from "../src/model/native.js";
 import { loadConfig } from "../src/io/config.js";
 import { hookNames } from "../src/model/hooks.js";
-import { disposeModel, forward, headBlock, type LlamaModel } from "../src/model/llama.js";
+import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
 import { expectedTensors, weightRefs } from "../src/model/weights.js";
 import { runAnalysis } from "../src/analysis/run.js";
-import { limits } from "../src/analysis/scoring.js";
+import { DEFAULT_LIMITS } from "../src/engine/limits.js";
 import { arbCase, arbConfig, randomWeights, writeModelFolder } from "./random-model.js";
-import { expectClose, expectSame, useBackend } from "./helpers.js";
+import { budgetFor, expectClose, expectSame, useBackend } from "./helpers.js";
 
 useBackend();
 
@@ -29,11 +28,6 @@ function chunkedBudget(dir: string): number {
   return backendCopies() * (4 * cfg.hiddenSize + Math.ceil(cfg.vocabSize / 8) * 4 * cfg.hiddenSize + layerBytesOf(cfg) + 1);
 }
 
-/** A budget that holds the head and `layers` layers: every other layer is brought in when needed. */
-function budgetFor(dir: string, layers: number): number {
-  const cfg = configOf(dir);
-  return backendCopies() * (4 * (cfg.vocabSize + 1) * cfg.hiddenSize + layers * layerBytesOf(cfg) + 1);
-}
 
 describe("streamed = resident", () => {
   it("every hook site and the logits, bit for bit, on random configs, dtypes and shards (one layer resident at a time)", () => {
@@ -85,7 +79,6 @@ describe("streamed = resident", () => {
         const headBudget = backendCopies() * (4 * cfg.hidden + Math.ceil(V / chunks) * 4 * cfg.hidden + layerBytesOf(loadConfig(dir)) + 1);
         const resident = loadModelSync(dir);
         const chunked = loadModelSync(dir, { stream: "bring-in", memoryBudget: headBudget });
-        const saved = { ...headBlock };
         try {
           const T = Math.max(...rows.map((r) => r.length));
           const ids = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
@@ -103,18 +96,15 @@ describe("streamed = resident", () => {
             const want = row[t]! - (m + Math.log(row.reduce((acc, v) => acc + Math.exp(v - m), 0)));
             expect(Math.abs(whole[i]! - want)).toBeLessThan(1e-5 * Math.max(1, Math.abs(want)));
           });
-          headBlock.size = block; // blocks that straddle chunks, and a ragged last block
-          const a = forward(resident, ids, opts).logprobs!;
-          headBlock.elements = 3 * (Math.ceil(V / chunks) + block); // and the rows 3 at a time through each chunk
+          const a = forward(resident, ids, { ...opts, headBlock: { size: block, elements: 2 ** 22 } }).logprobs!; // blocks that straddle chunks, and a ragged last block
           const loads = (chunked.source as StreamedWeights).stats.loads;
-          const b = forward(chunked, ids, opts).logprobs!;
+          const b = forward(chunked, ids, { ...opts, headBlock: { size: block, elements: 3 * (Math.ceil(V / chunks) + block) } }).logprobs!; // and the rows 3 at a time through each chunk
           // each layer and head chunk brought in once, however many slices of rows go through the chunk
           expect((chunked.source as StreamedWeights).stats.loads - loads).toBeLessThanOrEqual(cfg.layers + chunked.source!.headChunks!);
           expect(chunked.source?.headChunks ?? 1).toBeGreaterThan(1);
           expectSame(Array.from(b), Array.from(a), "chunked log-probs");
           a.forEach((v, i) => expect(Math.abs(v - whole[i]!)).toBeLessThan(1e-5 * Math.max(1, Math.abs(v))));
         } finally {
-          Object.assign(headBlock, saved);
           disposeModel(resident);
           disposeModel(chunked);
           fs.rmSync(dir, { recursive: true, force: true });
@@ -174,17 +164,15 @@ describe("streamed = resident", () => {
     const load = (dir: string, budget?: number) => loadModelSync(dir, budget ? { stream: "bring-in", memoryBudget: budget } : {});
     const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
     const streamed = [load(base, budgetFor(base, 2)), load("fixtures/models/stories260k-dpo", budgetFor(base, 2))] as const;
-    const saved = { ...limits };
     try {
       const strip = (r: Awaited<ReturnType<typeof runAnalysis>>) => ({ ...r, timings_ms: {} });
       const a = strip(await runAnalysis(resident[0], resident[1], pairs, settings));
       expect(a.pairs[0]!.heads).not.toBeNull();
       expect(a.pca!.layer).toBe(resident[0].config.numLayers - 1);
       // (with the default limits the whole-analysis test above covers several groups in one wave)
-      limits.stackBytes = 1; // one copy per layer call, head pass and wave
-      expectSame(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings)), a, "streamed heads and low rank");
+      const limits = { ...DEFAULT_LIMITS, stackBytes: 1 }; // one copy per layer call, head pass and wave
+      expectSame(strip(await runAnalysis(streamed[0], streamed[1], pairs, settings, {}, { limits })), a, "streamed heads and low rank");
     } finally {
-      Object.assign(limits, saved);
       for (const m of [...resident, ...streamed]) disposeModel(m);
     }
   });

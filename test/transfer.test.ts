@@ -7,7 +7,8 @@ import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { transferStage } from "../src/analysis/steering.js";
-import { pairMargins } from "../src/analysis/scoring.js";
+import { margins as pairMargins } from "../src/engine/margins.js";
+import { hookName } from "../src/model/hooks.js";
 import { resolveSettings } from "../src/analysis/settings.js";
 import { writeSafetensors } from "../src/io/safetensors.js";
 import type { LlamaModel } from "../src/model/llama.js";
@@ -114,7 +115,7 @@ describe("transfer to another model pair (planted)", () => {
     try {
       const base = pairMargins(demo.base, demo.pairs);
       const tuned = pairMargins(demo.tuned, demo.pairs);
-      const steered = pairMargins(demo.base, demo.pairs, { hooks: { [`blocks.${K}.hook_resid_post`]: (h) => tf.add(h, tf.mul(v, 2)) } });
+      const steered = pairMargins(demo.base, demo.pairs, { hooks: { [hookName("resid_post", K)]: (h) => tf.add(h, tf.mul(v, 2)) } });
       const gap = tuned.reduce((a, x, i) => a + x - base[i]!, 0);
       const expected = steered.reduce((a, x, i) => a + x - base[i]!, 0) / gap;
       const md = r.steering.find((x) => x.vector === "mean difference")!;

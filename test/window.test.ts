@@ -5,9 +5,10 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { attributionBatch } from "../src/analysis/attribution.js";
 import { interpolate } from "../src/analysis/patches.js";
 import { runAnalysis } from "../src/analysis/run.js";
-import { gainsByKey, makePlan, pairMargins, scoreBatch, type ModelPair } from "../src/analysis/scoring.js";
+import { gainsByKey, makePlan, scoreBatch, type ModelPair } from "../src/analysis/scoring.js";
+import { margins as pairMargins } from "../src/engine/margins.js";
 import { resolveSettings } from "../src/analysis/settings.js";
-import { sweepBatch, sweepInput, sweepPerLayer, sweepWindows } from "../src/analysis/sweep.js";
+import { sweepBatch, sweepInput } from "../src/analysis/sweep.js";
 import type { Pair } from "../src/data/pairs.js";
 import { enableGradients } from "../src/model/gradients.js";
 import { forward } from "../src/model/llama.js";
@@ -54,10 +55,10 @@ describe("--window", () => {
     const plan = makePlan(s2, demo.base.config.numLayers);
     const sc = scoreBatch(demo, demo.pairs, plan, s1);
     try {
-      const single = sweepPerLayer(demo, sweepInput(sc), plan.combos, () => interpolate(1), s1);
-      const w1 = sweepWindows(demo, sweepInput(sc), plan.combos, () => interpolate(1), s1);
+      const single = sweepBatch(demo, sweepInput(sc), plan.combos, () => interpolate(1), s1, { strategy: "per-run" });
+      const w1 = sweepBatch(demo, sweepInput(sc), plan.combos, () => interpolate(1), s1, { hooked: true });
       w1.forEach((g, ci) => g.forEach((v, i) => close(v, single[ci]![i]!, 1e-5)));
-      const w2 = sweepWindows(demo, sweepInput(sc), plan.combos, () => interpolate(1), s2);
+      const w2 = sweepBatch(demo, sweepInput(sc), plan.combos, () => interpolate(1), s2);
       const L = demo.base.config.numLayers;
       plan.combos.forEach((c, ci) => {
         if (c.site !== "resid_post") return;

@@ -13,7 +13,8 @@ import { pearson } from "../stats/stats.js";
 import { readValues } from "../model/read.js";
 import { roles, windowLayers } from "./patches.js";
 import { comboKey, type Plan, type ScoredBatch } from "./scoring.js";
-import type { Direction, PairAttribution, PairRecord, RunSettings } from "./settings.js";
+import type { Direction, RunSettings } from "./settings.js";
+import type { AttributionSummary, PairAttribution, PairRecord } from "./schema.js";
 
 /**
  * ∂(Σ_pairs margin)/∂h at each named site of `model` on the batch, as tensors shaped like the sites (the
@@ -105,7 +106,7 @@ function batchGradients(model: LlamaModel, batch: PairBatch, names: HookName[], 
 
 /** Attribution estimates for every pair of a scored batch: the plan's combos, per position for the first key, per head for the first direction. */
 export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }, sc: ScoredBatch, plan: Plan, s: RunSettings): PairAttribution[] {
-  const { numLayers: L, numHeads: nH, headDim: d, hiddenSize: H } = models.base.config;
+  const { numLayers: L, numHeads: nH } = models.base.config;
   const { batch } = sc;
   const B = batch.ids.length;
   const n = B / 2;
@@ -169,26 +170,6 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
     }
   }
   return out;
-}
-
-/** How attribution estimates compare with exact patches at one (direction, site, layer). */
-export interface AttributionEntry {
-  direction: Direction;
-  site: string;
-  layer: number;
-  mean_estimate: number;
-  recovery_estimate: number; // mean estimate / mean gap
-  /** With method "both": the exact sweep's recovery, the Pearson correlation over pairs and the largest |estimate − exact|. */
-  exact: { recovery: number; correlation: number; max_abs_error: number } | null;
-}
-
-/** The dataset-level view of attribution patching (results.attribution). */
-export interface AttributionSummary {
-  entries: AttributionEntry[];
-  /** Mean per-head estimate over pairs [layer][head] (the first direction's attn.hook_z), and as a share of the mean gap. */
-  heads: { direction: Direction; mean: number[][]; recovery: number[][] };
-  /** The per-position estimate of the pair with the largest |gap|, for the report's heatmap. */
-  heatmap: { pair: number; key: string; gap: number; layers: number[]; ids: { prompt: number[]; chosen: number[]; rejected: number[] }; chosen: number[][]; rejected: number[][]; tokens?: { chosen: string[]; rejected: string[] } } | null;
 }
 
 /** Summarizes the pairs' attribution records (null when the run made none); `gap` is each pair's gap. */

@@ -9,7 +9,8 @@ import { forward } from "../model/llama.js";
 import { tfSeed } from "../stats/stats.js";
 import { meanAblation, randomDirection, roles, type Patch } from "./patches.js";
 import type { Combo, ModelPair, Plan, ScoredBatch } from "./scoring.js";
-import { DIRECTIONS, SITES, type PairState, type RunCallbacks, type RunSettings } from "./settings.js";
+import { DIRECTIONS, SITES, type RunSettings } from "./settings.js";
+import { type PairState, type RunCallbacks } from "./schema.js";
 import { meanOver, positionsOf, type SumsLayout } from "./sums.js";
 import { sweepBatch } from "./sweep.js";
 

@@ -3,7 +3,8 @@
 import { lassoCV } from "../stats/lasso.js";
 import { probeCV } from "../stats/logistic.js";
 import { kFolds, seededRandom } from "../stats/stats.js";
-import type { LassoResult, PairRecord, PairState, ProbeResult, RunCallbacks, RunSettings } from "./settings.js";
+import type { RunSettings } from "./settings.js";
+import type { LassoResult, PairRecord, PairState, ProbeResult, RunCallbacks } from "./schema.js";
 import type { SumsLayout } from "./sums.js";
 
 /** How many CV fold seeds the LASSO selection is checked over. */

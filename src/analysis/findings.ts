@@ -1,5 +1,5 @@
 // The headline findings of a run, in plain words computed from the numbers.
-import type { Results } from "./settings.js";
+import type { Results } from "./schema.js";
 import type { TransferResult } from "./steering.js";
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;

@@ -8,8 +8,10 @@ import { makeBatch } from "../data/batch.js";
 import { pcaOfDifferences } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
 import { BasisCache, componentsFor, layerEditGains, meanRow, randomBasis, steer, steeringVectors, STEERING_STRENGTHS, subspaceEdit, type LayerEdit } from "./steering.js";
-import { residPostAt, type ModelPair } from "./scoring.js";
-import type { LowRankResult, PatchingEntry, RunCallbacks, RunSettings } from "./settings.js";
+import { residAfter } from "../engine/margins.js";
+import type { ModelPair } from "./scoring.js";
+import type { RunSettings } from "./settings.js";
+import type { LowRankResult, PatchingEntry, RunCallbacks } from "./schema.js";
 
 /** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
 export function choosePcaLayer(patching: PatchingEntry[], s: RunSettings, L: number): { layer: number; chosenBy: string } {
@@ -63,8 +65,8 @@ export async function lowRankStage(
   const rows: Float32Array[] = [];
   for (const js of chunks(train, s.batchPairs)) {
     const batch = makeBatch(js.map((j) => pairs[j]!));
-    const hb = residPostAt(models.base, batch, layer);
-    const ht = residPostAt(models.tuned, batch, layer);
+    const hb = residAfter(models.base, batch, layer);
+    const ht = residAfter(models.tuned, batch, layer);
     const diff = readValues(() => tf.sub(ht, hb));
     for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
     tf.dispose([hb, ht]);

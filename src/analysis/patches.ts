@@ -1,11 +1,8 @@
 // Activation patching between two models run on the same tokens. A patch kind is one function with one
 // signature, (h_dst, h_src, mask) → new activation; the direction decides which model is patched and how
-// the gain is read; runPatched resumes the patched model from cached activations.
+// the gain is read (the sweep builds the runs, the engine runs them).
 import * as tf from "@tensorflow/tfjs-core";
 import { hookName, type HookName } from "../model/hooks.js";
-import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
-import type { ActivationCache } from "../model/hooks.js";
-import { marginsOf, pairedInput, rowLogprobs, type PairBatch } from "../data/batch.js";
 import type { Direction, Site } from "./settings.js";
 
 /**
@@ -71,40 +68,4 @@ export const windowLayers = (layer: number, window: number, L: number): number[]
 /** Sites a patch at (site, layer) needs cached from the model being patched, the site itself first. */
 export function sitesNeeded(site: Site, layer: number): HookName[] {
   return site === "attn_out" || site === "mlp_out" ? [hookName(site, layer), hookName("resid_pre", layer)] : [hookName(site, layer)];
-}
-
-/**
- * Runs `dst` on the batch with `site` at `layer` replaced by `value`, reusing cached activations: a residual
- * patch resumes from the patched residual, an attn_out/mlp_out patch resumes from the cached resid_pre of
- * that layer. Returns logits at the batch's response positions (caller disposes).
- */
-export function runPatched(dst: LlamaModel, batch: PairBatch, site: Site, layer: number, value: tf.Tensor, dstCache?: ActivationCache): tf.Tensor {
-  return patchedForward(dst, batch, site, layer, value, dstCache, false).logits!;
-}
-
-/** runPatched's forward; with `scored` it returns log p(response token) (`logprobs`) instead of logits. */
-function patchedForward(dst: LlamaModel, batch: PairBatch, site: Site, layer: number, value: tf.Tensor, dstCache: ActivationCache | undefined, scored: boolean): ForwardResult {
-  const common = { ...pairedInput(batch), logitsAt: batch.logitsAt, ...(scored ? { targets: batch.targets } : {}) };
-  if (site === "resid_post") return forward(dst, batch.ids, { ...common, start: { layer: layer + 1, resid: value } });
-  if (site === "resid_pre") return forward(dst, batch.ids, { ...common, start: { layer, resid: value } });
-  if (!dstCache) throw new Error(`runPatched: patching ${site} resumes from resid_pre, which needs the patched model's cache`);
-  return forward(dst, batch.ids, { ...common, start: { layer, resid: dstCache.get(hookName("resid_pre", layer)) }, hooks: { [hookName(site, layer)]: () => value } });
-}
-
-/** Margins of `dst` with `patch` applied at (site, layer) over `mask`; h.dst/h.src are that site's activations. */
-export function patchedMargins(
-  dst: LlamaModel,
-  batch: PairBatch,
-  at: { site: Site; layer: number },
-  patch: Patch,
-  h: { dst: tf.Tensor; src: tf.Tensor; dstCache?: ActivationCache },
-  mask: tf.Tensor,
-  perToken: boolean,
-): Float64Array {
-  const value = patch(h.dst, h.src, mask);
-  try {
-    return marginsOf(rowLogprobs(patchedForward(dst, batch, at.site, at.layer, value, h.dstCache, true).logprobs!, batch, perToken));
-  } finally {
-    value.dispose();
-  }
 }

@@ -2,7 +2,8 @@
 // bootstrap CI; undefined (NaN, null in JSON) when the gap itself is at rounding level.
 import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
 import type { Combo } from "./scoring.js";
-import type { ControlSummary, GainSummary, PatchingEntry, RunSettings } from "./settings.js";
+import type { RunSettings } from "./settings.js";
+import type { ControlSummary, GainSummary, PatchingEntry } from "./schema.js";
 
 /** Whether the mean gap is too small, against the margins' own scale, for a recovery ratio to mean anything. */
 export function gapTooSmall(marginBase: ArrayLike<number>, marginTuned: ArrayLike<number>): boolean {

@@ -7,6 +7,7 @@
 // Pure computation: models and pairs in, a Results record out; progress and per-pair states go to callbacks.
 import type { Pair } from "../data/pairs.js";
 import type { LlamaModel } from "../model/llama.js";
+import type { Limits } from "../engine/limits.js";
 import { mean } from "../stats/stats.js";
 import { enableGradients } from "../model/gradients.js";
 import { attributionBatch, attributionSummary } from "./attribution.js";
@@ -19,7 +20,8 @@ import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
 import { gapTooSmall, patchingEntries } from "./recovery.js";
 import { checkCompatible, comboKey, gainsByKey, makePlan, pairRecord, scoreBatch, type ModelPair, type Plan } from "./scoring.js";
-import { addTimes, Interrupted, resolveSettings, runsAttribution, runsControls, runsExact, type PairState, type Results, type RunCallbacks, type RunSettings, type StageTimes } from "./settings.js";
+import { resolveSettings, runsAttribution, runsControls, runsExact, type RunSettings } from "./settings.js";
+import { addTimes, Interrupted, type PairState, type Results, type RunCallbacks, type StageTimes } from "./schema.js";
 import { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./sums.js";
 import { sweepBatch, sweepInput } from "./sweep.js";
 
@@ -229,12 +231,19 @@ export async function finishAnalysis(
   };
 }
 
-/** Runs the whole analysis (both phases); settings left out take DEFAULT_SETTINGS. */
-export async function runAnalysis(base: LlamaModel, tuned: LlamaModel, pairs: Pair[], settings: Partial<RunSettings> = {}, cb: RunCallbacks = {}): Promise<Results> {
+/** Runs the whole analysis (both phases); settings left out take DEFAULT_SETTINGS, `engine.limits` DEFAULT_LIMITS. */
+export async function runAnalysis(
+  base: LlamaModel,
+  tuned: LlamaModel,
+  pairs: Pair[],
+  settings: Partial<RunSettings> = {},
+  cb: RunCallbacks = {},
+  engine: { limits?: Limits } = {},
+): Promise<Results> {
   checkCompatible(base, tuned);
   if (pairs.length === 0) throw new Error("no pairs to analyse");
   const s = resolveSettings(settings, base.config);
-  const models = { base, tuned };
+  const models = { base, tuned, limits: engine.limits };
   if (runsAttribution(s)) await enableGradients();
   const t0 = performance.now();
   const stages: StageTimes = {};

@@ -2,18 +2,21 @@
 // with the activations later stages of the same batch read. One ScoredBatch owns those tensors.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
-import { makeBatch, marginsOf, pairedInput, positionMask, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { makeBatch, marginsOf, positionMask, rowLogprobs, type PairBatch } from "../data/batch.js";
 import { hookName, type HookName } from "../model/hooks.js";
-import { nativeMatMulActive } from "../model/native.js";
-import { forward, GROUPED_ATTENTION_MIN, groupedAttention, NATIVE_GROUPED_MIN, type ForwardOptions, type ForwardResult, type LlamaModel } from "../model/llama.js";
+import { forward, type ForwardResult, type LlamaModel } from "../model/llama.js";
 import type { LlamaConfig } from "../model/config.js";
-import { gainOf, sitesNeeded, windowLayers } from "./patches.js";
-import { runsAttribution, type Direction, type PairAttribution, type PairRecord, type RunSettings, type Site } from "./settings.js";
+import { scoringBytes, type Limits } from "../engine/limits.js";
+import { scored } from "../engine/margins.js";
+import { sitesNeeded, windowLayers } from "./patches.js";
+import { runsAttribution, type Direction, type RunSettings, type Site } from "./settings.js";
+import { type PairAttribution, type PairRecord } from "./schema.js";
 
-/** The two models compared. */
+/** The two models compared, and the memory policy of the engine that runs them (DEFAULT_LIMITS when left out). */
 export interface ModelPair {
   base: LlamaModel;
   tuned: LlamaModel;
+  limits?: Limits;
 }
 
 /** One (direction, site, layer) to patch. */
@@ -76,7 +79,7 @@ export function checkCompatible(base: LlamaModel, tuned: LlamaModel): void {
 /** Runs both models on `pairs` with the plan's caches; the caller disposes the result. */
 export function scoreBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings): ScoredBatch {
   const batch = makeBatch(pairs);
-  const run = (m: LlamaModel) => forward(m, batch.ids, { ...pairedInput(batch), cache: plan.cacheSites, logitsAt: batch.logitsAt, targets: batch.targets });
+  const run = (m: LlamaModel) => forward(m, batch.ids, { ...scored(batch, models.limits), cache: plan.cacheSites });
   const runs = { base: run(models.base), tuned: run(models.tuned) };
   const logp = { base: rowLogprobs(runs.base.logprobs!, batch, s.perToken), tuned: rowLogprobs(runs.tuned.logprobs!, batch, s.perToken) };
   const response = positionMask(batch, "response");
@@ -136,155 +139,5 @@ export function gainsByKey(combos: Combo[], gains: number[][], i: number): Recor
   return out;
 }
 
-/**
- * Gains of `copies` patched runs of `model` from layer `layer` on, as [copy][pair of the batch]: copies k … run
- * stacked along the rows, a few at a time (stackGroup through a layer, headGroup through the head, at most
- * maxGroup), entering with `start(first, count)` (freed here) and hooked by `hooks(first, count)`. A resident
- * model runs each group through every layer and the head in one forward; a streamed one goes layer-major (as
- * many copies at once as limits.stackBytes holds), so each layer and head chunk is brought in once for all of
- * them. `margin` holds the unpatched margins.
- */
-export function stackedGains(
-  model: LlamaModel,
-  batch: PairBatch,
-  layer: number,
-  copies: number,
-  start: (first: number, count: number) => tf.Tensor,
-  hooks: (first: number, count: number) => Record<string, (v: tf.Tensor) => tf.Tensor>,
-  direction: Direction,
-  margin: { base: ArrayLike<number>; tuned: ArrayLike<number> },
-  perToken: boolean,
-  maxGroup = Infinity,
-): number[][] {
-  const n = batch.ids.length / 2;
-  const out: number[][] = [];
-  const record = (m: Float64Array, count: number) => {
-    for (let k = 0; k < count; k++) out.push(Array.from({ length: n }, (_, i) => gainOf(direction, m[k * n + i]!, margin.base[i]!, margin.tuned[i]!)));
-  };
-  // through the head from `from` on (the final norm and head only when from is past the last layer)
-  const finish = (resid: tf.Tensor, from: number, count: number, hk: Record<string, (v: tf.Tensor) => tf.Tensor> = {}) => {
-    const rows = repeatBatch(batch, count);
-    const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start: { layer: from, resid }, hooks: hk });
-    record(marginsOf(rowLogprobs(r.logprobs!, rows, perToken)), count);
-    r.dispose();
-  };
-  const G = Math.min(maxGroup, stackGroup(model.config, batch));
-  const Gh = Math.min(maxGroup, headGroup(model.config, batch));
-  if (!model.source) {
-    for (let first = 0; first < copies; first += Math.min(G, Gh)) {
-      const count = Math.min(G, Gh, copies - first);
-      const resid = start(first, count);
-      finish(resid, layer, count, hooks(first, count));
-      resid.dispose();
-    }
-    return out;
-  }
-  const L = model.config.numLayers;
-  const R = batch.ids.length;
-  const wave = Math.max(G, Gh, Math.floor(limits.stackBytes / (4 * R * batch.ids[0]!.length * model.config.hiddenSize)));
-  for (let w0 = 0; w0 < copies; w0 += wave) {
-    const groups = Array.from({ length: Math.ceil(Math.min(wave, copies - w0) / G) }, (_, i) => ({ first: w0 + i * G, count: Math.min(G, copies - w0 - i * G, wave - i * G) }));
-    let parts: tf.Tensor[] = [];
-    let all: tf.Tensor | null = null;
-    try {
-      for (const g of groups) parts.push(start(g.first, g.count));
-      for (let l = layer; l < L; l++) {
-        const site = hookName("resid_post", l);
-        parts = parts.map((resid, gi) => {
-          const { first, count } = groups[gi]!;
-          const rows = repeatBatch(batch, count);
-          const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks: hooks(first, count), logitsAt: "none" });
-          const h = r.cache.take(site);
-          r.dispose();
-          resid.dispose();
-          return h;
-        });
-      }
-      all = parts.length === 1 ? parts[0]! : tf.concat(parts);
-      if (all !== parts[0]) tf.dispose(parts);
-      parts = [];
-      const count = groups.reduce((a, g) => a + g.count, 0);
-      for (let k = 0; k < count; k += Gh) {
-        const c = Math.min(Gh, count - k);
-        const resid = tf.slice(all, [k * R, 0, 0], [c * R, -1, -1]);
-        finish(resid, L, c, hooks(w0 + k, c)); // hooks at the final norm, if any
-        resid.dispose();
-      }
-    } finally {
-      tf.dispose(parts);
-      all?.dispose();
-    }
-  }
-  return out;
-}
-
-/** A model's resid_post at `layer` on a batch (its forward stops there); the caller owns it. */
-export function residPostAt(model: LlamaModel, batch: PairBatch, layer: number): tf.Tensor {
-  const site = hookName("resid_post", layer);
-  const r = forward(model, batch.ids, { ...pairedInput(batch), stopAfter: layer, cache: [site], logitsAt: "none" });
-  const h = r.cache.take(site);
-  r.dispose();
-  return h;
-}
-
-/**
- * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, optionally with hooks
- * (e.g. an ablation) applied to every forward pass. Batches of `batchPairs`; the numbers do not depend on it.
- */
-export function pairMargins(model: LlamaModel, pairs: Pair[], opts: { hooks?: ForwardOptions["hooks"]; perToken?: boolean; batchPairs?: number } = {}): Float64Array {
-  const out = new Float64Array(pairs.length);
-  const size = opts.batchPairs ?? 4;
-  for (let i = 0; i < pairs.length; i += size) {
-    const batch = makeBatch(pairs.slice(i, i + size));
-    const r = forward(model, batch.ids, { ...pairedInput(batch), logitsAt: batch.logitsAt, targets: batch.targets, hooks: opts.hooks });
-    out.set(marginsOf(rowLogprobs(r.logprobs!, batch, opts.perToken ?? false)), i);
-    r.dispose();
-  }
-  return out;
-}
-
-/**
- * An upper estimate of the float32 bytes one scoring batch holds at its peak: both models' cached sites, one
- * layer's transient activations and attention scores, and the logits (with their log-softmax) at `scored`
- * response positions.
- */
-export function batchBytes(cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number {
-  const cached = 2 * plan.cacheSites.length * rows * T * cfg.hiddenSize;
-  const logits = 3 * scored * cfg.vocabSize;
-  return 4 * (cached + logits) + layerActivationBytes(cfg, rows, T);
-}
-
-/** Score-sized tensors attention holds at once: the scores, scaled, masked and their softmax, and the mask. */
-const SCORE_COPIES = 5;
-
-/**
- * An upper estimate of the float32 bytes one layer's transient activations and attention scores take for `rows`
- * rows of T tokens (tested against the wasm heap's own allocations). Batched attention holds every (row, head)'s
- * scores and softmax at once, but only below the length where "auto" attention goes one kv group at a time; packed
- * rows can be shorter than T, so the bound allows either.
- */
-export function layerActivationBytes(cfg: LlamaConfig, rows: number, T: number): number {
-  const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
-  const g = nH / nKv;
-  const rowLimit = nativeMatMulActive() ? NATIVE_GROUPED_MIN : (nH * GROUPED_ATTENTION_MIN) / g; // a row's batched scores at most
-  const batchedScores = rows * Math.min(nH * T * T, groupedAttention(cfg, T) ? rowLimit : Infinity);
-  return 4 * (rows * T * (8 * H + 4 * I + 3 * (nH + 2 * nKv) * d) + SCORE_COPIES * (batchedScores + g * T * T));
-}
-
-/**
- * stackBytes: what one layer call of stacked copies of a batch may take in transient activations
- * (layerActivationBytes); more copies go through the layer in turns, so a 16-layer sweep's 17 runs do not all
- * sit in one wasm heap at once. The head's logits are bounded by headBlock.elements (llama.ts). At 1B width, one
- * thread's whole 1-pair analysis peaked at 5.77 GiB RSS with 128 MiB and 5.83 with 256, in the same time.
- */
-export const limits = { stackBytes: 2 ** 27 };
-
-/** How many stacked copies of `batch` one layer call may take (at least 1): limits.stackBytes over one copy's layerActivationBytes. */
-export const stackGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / layerActivationBytes(cfg, batch.ids.length, batch.ids[0]!.length)));
-
-/**
- * How many stacked copies of `batch` one head pass may take (at least 1): about two copies of their residuals (the
- * caller's slice and the forward's own) within limits.stackBytes, as the final norm takes only the scored rows;
- * the logits go through the head in slices of rows (headBlock).
- */
-export const headGroup = (cfg: LlamaConfig, batch: PairBatch): number => Math.max(1, Math.floor(limits.stackBytes / (8 * batch.ids.length * batch.ids[0]!.length * cfg.hiddenSize)));
+/** An upper estimate of the float32 bytes one scoring batch of the plan holds at its peak (engine/limits.ts). */
+export const batchBytes = (cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number => scoringBytes(cfg, plan.cacheSites.length, rows, T, scored);

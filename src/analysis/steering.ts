@@ -7,8 +7,10 @@ import type { Pair } from "../data/pairs.js";
 import { makeBatch, positionMask } from "../data/batch.js";
 import { randomSubspace } from "../stats/pca.js";
 import { seededRandom } from "../stats/stats.js";
-import { interpolate, subspace } from "./patches.js";
-import { pairMargins, residPostAt, stackedGains, type ModelPair } from "./scoring.js";
+import { gainOf, interpolate, subspace } from "./patches.js";
+import { margins as pairMargins, residAfter } from "../engine/margins.js";
+import { runMargins, type Run } from "../engine/runs.js";
+import type { ModelPair } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
 /** One edit of resid_post at a layer: the new value from the base and tuned values there and the patch mask [B, T, 1]. */
@@ -113,17 +115,12 @@ export async function layerEditGains(
   for (let i = 0; i < idx.length; i += s.batchPairs) {
     const js = idx.slice(i, i + s.batchPairs);
     const batch = makeBatch(js.map((j) => pairs[j]!));
-    const hb = residPostAt(models.base, batch, layer);
-    const ht = residPostAt(models.tuned, batch, layer);
+    const hb = residAfter(models.base, batch, layer);
+    const ht = residAfter(models.tuned, batch, layer);
     const mask = positionMask(batch, s.positions);
-    const start = (first: number, count: number) => {
-      const values = edits.slice(first, first + count).map((e) => e.apply(hb, ht, mask));
-      const stacked = tf.concat(values);
-      tf.dispose(values);
-      return stacked;
-    };
-    const margin = { base: js.map((j) => margins.marginBase[j]!), tuned: js.map((j) => margins.marginTuned[j]!) };
-    stackedGains(models.base, batch, layer + 1, edits.length, start, () => ({}), "tuned->base", margin, s.perToken, EDIT_STACK).forEach((g, e) => out[e]!.push(...g));
+    const runs = edits.map((e, k): Run => ({ name: `edit ${k}`, layer: layer + 1, resid: () => e.apply(hb, ht, mask) }));
+    const m = runMargins(models.base, batch, runs, { limits: models.limits, perToken: s.perToken, maxGroup: EDIT_STACK });
+    runs.forEach((r, e) => out[e]!.push(...Array.from(m.get(r.name)!, (v, i) => gainOf("tuned->base", v, margins.marginBase[js[i]!]!, margins.marginTuned[js[i]!]!))));
     tf.dispose([hb, ht, mask]);
     onPairs(js.length);
     await new Promise<void>((r) => setImmediate(r));
@@ -166,7 +163,7 @@ export async function transferStage(models: ModelPair, pairs: Pair[], sub: Saved
   }
   const vectors = steeringVectors(sub.meanDiff, sub.components, 0, H, s.seed).filter((v) => !v.name.startsWith("top-"));
   for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
-  const opts = { perToken: s.perToken, batchPairs: s.batchPairs };
+  const opts = { perToken: s.perToken, batchPairs: s.batchPairs, limits: models.limits };
   const margin = { marginBase: pairMargins(models.base, pairs, opts), marginTuned: pairMargins(models.tuned, pairs, opts) };
   const idx = pairs.map((_, i) => i);
   let g: number[][];

@@ -6,7 +6,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "../model/read.js";
 import { hookName, type HookName } from "../model/hooks.js";
 import type { ScoredBatch } from "./scoring.js";
-import type { PairState } from "./settings.js";
+import type { PairState } from "./schema.js";
 
 /** Where each vector sits in a pair's Float64Array of sums. */
 export interface SumsLayout {

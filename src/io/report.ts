@@ -1,7 +1,7 @@
 // report.html: one self-contained file (opens offline) with vega-lite plots rendered to SVG when it is written.
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
-import type { Results } from "../analysis/settings.js";
+import type { Results } from "../analysis/schema.js";
 import type { Pair } from "../data/pairs.js";
 
 /** Escapes text for HTML element content and attribute values. */

@@ -4,7 +4,7 @@
 import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import type { PairRecord, PairState } from "../analysis/settings.js";
+import type { PairRecord, PairState } from "../analysis/schema.js";
 import { writeFileAtomic } from "./model.js";
 
 /** A run folder that cannot be used as asked. */

@@ -77,6 +77,9 @@ function embedTokens(model: LlamaModel, ids: number[][]): tf.Tensor {
 /** A hook sees a site's value and returns the value to use instead (return the input to only observe). */
 export type Hook = (value: tf.Tensor, site: HookName) => tf.Tensor;
 
+/** Hooks by site name (hookName(site, layer)); a name that is not a site of the model is an error at run time. */
+export type Hooks = { readonly [site: string]: Hook };
+
 /** What one forward call should do besides computing logits. */
 export interface ForwardOptions {
   /** True length of each row; rows are right-padded to the common length. Default: all full. */
@@ -87,7 +90,7 @@ export interface ForwardOptions {
    * Per-site hooks that edit or replace the value (patching), keyed by hook name (hookName(site, layer)). A
    * name that is not a site of the model is an error. A hook's intermediates are freed by the pass.
    */
-  hooks?: { readonly [site: string]: Hook };
+  hooks?: Hooks;
   /**
    * Rows 2i and 2i+1 are pair i's chosen and rejected sequences, sharing their first pairedPrompts[i] tokens:
    * each pair runs as one packed row so its prompt is computed once (model/packing.ts). Hooks, caches, `start`
@@ -110,6 +113,8 @@ export interface ForwardOptions {
    * "batched", or "auto" (default: groupedAttention's choice for the kernel that runs).
    */
   attention?: "auto" | "grouped" | "batched";
+  /** How `targets` go through the vocabulary (HEAD_BLOCK by default; its size changes the float32 rounding). */
+  headBlock?: HeadBlock;
 }
 
 /** Score-matrix entries (query heads per group × T × T) from which "auto" attention goes grouped. */
@@ -218,7 +223,6 @@ function rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor {
 function attention(p: LlamaLayer, x: tf.Tensor, l: number, ctx: Ctx): tf.Tensor {
   const { numHeads: nH, numKvHeads: nKv, headDim: d } = ctx.cfg;
   const [B, T] = x.shape as [number, number, number];
-  const g = nH / nKv;
   const heads = (w: Matrix, b: tf.Tensor1D | undefined, n: number, perm: number[]) =>
     tf.transpose(tf.reshape(linear(x, w, b), [B, T, n, d]), perm);
   const q = rope(heads(p.q, p.qBias, nH, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nH, T, d]
@@ -296,13 +300,19 @@ function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[
 }
 
 /**
- * Vocabulary block of the scored log-softmax (`targets`): each block's log-sum-exp is taken in float32 on the
- * backend and the blocks are combined in float64. Fixed (tests lower it), so how a streamed head is chunked
- * cannot change a bit. `elements`: logit entries a slice of rows holds at once (16 MiB of float32; a block's
- * log-sum-exp makes about 3x that); more rows go through each piece of the head in slices, so a streamed head is
- * brought in once per forward however many rows it scores.
+ * How the scored log-softmax (`targets`) goes through the vocabulary. `size`: each block of this many columns has
+ * its log-sum-exp taken in float32 on the backend and the blocks are combined in float64; fixed, so how a
+ * streamed head is chunked cannot change a bit. `elements`: logit entries a slice of rows holds at once; more
+ * rows go through each piece of the head in slices, so a streamed head is brought in once per forward however
+ * many rows it scores.
  */
-export const headBlock = { size: 8192, elements: 2 ** 22 };
+export interface HeadBlock {
+  size: number;
+  elements: number;
+}
+
+/** The default: blocks of 8192 columns, 16 MiB of float32 logits per slice (a block's log-sum-exp makes about 3x that). */
+export const HEAD_BLOCK: Readonly<HeadBlock> = Object.freeze({ size: 8192, elements: 2 ** 22 });
 
 /** The head's weights piece by piece ([H, vocab slice]): the whole head when resident, else each streamed chunk. */
 function headPieces(model: LlamaModel): Array<() => Matrix> {
@@ -311,8 +321,8 @@ function headPieces(model: LlamaModel): Array<() => Matrix> {
   return Array.from({ length: src.headChunks }, (_, c) => () => src.headChunk!(c));
 }
 
-/** log p(targets[i]) under the head at each row of x [N, H] (final-normed), one vocabulary block (headBlock) at a time. */
-function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[]): Float64Array {
+/** log p(targets[i]) under the head at each row of x [N, H] (final-normed), one vocabulary block at a time. */
+function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[], headBlock: HeadBlock): Float64Array {
   const N = x.shape[0];
   if (targets.length !== N) throw new RangeError(`targets has ${targets.length} entries for ${N} logit positions`);
   const V = model.config.vocabSize;
@@ -392,7 +402,7 @@ const linearT = (d: tf.Tensor, w: Matrix): tf.Tensor => (w instanceof StoredMatr
  * wᵢ (W[:, tᵢ] − Σ_v softmax(x W)ᵢᵥ W[:, v]), the softmax taken over the head's pieces in vocabulary blocks with
  * a running max (rescaling what is summed so far when the max grows).
  */
-export function targetLogprobGradient(model: LlamaModel, x: tf.Tensor2D, targets: number[], weights: number[]): tf.Tensor2D {
+export function targetLogprobGradient(model: LlamaModel, x: tf.Tensor2D, targets: number[], weights: number[], headBlock: HeadBlock = HEAD_BLOCK): tf.Tensor2D {
   const [N, H] = x.shape;
   if (targets.length !== N || weights.length !== N) throw new RangeError(`targets and weights need ${N} entries, one per row`);
   const V = model.config.vocabSize;
@@ -528,8 +538,11 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
       : tf.tidy(() => tf.clone(site("hook_embed", embedTokens(model, packing?.ids ?? ids))));
     for (let l = first; l <= last; l++) {
       const prev = resid;
-      resid = tf.tidy(() => tf.clone(block(layerOf(model, l), l, prev, ctx)));
-      prev.dispose();
+      try {
+        resid = tf.tidy(() => tf.clone(block(layerOf(model, l), l, prev, ctx)));
+      } finally {
+        prev.dispose(); // on a failing hook too
+      }
     }
     const at = opts.logitsAt ?? "all";
     if (opts.targets && !Array.isArray(at)) throw new RangeError("targets need logitsAt positions");
@@ -539,7 +552,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     if (headRun && opts.targets) {
       const rows = tf.tidy(() => head(model, resid, ctx, at, false)) as tf.Tensor2D;
       try {
-        logprobs = targetLogprobs(model, rows, opts.targets);
+        logprobs = targetLogprobs(model, rows, opts.targets, opts.headBlock ?? HEAD_BLOCK);
       } finally {
         rows.dispose();
       }
