@@ -34,7 +34,11 @@ for (let i = 0; i < 50; i++) once(rows, { cache: residSites(model.config.numLaye
 const after = tf.memory();
 console.log(`model ${dir}, backend ${backend}, batch ${B} × ${T} tokens`);
 console.log(`batched forward:              ${batched.toFixed(1)} ms`);
-console.log(`one row at a time (all rows): ${single.toFixed(1)} ms  → batching speed-up ${(single / batched).toFixed(2)}x (target ≥ 1.0x: never slower)`);
+console.log(
+  `one row at a time (all rows): ${single.toFixed(1)} ms  → batching speed-up ${(single / batched).toFixed(2)}x (target ≥ 1.0x: never slower)`,
+);
 console.log(`caching the residual stream:  ${(cached / batched).toFixed(2)}x the plain forward (target ≤ 1.2x)`);
-console.log(`tensors after 50 more calls:  ${after.numTensors - before.numTensors} more, ${after.numBytes - before.numBytes} bytes more (target 0)`);
+console.log(
+  `tensors after 50 more calls:  ${after.numTensors - before.numTensors} more, ${after.numBytes - before.numBytes} bytes more (target 0)`,
+);
 disposeModel(model);

@@ -22,10 +22,23 @@ export function oneLayerModel(cfg: LlamaConfig): LlamaModel {
   const { hiddenSize: H, intermediateSize: I, numHeads: nH, numKvHeads: nKv, headDim: d } = cfg;
   const w = (r: number, c: number) => tf.randomNormal([r, c], 0, 0.02, "float32", 1) as tf.Tensor2D;
   const layer: LlamaLayer<tf.Tensor2D> = {
-    inputNorm: tf.ones([H]), postNorm: tf.ones([H]),
-    q: w(H, nH * d), k: w(H, nKv * d), v: w(H, nKv * d), o: w(nH * d, H), gate: w(H, I), up: w(H, I), down: w(I, H),
+    inputNorm: tf.ones([H]),
+    postNorm: tf.ones([H]),
+    q: w(H, nH * d),
+    k: w(H, nKv * d),
+    v: w(H, nKv * d),
+    o: w(nH * d, H),
+    gate: w(H, I),
+    up: w(H, I),
+    down: w(I, H),
   };
-  return { config: { ...cfg, numLayers: 1, vocabSize: 256, tieWordEmbeddings: false }, embed: w(256, H), layers: [layer], finalNorm: tf.ones([H]), lmHead: w(H, 256) };
+  return {
+    config: { ...cfg, numLayers: 1, vocabSize: 256, tieWordEmbeddings: false },
+    embed: w(256, H),
+    layers: [layer],
+    finalNorm: tf.ones([H]),
+    lmHead: w(H, 256),
+  };
 }
 
 /** The backend's best GFLOP/s over the layer's own 2-D matmul shapes ([T, H]·[H, nH·d], [T, H]·[H, I], [T, I]·[I, H]). */
@@ -51,7 +64,10 @@ export function layerFlops(cfg: LlamaConfig, B: number, T: number): number {
  * row, each patched run resumed after its layer, log-probs only at the scored positions) and the TransformerLens-
  * style peer's (two padded rows, a full forward per patch, logits at every position).
  */
-export function sweepFlops(cfg: LlamaConfig, t: { prompt: number; chosen: number; rejected: number }): { prefprobe: number; peer: number } {
+export function sweepFlops(
+  cfg: LlamaConfig,
+  t: { prompt: number; chosen: number; rejected: number },
+): { prefprobe: number; peer: number } {
   const L = cfg.numLayers;
   const head = 2 * cfg.hiddenSize * cfg.vocabSize; // per position
   const packed = t.prompt + t.chosen + t.rejected;
@@ -63,8 +79,16 @@ export function sweepFlops(cfg: LlamaConfig, t: { prompt: number; chosen: number
 }
 
 /** Best ms of one decoder layer's forward over B rows × T tokens with the given attention path. */
-export function layerForwardMs(model: LlamaModel, B: number, T: number, attention: "batched" | "grouped", reps = 2): number {
-  const ids = Array.from({ length: B }, (_, b) => Array.from({ length: T }, (_, t) => (b * 7 + t) % model.config.vocabSize));
+export function layerForwardMs(
+  model: LlamaModel,
+  B: number,
+  T: number,
+  attention: "batched" | "grouped",
+  reps = 2,
+): number {
+  const ids = Array.from({ length: B }, (_, b) =>
+    Array.from({ length: T }, (_, t) => (b * 7 + t) % model.config.vocabSize),
+  );
   return time(() => {
     const r = forward(model, ids, { logitsAt: "none", cache: ["blocks.0.hook_resid_post"], attention });
     r.cache.get("blocks.0.hook_resid_post").dataSync();

@@ -13,10 +13,26 @@ import { seededRandom } from "../src/stats/stats.js";
 /** Llama-3.2-1B's config.json values, with `layers` decoder layers (16 is the real model). */
 export function llama1bConfig(layers = 16): LlamaConfig {
   return parseConfig({
-    hidden_size: 2048, intermediate_size: 8192, num_hidden_layers: layers, num_attention_heads: 32, num_key_value_heads: 8,
-    head_dim: 64, vocab_size: 128256, rms_norm_eps: 1e-5, rope_theta: 500000, max_position_embeddings: 131072,
-    rope_scaling: { rope_type: "llama3", factor: 32, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
-    tie_word_embeddings: true, bos_token_id: 128000, eos_token_id: 128001,
+    hidden_size: 2048,
+    intermediate_size: 8192,
+    num_hidden_layers: layers,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 64,
+    vocab_size: 128256,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000,
+    max_position_embeddings: 131072,
+    rope_scaling: {
+      rope_type: "llama3",
+      factor: 32,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    },
+    tie_word_embeddings: true,
+    bos_token_id: 128000,
+    eos_token_id: 128001,
   });
 }
 
@@ -27,7 +43,9 @@ export function llama3TokenizerDir(): string {
 }
 
 /** The layers whose MLP the tuned model changes. */
-export const changedLayers = (layers: number) => [...new Set([Math.max(0, Math.floor(layers / 2) - 1), Math.floor(layers / 2)])];
+export const changedLayers = (layers: number) => [
+  ...new Set([Math.max(0, Math.floor(layers / 2) - 1), Math.floor(layers / 2)]),
+];
 
 /** The shard a tensor goes to: one per decoder layer, one for the rest. */
 const shardOf = (name: string) => /^model\.layers\.(\d+)\./.exec(name)?.[1] ?? "rest";
@@ -55,13 +73,19 @@ function addRankOne(w: Float32Array, rows: number, cols: number, seed: number, s
  * Writes OUT/base and OUT/tuned (unless both are complete already: config.json is written last) and returns
  * their paths. Shards the tuned model shares with the base are copied, not regenerated.
  */
-export function writeLlama1bShaped(out: string, layers = 16, log: (s: string) => void = () => {}): { base: string; tuned: string } {
+export function writeLlama1bShaped(
+  out: string,
+  layers = 16,
+  log: (s: string) => void = () => {},
+): { base: string; tuned: string } {
   const cfg = llama1bConfig(layers);
   const dirs = { base: path.join(out, "base"), tuned: path.join(out, "tuned") };
-  if (fs.existsSync(path.join(dirs.base, "config.json")) && fs.existsSync(path.join(dirs.tuned, "config.json"))) return dirs;
+  if (fs.existsSync(path.join(dirs.base, "config.json")) && fs.existsSync(path.join(dirs.tuned, "config.json")))
+    return dirs;
   const tensors = [...expectedTensors(cfg)];
   const shards = [...new Set(tensors.map(([n]) => shardOf(n)))];
-  const file = (s: string) => `model-${String(shards.indexOf(s) + 1).padStart(5, "0")}-of-${String(shards.length).padStart(5, "0")}.safetensors`;
+  const file = (s: string) =>
+    `model-${String(shards.indexOf(s) + 1).padStart(5, "0")}-of-${String(shards.length).padStart(5, "0")}.safetensors`;
   const changed = new Set(changedLayers(layers).map(String));
   for (const which of ["base", "tuned"] as const) {
     const dir = dirs[which];
@@ -76,14 +100,19 @@ export function writeLlama1bShaped(out: string, layers = 16, log: (s: string) =>
         if (shardOf(name) !== shard) continue;
         const seed = 1 + tensors.findIndex(([n]) => n === name);
         const v = values(name, shape, seed);
-        if (which === "tuned" && name.endsWith("mlp.down_proj.weight")) addRankOne(v, shape[0]!, shape[1]!, 1000 + seed);
+        if (which === "tuned" && name.endsWith("mlp.down_proj.weight"))
+          addRankOne(v, shape[0]!, shape[1]!, 1000 + seed);
         data[name] = { dtype: "BF16", shape, data: v };
       }
       writeSafetensors(path.join(dir, file(shard)), data, { format: "pt" });
     }
     const weightMap = Object.fromEntries(tensors.map(([n]) => [n, file(shardOf(n))]));
-    fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: weightMap }, null, 1) + "\n");
-    for (const f of ["tokenizer.json", "tokenizer_config.json"]) fs.copyFileSync(path.join(llama3TokenizerDir(), f), path.join(dir, f));
+    fs.writeFileSync(
+      path.join(dir, "model.safetensors.index.json"),
+      JSON.stringify({ metadata: {}, weight_map: weightMap }, null, 1) + "\n",
+    );
+    for (const f of ["tokenizer.json", "tokenizer_config.json"])
+      fs.copyFileSync(path.join(llama3TokenizerDir(), f), path.join(dir, f));
     fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(configToJson(cfg, "bfloat16"), null, 2) + "\n");
     log(`wrote ${dir}`);
   }

@@ -26,14 +26,19 @@ if (process.argv[2] === "--read") {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "prefprobe-bench-"));
     const n = Math.max(1, Math.round((mib * 2 ** 20) / (PER * (dtype === "F32" ? 4 : 2))));
     const data = Float32Array.from({ length: PER }, (_, i) => Math.sin(i));
-    for (let i = 0; i < n; i++) writeSafetensors(path.join(dir, `s${i}.safetensors`), { [`t${i}`]: { dtype, shape: [PER], data } });
+    for (let i = 0; i < n; i++)
+      writeSafetensors(path.join(dir, `s${i}.safetensors`), { [`t${i}`]: { dtype, shape: [PER], data } });
     const weightMap = Object.fromEntries(Array.from({ length: n }, (_, i) => [`t${i}`, `s${i}.safetensors`]));
     fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: weightMap }));
     const size = fs.readdirSync(dir).reduce((a, f) => a + fs.statSync(path.join(dir, f)).size, 0);
-    const out = execFileSync(process.execPath, ["--import", "tsx", import.meta.filename, "--read", dir], { encoding: "utf8" });
+    const out = execFileSync(process.execPath, ["--import", "tsx", import.meta.filename, "--read", dir], {
+      encoding: "utf8",
+    });
     const { growth, decoded } = JSON.parse(out) as { growth: number; decoded: number };
     const M = (b: number) => `${(b / 2 ** 20).toFixed(0)} MiB`;
-    console.log(`${dtype}: files ${M(size)}, decoded ${M(decoded)}, peak RSS growth ${M(growth)} = ${(growth / decoded).toFixed(2)}x the decoded size (target ≤ 1.25x), ${(growth / size).toFixed(2)}x the files`);
+    console.log(
+      `${dtype}: files ${M(size)}, decoded ${M(decoded)}, peak RSS growth ${M(growth)} = ${(growth / decoded).toFixed(2)}x the decoded size (target ≤ 1.25x), ${(growth / size).toFixed(2)}x the files`,
+    );
     fs.rmSync(dir, { recursive: true });
   }
 }

@@ -40,8 +40,44 @@ function category(kernel: string): string {
   if (kernel === "BatchMatMul" || kernel === "PrefprobeStoredMatMul" || kernel === "_FusedMatMul") return "matmul";
   if (kernel === "Softmax") return "softmax";
   if (["Max", "Exp", "Sum", "Log", "LogSumExp"].includes(kernel)) return "reductions (log-sum-exp, norms)";
-  if (["Transpose", "Reshape", "Concat", "Slice", "GatherV2", "Pack", "Unpack", "Identity", "Cast", "Tile", "Fill", "Select", "SelectV2", "StridedSlice", "SplitV"].includes(kernel)) return "data movement";
-  if (["Add", "Sub", "Multiply", "RealDiv", "Neg", "Sigmoid", "Rsqrt", "Square", "Mean", "Maximum", "Sqrt", "Abs", "Pow"].includes(kernel)) return "elementwise";
+  if (
+    [
+      "Transpose",
+      "Reshape",
+      "Concat",
+      "Slice",
+      "GatherV2",
+      "Pack",
+      "Unpack",
+      "Identity",
+      "Cast",
+      "Tile",
+      "Fill",
+      "Select",
+      "SelectV2",
+      "StridedSlice",
+      "SplitV",
+    ].includes(kernel)
+  )
+    return "data movement";
+  if (
+    [
+      "Add",
+      "Sub",
+      "Multiply",
+      "RealDiv",
+      "Neg",
+      "Sigmoid",
+      "Rsqrt",
+      "Square",
+      "Mean",
+      "Maximum",
+      "Sqrt",
+      "Abs",
+      "Pow",
+    ].includes(kernel)
+  )
+    return "elementwise";
   return "other";
 }
 
@@ -59,7 +95,11 @@ function flopsOf(kernel: string, args: Parameters<tf.KernelFunc>[0]): { flops: n
   if (kernel === "BatchMatMul") {
     const { a, b } = args.inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
     const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean };
-    const [M, K, N] = [a.shape.at(transposeA ? -1 : -2)!, a.shape.at(transposeA ? -2 : -1)!, b.shape.at(transposeB ? -2 : -1)!];
+    const [M, K, N] = [
+      a.shape.at(transposeA ? -1 : -2)!,
+      a.shape.at(transposeA ? -2 : -1)!,
+      b.shape.at(transposeB ? -2 : -1)!,
+    ];
     return { flops: 2 * M * N * K * Math.max(size(a.shape.slice(0, -2)), size(b.shape.slice(0, -2))), rows: M };
   }
   return { flops: 0, rows: 0 };
@@ -83,10 +123,17 @@ for (const k of registry) {
 const base = loadModelSync(a.base, { memoryBudget: 2 ** 29 });
 const tuned = loadModelSync(a.tuned, { memoryBudget: 2 ** 29 });
 const tok = loadTokenizer(a.base);
-const tp = readUsablePairs(a.pairs, tok, base.config.vocabSize, { maxTokens: Number(a["max-tokens"]), limit: Number(a.pair) + Number(a.batch) });
+const tp = readUsablePairs(a.pairs, tok, base.config.vocabSize, {
+  maxTokens: Number(a["max-tokens"]),
+  limit: Number(a.pair) + Number(a.batch),
+});
 const batch = tp.pairs.slice(Number(a.pair));
-for (const p of batch) console.error(`pair ${p.index}: ${p.promptIds.length} + ${p.chosenIds.length} / ${p.rejectedIds.length} tokens`);
-const s = resolveSettings({ batchPairs: Number(a.batch), method: a.method as "exact" | "attribution" | "both" }, base.config);
+for (const p of batch)
+  console.error(`pair ${p.index}: ${p.promptIds.length} + ${p.chosenIds.length} / ${p.rejectedIds.length} tokens`);
+const s = resolveSettings(
+  { batchPairs: Number(a.batch), method: a.method as "exact" | "attribution" | "both" },
+  base.config,
+);
 if (s.method !== "exact") await enableGradients();
 const plan = makePlan(s, base.config.numLayers);
 const times: Record<string, number> = {};
@@ -111,25 +158,44 @@ for (const e of events) {
   for (const key of [category(e.kernel), `  ${e.kernel}`]) m.set(key, (m.get(key) ?? 0) + e.ms);
 }
 
-console.log(`\n| stage | wall s | ${["matmul", "softmax", "reductions (log-sum-exp, norms)", "elementwise", "data movement", "other", "outside kernels"].join(" | ")} |`);
+console.log(
+  `\n| stage | wall s | ${["matmul", "softmax", "reductions (log-sum-exp, norms)", "elementwise", "data movement", "other", "outside kernels"].join(" | ")} |`,
+);
 console.log(`|---|---|${"---|".repeat(7)}`);
 for (const [name, ms] of Object.entries(times)) {
   const m = byStage.get(name) ?? new Map<string, number>();
-  const cats = ["matmul", "softmax", "reductions (log-sum-exp, norms)", "elementwise", "data movement", "other"].map((c) => m.get(c) ?? 0);
+  const cats = ["matmul", "softmax", "reductions (log-sum-exp, norms)", "elementwise", "data movement", "other"].map(
+    (c) => m.get(c) ?? 0,
+  );
   const outside = ms - cats.reduce((x, y) => x + y, 0);
-  console.log(`| ${name} | ${(ms / 1000).toFixed(1)} | ${[...cats, outside].map((v) => `${((100 * v) / ms).toFixed(0)}%`).join(" | ")} |`);
+  console.log(
+    `| ${name} | ${(ms / 1000).toFixed(1)} | ${[...cats, outside].map((v) => `${((100 * v) / ms).toFixed(0)}%`).join(" | ")} |`,
+  );
 }
 const mm = events.filter((e) => e.flops > 0);
 const mmFlops = mm.reduce((x, e) => x + e.flops, 0);
 const mmMs = mm.reduce((x, e) => x + e.ms, 0);
-console.log(`\nmatmul: ${(mmFlops / 1e12).toFixed(2)} TFLOP in ${(mmMs / 1000).toFixed(1)} s: ${(mmFlops / mmMs / 1e6).toFixed(0)} GFLOP/s`);
-for (const [lo, hi] of [[1, 32], [32, 128], [128, 512], [512, 2048], [2048, Infinity]] as const) {
+console.log(
+  `\nmatmul: ${(mmFlops / 1e12).toFixed(2)} TFLOP in ${(mmMs / 1000).toFixed(1)} s: ${(mmFlops / mmMs / 1e6).toFixed(0)} GFLOP/s`,
+);
+for (const [lo, hi] of [
+  [1, 32],
+  [32, 128],
+  [128, 512],
+  [512, 2048],
+  [2048, Infinity],
+] as const) {
   const sel = mm.filter((e) => e.rows >= lo && e.rows < hi);
   const f = sel.reduce((x, e) => x + e.flops, 0);
   const ms = sel.reduce((x, e) => x + e.ms, 0);
-  if (sel.length) console.log(`  ${lo}–${hi} rows: ${sel.length} calls, ${(f / 1e12).toFixed(2)} TFLOP, ${(ms / 1000).toFixed(1)} s, ${(f / ms / 1e6).toFixed(0)} GFLOP/s`);
+  if (sel.length)
+    console.log(
+      `  ${lo}–${hi} rows: ${sel.length} calls, ${(f / 1e12).toFixed(2)} TFLOP, ${(ms / 1000).toFixed(1)} s, ${(f / ms / 1e6).toFixed(0)} GFLOP/s`,
+    );
 }
 console.log("\nTop kernels over all stages:");
 const all = new Map<string, number>();
-for (const m of byStage.values()) for (const [k, v] of m) if (k.startsWith("  ")) all.set(k.trim(), (all.get(k.trim()) ?? 0) + v);
-for (const [k, v] of [...all].sort((x, y) => y[1] - x[1]).slice(0, 15)) console.log(`  ${k.padEnd(24)} ${(v / 1000).toFixed(2)} s`);
+for (const m of byStage.values())
+  for (const [k, v] of m) if (k.startsWith("  ")) all.set(k.trim(), (all.get(k.trim()) ?? 0) + v);
+for (const [k, v] of [...all].sort((x, y) => y[1] - x[1]).slice(0, 15))
+  console.log(`  ${k.padEnd(24)} ${(v / 1000).toFixed(2)} s`);

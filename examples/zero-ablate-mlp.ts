@@ -14,7 +14,9 @@ const ablated = margins(model, pairs, { hooks: { [hookName("mlp_out", layer)]: (
 console.log(`zero-ablating ${hookName("mlp_out", layer)} of ${modelDir}`);
 pairs.forEach((p, i) => {
   const change = ablated[i]! - clean[i]!;
-  console.log(`pair ${p.index} (line ${p.line}): margin ${clean[i]!.toFixed(6)} -> ${ablated[i]!.toFixed(6)} (change ${change >= 0 ? "+" : ""}${change.toFixed(6)})`);
+  console.log(
+    `pair ${p.index} (line ${p.line}): margin ${clean[i]!.toFixed(6)} -> ${ablated[i]!.toFixed(6)} (change ${change >= 0 ? "+" : ""}${change.toFixed(6)})`,
+  );
 });
 const meanChange = ablated.reduce((a, m, i) => a + m - clean[i]!, 0) / pairs.length;
 console.log(`mean change: ${meanChange.toFixed(6)}`);

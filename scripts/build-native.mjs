@@ -22,13 +22,27 @@ function fail(reason) {
 
 /** node-gyp: the one npm runs scripts with, else npm's own copy. */
 function nodeGyp() {
-  if (process.env.npm_config_node_gyp && fs.existsSync(process.env.npm_config_node_gyp)) return process.env.npm_config_node_gyp;
-  for (const from of [process.execPath, path.join(path.dirname(process.execPath), "..", "lib", "node_modules", "npm", "index.js")]) {
+  if (process.env.npm_config_node_gyp && fs.existsSync(process.env.npm_config_node_gyp))
+    return process.env.npm_config_node_gyp;
+  for (const from of [
+    process.execPath,
+    path.join(path.dirname(process.execPath), "..", "lib", "node_modules", "npm", "index.js"),
+  ]) {
     try {
       return createRequire(from).resolve("node-gyp/bin/node-gyp.js");
     } catch {}
   }
-  const npmGyp = path.join(path.dirname(process.execPath), "..", "lib", "node_modules", "npm", "node_modules", "node-gyp", "bin", "node-gyp.js");
+  const npmGyp = path.join(
+    path.dirname(process.execPath),
+    "..",
+    "lib",
+    "node_modules",
+    "npm",
+    "node_modules",
+    "node-gyp",
+    "bin",
+    "node-gyp.js",
+  );
   return fs.existsSync(npmGyp) ? npmGyp : null;
 }
 
@@ -52,7 +66,9 @@ const args = [gyp, "rebuild", "--loglevel=error", ...(dir ? [`--nodedir=${dir}`]
 const r = spawnSync(process.execPath, args, { cwd: native, encoding: "utf8" });
 if (r.status !== 0) {
   const out = `${r.stdout}\n${r.stderr}`;
-  const line = out.split("\n").find((l) => /error/i.test(l) && !/gyp ERR! (stack|System|command|cwd|node|not ok)/.test(l)) ?? `node-gyp exited with ${r.status}`;
+  const line =
+    out.split("\n").find((l) => /error/i.test(l) && !/gyp ERR! (stack|System|command|cwd|node|not ok)/.test(l)) ??
+    `node-gyp exited with ${r.status}`;
   fail(`the build failed: ${line.trim().slice(0, 200)}`);
 }
 // the build must load and multiply here, or it is not used: [[1, 2], [3, 4]] · [[5, 6], [7, 8]], B as F32 and as BF16
@@ -67,5 +83,15 @@ for (const [b, off, dtype] of [[heap, 16, 0], [bf16, 0, 1]]) {
   if (c !== "19,22,43,50") throw new Error("wrong product " + c);
 }`;
 const check = spawnSync(process.execPath, ["-e", probe], { encoding: "utf8" });
-if (check.status !== 0) fail(`the built addon does not work: ${(check.stderr.split("\n").reverse().find((l) => /^\w*Error/.test(l)) ?? "").trim().slice(0, 200)}`);
+if (check.status !== 0)
+  fail(
+    `the built addon does not work: ${(
+      check.stderr
+        .split("\n")
+        .reverse()
+        .find((l) => /^\w*Error/.test(l)) ?? ""
+    )
+      .trim()
+      .slice(0, 200)}`,
+  );
 console.error("prefprobe: native matmul built (native/build/Release/prefprobe_blas.node)");

@@ -19,16 +19,36 @@ const train = tokenizePairs(readPairs("fixtures/data/stories/train.jsonl").pairs
 const test = tokenizePairs(readPairs("fixtures/data/stories/test.jsonl").pairs, tok, 512, { limit: nTest }).pairs;
 const L = base.config.numLayers;
 const f = (x: number) => (Number.isFinite(x) ? x.toFixed(3) : "-");
-console.log(`backend ${backend}; DPO rank 1 on layers.K.mlp.down_proj, ${train.length} train pairs, 2 epochs, lr 0.02, β 0.1; analysis on ${test.length} held-out pairs\n`);
-console.log(`| K | held-out gap | ${Array.from({ length: L }, (_, l) => `recovery L${l}`).join(" | ")} | max abs(gain) before K | max abs(gain − gap) from K | PCA layer | PC1 variance | k = 1 recovery | random k = 1 |`);
+console.log(
+  `backend ${backend}; DPO rank 1 on layers.K.mlp.down_proj, ${train.length} train pairs, 2 epochs, lr 0.02, β 0.1; analysis on ${test.length} held-out pairs\n`,
+);
+console.log(
+  `| K | held-out gap | ${Array.from({ length: L }, (_, l) => `recovery L${l}`).join(" | ")} | max abs(gain) before K | max abs(gain − gap) from K | PCA layer | PC1 variance | k = 1 recovery | random k = 1 |`,
+);
 console.log(`|---|---|${Array.from({ length: L }, () => "---|").join("")}---|---|---|---|---|---|`);
 for (let K = 0; K < L; K++) {
-  const res = await tuneDPO(base, train, { ...DEFAULT_TUNE, train: [`layers.${K}.mlp.down_proj`], rank: 1, epochs: 2, lr: 2e-2, seed: K });
-  const r = await runAnalysis(base, res.model, test, { ...DEFAULT_SETTINGS, bootstrap: 200, stabilityReps: 20, batchPairs: 8 });
+  const res = await tuneDPO(base, train, {
+    ...DEFAULT_TUNE,
+    train: [`layers.${K}.mlp.down_proj`],
+    rank: 1,
+    epochs: 2,
+    lr: 2e-2,
+    seed: K,
+  });
+  const r = await runAnalysis(base, res.model, test, {
+    ...DEFAULT_SETTINGS,
+    bootstrap: 200,
+    stabilityReps: 20,
+    batchPairs: 8,
+  });
   const rec = r.patching.map((e) => e.recovery);
   const before = Math.max(0, ...r.patching.filter((e) => e.layer < K).flatMap((e) => e.gains.map(Math.abs)));
-  const after = Math.max(...r.patching.filter((e) => e.layer >= K).flatMap((e) => e.gains.map((g, i) => Math.abs(g - r.pairs[i]!.gap))));
+  const after = Math.max(
+    ...r.patching.filter((e) => e.layer >= K).flatMap((e) => e.gains.map((g, i) => Math.abs(g - r.pairs[i]!.gap))),
+  );
   const k1 = r.pca!.recovery.find((x) => x.k === 1)!;
-  console.log(`| ${K} | ${f(r.summary.mean_gap)} | ${rec.map(f).join(" | ")} | ${before.toExponential(1)} | ${after.toExponential(1)} | ${r.pca!.layer} | ${f(r.pca!.explained_variance_ratio[0]!)} | ${f(k1.recovery)} | ${f(k1.random_subspace)} |`);
+  console.log(
+    `| ${K} | ${f(r.summary.mean_gap)} | ${rec.map(f).join(" | ")} | ${before.toExponential(1)} | ${after.toExponential(1)} | ${r.pca!.layer} | ${f(r.pca!.explained_variance_ratio[0]!)} | ${f(k1.recovery)} | ${f(k1.random_subspace)} |`,
+  );
   tf.dispose(res.ownTensors);
 }

@@ -14,13 +14,30 @@ import { loadModelSync } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
-import { DEFAULT_SETTINGS, METHODS, SITES, type Direction, type Method, type RunSettings, type Site } from "./analysis/settings.js";
+import {
+  DEFAULT_SETTINGS,
+  METHODS,
+  SITES,
+  type Direction,
+  type Method,
+  type RunSettings,
+  type Site,
+} from "./analysis/settings.js";
 import { summaryTable, transferFindings } from "./analysis/findings.js";
 import { DEFAULT_TUNE, SCHEDULES, type Schedule, type TuneSettings } from "./train/dpo.js";
 
 /** A reward accuracy for printing: two decimals, or "n/a" when every pair was within float32 noise. */
 const accuracy = (a: number | null): string => (a === null ? "n/a (within float32 noise)" : a.toFixed(2));
-import { mergeShards, parseShard, runStudy, runTransfer, runTune, WASM_PAIR_BUDGET, type StudyEvents, type StudyResult } from "./study.js";
+import {
+  mergeShards,
+  parseShard,
+  runStudy,
+  runTransfer,
+  runTune,
+  WASM_PAIR_BUDGET,
+  type StudyEvents,
+  type StudyResult,
+} from "./study.js";
 import { Interrupted } from "./analysis/schema.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
@@ -36,11 +53,16 @@ program
   .exitOverride()
   .configureOutput({ outputError: () => {} }); // main() prints every error as one line
 
-const backendOption = () => new Option("--backend <name>", "tfjs backend (default: best installed)").choices([...BACKENDS]);
+const backendOption = () =>
+  new Option("--backend <name>", "tfjs backend (default: best installed)").choices([...BACKENDS]);
 const budgetOption = (what: string, wasmDefault: number) =>
-  new Option("--memory-budget <GiB>", `backend memory the weights of ${what} may take; a model needing more is streamed layer by layer (default: ${wasmDefault} on wasm, no limit elsewhere)`).argParser((v) => {
+  new Option(
+    "--memory-budget <GiB>",
+    `backend memory the weights of ${what} may take; a model needing more is streamed layer by layer (default: ${wasmDefault} on wasm, no limit elsewhere)`,
+  ).argParser((v) => {
     const n = Number(v);
-    if (v.trim() === "" || !(n > 0) || !Number.isFinite(n)) throw new UsageError(`--memory-budget must be a positive number of GiB, got "${v}"`);
+    if (v.trim() === "" || !(n > 0) || !Number.isFinite(n))
+      throw new UsageError(`--memory-budget must be a positive number of GiB, got "${v}"`);
     return n * 2 ** 30;
   });
 
@@ -52,7 +74,8 @@ async function startBackend(force?: string): Promise<string> {
 
 function parseIds(s: string, vocab: number): number[] {
   const ids = s.split(",").map((x) => x.trim());
-  if (ids.length === 0 || ids.some((x) => !/^\d+$/.test(x))) throw new UsageError(`--ids must be comma-separated non-negative integers, got "${s}"`);
+  if (ids.length === 0 || ids.some((x) => !/^\d+$/.test(x)))
+    throw new UsageError(`--ids must be comma-separated non-negative integers, got "${s}"`);
   const out = ids.map(Number);
   const bad = out.find((i) => i >= vocab);
   if (bad !== undefined) throw new UsageError(`--ids: token id ${bad} is outside the vocabulary (size ${vocab})`);
@@ -83,36 +106,51 @@ program
   .option("--top <k>", "how many next tokens to show", "5")
   .addOption(backendOption())
   .addOption(budgetOption("the model", 3))
-  .action(async (o: { model: string; text?: string; ids?: string; out?: string; resid?: boolean; top: string; backend?: string; memoryBudget?: number }) => {
-    if ((o.text === undefined) === (o.ids === undefined)) throw new UsageError("give exactly one of --text or --ids");
-    if (o.resid && !o.out) throw new UsageError("--resid needs --out");
-    const top = Number(o.top);
-    if (!Number.isInteger(top) || top < 1) throw new UsageError(`--top must be a positive integer, got "${o.top}"`);
-    if (o.out) checkWritable(o.out);
-    await startBackend(o.backend);
-    const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
-    const tok = loadTokenizer(o.model);
-    const ids = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : needTokenizer(tok, o.model).encode(o.text!);
-    if (ids.length === 0) throw new UsageError("the input has no tokens");
-    const { logits, resid } = logitsAndResid(model, ids, !!o.resid);
-    const last = readValues(() => tf.softmax(tf.slice(logits, [ids.length - 1, 0], [1, -1])));
-    const order = Array.from(last.keys()).sort((a, b) => last[b]! - last[a]!).slice(0, top);
-    console.log(`tokens (${ids.length}): ${ids.join(" ")}`);
-    console.log(`top ${order.length} next tokens after position ${ids.length - 1}:`);
-    for (const id of order) console.log(`  ${(100 * last[id]!).toFixed(2).padStart(6)}%  ${String(id).padStart(6)}  ${show(tok, ids, id)}`);
-    if (o.out) {
-      const tensors: Parameters<typeof writeSafetensors>[1] = {
-        input_ids: { dtype: "I32", shape: [ids.length], data: ids },
-        logits: { dtype: "F32", shape: logits.shape, data: logits.dataSync() as Float32Array },
-      };
-      if (resid) tensors.resid = { dtype: "F32", shape: resid.shape, data: resid.dataSync() as Float32Array };
-      writeSafetensors(o.out, tensors, { producer: "prefprobe logits", model: path.resolve(o.model) });
-      console.log(`wrote ${o.out}`);
-    }
-    logits.dispose();
-    resid?.dispose();
-    disposeModel(model);
-  });
+  .action(
+    async (o: {
+      model: string;
+      text?: string;
+      ids?: string;
+      out?: string;
+      resid?: boolean;
+      top: string;
+      backend?: string;
+      memoryBudget?: number;
+    }) => {
+      if ((o.text === undefined) === (o.ids === undefined)) throw new UsageError("give exactly one of --text or --ids");
+      if (o.resid && !o.out) throw new UsageError("--resid needs --out");
+      const top = Number(o.top);
+      if (!Number.isInteger(top) || top < 1) throw new UsageError(`--top must be a positive integer, got "${o.top}"`);
+      if (o.out) checkWritable(o.out);
+      await startBackend(o.backend);
+      const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
+      const tok = loadTokenizer(o.model);
+      const ids =
+        o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : needTokenizer(tok, o.model).encode(o.text!);
+      if (ids.length === 0) throw new UsageError("the input has no tokens");
+      const { logits, resid } = logitsAndResid(model, ids, !!o.resid);
+      const last = readValues(() => tf.softmax(tf.slice(logits, [ids.length - 1, 0], [1, -1])));
+      const order = Array.from(last.keys())
+        .sort((a, b) => last[b]! - last[a]!)
+        .slice(0, top);
+      console.log(`tokens (${ids.length}): ${ids.join(" ")}`);
+      console.log(`top ${order.length} next tokens after position ${ids.length - 1}:`);
+      for (const id of order)
+        console.log(`  ${(100 * last[id]!).toFixed(2).padStart(6)}%  ${String(id).padStart(6)}  ${show(tok, ids, id)}`);
+      if (o.out) {
+        const tensors: Parameters<typeof writeSafetensors>[1] = {
+          input_ids: { dtype: "I32", shape: [ids.length], data: ids },
+          logits: { dtype: "F32", shape: logits.shape, data: logits.dataSync() as Float32Array },
+        };
+        if (resid) tensors.resid = { dtype: "F32", shape: resid.shape, data: resid.dataSync() as Float32Array };
+        writeSafetensors(o.out, tensors, { producer: "prefprobe logits", model: path.resolve(o.model) });
+        console.log(`wrote ${o.out}`);
+      }
+      logits.dispose();
+      resid?.dispose();
+      disposeModel(model);
+    },
+  );
 
 program
   .command("generate")
@@ -123,22 +161,40 @@ program
   .option("--steps <n>", "tokens to generate (at most up to the model's context)", "50")
   .addOption(backendOption())
   .addOption(budgetOption("the model", 3))
-  .action(async (o: { model: string; text: string; ids?: string; steps: string; backend?: string; memoryBudget?: number }) => {
-    const steps = Number(o.steps);
-    if (!Number.isInteger(steps) || steps < 1) throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
-    if (o.ids !== undefined && o.text !== "") throw new UsageError("give --text or --ids, not both");
-    await startBackend(o.backend);
-    const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
-    const tok = o.ids !== undefined ? loadTokenizer(o.model) : needTokenizer(loadTokenizer(o.model), o.model);
-    const prompt = o.ids !== undefined ? parseIds(o.ids, model.config.vocabSize) : o.text === "" && tok!.bosId !== null ? [tok!.bosId] : tok!.encode(o.text);
-    if (prompt.length === 0) throw new UsageError("the prompt has no tokens (give --text or --ids)");
-    const context = model.config.maxPositionEmbeddings;
-    if (prompt.length + steps > context) throw new UsageError(`--steps ${steps} after a ${prompt.length}-token prompt would run past the model's context of ${context} tokens (use at most --steps ${Math.max(0, context - prompt.length)})`);
-    const eos = model.config.eosTokenId;
-    const out = greedy(model, prompt, steps, eos === null ? [] : Array.isArray(eos) ? eos : [eos]);
-    console.log(tok ? tok.decode([...prompt, ...out], { skipSpecialTokens: true }) : [...prompt, ...out].join(" "));
-    disposeModel(model);
-  });
+  .action(
+    async (o: {
+      model: string;
+      text: string;
+      ids?: string;
+      steps: string;
+      backend?: string;
+      memoryBudget?: number;
+    }) => {
+      const steps = Number(o.steps);
+      if (!Number.isInteger(steps) || steps < 1)
+        throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
+      if (o.ids !== undefined && o.text !== "") throw new UsageError("give --text or --ids, not both");
+      await startBackend(o.backend);
+      const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
+      const tok = o.ids !== undefined ? loadTokenizer(o.model) : needTokenizer(loadTokenizer(o.model), o.model);
+      const prompt =
+        o.ids !== undefined
+          ? parseIds(o.ids, model.config.vocabSize)
+          : o.text === "" && tok!.bosId !== null
+            ? [tok!.bosId]
+            : tok!.encode(o.text);
+      if (prompt.length === 0) throw new UsageError("the prompt has no tokens (give --text or --ids)");
+      const context = model.config.maxPositionEmbeddings;
+      if (prompt.length + steps > context)
+        throw new UsageError(
+          `--steps ${steps} after a ${prompt.length}-token prompt would run past the model's context of ${context} tokens (use at most --steps ${Math.max(0, context - prompt.length)})`,
+        );
+      const eos = model.config.eosTokenId;
+      const out = greedy(model, prompt, steps, eos === null ? [] : Array.isArray(eos) ? eos : [eos]);
+      console.log(tok ? tok.decode([...prompt, ...out], { skipSpecialTokens: true }) : [...prompt, ...out].join(" "));
+      disposeModel(model);
+    },
+  );
 
 program
   .command("convert-llama2c")
@@ -148,7 +204,9 @@ program
   .argument("<out-folder>", "folder to write config.json, model.safetensors, tokenizer.json into")
   .action((modelFile: string, tokFile: string, outDir: string) => {
     const cfg = convertLlama2c(modelFile, tokFile, outDir);
-    console.log(`wrote ${outDir}: ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, heads ${cfg.numHeads}/${cfg.numKvHeads}, vocab ${cfg.vocabSize}`);
+    console.log(
+      `wrote ${outDir}: ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, heads ${cfg.numHeads}/${cfg.numKvHeads}, vocab ${cfg.vocabSize}`,
+    );
   });
 
 const int = (name: string, min: number) => (v: string) => {
@@ -164,43 +222,118 @@ const float = (name: string, ok: (x: number) => boolean, what: string) => (v: st
 
 program
   .command("run")
-  .description("the causal-probe analysis: margins, layer patching with controls, LASSO, probes, low-rank PCA, logit lens")
+  .description(
+    "the causal-probe analysis: margins, layer patching with controls, LASSO, probes, low-rank PCA, logit lens",
+  )
   .requiredOption("--base <dir>", "base model (Hugging Face Llama folder)")
   .requiredOption("--tuned <dir>", "preference-tuned model with the same architecture and vocabulary")
-  .requiredOption("--pairs <file>", "JSONL(.gz): {prompt,chosen,rejected}, HH-RLHF {chosen,rejected}, or {prompt_ids,chosen_ids,rejected_ids}")
+  .requiredOption(
+    "--pairs <file>",
+    "JSONL(.gz): {prompt,chosen,rejected}, HH-RLHF {chosen,rejected}, or {prompt_ids,chosen_ids,rejected_ids}",
+  )
   .requiredOption("--out <dir>", "output folder for results.json, report.html, pairs.jsonl, activations.safetensors")
   .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
   .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
   .option("--skip-bad", "count and skip malformed lines instead of stopping")
   .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
-  .addOption(new Option("--positions <which>", "positions a patch replaces").choices(["all", "response"]).default(DEFAULT_SETTINGS.positions))
-  .option("--alpha <a>", "patch strength: h = h_base + α (h_tuned − h_base)", float("--alpha", () => true, "a number"), DEFAULT_SETTINGS.alpha)
+  .addOption(
+    new Option("--positions <which>", "positions a patch replaces")
+      .choices(["all", "response"])
+      .default(DEFAULT_SETTINGS.positions),
+  )
+  .option(
+    "--alpha <a>",
+    "patch strength: h = h_base + α (h_tuned − h_base)",
+    float("--alpha", () => true, "a number"),
+    DEFAULT_SETTINGS.alpha,
+  )
   .option("--sites <list>", `comma-separated sites to patch (${SITES.join(", ")})`, DEFAULT_SETTINGS.sites.join(","))
   .option("--layers <list>", "comma-separated layers to patch (default: all)")
-  .addOption(new Option("--direction <d>", "patching direction").choices(["tuned->base", "base->tuned", "both"]).default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]))
-  .addOption(new Option("--method <m>", "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement").choices([...METHODS]).default(DEFAULT_SETTINGS.method))
-  .option("--window <n>", "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects", int("--window", 1), DEFAULT_SETTINGS.window)
-  .option("--heads", "also patch each attention head (attn.hook_z) on its own: an exact layers × heads grid (the first direction)")
-  .option("--position-map", "also patch each token position on its own at resid_post, for the pair with the largest |gap|: an exact layer × token map")
+  .addOption(
+    new Option("--direction <d>", "patching direction")
+      .choices(["tuned->base", "base->tuned", "both"])
+      .default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]),
+  )
+  .addOption(
+    new Option(
+      "--method <m>",
+      "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement",
+    )
+      .choices([...METHODS])
+      .default(DEFAULT_SETTINGS.method),
+  )
+  .option(
+    "--window <n>",
+    "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects",
+    int("--window", 1),
+    DEFAULT_SETTINGS.window,
+  )
+  .option(
+    "--heads",
+    "also patch each attention head (attn.hook_z) on its own: an exact layers × heads grid (the first direction)",
+  )
+  .option(
+    "--position-map",
+    "also patch each token position on its own at resid_post, for the pair with the largest |gap|: an exact layer × token map",
+  )
   .option("--no-controls", "skip the random-direction and mean-ablation controls")
-  .option("--pca-layer <l>", "layer for low-rank reconstruction (default: first within 5% of the best recovery)", int("--pca-layer", 0))
-  .option("--pca-test-frac <f>", "held-out fraction of pairs for PCA recovery", float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"), DEFAULT_SETTINGS.pcaTestFrac)
+  .option(
+    "--pca-layer <l>",
+    "layer for low-rank reconstruction (default: first within 5% of the best recovery)",
+    int("--pca-layer", 0),
+  )
+  .option(
+    "--pca-test-frac <f>",
+    "held-out fraction of pairs for PCA recovery",
+    float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"),
+    DEFAULT_SETTINGS.pcaTestFrac,
+  )
   .option("--folds <k>", "K for cross-validation", int("--folds", 2), DEFAULT_SETTINGS.folds)
-  .option("--C <c>", "inverse L2 strength of the probes", float("--C", (x) => x > 0, "positive"), DEFAULT_SETTINGS.C)
+  .option(
+    "--C <c>",
+    "inverse L2 strength of the probes",
+    float("--C", (x) => x > 0, "positive"),
+    DEFAULT_SETTINGS.C,
+  )
   .option("--bootstrap <n>", "bootstrap resamples for recovery CIs", int("--bootstrap", 0), DEFAULT_SETTINGS.bootstrap)
-  .option("--stability <n>", "bootstrap refits for LASSO stability selection", int("--stability", 0), DEFAULT_SETTINGS.stabilityReps)
-  .option("--batch <n>", `pairs per forward batch; when not given, 1 if a model is streamed (each pair of a batch adds its activations to every worker's heap) (default: ${DEFAULT_SETTINGS.batchPairs})`, int("--batch", 1))
+  .option(
+    "--stability <n>",
+    "bootstrap refits for LASSO stability selection",
+    int("--stability", 0),
+    DEFAULT_SETTINGS.stabilityReps,
+  )
+  .option(
+    "--batch <n>",
+    `pairs per forward batch; when not given, 1 if a model is streamed (each pair of a batch adds its activations to every worker's heap) (default: ${DEFAULT_SETTINGS.batchPairs})`,
+    int("--batch", 1),
+  )
   .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), DEFAULT_SETTINGS.seed)
   .option("--resume", "continue the run in --out where it stopped (its inputs and settings must match)")
   .option("--force", "replace a run already in --out")
-  .option("--shard <i/n>", "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge")
+  .option(
+    "--shard <i/n>",
+    "score only the i-th of n parts of the pairs (0 ≤ i < n); combine the parts with prefprobe merge",
+  )
   .addOption(backendOption())
   .addOption(budgetOption("both models together", WASM_PAIR_BUDGET / 2 ** 30))
-  .option("--workers <n>", "worker threads for scoring, each with its own backend and models (default: one per core on wasm/cpu, on wasm as many as memory holds at 4.25 GiB each; 1 for a run of a few seconds, where starting them costs what they save)", int("--workers", 1))
+  .option(
+    "--workers <n>",
+    "worker threads for scoring, each with its own backend and models (default: one per core on wasm/cpu, on wasm as many as memory holds at 4.25 GiB each; 1 for a run of a few seconds, where starting them costs what they save)",
+    int("--workers", 1),
+  )
   .action(async (o: Record<string, unknown>) => {
-    const sites = String(o.sites).split(",").map((x) => x.trim());
-    for (const x of sites) if (!(SITES as readonly string[]).includes(x)) throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);
-    const layers = o.layers === undefined ? null : String(o.layers).split(",").map((x) => int("--layers", 0)(x.trim()));
+    const sites = String(o.sites)
+      .split(",")
+      .map((x) => x.trim());
+    for (const x of sites)
+      if (!(SITES as readonly string[]).includes(x))
+        throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);
+    const layers =
+      o.layers === undefined
+        ? null
+        : String(o.layers)
+            .split(",")
+            .map((x) => int("--layers", 0)(x.trim()));
     const settings: Partial<RunSettings> = {
       perToken: !!o.perToken,
       positions: o.positions as "all" | "response",
@@ -244,9 +377,14 @@ program
         events,
       ),
     );
-    if (done.pairs.resumed) console.log(`resumed: ${done.pairs.resumed} pairs from the earlier run, ${done.pairs.done - done.pairs.resumed} scored now`);
+    if (done.pairs.resumed)
+      console.log(
+        `resumed: ${done.pairs.resumed} pairs from the earlier run, ${done.pairs.done - done.pairs.resumed} scored now`,
+      );
     if (!done.results) {
-      console.log(`shard ${shard!.index}/${shard!.count}: ${done.pairs.done} pairs scored into ${done.out}; when every shard is done: prefprobe merge OUT SHARD_DIR…`);
+      console.log(
+        `shard ${shard!.index}/${shard!.count}: ${done.pairs.done} pairs scored into ${done.out}; when every shard is done: prefprobe merge OUT SHARD_DIR…`,
+      );
       return;
     }
     printResults(done);
@@ -260,12 +398,17 @@ program
   .option("--force", "replace a run already in <out>")
   .addOption(backendOption())
   .action(async (out: string, shards: string[], o: { force?: boolean; backend?: string }) => {
-    printResults(await withProgress((events) => mergeShards(out, shards, { ...events, force: !!o.force, backend: o.backend })));
+    printResults(
+      await withProgress((events) => mergeShards(out, shards, { ...events, force: !!o.force, backend: o.backend })),
+    );
   });
 
 /** Runs a study with a progress bar on a terminal (stage lines otherwise) and Ctrl-C stopping between batches. */
 async function withProgress<T>(work: (events: StudyEvents) => Promise<T>): Promise<T> {
-  const bar = new cliProgress.SingleBar({ format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false }, cliProgress.Presets.shades_classic);
+  const bar = new cliProgress.SingleBar(
+    { format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false },
+    cliProgress.Presets.shades_classic,
+  );
   const tty = process.stderr.isTTY;
   let started = false;
   let stop = false;
@@ -303,7 +446,9 @@ function printResults(done: StudyResult): void {
 
 program
   .command("apply-subspace")
-  .description("carry a run's saved subspace (subspace.safetensors) to other pairs or another model pair of the same width: how much of the layer's effect it recovers there, and steering with its mean difference")
+  .description(
+    "carry a run's saved subspace (subspace.safetensors) to other pairs or another model pair of the same width: how much of the layer's effect it recovers there, and steering with its mean difference",
+  )
   .requiredOption("--subspace <file>", "subspace.safetensors from a run's output folder")
   .requiredOption("--base <dir>", "base model")
   .requiredOption("--tuned <dir>", "tuned model (same width as the run that saved the subspace)")
@@ -311,8 +456,17 @@ program
   .requiredOption("--out <file>", "JSON file for the result")
   .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
   .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
-  .addOption(new Option("--positions <which>", "positions a patch replaces").choices(["all", "response"]).default(DEFAULT_SETTINGS.positions))
-  .option("--alpha <a>", "patch strength", float("--alpha", () => true, "a number"), DEFAULT_SETTINGS.alpha)
+  .addOption(
+    new Option("--positions <which>", "positions a patch replaces")
+      .choices(["all", "response"])
+      .default(DEFAULT_SETTINGS.positions),
+  )
+  .option(
+    "--alpha <a>",
+    "patch strength",
+    float("--alpha", () => true, "a number"),
+    DEFAULT_SETTINGS.alpha,
+  )
   .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
   .option("--batch <n>", "pairs per forward batch", int("--batch", 1), DEFAULT_SETTINGS.batchPairs)
   .option("--seed <s>", "random seed (random subspaces and directions)", int("--seed", 0), DEFAULT_SETTINGS.seed)
@@ -322,8 +476,25 @@ program
   .action(async (o: Record<string, unknown>) => {
     const r = await withProgress((events) =>
       runTransfer(
-        { subspace: String(o.subspace), base: String(o.base), tuned: String(o.tuned), pairs: String(o.pairs), out: String(o.out), limit: o.limit as number | undefined, maxTokens: o.maxTokens as number | undefined, backend: o.backend as string | undefined, memoryBudget: o.memoryBudget as number | undefined, force: !!o.force },
-        { positions: o.positions as "all" | "response", alpha: o.alpha as number, perToken: !!o.perToken, batchPairs: o.batch as number, seed: o.seed as number },
+        {
+          subspace: String(o.subspace),
+          base: String(o.base),
+          tuned: String(o.tuned),
+          pairs: String(o.pairs),
+          out: String(o.out),
+          limit: o.limit as number | undefined,
+          maxTokens: o.maxTokens as number | undefined,
+          backend: o.backend as string | undefined,
+          memoryBudget: o.memoryBudget as number | undefined,
+          force: !!o.force,
+        },
+        {
+          positions: o.positions as "all" | "response",
+          alpha: o.alpha as number,
+          perToken: !!o.perToken,
+          batchPairs: o.batch as number,
+          seed: o.seed as number,
+        },
         events,
       ),
     );
@@ -334,22 +505,70 @@ program
 
 program
   .command("tune")
-  .description("DPO-tune a model on preference pairs (reference = the starting model) and save an HF folder; exactly what runs: docs/tune.md")
+  .description(
+    "DPO-tune a model on preference pairs (reference = the starting model) and save an HF folder; exactly what runs: docs/tune.md",
+  )
   .requiredOption("--model <dir>", "starting model (Hugging Face Llama folder); also the DPO reference")
   .requiredOption("--pairs <file>", "training pairs (same formats as run)")
   .requiredOption("--out <dir>", "folder to write the tuned model into (must not exist, or use --force)")
-  .option("--beta <b>", "DPO β", float("--beta", (x) => x > 0, "positive"), DEFAULT_TUNE.beta)
-  .option("--lr <lr>", "Adam learning rate (constant unless --warmup or --schedule say otherwise)", float("--lr", (x) => x > 0, "positive"), DEFAULT_TUNE.lr)
+  .option(
+    "--beta <b>",
+    "DPO β",
+    float("--beta", (x) => x > 0, "positive"),
+    DEFAULT_TUNE.beta,
+  )
+  .option(
+    "--lr <lr>",
+    "Adam learning rate (constant unless --warmup or --schedule say otherwise)",
+    float("--lr", (x) => x > 0, "positive"),
+    DEFAULT_TUNE.lr,
+  )
   .option("--epochs <n>", "passes over the pairs", int("--epochs", 1), DEFAULT_TUNE.epochs)
   .option("--batch <n>", "pairs per step", int("--batch", 1), DEFAULT_TUNE.batchPairs)
-  .option("--train <patterns>", "comma-separated weight name patterns, each of which must select a weight: a pattern with *, ? or [..] is a glob matched against the whole name (model.layers.*.mlp.down_proj.weight); any other selects every weight whose name contains it (norm, layers.2.mlp)", "*")
-  .option("--rank <r>", "train a rank-r update (α/r)·A·B of each selected matrix (merged on save; 1-D weights are still updated in full); r at most the matrix's smaller side", int("--rank", 1))
-  .option("--lora-alpha <a>", "the α of the low-rank update's scale α/r (default: r, a scale of 1)", float("--lora-alpha", (x) => x > 0, "positive"))
-  .option("--adam-beta1 <b>", "Adam β1", float("--adam-beta1", (x) => x >= 0 && x < 1, "in [0, 1)"), DEFAULT_TUNE.adamBeta1)
-  .option("--adam-beta2 <b>", "Adam β2", float("--adam-beta2", (x) => x >= 0 && x < 1, "in [0, 1)"), DEFAULT_TUNE.adamBeta2)
-  .option("--adam-eps <e>", "Adam ε, added to √v̂ (PyTorch's default is 1e-8)", float("--adam-eps", (x) => x > 0, "positive"), DEFAULT_TUNE.adamEpsilon)
-  .option("--warmup <steps>", "ramp the learning rate linearly from 0 over the first steps", int("--warmup", 0), DEFAULT_TUNE.warmupSteps)
-  .addOption(new Option("--schedule <s>", "learning rate after the warm-up").choices([...SCHEDULES]).default(DEFAULT_TUNE.schedule))
+  .option(
+    "--train <patterns>",
+    "comma-separated weight name patterns, each of which must select a weight: a pattern with *, ? or [..] is a glob matched against the whole name (model.layers.*.mlp.down_proj.weight); any other selects every weight whose name contains it (norm, layers.2.mlp)",
+    "*",
+  )
+  .option(
+    "--rank <r>",
+    "train a rank-r update (α/r)·A·B of each selected matrix (merged on save; 1-D weights are still updated in full); r at most the matrix's smaller side",
+    int("--rank", 1),
+  )
+  .option(
+    "--lora-alpha <a>",
+    "the α of the low-rank update's scale α/r (default: r, a scale of 1)",
+    float("--lora-alpha", (x) => x > 0, "positive"),
+  )
+  .option(
+    "--adam-beta1 <b>",
+    "Adam β1",
+    float("--adam-beta1", (x) => x >= 0 && x < 1, "in [0, 1)"),
+    DEFAULT_TUNE.adamBeta1,
+  )
+  .option(
+    "--adam-beta2 <b>",
+    "Adam β2",
+    float("--adam-beta2", (x) => x >= 0 && x < 1, "in [0, 1)"),
+    DEFAULT_TUNE.adamBeta2,
+  )
+  .option(
+    "--adam-eps <e>",
+    "Adam ε, added to √v̂ (PyTorch's default is 1e-8)",
+    float("--adam-eps", (x) => x > 0, "positive"),
+    DEFAULT_TUNE.adamEpsilon,
+  )
+  .option(
+    "--warmup <steps>",
+    "ramp the learning rate linearly from 0 over the first steps",
+    int("--warmup", 0),
+    DEFAULT_TUNE.warmupSteps,
+  )
+  .addOption(
+    new Option("--schedule <s>", "learning rate after the warm-up")
+      .choices([...SCHEDULES])
+      .default(DEFAULT_TUNE.schedule),
+  )
   .option("--seed <s>", "random seed (shuffling, low-rank init)", int("--seed", 0), DEFAULT_TUNE.seed)
   .option("--eval <file>", "held-out pairs: report margins and reward accuracy before and after")
   .option("--limit <n>", "use the first n pairs", int("--limit", 1))
@@ -362,7 +581,10 @@ program
       lr: o.lr as number,
       epochs: o.epochs as number,
       batchPairs: o.batch as number,
-      train: String(o.train).split(",").map((x) => x.trim()).filter(Boolean),
+      train: String(o.train)
+        .split(",")
+        .map((x) => x.trim())
+        .filter(Boolean),
       rank: (o.rank as number | undefined) ?? null,
       loraAlpha: (o.loraAlpha as number | undefined) ?? null,
       seed: o.seed as number,
@@ -372,9 +594,14 @@ program
       warmupSteps: o.warmup as number,
       schedule: o.schedule as Schedule,
     };
-    if (settings.loraAlpha !== null && settings.rank === null) throw new UsageError("--lora-alpha scales a low-rank update: give --rank too");
+    if (settings.loraAlpha !== null && settings.rank === null)
+      throw new UsageError("--lora-alpha scales a low-rank update: give --rank too");
     const bar = new cliProgress.SingleBar(
-      { format: "DPO [{bar}] {value}/{total} | loss {loss} | reward acc {acc} | reward margin {margin} | ETA {eta_formatted}", hideCursor: true },
+      {
+        format:
+          "DPO [{bar}] {value}/{total} | loss {loss} | reward acc {acc} | reward margin {margin} | ETA {eta_formatted}",
+        hideCursor: true,
+      },
       cliProgress.Presets.shades_classic,
     );
     const tty = process.stderr.isTTY;
@@ -401,16 +628,28 @@ program
             if (!started) bar.start(total, 0, vals);
             started = true;
             bar.update(m.step, vals);
-          } else if (m.step === total || m.step % 10 === 0) process.stderr.write(`step ${m.step}/${total} loss ${vals.loss} reward acc ${vals.acc} reward margin ${vals.margin}\n`);
+          } else if (m.step === total || m.step % 10 === 0)
+            process.stderr.write(
+              `step ${m.step}/${total} loss ${vals.loss} reward acc ${vals.acc} reward margin ${vals.margin}\n`,
+            );
         },
       },
     ).finally(() => started && bar.stop());
     const { last, evaluation } = res;
-    console.log(`trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${res.rank ? ` (rank-${res.rank} updates)` : ""} for ${res.steps} steps in ${(res.trainMs / 1000).toFixed(1)} s`);
-    console.log(`last step: loss ${last.loss.toFixed(4)}, reward accuracy ${accuracy(last.rewardAccuracy)}${last.atNoiseFloor ? ` (${last.atNoiseFloor} of the batch's pairs within float32 noise, not counted)` : ""}, reward margin ${last.rewardMargin.toFixed(3)}`);
+    console.log(
+      `trained ${res.trained.length} weight${res.trained.length === 1 ? "" : "s"}${res.rank ? ` (rank-${res.rank} updates)` : ""} for ${res.steps} steps in ${(res.trainMs / 1000).toFixed(1)} s`,
+    );
+    console.log(
+      `last step: loss ${last.loss.toFixed(4)}, reward accuracy ${accuracy(last.rewardAccuracy)}${last.atNoiseFloor ? ` (${last.atNoiseFloor} of the batch's pairs within float32 noise, not counted)` : ""}, reward margin ${last.rewardMargin.toFixed(3)}`,
+    );
     if (evaluation) {
-      const acc = evaluation.rewardAccuracy === null ? "reward accuracy undefined (no margin moved beyond float32 noise)" : `reward accuracy ${(100 * evaluation.rewardAccuracy).toFixed(1)}%${evaluation.atNoiseFloor ? ` (${evaluation.atNoiseFloor} pairs within float32 noise, not counted)` : ""}`;
-      console.log(`held-out (${evaluation.pairs} pairs): mean margin ${evaluation.meanMarginBase.toFixed(3)} → ${evaluation.meanMarginTuned.toFixed(3)}; ${acc}; prefers chosen ${(100 * evaluation.basePrefersChosen).toFixed(1)}% → ${(100 * evaluation.tunedPrefersChosen).toFixed(1)}%`);
+      const acc =
+        evaluation.rewardAccuracy === null
+          ? "reward accuracy undefined (no margin moved beyond float32 noise)"
+          : `reward accuracy ${(100 * evaluation.rewardAccuracy).toFixed(1)}%${evaluation.atNoiseFloor ? ` (${evaluation.atNoiseFloor} pairs within float32 noise, not counted)` : ""}`;
+      console.log(
+        `held-out (${evaluation.pairs} pairs): mean margin ${evaluation.meanMarginBase.toFixed(3)} → ${evaluation.meanMarginTuned.toFixed(3)}; ${acc}; prefers chosen ${(100 * evaluation.basePrefersChosen).toFixed(1)}% → ${(100 * evaluation.tunedPrefersChosen).toFixed(1)}%`,
+      );
     }
     console.log(`wrote ${out}`);
   });
@@ -419,7 +658,8 @@ function checkWritable(file: string): void {
   const dir = path.dirname(path.resolve(file));
   if (!fs.existsSync(dir)) throw new UsageError(`cannot write ${file}: folder ${dir} does not exist`);
   if (!fs.statSync(dir).isDirectory()) throw new UsageError(`cannot write ${file}: ${dir} is not a folder`);
-  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) throw new UsageError(`cannot write ${file}: it is a folder`);
+  if (fs.existsSync(file) && fs.statSync(file).isDirectory())
+    throw new UsageError(`cannot write ${file}: it is a folder`);
 }
 
 async function main(): Promise<void> {

@@ -22,10 +22,17 @@ export const MAIN_THREAD_BYTES = 2 * 2 ** 30;
  * wasm no more than the machine's memory holds beside `heldBytes` (the models' stored weights in Node memory),
  * counting each worker's whole heap, so a small machine gets fewer workers rather than running out of memory.
  */
-export function defaultWorkers(backend: string, heldBytes = 0, machine = { cores: os.availableParallelism(), memory: os.totalmem() }): number {
+export function defaultWorkers(
+  backend: string,
+  heldBytes = 0,
+  machine = { cores: os.availableParallelism(), memory: os.totalmem() },
+): number {
   if (backend === "cpu") return machine.cores;
   if (!usesWasmHeap(backend)) return 1;
-  return Math.max(1, Math.min(machine.cores, Math.floor((machine.memory - heldBytes - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES)));
+  return Math.max(
+    1,
+    Math.min(machine.cores, Math.floor((machine.memory - heldBytes - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES)),
+  );
 }
 
 /**
@@ -44,7 +51,8 @@ export function runFlops(cfg: LlamaConfig, pairs: Pair[]): number {
 
 /** Starts a worker from the compiled worker.js, or from worker.ts through tsx when running from source. */
 function startWorker(init: WorkerInit): Worker {
-  if (!import.meta.url.endsWith(".ts")) return new Worker(new URL("./worker.js", import.meta.url), { workerData: init });
+  if (!import.meta.url.endsWith(".ts"))
+    return new Worker(new URL("./worker.js", import.meta.url), { workerData: init });
   const url = new URL("./worker.ts", import.meta.url).href;
   const boot = `import("tsx/esm/api").then(({ register }) => { register(); return import(${JSON.stringify(url)}); })`;
   return new Worker(boot, { eval: true, workerData: init });
@@ -92,7 +100,11 @@ export class WorkerPool {
    * Runs `tasks`, onResult seeing every reply (in any order). Once shouldStop says so no new task is handed out
    * and the ones in flight finish. Returns whether it stopped early.
    */
-  async run(tasks: WorkerTask[], onResult: (id: number, reply: WorkerReply) => void, shouldStop?: () => boolean): Promise<boolean> {
+  async run(
+    tasks: WorkerTask[],
+    onResult: (id: number, reply: WorkerReply) => void,
+    shouldStop?: () => boolean,
+  ): Promise<boolean> {
     if (this.broken) throw this.broken;
     if (tasks.length === 0) return false;
     await Promise.race([this.ready, new Promise<void>((_, reject) => (this.failure = reject))]);
@@ -138,13 +150,19 @@ export class WorkerPool {
   }
 }
 
-type WorkerMessage = { type: "ready" } | { type: "done"; id: number; reply: WorkerReply } | { type: "error"; id: number; message: string };
+type WorkerMessage =
+  { type: "ready" } | { type: "done"; id: number; reply: WorkerReply } | { type: "error"; id: number; message: string };
 
 /**
  * Scores `batches` on the pool. cb.onPairs sees each batch's states in batch order; cb.shouldStop stops handing
  * out batches, lets the ones in flight finish (and reach onPairs), then throws Interrupted.
  */
-export async function analyseInWorkers(pool: WorkerPool, batches: Array<[number, number]>, cb: RunCallbacks = {}, done = 0): Promise<PairState[]> {
+export async function analyseInWorkers(
+  pool: WorkerPool,
+  batches: Array<[number, number]>,
+  cb: RunCallbacks = {},
+  done = 0,
+): Promise<PairState[]> {
   const total = batches.reduce((a, [b, e]) => a + e - b, 0) + done;
   cb.onStage?.("scoring and patching", total);
   cb.onProgress?.(done);
@@ -154,7 +172,10 @@ export async function analyseInWorkers(pool: WorkerPool, batches: Array<[number,
   const onResult = (id: number, reply: WorkerReply) => {
     if (reply.type !== "batch") return;
     cb.onTimes?.(reply.times);
-    results.set(id, reply.states.map((s) => ({ record: s.record, sums: new Float64Array(s.sums.buffer) })));
+    results.set(
+      id,
+      reply.states.map((s) => ({ record: s.record, sums: new Float64Array(s.sums.buffer) })),
+    );
     while (results.has(emitted)) {
       const states = results.get(emitted)!;
       results.delete(emitted);
@@ -176,7 +197,13 @@ export const ablateInWorkers =
   async (batches, means, margins) => {
     const gains: number[][][] = new Array(batches.length);
     let pairs = 0;
-    const tasks = batches.map(([start, end], bi): WorkerTask => ({ type: "ablate", start, end, means, margin: margins[bi]! }));
+    const tasks = batches.map(([start, end], bi): WorkerTask => ({
+      type: "ablate",
+      start,
+      end,
+      means,
+      margin: margins[bi]!,
+    }));
     await pool.run(tasks, (id, reply) => {
       if (reply.type !== "ablate") return;
       gains[id] = reply.gains;

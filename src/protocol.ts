@@ -20,8 +20,14 @@ export interface WorkerInit {
 /** Work for a worker thread: score a batch of pairs, or run the mean-ablation control on one. */
 export type WorkerTask =
   | { type: "batch"; start: number; end: number }
-  | { type: "ablate"; start: number; end: number; means: Record<string, Float32Array>; margin: { base: number[]; tuned: number[] } };
+  | {
+      type: "ablate";
+      start: number;
+      end: number;
+      means: Record<string, Float32Array>;
+      margin: { base: number[]; tuned: number[] };
+    };
 
 /** What a worker sends back for a task. */
-export type WorkerReply = { type: "batch"; states: PairState[]; times: StageTimes } | { type: "ablate"; gains: number[][] };
-
+export type WorkerReply =
+  { type: "batch"; states: PairState[]; times: StageTimes } | { type: "ablate"; gains: number[][] };

@@ -3,12 +3,26 @@
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
-import { ablateInWorkers, analyseInWorkers, defaultWorkers, runFlops, WASM_WORKER_BYTES, WORKER_MIN_FLOPS, WorkerPool } from "./parallel.js";
+import {
+  ablateInWorkers,
+  analyseInWorkers,
+  defaultWorkers,
+  runFlops,
+  WASM_WORKER_BYTES,
+  WORKER_MIN_FLOPS,
+  WorkerPool,
+} from "./parallel.js";
 import type { AblationRunner } from "./analysis/controls.js";
 import { findings } from "./analysis/findings.js";
 import { analysePairs, finishAnalysis, layoutOf, planBatches } from "./analysis/run.js";
 import { batchBytes, checkCompatible, makePlan } from "./analysis/scoring.js";
-import { resolveSettings, runsAttribution, runsControls, SettingsError, type RunSettings } from "./analysis/settings.js";
+import {
+  resolveSettings,
+  runsAttribution,
+  runsControls,
+  SettingsError,
+  type RunSettings,
+} from "./analysis/settings.js";
 import { addTimes, type PairState, type Results, type RunCallbacks, type StageTimes } from "./analysis/schema.js";
 import { transferStage, type TransferResult } from "./analysis/steering.js";
 import { enableGradients } from "./model/gradients.js";
@@ -19,7 +33,18 @@ import { backendCopies, loadModelSync, residentBytes, saveModelFolder, writeFile
 import { shareResidency, type StreamedWeights } from "./io/stream.js";
 import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
 import { modelFingerprint, OutputError, readSubspace, versions, writeRun, type RunMeta } from "./io/results.js";
-import { clearRun, ensureWritableDir, fileHash, holdsRun, manifestDiff, readManifest, readStates, RunLog, writeManifest, type Manifest } from "./io/runfolder.js";
+import {
+  clearRun,
+  ensureWritableDir,
+  fileHash,
+  holdsRun,
+  manifestDiff,
+  readManifest,
+  readStates,
+  RunLog,
+  writeManifest,
+  type Manifest,
+} from "./io/runfolder.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { DEFAULT_TUNE, evaluatePairs, tuneDPO, type StepMetrics, type TuneSettings } from "./train/dpo.js";
 
@@ -59,12 +84,16 @@ export function parseShard(text: string): { index: number; count: number } {
   const m = /^(\d+)\/(\d+)$/.exec(text.trim());
   const index = Number(m?.[1]);
   const count = Number(m?.[2]);
-  if (!m || !(count >= 1 && index < count)) throw new OutputError(`--shard must be i/n with 0 ≤ i < n (e.g. 0/4), got "${text}"`);
+  if (!m || !(count >= 1 && index < count))
+    throw new OutputError(`--shard must be i/n with 0 ≤ i < n (e.g. 0/4), got "${text}"`);
   return { index, count };
 }
 
 /** The batches of a shard: every count-th batch, starting at index (whole batches, so numbers match a full run). */
-export function shardBatches(all: Array<[number, number]>, shard: { index: number; count: number } | null | undefined): Array<[number, number]> {
+export function shardBatches(
+  all: Array<[number, number]>,
+  shard: { index: number; count: number } | null | undefined,
+): Array<[number, number]> {
   return shard ? all.filter((_, b) => b % shard.count === shard.index) : all;
 }
 
@@ -90,7 +119,12 @@ export const STREAMED_BATCH = 1;
  * Loads both models and the pairs, checks them against each other and the settings, and builds the manifest.
  * `settings.batchPairs` left out: DEFAULT_SETTINGS' unless a model is streamed (STREAMED_BATCH).
  */
-function loadStudy(inputs: StudyInputs, settings: Partial<RunSettings>, backend: string, info: (line: string) => void): Loaded {
+function loadStudy(
+  inputs: StudyInputs,
+  settings: Partial<RunSettings>,
+  backend: string,
+  info: (line: string) => void,
+): Loaded {
   const perModel = weightBudget(backend, inputs.memoryBudget) / 2;
   const base = loadModelSync(inputs.base, { memoryBudget: perModel, shared: true });
   let tuned: LlamaModel | null = null;
@@ -99,33 +133,65 @@ function loadStudy(inputs: StudyInputs, settings: Partial<RunSettings>, backend:
     shareResidency([base.source, tuned.source]);
     for (const m of [base, tuned]) {
       const need = backendCopies() * residentBytes(m.config);
-      if (m.source) info(`${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`);
+      if (m.source)
+        info(
+          `${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`,
+        );
     }
     checkCompatible(base, tuned);
     const streamedBatch = settings.batchPairs === undefined && !!(base.source || tuned.source);
     const s = resolveSettings(streamedBatch ? { ...settings, batchPairs: STREAMED_BATCH } : settings, base.config);
-    if (streamedBatch) info(`batches of ${STREAMED_BATCH} pair, as a model is streamed (each pair of a batch adds its cached activations and stacked runs to every worker's heap; --batch to choose)`);
+    if (streamedBatch)
+      info(
+        `batches of ${STREAMED_BATCH} pair, as a model is streamed (each pair of a batch adds its cached activations and stacked runs to every worker's heap; --batch to choose)`,
+      );
     const tok = loadTokenizer(inputs.base);
     const tokFiles = [inputs.base, inputs.tuned].map((d) => path.join(d, "tokenizer.json"));
-    if (tokFiles.every((f) => fs.existsSync(f)) && !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))) {
+    if (
+      tokFiles.every((f) => fs.existsSync(f)) &&
+      !fs.readFileSync(tokFiles[0]!).equals(fs.readFileSync(tokFiles[1]!))
+    ) {
       info("warning: the base and tuned tokenizer.json files differ; pairs are tokenized with the base model's");
     }
     const context = base.config.maxPositionEmbeddings;
     const maxTokens = inputs.maxTokens ?? context;
-    if (maxTokens > context) info(`warning: --max-tokens ${maxTokens} lets pairs run past the model's context (max_position_embeddings ${context})`);
-    const tp = readUsablePairs(inputs.pairs, tok, base.config.vocabSize, { maxTokens, limit: inputs.limit, skipBad: inputs.skipBad });
-    const fingerprints = { base: modelFingerprint(inputs.base), tuned: modelFingerprint(inputs.tuned), pairs: fileHash(inputs.pairs) };
-    if (fingerprints.base === fingerprints.tuned) info("warning: base and tuned are the same weights: every gap is 0 and no recovery can be measured");
-    if (tp.identical) info(`warning: ${tp.identical} pairs have identical chosen and rejected responses (margin 0 by construction)`);
+    if (maxTokens > context)
+      info(
+        `warning: --max-tokens ${maxTokens} lets pairs run past the model's context (max_position_embeddings ${context})`,
+      );
+    const tp = readUsablePairs(inputs.pairs, tok, base.config.vocabSize, {
+      maxTokens,
+      limit: inputs.limit,
+      skipBad: inputs.skipBad,
+    });
+    const fingerprints = {
+      base: modelFingerprint(inputs.base),
+      tuned: modelFingerprint(inputs.tuned),
+      pairs: fileHash(inputs.pairs),
+    };
+    if (fingerprints.base === fingerprints.tuned)
+      info("warning: base and tuned are the same weights: every gap is 0 and no recovery can be measured");
+    if (tp.identical)
+      info(`warning: ${tp.identical} pairs have identical chosen and rejected responses (margin 0 by construction)`);
     const plan = makePlan(s, base.config.numLayers);
     const manifest: Manifest = {
       schema: "prefprobe.manifest/1",
       inputs: { base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) },
       fingerprints,
-      selection: { limit: inputs.limit ?? null, max_tokens: maxTokens, skip_bad: !!inputs.skipBad, memory_budget: inputs.memoryBudget ?? null },
+      selection: {
+        limit: inputs.limit ?? null,
+        max_tokens: maxTokens,
+        skip_bad: !!inputs.skipBad,
+        memory_budget: inputs.memoryBudget ?? null,
+      },
       settings: s as unknown as Record<string, unknown>,
       n_pairs: tp.pairs.length,
-      batches: shardBatches(planBatches(tp.pairs, s.batchPairs, batchBudget(backend, base.config, perModel), (rows, T, scored) => batchBytes(base.config, plan, rows, T, scored)), inputs.shard),
+      batches: shardBatches(
+        planBatches(tp.pairs, s.batchPairs, batchBudget(backend, base.config, perModel), (rows, T, scored) =>
+          batchBytes(base.config, plan, rows, T, scored),
+        ),
+        inputs.shard,
+      ),
       sums_size: layoutOf({ base, tuned }, plan).size,
       shard: inputs.shard ?? null,
     };
@@ -172,7 +238,10 @@ function labelHeatmap(r: Results, tok: TextTokenizer | null): Results {
   const h = r.attribution?.heatmap;
   if (h && tok) {
     const text = (ids: number[]) => ids.map((id) => tok.idToToken(id) ?? String(id));
-    h.tokens = { chosen: text([...h.ids.prompt, ...h.ids.chosen]), rejected: text([...h.ids.prompt, ...h.ids.rejected]) };
+    h.tokens = {
+      chosen: text([...h.ids.prompt, ...h.ids.chosen]),
+      rejected: text([...h.ids.prompt, ...h.ids.rejected]),
+    };
   }
   const p = r.position_map;
   if (p && tok) {
@@ -180,7 +249,9 @@ function labelHeatmap(r: Results, tok: TextTokenizer | null): Results {
     const c = [...p.ids.prompt, ...p.ids.chosen];
     const j = [...p.ids.prompt, ...p.ids.rejected];
     const name = (id: number | undefined) => (id === undefined ? "·" : (tok.idToToken(id) ?? String(id)));
-    p.tokens = Array.from({ length: Math.max(c.length, j.length) }, (_, t) => (t < p.ids.prompt.length ? name(c[t]) : `${name(c[t])} | ${name(j[t])}`));
+    p.tokens = Array.from({ length: Math.max(c.length, j.length) }, (_, t) =>
+      t < p.ids.prompt.length ? name(c[t]) : `${name(c[t])} | ${name(j[t])}`,
+    );
   }
   return r;
 }
@@ -192,7 +263,11 @@ function runMeta(l: Loaded, backend: string, words: string[], t0: number): RunMe
     inputs: l.manifest.inputs,
     fingerprints: l.manifest.fingerprints,
     skipped: { too_long: l.tp.tooLong, malformed: l.tp.bad },
-    notes: { boundary_merged: l.tp.merged, identical_responses: l.tp.identical, same_models: l.manifest.fingerprints.base === l.manifest.fingerprints.tuned },
+    notes: {
+      boundary_merged: l.tp.merged,
+      identical_responses: l.tp.identical,
+      same_models: l.manifest.fingerprints.base === l.manifest.fingerprints.tuned,
+    },
     backend,
     versions: versions(),
     findings: words,
@@ -206,12 +281,19 @@ function runMeta(l: Loaded, backend: string, words: string[], t0: number): RunMe
  * runs the dataset-level stages and writes results.json, report.html and activations.safetensors. With
  * `resume` it continues the run already in `out`; with `shard` it only scores that shard's pairs.
  */
-export async function runStudy(inputs: StudyInputs, settings: Partial<RunSettings> = {}, events: StudyEvents = {}): Promise<StudyResult> {
+export async function runStudy(
+  inputs: StudyInputs,
+  settings: Partial<RunSettings> = {},
+  events: StudyEvents = {},
+): Promise<StudyResult> {
   const info = events.onInfo ?? (() => {});
   const checked = resolveSettings(settings);
   if (inputs.resume && inputs.force) throw new OutputError("--resume and --force exclude each other");
   ensureWritableDir(inputs.out);
-  if (holdsRun(inputs.out) && !inputs.resume && !inputs.force) throw new OutputError(`--out ${inputs.out} holds another run (use --resume to continue it, or --force to replace it)`);
+  if (holdsRun(inputs.out) && !inputs.resume && !inputs.force)
+    throw new OutputError(
+      `--out ${inputs.out} holds another run (use --resume to continue it, or --force to replace it)`,
+    );
   if (inputs.resume && !holdsRun(inputs.out)) throw new OutputError(`--resume: ${inputs.out} holds no run to continue`);
   const backend = await initBackend(inputs.backend);
   info(`backend: ${backend}`);
@@ -222,34 +304,68 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
   const stages: StageTimes = {};
   const models = { base: l.base, tuned: l.tuned };
   try {
-    info(`pairs: ${l.tp.pairs.length} used, ${l.tp.tooLong} skipped as longer than ${l.manifest.selection.max_tokens} tokens, ${l.tp.bad.length} malformed lines skipped` + (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : ""));
+    info(
+      `pairs: ${l.tp.pairs.length} used, ${l.tp.tooLong} skipped as longer than ${l.manifest.selection.max_tokens} tokens, ${l.tp.bad.length} malformed lines skipped` +
+        (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : ""),
+    );
     let done: PairState[] = [];
     if (inputs.resume) {
       const diff = manifestDiff(readManifest(inputs.out), l.manifest);
-      if (diff.length) throw new OutputError(`--resume: the run in ${inputs.out} was made with other inputs: ${diff.join("; ")}`);
+      if (diff.length)
+        throw new OutputError(`--resume: the run in ${inputs.out} was made with other inputs: ${diff.join("; ")}`);
       done = readStates(inputs.out, l.manifest, { truncate: true });
-      info(`resuming: ${done.length} of ${l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0)} pairs already scored`);
+      info(
+        `resuming: ${done.length} of ${l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0)} pairs already scored`,
+      );
     } else {
       if (inputs.force) clearRun(inputs.out);
       writeManifest(inputs.out, l.manifest);
     }
     const log = new RunLog(inputs.out, l.manifest.sums_size);
     let doneBatches = 0;
-    for (let k = 0; k < done.length; doneBatches++) k += l.manifest.batches[doneBatches]![1] - l.manifest.batches[doneBatches]![0];
+    for (let k = 0; k < done.length; doneBatches++)
+      k += l.manifest.batches[doneBatches]![1] - l.manifest.batches[doneBatches]![0];
     let fresh: PairState[];
     // worker threads, each with its own backend; streamed models lend them their stored bytes
     const small = runFlops(l.base.config, l.tp.pairs) < WORKER_MIN_FLOPS;
-    const stored = { base: (l.base.source as StreamedWeights | undefined)?.stored, tuned: (l.tuned.source as StreamedWeights | undefined)?.stored };
-    const held = [stored.base, stored.tuned].reduce((a, m) => a + [...(m?.values() ?? [])].reduce((b, t) => b + t.bytes.byteLength, 0), 0);
+    const stored = {
+      base: (l.base.source as StreamedWeights | undefined)?.stored,
+      tuned: (l.tuned.source as StreamedWeights | undefined)?.stored,
+    };
+    const held = [stored.base, stored.tuned].reduce(
+      (a, m) => a + [...(m?.values() ?? [])].reduce((b, t) => b + t.bytes.byteLength, 0),
+      0,
+    );
     const threads = inputs.workers ?? (small ? 1 : defaultWorkers(backend, held));
-    if (!inputs.workers && !small && threads < defaultWorkers(backend, 0, { cores: os.availableParallelism(), memory: Infinity })) {
-      info(`${threads} worker thread(s), not one per core: each may take ${(WASM_WORKER_BYTES / 2 ** 30).toFixed(2)} GiB beside the ${(held / 2 ** 30).toFixed(2)} GiB of stored weights in this machine's ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB (--workers to choose)`);
+    if (
+      !inputs.workers &&
+      !small &&
+      threads < defaultWorkers(backend, 0, { cores: os.availableParallelism(), memory: Infinity })
+    ) {
+      info(
+        `${threads} worker thread(s), not one per core: each may take ${(WASM_WORKER_BYTES / 2 ** 30).toFixed(2)} GiB beside the ${(held / 2 ** 30).toFixed(2)} GiB of stored weights in this machine's ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB (--workers to choose)`,
+      );
     }
     // one pool for the run: what phase 1 has left to score, then the mean-ablation control's batches; each
     // worker's native matmul takes its share of the cores
-    const poolSize = Math.min(threads, Math.max(l.manifest.batches.length - doneBatches, inputs.shard || !runsControls(l.settings) ? 0 : l.manifest.batches.length));
+    const poolSize = Math.min(
+      threads,
+      Math.max(
+        l.manifest.batches.length - doneBatches,
+        inputs.shard || !runsControls(l.settings) ? 0 : l.manifest.batches.length,
+      ),
+    );
     const kernelThreads = Math.max(1, Math.floor(os.availableParallelism() / Math.max(1, poolSize)));
-    const init = { base: inputs.base, tuned: inputs.tuned, backend: backendKind()!, threads: kernelThreads, memoryBudget: l.perModel, settings: l.settings, pairs: l.tp.pairs, stored };
+    const init = {
+      base: inputs.base,
+      tuned: inputs.tuned,
+      backend: backendKind()!,
+      threads: kernelThreads,
+      memoryBudget: l.perModel,
+      settings: l.settings,
+      pairs: l.tp.pairs,
+      stored,
+    };
     const pool = poolSize > 1 ? new WorkerPool(init, poolSize) : null;
     try {
       try {
@@ -259,25 +375,50 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
         if (pool && todo.length > 1) {
           info(`scoring on ${Math.min(pool.size, todo.length)} worker threads`);
           fresh = await analyseInWorkers(pool, todo, { ...events, onPairs, onTimes }, done.length);
-        } else fresh = await analysePairs(models, l.tp.pairs, l.settings, { ...events, onPairs, onTimes }, { batches: todo, done: done.length });
+        } else
+          fresh = await analysePairs(
+            models,
+            l.tp.pairs,
+            l.settings,
+            { ...events, onPairs, onTimes },
+            { batches: todo, done: done.length },
+          );
       } finally {
         log.close();
       }
       const scoringMs = performance.now() - t0 - loadMs;
       const states = [...done, ...fresh];
       const total = l.manifest.batches.reduce((a, [b, e]) => a + e - b, 0);
-      if (inputs.shard) return { results: null, findings: [], backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
+      if (inputs.shard)
+        return {
+          results: null,
+          findings: [],
+          backend,
+          out: inputs.out,
+          pairs: { done: states.length, total, resumed: done.length },
+        };
       // the workers end once the mean-ablation control is done: the stages after it run on this thread, and idle
       // workers would keep their heaps
       const ablate = pool && runsControls(l.settings) && l.manifest.batches.length > 1;
       if (ablate) info(`mean-ablation control on ${Math.min(pool.size, l.manifest.batches.length)} worker threads`);
       else await pool?.close();
-      const runners: { ablate?: AblationRunner } = ablate ? { ablate: (...a) => ablateInWorkers(pool, events.onProgress)(...a).finally(() => pool.close()) } : {};
-      const results = labelHeatmap(await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches, runners), l.tok);
+      const runners: { ablate?: AblationRunner } = ablate
+        ? { ablate: (...a) => ablateInWorkers(pool, events.onProgress)(...a).finally(() => pool.close()) }
+        : {};
+      const results = labelHeatmap(
+        await finishAnalysis(models, l.tp.pairs, states, l.settings, events, l.manifest.batches, runners),
+        l.tok,
+      );
       results.timings_ms = { loading: loadMs, scoring_and_patching: scoringMs, ...stages, ...results.timings_ms };
       const words = findings(results);
       await writeRun(inputs.out, results, runMeta(l, backend, words, t0), l.tp.pairs);
-      return { results, findings: words, backend, out: inputs.out, pairs: { done: states.length, total, resumed: done.length } };
+      return {
+        results,
+        findings: words,
+        backend,
+        out: inputs.out,
+        pairs: { done: states.length, total, resumed: done.length },
+      };
     } finally {
       await pool?.close();
     }
@@ -293,25 +434,35 @@ export async function runStudy(inputs: StudyInputs, settings: Partial<RunSetting
  * (pairs.jsonl and pairs.bin in pair order, results.json, report.html, activations.safetensors): the same
  * results as one unsharded run.
  */
-export async function mergeShards(out: string, shardDirs: string[], events: StudyEvents & { backend?: string; force?: boolean } = {}): Promise<StudyResult> {
+export async function mergeShards(
+  out: string,
+  shardDirs: string[],
+  events: StudyEvents & { backend?: string; force?: boolean } = {},
+): Promise<StudyResult> {
   const info = events.onInfo ?? (() => {});
   if (shardDirs.length === 0) throw new OutputError("merge needs at least one shard folder");
   const manifests = shardDirs.map((d) => readManifest(d));
   const first = manifests[0]!;
   manifests.forEach((m, i) => {
     const diff = manifestDiff(first, m, true).filter((d) => !d.startsWith("batches"));
-    if (diff.length) throw new OutputError(`${shardDirs[i]} is not a shard of the same run as ${shardDirs[0]}: ${diff.join("; ")}`);
+    if (diff.length)
+      throw new OutputError(`${shardDirs[i]} is not a shard of the same run as ${shardDirs[0]}: ${diff.join("; ")}`);
   });
   const count = first.shard?.count ?? 1;
   const seen = new Map<number, string>();
   manifests.forEach((m, i) => {
-    if ((m.shard?.count ?? 1) !== count) throw new OutputError(`${shardDirs[i]}: shard of ${m.shard?.count ?? 1}, others of ${count}`);
+    if ((m.shard?.count ?? 1) !== count)
+      throw new OutputError(`${shardDirs[i]}: shard of ${m.shard?.count ?? 1}, others of ${count}`);
     const idx = m.shard?.index ?? 0;
-    if (seen.has(idx)) throw new OutputError(`shard ${idx}/${count} given twice (${seen.get(idx)} and ${shardDirs[i]})`);
+    if (seen.has(idx))
+      throw new OutputError(`shard ${idx}/${count} given twice (${seen.get(idx)} and ${shardDirs[i]})`);
     seen.set(idx, shardDirs[i]!);
   });
   const missing = Array.from({ length: count }, (_, i) => i).filter((i) => !seen.has(i));
-  if (missing.length) throw new OutputError(`missing shard${missing.length > 1 ? "s" : ""} ${missing.map((i) => `${i}/${count}`).join(", ")}`);
+  if (missing.length)
+    throw new OutputError(
+      `missing shard${missing.length > 1 ? "s" : ""} ${missing.map((i) => `${i}/${count}`).join(", ")}`,
+    );
   ensureWritableDir(out);
   if (holdsRun(out) && !events.force) throw new OutputError(`${out} holds another run (use --force to replace it)`);
   const backend = await initBackend(events.backend);
@@ -335,12 +486,18 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
     manifests.forEach((m, i) => {
       const got = readStates(shardDirs[i]!, m);
       const want = m.batches.reduce((a, [b, e]) => a + e - b, 0);
-      if (got.length !== want) throw new OutputError(`${shardDirs[i]} holds ${got.length} of its ${want} pairs: finish it with --resume first`);
+      if (got.length !== want)
+        throw new OutputError(
+          `${shardDirs[i]} holds ${got.length} of its ${want} pairs: finish it with --resume first`,
+        );
       states.push(...got);
     });
     states.sort((a, b) => a.record.index - b.record.index);
     const gaps = states.length !== l.tp.pairs.length || states.some((st, i) => st.record.index !== i);
-    if (gaps) throw new OutputError(`the shards hold ${states.length} pairs but the run has ${l.tp.pairs.length}, not each once: were they planned with other batches (another machine's memory budget)?`);
+    if (gaps)
+      throw new OutputError(
+        `the shards hold ${states.length} pairs but the run has ${l.tp.pairs.length}, not each once: were they planned with other batches (another machine's memory budget)?`,
+      );
     if (events.force) clearRun(out);
     writeManifest(out, l.manifest);
     const log = new RunLog(out, l.manifest.sums_size);
@@ -349,7 +506,17 @@ export async function mergeShards(out: string, shardDirs: string[], events: Stud
     } finally {
       log.close();
     }
-    const results = labelHeatmap(await finishAnalysis({ base: l.base, tuned: l.tuned }, l.tp.pairs, states, l.settings, events, l.manifest.batches), l.tok);
+    const results = labelHeatmap(
+      await finishAnalysis(
+        { base: l.base, tuned: l.tuned },
+        l.tp.pairs,
+        states,
+        l.settings,
+        events,
+        l.manifest.batches,
+      ),
+      l.tok,
+    );
     const words = findings(results);
     await writeRun(out, results, runMeta(l, backend, words, t0), l.tp.pairs);
     return { results, findings: words, backend, out, pairs: { done: states.length, total: states.length, resumed: 0 } };
@@ -390,14 +557,17 @@ export async function runTune(
 ): Promise<TuneResult> {
   const s: TuneSettings = { ...DEFAULT_TUNE, ...settings };
   const out = inputs.out;
-  if (fs.existsSync(out) && !inputs.force) throw new OutputError(`--out ${out} already exists (use --force to replace it)`);
-  if (!fs.existsSync(path.dirname(path.resolve(out)))) throw new OutputError(`cannot write ${out}: folder ${path.dirname(path.resolve(out))} does not exist`);
+  if (fs.existsSync(out) && !inputs.force)
+    throw new OutputError(`--out ${out} already exists (use --force to replace it)`);
+  if (!fs.existsSync(path.dirname(path.resolve(out))))
+    throw new OutputError(`cannot write ${out}: folder ${path.dirname(path.resolve(out))} does not exist`);
   const backend = await initBackend(inputs.backend);
   events.onInfo?.(`backend: ${backend}`);
   const model = loadModelSync(inputs.model);
   try {
     const tok = loadTokenizer(inputs.model);
-    const load = (file: string, limit?: number) => readUsablePairs(file, tok, model.config.vocabSize, { maxTokens: inputs.maxTokens, limit });
+    const load = (file: string, limit?: number) =>
+      readUsablePairs(file, tok, model.config.vocabSize, { maxTokens: inputs.maxTokens, limit });
     const train = load(inputs.pairs, inputs.limit);
     const evalSet = inputs.eval ? load(inputs.eval) : null;
     events.onInfo?.(`training pairs: ${train.pairs.length} (${train.tooLong} skipped as too long)`);
@@ -421,7 +591,10 @@ export async function runTune(
       history: res.history,
       held_out: evaluation,
     };
-    saveModelFolder(res.model, out, { copyFrom: inputs.model, extraFiles: { "tune.json": JSON.stringify(record, null, 1) + "\n" } });
+    saveModelFolder(res.model, out, {
+      copyFrom: inputs.model,
+      extraFiles: { "tune.json": JSON.stringify(record, null, 1) + "\n" },
+    });
     for (const t of res.ownTensors) t.dispose();
     return { trained: res.trained, steps: res.history.length, trainMs, last, evaluation, rank: s.rank };
   } finally {
@@ -448,10 +621,18 @@ export interface TransferInputs {
  * the same pair on other pairs), beside the whole-layer patch and a random subspace, and steers the base model
  * with the saved mean difference; writes the TransferResult as JSON.
  */
-export async function runTransfer(inputs: TransferInputs, settings: Partial<RunSettings> = {}, events: StudyEvents = {}): Promise<TransferResult> {
+export async function runTransfer(
+  inputs: TransferInputs,
+  settings: Partial<RunSettings> = {},
+  events: StudyEvents = {},
+): Promise<TransferResult> {
   const s = resolveSettings(settings);
-  if (fs.existsSync(inputs.out) && !inputs.force) throw new OutputError(`--out ${inputs.out} already exists (use --force to replace it)`);
-  if (!fs.existsSync(path.dirname(path.resolve(inputs.out)))) throw new OutputError(`cannot write ${inputs.out}: folder ${path.dirname(path.resolve(inputs.out))} does not exist`);
+  if (fs.existsSync(inputs.out) && !inputs.force)
+    throw new OutputError(`--out ${inputs.out} already exists (use --force to replace it)`);
+  if (!fs.existsSync(path.dirname(path.resolve(inputs.out))))
+    throw new OutputError(
+      `cannot write ${inputs.out}: folder ${path.dirname(path.resolve(inputs.out))} does not exist`,
+    );
   const sub = readSubspace(inputs.subspace);
   const backend = await initBackend(inputs.backend);
   events.onInfo?.(`backend: ${backend}`);
@@ -462,14 +643,42 @@ export async function runTransfer(inputs: TransferInputs, settings: Partial<RunS
     shareResidency([base.source, tuned.source]);
     try {
       checkCompatible(base, tuned);
-      if (sub.meanDiff.length !== base.config.hiddenSize) throw new SettingsError(`--subspace ${inputs.subspace} is for hidden size ${sub.meanDiff.length}; ${inputs.base} has ${base.config.hiddenSize}`);
-      if (sub.layer >= base.config.numLayers) throw new SettingsError(`--subspace ${inputs.subspace} is for layer ${sub.layer}; ${inputs.base} has ${base.config.numLayers} layers`);
-      const tp = readUsablePairs(inputs.pairs, loadTokenizer(inputs.base), base.config.vocabSize, { maxTokens: inputs.maxTokens ?? base.config.maxPositionEmbeddings, limit: inputs.limit });
+      if (sub.meanDiff.length !== base.config.hiddenSize)
+        throw new SettingsError(
+          `--subspace ${inputs.subspace} is for hidden size ${sub.meanDiff.length}; ${inputs.base} has ${base.config.hiddenSize}`,
+        );
+      if (sub.layer >= base.config.numLayers)
+        throw new SettingsError(
+          `--subspace ${inputs.subspace} is for layer ${sub.layer}; ${inputs.base} has ${base.config.numLayers} layers`,
+        );
+      const tp = readUsablePairs(inputs.pairs, loadTokenizer(inputs.base), base.config.vocabSize, {
+        maxTokens: inputs.maxTokens ?? base.config.maxPositionEmbeddings,
+        limit: inputs.limit,
+      });
       events.onInfo?.(`pairs: ${tp.pairs.length} used, ${tp.tooLong} skipped as too long`);
       events.onStage?.(`subspace at layer ${sub.layer}`, tp.pairs.length);
       let done = 0;
       const r = await transferStage({ base, tuned }, tp.pairs, sub, s, (c) => events.onProgress?.((done += c)));
-      writeFileAtomic(inputs.out, JSON.stringify({ schema: "prefprobe.transfer/1", inputs: { subspace: path.resolve(inputs.subspace), base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) }, settings: s, backend, versions: versions(), ...r }, null, 1) + "\n");
+      writeFileAtomic(
+        inputs.out,
+        JSON.stringify(
+          {
+            schema: "prefprobe.transfer/1",
+            inputs: {
+              subspace: path.resolve(inputs.subspace),
+              base: path.resolve(inputs.base),
+              tuned: path.resolve(inputs.tuned),
+              pairs: path.resolve(inputs.pairs),
+            },
+            settings: s,
+            backend,
+            versions: versions(),
+            ...r,
+          },
+          null,
+          1,
+        ) + "\n",
+      );
       return r;
     } finally {
       disposeModel(tuned);

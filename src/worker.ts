@@ -20,7 +20,8 @@ const init = workerData as WorkerInit;
 try {
   await initBackend(init.backend, { threads: init.threads });
   if (runsAttribution(init.settings)) await enableGradients();
-  const load = (dir: string, stored?: Map<string, RawTensor>) => loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
+  const load = (dir: string, stored?: Map<string, RawTensor>) =>
+    loadModelSync(dir, { memoryBudget: init.memoryBudget, stored });
   const models = { base: load(init.base, init.stored?.base), tuned: load(init.tuned, init.stored?.tuned) };
   shareResidency([models.base.source, models.tuned.source]);
   const plan = makePlan(init.settings, models.base.config.numLayers);
@@ -35,14 +36,20 @@ try {
       const t = m.task;
       const pairs = init.pairs.slice(t.start, t.end);
       if (t.type === "ablate") {
-        const reply: WorkerReply = { type: "ablate", gains: meanAblationBatch(models, pairs, plan, t.means, t.margin, init.settings) };
+        const reply: WorkerReply = {
+          type: "ablate",
+          gains: meanAblationBatch(models, pairs, plan, t.means, t.margin, init.settings),
+        };
         port.postMessage({ type: "done", id: m.id, reply });
         return;
       }
       const times: StageTimes = {};
       const states = analyseBatch(models, pairs, plan, init.settings, times);
       const reply: WorkerReply = { type: "batch", states, times };
-      port.postMessage({ type: "done", id: m.id, reply }, states.map((s) => s.sums.buffer as ArrayBuffer));
+      port.postMessage(
+        { type: "done", id: m.id, reply },
+        states.map((s) => s.sums.buffer as ArrayBuffer),
+      );
     } catch (e) {
       port.postMessage({ type: "error", id: m.id, message: (explainBackendError(e) as Error).message });
     }

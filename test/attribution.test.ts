@@ -25,7 +25,10 @@ beforeAll(async () => {
 });
 afterAll(() => disposeDemo(demo));
 
-const ALL_SITES: Pick<RunSettings, "sites" | "directions"> = { sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"], directions: ["tuned->base", "base->tuned"] };
+const ALL_SITES: Pick<RunSettings, "sites" | "directions"> = {
+  sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"],
+  directions: ["tuned->base", "base->tuned"],
+};
 
 /** Attribution and exact gains at α = ±eps for every combo and pair of one batch. */
 function measure(models: ModelPair, pairs: Pair[], s: RunSettings, eps: number) {
@@ -35,17 +38,26 @@ function measure(models: ModelPair, pairs: Pair[], s: RunSettings, eps: number) 
     const before = tf.memory().numTensors;
     const attr = attributionBatch(models, sc, plan, s);
     expect(tf.memory().numTensors).toBe(before);
-    const at = (alpha: number) => sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(alpha), { ...s, alpha });
+    const at = (alpha: number) =>
+      sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(alpha), { ...s, alpha });
     const plus = at(eps);
     const minus = at(-eps);
-    return { plan, attr, plus: pairs.map((_, i) => gainsByKey(plan.combos, plus, i)), minus: pairs.map((_, i) => gainsByKey(plan.combos, minus, i)) };
+    return {
+      plan,
+      attr,
+      plus: pairs.map((_, i) => gainsByKey(plan.combos, plus, i)),
+      minus: pairs.map((_, i) => gainsByKey(plan.combos, minus, i)),
+    };
   } finally {
     sc.dispose();
   }
 }
 
 describe("attribution patching = the derivative of the exact patch", () => {
-  for (const [positions, perToken] of [["all", false], ["response", true]] as const) {
+  for (const [positions, perToken] of [
+    ["all", false],
+    ["response", true],
+  ] as const) {
     it(`matches central finite differences of the exact sweep at every site, layer, direction and pair (positions ${positions}${perToken ? ", per-token scores" : ""})`, () => {
       const s = resolveSettings({ ...ALL_SITES, positions, perToken }, demo.base.config);
       const eps = 1e-2;
@@ -87,8 +99,12 @@ describe("attribution patching = the derivative of the exact patch", () => {
       }
       const p = demo.pairs[1]!;
       expect(all[1]!.positions.chosen[0]!.length).toBe(p.promptIds.length + p.chosenIds.length);
-      one[0]!.gains[key]!.forEach((g, l) => expect(Math.abs(g - all[1]!.gains[key]![l]!)).toBeLessThan(1e-4 * (1 + Math.abs(g))));
-      one[0]!.heads.flat().forEach((h, j) => expect(Math.abs(h - all[1]!.heads.flat()[j]!)).toBeLessThan(1e-4 * (1 + Math.abs(h))));
+      one[0]!.gains[key]!.forEach((g, l) =>
+        expect(Math.abs(g - all[1]!.gains[key]![l]!)).toBeLessThan(1e-4 * (1 + Math.abs(g))),
+      );
+      one[0]!.heads
+        .flat()
+        .forEach((h, j) => expect(Math.abs(h - all[1]!.heads.flat()[j]!)).toBeLessThan(1e-4 * (1 + Math.abs(h))));
     } finally {
       sc.dispose();
       alone.dispose();
@@ -105,7 +121,15 @@ describe("on a planted model (tuned = base except a rank-1 change of mlp.down_pr
   /** Attribution and exact gains per pair for a planted change of the given size. */
   function planted(scale: number) {
     const [I, H] = base.layers[K]!.down.shape;
-    const down = tf.tidy(() => tf.add(base.layers[K]!.down, tf.mul(tf.matMul(tf.randomNormal([I, 1], 0, 1, "float32", 3), tf.randomNormal([1, H], 0, 1, "float32", 4)), scale))) as tf.Tensor2D;
+    const down = tf.tidy(() =>
+      tf.add(
+        base.layers[K]!.down,
+        tf.mul(
+          tf.matMul(tf.randomNormal([I, 1], 0, 1, "float32", 3), tf.randomNormal([1, H], 0, 1, "float32", 4)),
+          scale,
+        ),
+      ),
+    ) as tf.Tensor2D;
     const tuned: LlamaModel = { ...base, layers: base.layers.map((p, l) => (l === K ? { ...p, down } : p)) };
     const s = resolveSettings({ ...ALL_SITES, positions: "all" }, base.config);
     const plan = makePlan(s, base.config.numLayers);
@@ -138,7 +162,12 @@ describe("on a planted model (tuned = base except a rank-1 change of mlp.down_pr
       const { attr, exact } = planted(scale);
       let w = 0;
       attr.forEach((a, i) => {
-        for (const key of ["tuned->base resid_post", "tuned->base mlp_out", "base->tuned resid_post", "base->tuned mlp_out"]) {
+        for (const key of [
+          "tuned->base resid_post",
+          "tuned->base mlp_out",
+          "base->tuned resid_post",
+          "base->tuned mlp_out",
+        ]) {
           for (let l = K; l < base.config.numLayers; l++) {
             const e = exact[i]![key]![l]!;
             expect(Math.abs(e)).toBeGreaterThan(1e-3);
@@ -158,7 +187,11 @@ describe("on a planted model (tuned = base except a rank-1 change of mlp.down_pr
 
 describe("attribution in a run", () => {
   it("--method both records estimates beside exact gains and summarizes their agreement; --method attribution makes no exact patches and no controls", async () => {
-    const both = await runAnalysis(demo.base, demo.tuned, demo.pairs, { method: "both", bootstrap: 20, stabilityReps: 2 });
+    const both = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
+      method: "both",
+      bootstrap: 20,
+      stabilityReps: 2,
+    });
     expect(both.patching.every((p) => p.method === "exact" && p.controls)).toBe(true);
     const a = both.attribution!;
     expect(a.entries).toHaveLength(demo.base.config.numLayers);
@@ -173,7 +206,11 @@ describe("attribution in a run", () => {
     const top = both.pairs.reduce((x, y) => (Math.abs(y.gap) > Math.abs(x.gap) ? y : x));
     expect(a.heatmap!.pair).toBe(top.index);
 
-    const only = await runAnalysis(demo.base, demo.tuned, demo.pairs, { method: "attribution", bootstrap: 20, stabilityReps: 2 });
+    const only = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
+      method: "attribution",
+      bootstrap: 20,
+      stabilityReps: 2,
+    });
     expect(only.patching.every((p) => p.method === "attribution" && p.controls === null)).toBe(true);
     expect(only.pairs.every((r) => Object.keys(r.gains).length === 0 && r.random_direction === null)).toBe(true);
     only.patching.forEach((p, l) => expect(p.recovery).toBeCloseTo(a.entries[l]!.recovery_estimate, 5));
@@ -189,21 +226,37 @@ describe("the head's gradient without a [N, V] tensor (targetLogprobGradient)", 
     const weights = [1, -1, 0.5, -0.25, 1, 2, -3];
     const want = tf.grad((v: tf.Tensor) => {
       const lp = tf.logSoftmax(tf.matMul(v, demo.base.lmHead), -1);
-      return tf.sum(tf.mul(tf.gather(tf.reshape(lp, [-1]), tf.tensor1d(targets.map((t, i) => i * V + t), "int32")), tf.tensor1d(weights)));
+      return tf.sum(
+        tf.mul(
+          tf.gather(
+            tf.reshape(lp, [-1]),
+            tf.tensor1d(
+              targets.map((t, i) => i * V + t),
+              "int32",
+            ),
+          ),
+          tf.tensor1d(weights),
+        ),
+      );
     })(x);
     const scale = Math.max(...Array.from(want.dataSync(), Math.abs));
     const close = (got: tf.Tensor, what: string) => {
       const d = Math.max(...Array.from(got.dataSync(), (v, i) => Math.abs(v - want.dataSync()[i]!)));
       expect(d / scale, what).toBeLessThan(1e-5);
     };
-    const chunked = loadModelSync(DEMO.base, { stream: "bring-in", memoryBudget: backendCopies() * (4 * H + Math.ceil(V / 8) * 4 * H + layerBytesOf(demo.base.config) + 1) });
+    const chunked = loadModelSync(DEMO.base, {
+      stream: "bring-in",
+      memoryBudget: backendCopies() * (4 * H + Math.ceil(V / 8) * 4 * H + layerBytesOf(demo.base.config) + 1),
+    });
     try {
       close(targetLogprobGradient(demo.base, x, targets, weights), "whole head");
       // blocks of 37 columns: the running max grows many times
       close(targetLogprobGradient(demo.base, x, targets, weights, { ...HEAD_BLOCK, size: 37 }), "blocks of 37");
       expect(chunked.source!.headChunks).toBe(8);
       close(targetLogprobGradient(chunked, x, targets, weights), "a streamed head in 8 chunks");
-      expect(() => targetLogprobGradient(demo.base, x, [V, 0, 0, 0, 0, 0, 0], weights)).toThrow(/outside the vocabulary/);
+      expect(() => targetLogprobGradient(demo.base, x, [V, 0, 0, 0, 0, 0, 0], weights)).toThrow(
+        /outside the vocabulary/,
+      );
     } finally {
       disposeModel(chunked);
       tf.dispose([x, want]);

@@ -15,13 +15,22 @@ function writePairs(lines: unknown[]): string {
   fs.writeFileSync(f, lines.map((l) => (typeof l === "string" ? l : JSON.stringify(l))).join("\n") + "\n");
   return f;
 }
-const good = (i: number) => ({ prompt: `Once upon a time, Tom saw a cat number ${i}.`, chosen: " Tom gave the cat some milk.", rejected: " Tom ran away from the cat." });
+const good = (i: number) => ({
+  prompt: `Once upon a time, Tom saw a cat number ${i}.`,
+  chosen: " Tom gave the cat some milk.",
+  rejected: " Tom ran away from the cat.",
+});
 
 /** A copy of the stories260k folder with `edit` applied to its tensors or files. */
-function modelCopy(edit: (dir: string, tensors: Map<string, { dtype: string; shape: number[]; data: Float32Array }>) => void): string {
+function modelCopy(
+  edit: (dir: string, tensors: Map<string, { dtype: string; shape: number[]; data: Float32Array }>) => void,
+): string {
   const dir = path.join(tmpDir(), "model");
   fs.cpSync(MODEL, dir, { recursive: true });
-  const tensors = readSafetensors(path.join(dir, "model.safetensors")) as unknown as Map<string, { dtype: string; shape: number[]; data: Float32Array }>;
+  const tensors = readSafetensors(path.join(dir, "model.safetensors")) as unknown as Map<
+    string,
+    { dtype: string; shape: number[]; data: Float32Array }
+  >;
   edit(dir, tensors);
   const out: Record<string, TensorToWrite> = {};
   for (const [name, t] of tensors) out[name] = { dtype: "F32", shape: t.shape, data: t.data };
@@ -41,53 +50,173 @@ describe("bad input", () => {
     const out = path.join(tmpDir(), "o");
     const r = runCli("run", "--base", MODEL, "--tuned", bad, "--pairs", pairs, "--out", out, ...FAST);
     expect(r.code).toBe(1);
-    expect(lastLine(r.err)).toMatch(/^prefprobe: error: .*tensor "model\.layers\.2\.mlp\.up_proj\.weight" holds NaN at flat index 17: the weights are corrupt/);
+    expect(lastLine(r.err)).toMatch(
+      /^prefprobe: error: .*tensor "model\.layers\.2\.mlp\.up_proj\.weight" holds NaN at flat index 17: the weights are corrupt/,
+    );
     expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
     const inf = modelCopy((_d, t) => (t.get("model.norm.weight")!.data[0] = -Infinity));
-    expect(lastLine(runCli("logits", "--model", inf, "--ids", "1,2").err)).toMatch(/tensor "model\.norm\.weight" holds -Infinity/);
+    expect(lastLine(runCli("logits", "--model", inf, "--ids", "1,2").err)).toMatch(
+      /tensor "model\.norm\.weight" holds -Infinity/,
+    );
   });
 
   it("pairs longer than the model's context are skipped and counted by default; --max-tokens past it warns", () => {
-    const long = { prompt_ids: Array.from({ length: 600 }, (_, i) => 3 + (i % 400)), chosen_ids: [5], rejected_ids: [6] };
+    const long = {
+      prompt_ids: Array.from({ length: 600 }, (_, i) => 3 + (i % 400)),
+      chosen_ids: [5],
+      rejected_ids: [6],
+    };
     const f = writePairs([good(0), long, good(1), good(2)]);
-    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST);
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      f,
+      "--out",
+      path.join(tmpDir(), "o"),
+      ...FAST,
+    );
     expect(r.code, r.err).toBe(0);
     expect(r.err).toMatch(/pairs: 3 used, 1 skipped as longer than 512 tokens/);
-    const w = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), "--max-tokens", "700", "--limit", "1", ...FAST);
-    expect(w.err).toMatch(/warning: --max-tokens 700 lets pairs run past the model's context \(max_position_embeddings 512\)/);
+    const w = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      f,
+      "--out",
+      path.join(tmpDir(), "o"),
+      "--max-tokens",
+      "700",
+      "--limit",
+      "1",
+      ...FAST,
+    );
+    expect(w.err).toMatch(
+      /warning: --max-tokens 700 lets pairs run past the model's context \(max_position_embeddings 512\)/,
+    );
   });
 
   it("a pair too large for one batch in the backend's memory is a one-line error with the numbers, before any compute", () => {
-    const huge = { prompt_ids: Array.from({ length: 12000 }, (_, i) => 3 + (i % 400)), chosen_ids: [5], rejected_ids: [6] };
-    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", writePairs([good(0), huge]), "--out", path.join(tmpDir(), "o"), "--max-tokens", "20000", ...FAST);
+    const huge = {
+      prompt_ids: Array.from({ length: 12000 }, (_, i) => 3 + (i % 400)),
+      chosen_ids: [5],
+      rejected_ids: [6],
+    };
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      writePairs([good(0), huge]),
+      "--out",
+      path.join(tmpDir(), "o"),
+      "--max-tokens",
+      "20000",
+      ...FAST,
+    );
     expect(r.code).toBe(1);
-    expect(lastLine(r.err)).toMatch(/^prefprobe: error: pair at line 2 \(12001 tokens\) needs ~\d+\.\d\d GiB for one forward batch, more than the \d+\.\d\d GiB available/);
+    expect(lastLine(r.err)).toMatch(
+      /^prefprobe: error: pair at line 2 \(12001 tokens\) needs ~\d+\.\d\d GiB for one forward batch, more than the \d+\.\d\d GiB available/,
+    );
     expect(r.err).not.toMatch(/scoring/);
   });
 
   it("--method attribution runs on streamed models (backpropagated a layer at a time) with the resident run's estimates; an unknown method is refused", () => {
     const out = path.join(tmpDir(), "o");
     const pairs = writePairs([good(0), good(1)]);
-    const streamed = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", pairs, "--out", out, "--method", "attribution", "--memory-budget", "0.001", ...FAST);
+    const streamed = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      pairs,
+      "--out",
+      out,
+      "--method",
+      "attribution",
+      "--memory-budget",
+      "0.001",
+      ...FAST,
+    );
     expect(streamed.code, streamed.err).toBe(0);
     expect(streamed.err).toMatch(/streamed/);
     const residentOut = path.join(tmpDir(), "r");
-    const resident = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", pairs, "--out", residentOut, "--method", "attribution", ...FAST);
+    const resident = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      pairs,
+      "--out",
+      residentOut,
+      "--method",
+      "attribution",
+      ...FAST,
+    );
     expect(resident.code, resident.err).toBe(0);
-    const est = (dir: string) => fs.readFileSync(path.join(dir, "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l).attribution);
+    const est = (dir: string) =>
+      fs
+        .readFileSync(path.join(dir, "pairs.jsonl"), "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l).attribution);
     expect(est(out)[0].gains["tuned->base resid_post"]).toHaveLength(5);
     // a streamed head's gradient sums its vocabulary chunks' products in another order: equal to float32 rounding
     expectClose(est(out), est(residentOut), "streamed vs resident estimates");
-    const m = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", writePairs([good(0)]), "--out", out, "--method", "gradient", ...FAST);
+    const m = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      writePairs([good(0)]),
+      "--out",
+      out,
+      "--method",
+      "gradient",
+      ...FAST,
+    );
     expect(m.code).toBe(1);
-    expect(lastLine(m.err)).toMatch(/^prefprobe: error: option '--method <m>' argument 'gradient' is invalid. Allowed choices are exact, attribution, both\.$/);
+    expect(lastLine(m.err)).toMatch(
+      /^prefprobe: error: option '--method <m>' argument 'gradient' is invalid. Allowed choices are exact, attribution, both\.$/,
+    );
   });
 
   it("--limit N stops reading after N usable pairs (a bad line further on does not matter)", () => {
     const f = writePairs([good(0), good(1), good(2), "{not json"]);
-    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), "--limit", "3", ...FAST);
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      f,
+      "--out",
+      path.join(tmpDir(), "o"),
+      "--limit",
+      "3",
+      ...FAST,
+    );
     expect(r.code, r.err).toBe(0);
-    expect(lastLine(runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST).err)).toMatch(/line 4: not valid JSON/);
+    expect(
+      lastLine(
+        runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST).err,
+      ),
+    ).toMatch(/line 4: not valid JSON/);
   });
 
   it.each([
@@ -98,7 +227,19 @@ describe("bad input", () => {
     ["resume and force", ["--resume", "--force"], /--resume and --force exclude each other/],
   ])("%s: one line, exit 1", (_n, extra, msg) => {
     const out = path.join(tmpDir(), "o");
-    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", pairs, "--out", out, ...FAST, ...(extra as string[]));
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      pairs,
+      "--out",
+      out,
+      ...FAST,
+      ...(extra as string[]),
+    );
     expect(r.code).toBe(1);
     expect(r.err.trim().split("\n")).toHaveLength(1);
     expect(lastLine(r.err)).toMatch(msg as RegExp);
@@ -106,7 +247,23 @@ describe("bad input", () => {
 
   it("--folds larger than the pairs: the folds actually used are recorded; --bootstrap 0 prints no NaN", () => {
     const out = path.join(tmpDir(), "o");
-    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", pairs, "--out", out, "--folds", "1000", "--bootstrap", "0", "--stability", "2");
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      pairs,
+      "--out",
+      out,
+      "--folds",
+      "1000",
+      "--bootstrap",
+      "0",
+      "--stability",
+      "2",
+    );
     expect(r.code, r.err).toBe(0);
     const res = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8"));
     expect(res.settings.folds).toBe(1000);
@@ -119,7 +276,18 @@ describe("bad input", () => {
 
   it("identical responses and identical models are warned about", () => {
     const f = writePairs([good(0), { ...good(1), rejected: good(1).chosen }, good(2)]);
-    const r = runCli("run", "--base", MODEL, "--tuned", MODEL, "--pairs", f, "--out", path.join(tmpDir(), "o"), ...FAST);
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      MODEL,
+      "--pairs",
+      f,
+      "--out",
+      path.join(tmpDir(), "o"),
+      ...FAST,
+    );
     expect(r.code, r.err).toBe(0);
     expect(r.err).toMatch(/warning: base and tuned are the same weights/);
     expect(r.err).toMatch(/warning: 1 pairs have identical chosen and rejected responses/);
@@ -144,7 +312,9 @@ describe("bad input", () => {
     expect(lastLine(r.err)).toMatch(/cannot write .*x\.safetensors: .*file\.txt is not a folder/);
     const g = runCli("generate", "--model", MODEL, "--steps", "5000");
     expect(g.code).toBe(1);
-    expect(lastLine(g.err)).toMatch(/--steps 5000 after a 1-token prompt would run past the model's context of 512 tokens \(use at most --steps 511\)/);
+    expect(lastLine(g.err)).toMatch(
+      /--steps 5000 after a 1-token prompt would run past the model's context of 512 tokens \(use at most --steps 511\)/,
+    );
     const ids = runCli("generate", "--model", MODEL, "--ids", "1", "--steps", "8");
     const text = runCli("generate", "--model", MODEL, "--steps", "8");
     expect(ids.code, ids.err).toBe(0);

@@ -13,7 +13,11 @@ describe("sweepFlops", () => {
       let prefprobe = 0;
       let peer = 0;
       // clean base and tuned runs, then one run per patched layer l (resid_post: tuned up to l, base above it)
-      const runs: Array<{ from: number }> = [{ from: 0 }, { from: 0 }, ...Array.from({ length: layers }, (_, l) => ({ from: l + 1 }))];
+      const runs: Array<{ from: number }> = [
+        { from: 0 },
+        { from: 0 },
+        ...Array.from({ length: layers }, (_, l) => ({ from: l + 1 })),
+      ];
       for (const r of runs) {
         for (let l = r.from; l < layers; l++) prefprobe += layerFlops(cfg, 1, t.prompt + t.chosen + t.rejected);
         prefprobe += (t.chosen + t.rejected) * head;

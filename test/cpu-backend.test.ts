@@ -16,7 +16,10 @@ describe("cpu backend", () => {
   it("runs on cpu", () => expect(tf.getBackend()).toBe("cpu"));
 
   it("matches the float64 oracle on random small configs", () => {
-    fc.assert(fc.property(arbCase, ({ cfg, seed, dtype, shards, rows }) => checkAgainstOracle(cfg, seed, dtype, shards, rows)), { numRuns: 8, seed: 7 });
+    fc.assert(
+      fc.property(arbCase, ({ cfg, seed, dtype, shards, rows }) => checkAgainstOracle(cfg, seed, dtype, shards, rows)),
+      { numRuns: 8, seed: 7 },
+    );
   });
 
   it.each(["llama-tiny-a", "llama-tiny-b"])("matches the %s reference to 1e-4", (name) => {

@@ -43,7 +43,9 @@ function marginSum(m: LlamaModel, pairs: Pair[]): number {
 
 describe("DPO", () => {
   it("selects weights by substring or whole-name glob (the tricky cases: test/tune.test.ts)", () => {
-    expect(selectWeights(base, ["layers.2.mlp.down_proj"]).map((w) => w.name)).toEqual(["model.layers.2.mlp.down_proj.weight"]);
+    expect(selectWeights(base, ["layers.2.mlp.down_proj"]).map((w) => w.name)).toEqual([
+      "model.layers.2.mlp.down_proj.weight",
+    ]);
     expect(selectWeights(base, ["model.layers.*.mlp.up_proj.weight"]).map((w) => w.name)).toHaveLength(5);
     expect(selectWeights(base, ["*"]).length).toBe(weightRefs(base).length);
     expect(() => selectWeights(base, ["nope"])).toThrow(/matches no weight/);
@@ -67,7 +69,12 @@ describe("DPO", () => {
     expect(value.dataSync()[0]).toBeCloseTo(marginSum(base, pairs), 3);
     const g = grads[W.name]!.arraySync() as number[][];
     const w0 = W0.arraySync() as number[][];
-    for (const [i, j] of [[0, 0], [17, 5], [100, 63], [171, 30]] as Array<[number, number]>) {
+    for (const [i, j] of [
+      [0, 0],
+      [17, 5],
+      [100, 63],
+      [171, 30],
+    ] as Array<[number, number]>) {
       const h = 2e-2;
       const at = (d: number) => {
         const w = w0.map((r) => r.slice());
@@ -78,13 +85,23 @@ describe("DPO", () => {
         return v;
       };
       const fd = (at(h) - at(-h)) / (2 * h);
-      expect(Math.abs(fd - g[i]![j]!), `(${i}, ${j}): autodiff ${g[i]![j]} vs finite difference ${fd}`).toBeLessThanOrEqual(0.02 * Math.max(1, Math.abs(fd)));
+      expect(
+        Math.abs(fd - g[i]![j]!),
+        `(${i}, ${j}): autodiff ${g[i]![j]} vs finite difference ${fd}`,
+      ).toBeLessThanOrEqual(0.02 * Math.max(1, Math.abs(fd)));
     }
     tf.dispose([value, grads[W.name]!, W]);
   });
 
   it("starts at loss log 2, lowers the loss, and moves only the selected weight, by a rank-1 update", async () => {
-    const res = await tuneDPO(base, train.slice(0, 12), { ...DEFAULT_TUNE, train: ["layers.2.mlp.down_proj"], rank: 1, epochs: 2, lr: 2e-2, seed: 1 });
+    const res = await tuneDPO(base, train.slice(0, 12), {
+      ...DEFAULT_TUNE,
+      train: ["layers.2.mlp.down_proj"],
+      rank: 1,
+      epochs: 2,
+      lr: 2e-2,
+      seed: 1,
+    });
     expect(res.history[0]!.loss).toBeCloseTo(Math.log(2), 4); // policy = reference at step 1
     expect(res.history[res.history.length - 1]!.loss).toBeLessThan(res.history[0]!.loss);
     expect(res.trained).toEqual(["model.layers.2.mlp.down_proj.weight"]);
@@ -96,14 +113,40 @@ describe("DPO", () => {
       else expect(same, w.name).toBe(0);
     });
     // ΔW = a bᵀ: every 2×2 minor vanishes relative to the entries' scale
-    const d = tf.tidy(() => tf.sub(after[before.findIndex((w) => w.name.includes("layers.2.mlp.down"))]!.tensor, before.find((w) => w.name.includes("layers.2.mlp.down"))!.tensor).arraySync() as number[][]);
+    const d = tf.tidy(
+      () =>
+        tf
+          .sub(
+            after[before.findIndex((w) => w.name.includes("layers.2.mlp.down"))]!.tensor,
+            before.find((w) => w.name.includes("layers.2.mlp.down"))!.tensor,
+          )
+          .arraySync() as number[][],
+    );
     const scale = Math.max(...d.flat().map(Math.abs)) ** 2;
-    for (const [i, j, k, l] of [[0, 1, 0, 1], [5, 50, 3, 60], [10, 171, 2, 40]] as const) {
+    for (const [i, j, k, l] of [
+      [0, 1, 0, 1],
+      [5, 50, 3, 60],
+      [10, 171, 2, 40],
+    ] as const) {
       expect(Math.abs(d[i]![k]! * d[j]![l]! - d[i]![l]! * d[j]![k]!)).toBeLessThan(1e-5 * scale);
     }
     // seed 0 reproduces the same low-rank initialization, hence the same trained weight
-    const again = await tuneDPO(base, train.slice(0, 4), { ...DEFAULT_TUNE, train: ["layers.2.mlp.down_proj"], rank: 1, epochs: 1, lr: 2e-2, seed: 0 });
-    const twice = await tuneDPO(base, train.slice(0, 4), { ...DEFAULT_TUNE, train: ["layers.2.mlp.down_proj"], rank: 1, epochs: 1, lr: 2e-2, seed: 0 });
+    const again = await tuneDPO(base, train.slice(0, 4), {
+      ...DEFAULT_TUNE,
+      train: ["layers.2.mlp.down_proj"],
+      rank: 1,
+      epochs: 1,
+      lr: 2e-2,
+      seed: 0,
+    });
+    const twice = await tuneDPO(base, train.slice(0, 4), {
+      ...DEFAULT_TUNE,
+      train: ["layers.2.mlp.down_proj"],
+      rank: 1,
+      epochs: 1,
+      lr: 2e-2,
+      seed: 0,
+    });
     expect(Array.from(twice.ownTensors[0]!.dataSync())).toEqual(Array.from(again.ownTensors[0]!.dataSync()));
     tf.dispose([...again.ownTensors, ...twice.ownTensors]);
     const ev = evaluatePairs(base, res.model, test);
@@ -113,8 +156,21 @@ describe("DPO", () => {
 
   it("real rank-1 training at layer K localizes at K: gains 0 before, = gap from K on; PCA at K is rank 1", async () => {
     const K = 3;
-    const res = await tuneDPO(base, train.slice(0, 12), { ...DEFAULT_TUNE, train: [`layers.${K}.mlp.down_proj`], rank: 1, epochs: 2, lr: 2e-2, seed: 2 });
-    const r = await runAnalysis(base, res.model, test, { ...DEFAULT_SETTINGS, bootstrap: 20, stabilityReps: 2, batchPairs: 6, controls: false });
+    const res = await tuneDPO(base, train.slice(0, 12), {
+      ...DEFAULT_TUNE,
+      train: [`layers.${K}.mlp.down_proj`],
+      rank: 1,
+      epochs: 2,
+      lr: 2e-2,
+      seed: 2,
+    });
+    const r = await runAnalysis(base, res.model, test, {
+      ...DEFAULT_SETTINGS,
+      bootstrap: 20,
+      stabilityReps: 2,
+      batchPairs: 6,
+      controls: false,
+    });
     const gaps = r.pairs.map((p) => p.gap);
     expect(r.summary.mean_gap).toBeGreaterThan(0.05);
     for (const e of r.patching) {

@@ -33,11 +33,26 @@ function someRuns(L: number): Run[] {
   const halve: Hook = (v) => tf.mul(v, 0.5);
   const shift: Hook = (v) => tf.add(v, 0.01);
   return [
-    { name: "embed only", layer: 0, resid: () => tf.mul(tunedResid[0]!, 0.3), hooks: { [hookName("mlp_out", 1)]: halve } },
+    {
+      name: "embed only",
+      layer: 0,
+      resid: () => tf.mul(tunedResid[0]!, 0.3),
+      hooks: { [hookName("mlp_out", 1)]: halve },
+    },
     ...Array.from({ length: L }, (_, l): Run => ({ name: `tuned resid ${l}`, layer: l + 1, resid: tunedResid[l]! })),
-    { name: "z and resid_mid", layer: 1, resid: () => tf.mul(tunedResid[0]!, 1.1), hooks: { [hookName("z", 2)]: shift, [hookName("resid_mid", 3)]: halve } },
+    {
+      name: "z and resid_mid",
+      layer: 1,
+      resid: () => tf.mul(tunedResid[0]!, 1.1),
+      hooks: { [hookName("z", 2)]: shift, [hookName("resid_mid", 3)]: halve },
+    },
     { name: "attn at entry", layer: 2, resid: tunedResid[1]!, hooks: { [hookName("attn_out", 2)]: halve } },
-    { name: "final norm", layer: L, resid: () => tf.mul(tunedResid[L - 1]!, 2), hooks: { "ln_final.hook_normalized": shift } },
+    {
+      name: "final norm",
+      layer: L,
+      resid: () => tf.mul(tunedResid[L - 1]!, 2),
+      hooks: { "ln_final.hook_normalized": shift },
+    },
   ];
 }
 
@@ -100,7 +115,9 @@ describe("the intervention engine", () => {
       const all = margins(demo.base, demo.pairs, { hooks: h, batchPairs: 3 });
       demo.pairs.forEach((p, i) => expectClose(all[i], margins(demo.base, [p], { hooks: h })[0], `pair ${i}`));
     }
-    expect(Math.abs(margins(demo.base, demo.pairs, { hooks })[0]! - margins(demo.base, demo.pairs)[0]!)).toBeGreaterThan(1e-4);
+    expect(
+      Math.abs(margins(demo.base, demo.pairs, { hooks })[0]! - margins(demo.base, demo.pairs)[0]!),
+    ).toBeGreaterThan(1e-4);
     expect(() => margins(demo.base, demo.pairs, { batchPairs: 0 })).toThrow(/batchPairs/);
   });
 
@@ -111,8 +128,15 @@ describe("the intervention engine", () => {
     expect(() => runMargins(demo.base, batch, [r("a", L + 1)])).toThrow(/enters layer/);
     for (const strategy of ["per-run", "stacked", "layer-major"] as Strategy[]) {
       const before = tf.memory().numTensors;
-      const bad: Run = { name: "bad", layer: 1, resid: tunedResid[0]!, hooks: { [hookName("mlp_out", 3)]: () => tf.zeros([1]) } };
-      expect(() => runMargins(demo.base, batch, [r("ok", 1), bad, r("ok2", 2)], { strategy })).toThrow(/hook for blocks.3.hook_mlp_out (of run "bad" )?returned shape \[1\]/);
+      const bad: Run = {
+        name: "bad",
+        layer: 1,
+        resid: tunedResid[0]!,
+        hooks: { [hookName("mlp_out", 3)]: () => tf.zeros([1]) },
+      };
+      expect(() => runMargins(demo.base, batch, [r("ok", 1), bad, r("ok2", 2)], { strategy })).toThrow(
+        /hook for blocks.3.hook_mlp_out (of run "bad" )?returned shape \[1\]/,
+      );
       expect(tf.memory().numTensors, strategy).toBe(before);
     }
   });

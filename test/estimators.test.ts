@@ -36,7 +36,9 @@ describe("LASSO", () => {
         const { X, y, flatX, flatY } = makeRegression(n, p, seed, constantCol);
         const Z = standardize(X);
         const ybar = y.reduce((a, b) => a + b, 0) / n;
-        const aMax = Math.max(...Array.from({ length: p }, (_, j) => Math.abs(Z.reduce((s, r, i) => s + r[j]! * (y[i]! - ybar), 0) / n)));
+        const aMax = Math.max(
+          ...Array.from({ length: p }, (_, j) => Math.abs(Z.reduce((s, r, i) => s + r[j]! * (y[i]! - ybar), 0) / n)),
+        );
         const alpha = Math.max(aMax * alphaFrac, 1e-6);
         const fit = lassoFit(flatX, n, p, flatY, alpha);
         const ref = naiveLasso(X, y, alpha);
@@ -47,7 +49,8 @@ describe("LASSO", () => {
         const resid = Z.map((row, i) => y[i]! - ybar - row.reduce((s, v, j) => s + v * fit.coef[j]!, 0));
         for (let j = 0; j < p; j++) {
           const g = Z.reduce((s, row, i) => s + row[j]! * resid[i]!, 0) / n;
-          if (fit.coef[j] !== 0) expect(Math.abs(g - alpha * Math.sign(fit.coef[j]!))).toBeLessThanOrEqual(1e-5 * Math.max(1, alpha));
+          if (fit.coef[j] !== 0)
+            expect(Math.abs(g - alpha * Math.sign(fit.coef[j]!))).toBeLessThanOrEqual(1e-5 * Math.max(1, alpha));
           else expect(Math.abs(g)).toBeLessThanOrEqual(alpha * (1 + 1e-5) + 1e-7);
         }
         expect(fit.coef.every(Number.isFinite)).toBe(true);
@@ -73,7 +76,13 @@ describe("LASSO", () => {
 
   it("an all-constant design gives zero coefficients, not NaN", () => {
     const X = new Float64Array(20).fill(3);
-    const res = lassoCV(X, 10, 2, Float64Array.from({ length: 10 }, (_, i) => i), { stabilityReps: 5 });
+    const res = lassoCV(
+      X,
+      10,
+      2,
+      Float64Array.from({ length: 10 }, (_, i) => i),
+      { stabilityReps: 5 },
+    );
     expect(res.coef).toEqual([0, 0]);
     expect(res.intercept).toBeCloseTo(4.5, 12);
   });
@@ -82,16 +91,22 @@ describe("LASSO", () => {
 describe("logistic regression probe", () => {
   it("matches float64 Newton's method on sklearn's objective", () => {
     fc.assert(
-      fc.property(fc.integer({ min: 10, max: 40 }), fc.integer({ min: 1, max: 6 }), fc.integer({ min: 1, max: 1e9 }), fc.constantFrom(0.1, 1, 10), (n, d, seed, C) => {
-        const r = seededRandom(seed);
-        const X = Array.from({ length: n }, () => Array.from({ length: d }, () => gaussian(r)));
-        const labels = X.map((row, i) => (i < 2 ? i : row[0]! + gaussian(r) > 0 ? 1 : 0)); // both classes present
-        const fit = logisticFit(Float64Array.from(X.flat()), n, d, labels, C);
-        const ref = naiveLogistic(X, labels, C);
-        const scale = Math.max(1, ...ref.w.map(Math.abs), Math.abs(ref.b));
-        expect(maxAbsDiff(fit.w, ref.w)).toBeLessThanOrEqual(1e-4 * scale);
-        expect(Math.abs(fit.b - ref.b)).toBeLessThanOrEqual(1e-4 * scale);
-      }),
+      fc.property(
+        fc.integer({ min: 10, max: 40 }),
+        fc.integer({ min: 1, max: 6 }),
+        fc.integer({ min: 1, max: 1e9 }),
+        fc.constantFrom(0.1, 1, 10),
+        (n, d, seed, C) => {
+          const r = seededRandom(seed);
+          const X = Array.from({ length: n }, () => Array.from({ length: d }, () => gaussian(r)));
+          const labels = X.map((row, i) => (i < 2 ? i : row[0]! + gaussian(r) > 0 ? 1 : 0)); // both classes present
+          const fit = logisticFit(Float64Array.from(X.flat()), n, d, labels, C);
+          const ref = naiveLogistic(X, labels, C);
+          const scale = Math.max(1, ...ref.w.map(Math.abs), Math.abs(ref.b));
+          expect(maxAbsDiff(fit.w, ref.w)).toBeLessThanOrEqual(1e-4 * scale);
+          expect(Math.abs(fit.b - ref.b)).toBeLessThanOrEqual(1e-4 * scale);
+        },
+      ),
       { numRuns: 30, seed: 3 },
     );
   });
@@ -113,7 +128,14 @@ describe("logistic regression probe", () => {
     expect(res.accuracy).toBeGreaterThan(0.95);
     expect(res.diffMeansAccuracy).toBeGreaterThan(0.95);
     // labels that carry no information give chance-level accuracy
-    const noise = probeCV(Float64Array.from({ length: n * d }, () => gaussian(r)), n, d, labels, groups, { folds: 5 });
+    const noise = probeCV(
+      Float64Array.from({ length: n * d }, () => gaussian(r)),
+      n,
+      d,
+      labels,
+      groups,
+      { folds: 5 },
+    );
     expect(noise.accuracy).toBeLessThan(0.8);
   });
 });
@@ -146,55 +168,70 @@ describe("PCA and low-rank patching", () => {
 
   it("eigendecomposition recovers a planted spectrum with repeated and zero eigenvalues (low-rank covariances)", () => {
     fc.assert(
-      fc.property(fc.integer({ min: 1, max: 40 }), fc.array(fc.constantFrom(0, 0, 1, 2.5, -3), { minLength: 40, maxLength: 40 }), fc.integer({ min: 1, max: 1e9 }), (n, lam, seed) => {
-        const r = seededRandom(seed);
-        // a random orthonormal basis (Gram–Schmidt), then A = U diag(λ) Uᵀ
-        const U: number[][] = [];
-        while (U.length < n) {
-          const x = Array.from({ length: n }, () => gaussian(r));
-          for (const u of U) {
-            const d = x.reduce((acc, v, i) => acc + v * u[i]!, 0);
-            for (let i = 0; i < n; i++) x[i]! -= d * u[i]!;
+      fc.property(
+        fc.integer({ min: 1, max: 40 }),
+        fc.array(fc.constantFrom(0, 0, 1, 2.5, -3), { minLength: 40, maxLength: 40 }),
+        fc.integer({ min: 1, max: 1e9 }),
+        (n, lam, seed) => {
+          const r = seededRandom(seed);
+          // a random orthonormal basis (Gram–Schmidt), then A = U diag(λ) Uᵀ
+          const U: number[][] = [];
+          while (U.length < n) {
+            const x = Array.from({ length: n }, () => gaussian(r));
+            for (const u of U) {
+              const d = x.reduce((acc, v, i) => acc + v * u[i]!, 0);
+              for (let i = 0; i < n; i++) x[i]! -= d * u[i]!;
+            }
+            const nx = Math.hypot(...x);
+            if (nx > 1e-6) U.push(x.map((v) => v / nx));
           }
-          const nx = Math.hypot(...x);
-          if (nx > 1e-6) U.push(x.map((v) => v / nx));
-        }
-        const A = new Float64Array(n * n);
-        for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) A[i * n + j]! += U[k]![i]! * lam[k]! * U[k]![j]!;
-        const { values, vectors } = symmetricEigen(A, n);
-        const want = lam.slice(0, n).sort((x, y) => y - x);
-        values.forEach((v, k) => expect(Math.abs(v - want[k]!)).toBeLessThan(1e-9));
-        for (let k = 0; k < n; k++)
-          for (let i = 0; i < n; i++) {
-            let av = 0;
-            for (let j = 0; j < n; j++) av += A[i * n + j]! * vectors[k * n + j]!;
-            expect(Math.abs(av - values[k]! * vectors[k * n + i]!)).toBeLessThan(1e-9);
-          }
-      }),
+          const A = new Float64Array(n * n);
+          for (let i = 0; i < n; i++)
+            for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) A[i * n + j]! += U[k]![i]! * lam[k]! * U[k]![j]!;
+          const { values, vectors } = symmetricEigen(A, n);
+          const want = lam.slice(0, n).sort((x, y) => y - x);
+          values.forEach((v, k) => expect(Math.abs(v - want[k]!)).toBeLessThan(1e-9));
+          for (let k = 0; k < n; k++)
+            for (let i = 0; i < n; i++) {
+              let av = 0;
+              for (let j = 0; j < n; j++) av += A[i * n + j]! * vectors[k * n + j]!;
+              expect(Math.abs(av - values[k]! * vectors[k * n + i]!)).toBeLessThan(1e-9);
+            }
+        },
+      ),
       { numRuns: 40, seed: 11 },
     );
   });
 
   it("matches power iteration on DᵀD/N, through both the covariance and the Gram route", () => {
     fc.assert(
-      fc.property(fc.integer({ min: 2, max: 30 }), fc.integer({ min: 2, max: 12 }), fc.integer({ min: 1, max: 1e9 }), (N, H, seed) => {
-        const r = seededRandom(seed);
-        // decaying spectrum so the top directions are well separated
-        const D = Array.from({ length: N }, () => Array.from({ length: H }, (_, j) => gaussian(r) * 3 ** -j));
-        const Dt = tf.tensor2d(D);
-        const res = pcaOfDifferences(Dt);
-        Dt.dispose();
-        const cov = Array.from({ length: H }, (_, i) => Array.from({ length: H }, (_, j) => D.reduce((s, row) => s + row[i]! * row[j]!, 0) / N));
-        const k = Math.min(2, N, H);
-        const ref = naiveTopEigen(cov, k);
-        for (let c = 0; c < k; c++) {
-          expect(Math.abs(res.eigenvalues[c]! - ref[c]!.value)).toBeLessThanOrEqual(1e-4 * Math.max(1, ref[0]!.value));
-          const dot = ref[c]!.vector.reduce((s, v, j) => s + v * res.components[c * H + j]!, 0);
-          if (ref[c]!.value > 1e-3 * ref[0]!.value) expect(Math.abs(Math.abs(dot) - 1)).toBeLessThan(1e-3);
-        }
-        const sum = res.explainedVarianceRatio.reduce((a, b) => a + b, 0);
-        expect(sum).toBeCloseTo(1, 5);
-      }),
+      fc.property(
+        fc.integer({ min: 2, max: 30 }),
+        fc.integer({ min: 2, max: 12 }),
+        fc.integer({ min: 1, max: 1e9 }),
+        (N, H, seed) => {
+          const r = seededRandom(seed);
+          // decaying spectrum so the top directions are well separated
+          const D = Array.from({ length: N }, () => Array.from({ length: H }, (_, j) => gaussian(r) * 3 ** -j));
+          const Dt = tf.tensor2d(D);
+          const res = pcaOfDifferences(Dt);
+          Dt.dispose();
+          const cov = Array.from({ length: H }, (_, i) =>
+            Array.from({ length: H }, (_, j) => D.reduce((s, row) => s + row[i]! * row[j]!, 0) / N),
+          );
+          const k = Math.min(2, N, H);
+          const ref = naiveTopEigen(cov, k);
+          for (let c = 0; c < k; c++) {
+            expect(Math.abs(res.eigenvalues[c]! - ref[c]!.value)).toBeLessThanOrEqual(
+              1e-4 * Math.max(1, ref[0]!.value),
+            );
+            const dot = ref[c]!.vector.reduce((s, v, j) => s + v * res.components[c * H + j]!, 0);
+            if (ref[c]!.value > 1e-3 * ref[0]!.value) expect(Math.abs(Math.abs(dot) - 1)).toBeLessThan(1e-3);
+          }
+          const sum = res.explainedVarianceRatio.reduce((a, b) => a + b, 0);
+          expect(sum).toBeCloseTo(1, 5);
+        },
+      ),
       { numRuns: 30, seed: 5 },
     );
   });

@@ -25,7 +25,9 @@ beforeAll(() => ({ base, tuned, pairs } = loadDemo(4)));
 afterAll(() => disposeDemo({ base, tuned }));
 
 function runExample(file: string, ...args: string[]): string {
-  const r = spawnSync(process.execPath, [path.resolve("node_modules/tsx/dist/cli.mjs"), file, ...args], { encoding: "utf8" });
+  const r = spawnSync(process.execPath, [path.resolve("node_modules/tsx/dist/cli.mjs"), file, ...args], {
+    encoding: "utf8",
+  });
   if (r.status !== 0) throw new Error(`${file} exited ${r.status}: ${r.stderr.slice(-500)}`);
   return r.stdout;
 }
@@ -60,7 +62,10 @@ describe("examples", () => {
     const clean = marginsFromFullLogits(base, batch);
     const down = base.layers[layer]!.down;
     const zero = tf.zerosLike(down);
-    const ablated = marginsFromFullLogits(withWeights(base, new Map([[`model.layers.${layer}.mlp.down_proj.weight`, zero]])), batch);
+    const ablated = marginsFromFullLogits(
+      withWeights(base, new Map([[`model.layers.${layer}.mlp.down_proj.weight`, zero]])),
+      batch,
+    );
     zero.dispose();
     lines.forEach((line, i) => {
       const [before, after, change] = numbers(line.replace(/^pair \d+ \(line \d+\)/, ""));
@@ -77,7 +82,9 @@ describe("examples", () => {
     const lines = out.split("\n").filter((l) => l.startsWith("pair "));
     expect(lines).toHaveLength(4);
     const { numHeads: nH, headDim: d, hiddenSize: H } = base.config;
-    const wo = readSafetensors(path.join(BASE, "model.safetensors"), [`model.layers.${layer}.self_attn.o_proj.weight`]).values().next().value!.data as Float32Array; // [H, nH·d]
+    const wo = readSafetensors(path.join(BASE, "model.safetensors"), [`model.layers.${layer}.self_attn.o_proj.weight`])
+      .values()
+      .next().value!.data as Float32Array; // [H, nH·d]
     const batch = makeBatch(pairs);
     const zSite = `blocks.${layer}.attn.hook_z`;
     const aSite = `blocks.${layer}.hook_attn_out`;
@@ -89,11 +96,16 @@ describe("examples", () => {
     rb.dispose();
     rt.dispose();
     // attn_out' = attn_out + Σ_j W_o[:, head·d + j] (z_t − z_b)[head, j]
-    const patchedAttn = attn.map((row, b) => row.map((vec, t) => vec.map((v, o) => {
-      let s = v;
-      for (let j = 0; j < d; j++) s += wo[o * nH * d + head * d + j]! * (zt[b]![t]![head]![j]! - zb[b]![t]![head]![j]!);
-      return s;
-    })));
+    const patchedAttn = attn.map((row, b) =>
+      row.map((vec, t) =>
+        vec.map((v, o) => {
+          let s = v;
+          for (let j = 0; j < d; j++)
+            s += wo[o * nH * d + head * d + j]! * (zt[b]![t]![head]![j]! - zb[b]![t]![head]![j]!);
+          return s;
+        }),
+      ),
+    );
     const value = tf.tensor(patchedAttn.flat(2), [batch.ids.length, batch.T, H]);
     const mBase = marginsFromFullLogits(base, batch);
     const mTuned = marginsFromFullLogits(tuned, batch);

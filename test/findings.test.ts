@@ -22,7 +22,13 @@ function resultsWith(patching: Results["patching"], lasso: Results["lasso"] = nu
     num_layers: 2,
     hidden_size: 4,
     pairs: [],
-    summary: { mean_margin_base: 0, mean_margin_tuned: 1, mean_gap: 1, tuned_prefers_chosen: 0.5, base_prefers_chosen: 0.5 },
+    summary: {
+      mean_margin_base: 0,
+      mean_margin_tuned: 1,
+      mean_gap: 1,
+      tuned_prefers_chosen: 0.5,
+      base_prefers_chosen: 0.5,
+    },
     patching,
     attribution: null,
     heads: null,
@@ -48,7 +54,9 @@ describe("findings and the random-direction control", () => {
     const e = patchingEntries(combos, { real: [real], random: [random], meanAblation: [random] }, gap, false, s);
     expect(e[0]!.controls!.random_direction.real_minus_control_ci[0]).toBeGreaterThan(0.5);
     const line = findings(resultsWith(e)).find((l) => l.startsWith("Patching"))!;
-    expect(line).toMatch(/It beats a random direction of the same norm at that layer \(random recovers -?\d+\.\d%; real − random recovery 95% CI/);
+    expect(line).toMatch(
+      /It beats a random direction of the same norm at that layer \(random recovers -?\d+\.\d%; real − random recovery 95% CI/,
+    );
   });
 
   it("when the random direction recovers as much (real 86.9%-like, random 133.8%-like), the headline says not distinguishable", () => {
@@ -82,25 +90,52 @@ describe("LASSO findings", () => {
     let found: ReturnType<typeof lassoStage> = null;
     for (let seed = 0; seed < 20 && !found; seed++) {
       const rand = seededRandom(100 + seed);
-      const recs = Array.from({ length: 25 }, () => record([gaussian(rand), gaussian(rand), gaussian(rand), gaussian(rand)], gaussian(rand)));
+      const recs = Array.from({ length: 25 }, () =>
+        record([gaussian(rand), gaussian(rand), gaussian(rand), gaussian(rand)], gaussian(rand)),
+      );
       const l = lassoStage(recs, 4, s)!;
       if (!l.stable_across_seeds) found = l;
     }
     expect(found).not.toBeNull();
     const line = findings(resultsWith([], found)).find((x) => x.startsWith("LASSO"))!;
-    expect(line).toMatch(/The selection is unstable: it changes with the CV fold seed alone \(\{[\d, ]*\} at seed 0, \{[\d, ]*\} at seed \d\), so no layer set is a finding\./);
+    expect(line).toMatch(
+      /The selection is unstable: it changes with the CV fold seed alone \(\{[\d, ]*\} at seed 0, \{[\d, ]*\} at seed \d\), so no layer set is a finding\./,
+    );
   });
 });
 
 describe("findings about attribution patching", () => {
-  const entry = (site: string, layer: number, est: number, exact: number, r: number): AttributionEntry => ({ direction: "tuned->base", site, layer, mean_estimate: est, recovery_estimate: est, exact: { recovery: exact, correlation: r, max_abs_error: 0.1 } });
-  const withAttribution = (entries: AttributionEntry[]): Results => ({ ...resultsWith([]), attribution: { entries, heads: { direction: "tuned->base", mean: [], recovery: [] }, heatmap: null } });
+  const entry = (site: string, layer: number, est: number, exact: number, r: number): AttributionEntry => ({
+    direction: "tuned->base",
+    site,
+    layer,
+    mean_estimate: est,
+    recovery_estimate: est,
+    exact: { recovery: exact, correlation: r, max_abs_error: 0.1 },
+  });
+  const withAttribution = (entries: AttributionEntry[]): Results => ({
+    ...resultsWith([]),
+    attribution: { entries, heads: { direction: "tuned->base", mean: [], recovery: [] }, heatmap: null },
+  });
 
   it("says where estimates agree with the exact sweep, where they do not, and the largest recovery difference", () => {
-    const lines = findings(withAttribution([entry("resid_post", 0, 0.1, 0.12, 0.99), entry("resid_post", 1, 0.5, 0.6, 0.95), entry("mlp_out", 0, 0.2, 0.2, 0.97), entry("mlp_out", 1, 0.3, 0.31, 0.42)]));
-    expect(lines).toContain("Attribution patching agrees with the exact sweep for resid_post (tuned->base): correlation over pairs ≥ 0.950 at every layer.");
-    expect(lines).toContain("Attribution patching of mlp_out (tuned->base) does NOT closely agree with the exact sweep: correlation over pairs 0.420 at layer 1; use the exact numbers there.");
-    expect(lines).toContain("The largest gap between estimated and exact recovery is resid_post (tuned->base) at layer 1: 50.0% estimated vs 60.0% exact.");
+    const lines = findings(
+      withAttribution([
+        entry("resid_post", 0, 0.1, 0.12, 0.99),
+        entry("resid_post", 1, 0.5, 0.6, 0.95),
+        entry("mlp_out", 0, 0.2, 0.2, 0.97),
+        entry("mlp_out", 1, 0.3, 0.31, 0.42),
+      ]),
+    );
+    expect(lines).toContain(
+      "Attribution patching agrees with the exact sweep for resid_post (tuned->base): correlation over pairs ≥ 0.950 at every layer.",
+    );
+    expect(lines).toContain(
+      "Attribution patching of mlp_out (tuned->base) does NOT closely agree with the exact sweep: correlation over pairs 0.420 at layer 1; use the exact numbers there.",
+    );
+    expect(lines).toContain(
+      "The largest gap between estimated and exact recovery is resid_post (tuned->base) at layer 1: 50.0% estimated vs 60.0% exact.",
+    );
   });
 
   it("says nothing about agreement when there was no exact sweep to compare with", () => {

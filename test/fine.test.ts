@@ -34,12 +34,25 @@ describe("exact per-head patching", () => {
       const { numHeads: nH, headDim: d, numLayers: L } = demo.base.config;
       expect(grid[0]).toHaveLength(L);
       expect(grid[0]![0]).toHaveLength(nH);
-      const tunedZ = forward(demo.tuned, sc.batch.ids, { lengths: sc.batch.lengths, logitsAt: "none", cache: (n) => n.endsWith("attn.hook_z") });
+      const tunedZ = forward(demo.tuned, sc.batch.ids, {
+        lengths: sc.batch.lengths,
+        logitsAt: "none",
+        cache: (n) => n.endsWith("attn.hook_z"),
+      });
       try {
-        for (const [l, h] of [[0, 0], [2, 5], [4, nH - 1]] as const) {
+        for (const [l, h] of [
+          [0, 0],
+          [2, 5],
+          [4, nH - 1],
+        ] as const) {
           const z = tunedZ.cache.get(`blocks.${l}.attn.hook_z`);
-          const onlyHead = tf.reshape(tf.tensor1d(Array.from({ length: nH * d }, (_, j) => (Math.floor(j / d) === h ? 1 : 0))), [1, 1, nH, d]);
-          const patched = pairMargins(demo.base, demo.pairs, { hooks: { [hookName("z", l)]: (v) => tf.add(v, tf.mul(onlyHead, tf.sub(z, v))) } });
+          const onlyHead = tf.reshape(
+            tf.tensor1d(Array.from({ length: nH * d }, (_, j) => (Math.floor(j / d) === h ? 1 : 0))),
+            [1, 1, nH, d],
+          );
+          const patched = pairMargins(demo.base, demo.pairs, {
+            hooks: { [hookName("z", l)]: (v) => tf.add(v, tf.mul(onlyHead, tf.sub(z, v))) },
+          });
           onlyHead.dispose();
           demo.pairs.forEach((_, i) => close(grid[i]![l]![h]!, patched[i]! - sc.margin.base[i]!));
         }
@@ -62,14 +75,31 @@ describe("exact per-position patching", () => {
     expect(map).toHaveLength(demo.base.config.numLayers);
     expect(map[0]).toHaveLength(T);
     const [base] = pairMargins(demo.base, [pair]);
-    const ids = [[...pair.promptIds, ...pair.chosenIds], [...pair.promptIds, ...pair.rejectedIds]];
+    const ids = [
+      [...pair.promptIds, ...pair.chosenIds],
+      [...pair.promptIds, ...pair.rejectedIds],
+    ];
     const padded = ids.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
-    const tuned = forward(demo.tuned, padded, { lengths: ids.map((r) => r.length), logitsAt: "none", cache: (n) => n.endsWith("hook_resid_post") });
+    const tuned = forward(demo.tuned, padded, {
+      lengths: ids.map((r) => r.length),
+      logitsAt: "none",
+      cache: (n) => n.endsWith("hook_resid_post"),
+    });
     try {
-      for (const [l, t] of [[0, 0], [1, pair.promptIds.length - 1], [4, pair.promptIds.length], [2, T - 1]] as const) {
+      for (const [l, t] of [
+        [0, 0],
+        [1, pair.promptIds.length - 1],
+        [4, pair.promptIds.length],
+        [2, T - 1],
+      ] as const) {
         const h = tuned.cache.get(`blocks.${l}.hook_resid_post`);
-        const at = tf.tensor3d(Array.from({ length: 2 * T }, (_, j) => (j % T === t && j % T < ids[Math.floor(j / T)]!.length ? 1 : 0)), [2, T, 1]);
-        const [patched] = pairMargins(demo.base, [pair], { hooks: { [hookName("resid_post", l)]: (v) => tf.add(v, tf.mul(at, tf.sub(h, v))) } });
+        const at = tf.tensor3d(
+          Array.from({ length: 2 * T }, (_, j) => (j % T === t && j % T < ids[Math.floor(j / T)]!.length ? 1 : 0)),
+          [2, T, 1],
+        );
+        const [patched] = pairMargins(demo.base, [pair], {
+          hooks: { [hookName("resid_post", l)]: (v) => tf.add(v, tf.mul(at, tf.sub(h, v))) },
+        });
         at.dispose();
         close(map[l]![t]!, patched! - base!);
       }
@@ -79,7 +109,13 @@ describe("exact per-position patching", () => {
   });
 
   it("a run with --heads and --position-map records the grid, the map and their summaries", async () => {
-    const r = await runAnalysis(demo.base, demo.tuned, demo.pairs, { heads: true, positionMap: true, bootstrap: 10, stabilityReps: 2, controls: false });
+    const r = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
+      heads: true,
+      positionMap: true,
+      bootstrap: 10,
+      stabilityReps: 2,
+      controls: false,
+    });
     expect(r.pairs.every((p) => p.heads!.length === demo.base.config.numLayers)).toBe(true);
     const l = 3;
     const h = 1;

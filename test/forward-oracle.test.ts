@@ -20,8 +20,11 @@ describe("forward pass vs float64 oracle", () => {
 
   it("attention by one 2-D matmul per (row, kv head) agrees too, and so does the batched form", () => {
     fc.assert(
-      fc.property(arbCase, fc.constantFrom("grouped" as const, "batched" as const), ({ cfg, seed, dtype, shards, rows }, attention) =>
-        checkAgainstOracle(cfg, seed, dtype, shards, rows, attention),
+      fc.property(
+        arbCase,
+        fc.constantFrom("grouped" as const, "batched" as const),
+        ({ cfg, seed, dtype, shards, rows }, attention) =>
+          checkAgainstOracle(cfg, seed, dtype, shards, rows, attention),
       ),
       { numRuns: 30, seed: 20261126 },
     );
@@ -29,8 +32,19 @@ describe("forward pass vs float64 oracle", () => {
 
   it("agrees with llama3 RoPE scaling well past the original context (T = 70 > 16)", () => {
     const cfg: OracleConfig = {
-      hidden: 16, inter: 24, layers: 2, heads: 4, kvHeads: 2, headDim: 6, vocab: 30, eps: 1e-5, theta: 500000,
-      rope: { kind: "llama3", factor: 8, low: 1, high: 4, orig: 16 }, tied: true, attnBias: false, mlpBias: false,
+      hidden: 16,
+      inter: 24,
+      layers: 2,
+      heads: 4,
+      kvHeads: 2,
+      headDim: 6,
+      vocab: 30,
+      eps: 1e-5,
+      theta: 500000,
+      rope: { kind: "llama3", factor: 8, low: 1, high: 4, orig: 16 },
+      tied: true,
+      attnBias: false,
+      mlpBias: false,
     };
     const ids = Array.from({ length: 70 }, (_, i) => (i * 7 + 3) % 30);
     checkAgainstOracle(cfg, 7, "BF16", 2, [ids, ids.slice(0, 41)]);
@@ -39,8 +53,19 @@ describe("forward pass vs float64 oracle", () => {
   it("leaves no tensors behind", () => {
     const before = tf.memory().numTensors;
     const cfg: OracleConfig = {
-      hidden: 8, inter: 8, layers: 2, heads: 2, kvHeads: 1, headDim: 4, vocab: 12, eps: 1e-5, theta: 10000,
-      rope: { kind: "default" }, tied: false, attnBias: true, mlpBias: true,
+      hidden: 8,
+      inter: 8,
+      layers: 2,
+      heads: 2,
+      kvHeads: 1,
+      headDim: 4,
+      vocab: 12,
+      eps: 1e-5,
+      theta: 10000,
+      rope: { kind: "default" },
+      tied: false,
+      attnBias: true,
+      mlpBias: true,
     };
     checkAgainstOracle(cfg, 3, "F32", 1, [[1, 2, 3], [4]]);
     expect(tf.memory().numTensors).toBe(before);

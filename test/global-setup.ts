@@ -7,7 +7,9 @@ export default function setup(): () => void {
     const left = prefprobeTempEntries().filter((n) => !before.has(n));
     if (!left.length) return;
     // vitest reports an error thrown here but still exits 0, so the exit code is set too
-    console.error(`FAIL: the tests left ${left.length} prefprobe-* entries in the temp dir: ${left.slice(0, 5).join(", ")}${left.length > 5 ? ", …" : ""}`);
+    console.error(
+      `FAIL: the tests left ${left.length} prefprobe-* entries in the temp dir: ${left.slice(0, 5).join(", ")}${left.length > 5 ? ", …" : ""}`,
+    );
     process.exitCode = 1;
   };
 }

@@ -57,15 +57,26 @@ export function budgetFor(dir: string, layers: number): number {
 export const tmpDir = (): string => tempDir("test");
 
 /** The demo's model pair (stories260k and its DPO-tuned copy) and its first `limit` held-out pairs. */
-export const DEMO = { base: "fixtures/models/stories260k", tuned: "fixtures/models/stories260k-dpo", pairs: "fixtures/data/stories/test.jsonl" };
+export const DEMO = {
+  base: "fixtures/models/stories260k",
+  tuned: "fixtures/models/stories260k-dpo",
+  pairs: "fixtures/data/stories/test.jsonl",
+};
 
 /** Loads the demo pair and pairs (the caller disposes the models). */
 export function loadDemo(limit: number): { base: LlamaModel; tuned: LlamaModel; pairs: Pair[] } {
-  return { base: loadModelSync(DEMO.base), tuned: loadModelSync(DEMO.tuned), pairs: loadPairs(DEMO.pairs, DEMO.base, { limit }) };
+  return {
+    base: loadModelSync(DEMO.base),
+    tuned: loadModelSync(DEMO.tuned),
+    pairs: loadPairs(DEMO.pairs, DEMO.base, { limit }),
+  };
 }
 
 /** Frees a pair of models. */
-export const disposeDemo = (d: { base: LlamaModel; tuned: LlamaModel }): void => (disposeModel(d.base), disposeModel(d.tuned));
+export const disposeDemo = (d: { base: LlamaModel; tuned: LlamaModel }): void => (
+  disposeModel(d.base),
+  disposeModel(d.tuned)
+);
 
 /**
  * How far the native matmul may move a figure when the rows around it change (a batch of another size, runs
@@ -88,7 +99,8 @@ export const onNative = (): boolean => (backendKind() === null ? TEST_BACKEND ==
 /** |a − b| within NATIVE_TOLERANCE: figures of two computations that differ in float32 rounding on any kernel. */
 export function expectNear(a: number, b: number, what = "value"): void {
   const tol = Math.max(NATIVE_TOLERANCE.abs, NATIVE_TOLERANCE.rel * Math.abs(b));
-  if (!(Math.abs(a - b) <= tol)) throw new Error(`${what}: ${a} vs ${b} differ by ${Math.abs(a - b)}, more than float32 rounding (${tol})`);
+  if (!(Math.abs(a - b) <= tol))
+    throw new Error(`${what}: ${a} vs ${b} differ by ${Math.abs(a - b)}, more than float32 rounding (${tol})`);
 }
 
 /**
@@ -106,10 +118,12 @@ export function expectClose(actual: unknown, expected: unknown, what = "value"):
     if (typeof b === "number" && typeof a === "number") {
       if (Number.isNaN(b) || !Number.isFinite(b)) return void expect(a, at).toEqual(b);
       const tol = Math.max(NATIVE_TOLERANCE.abs, NATIVE_TOLERANCE.rel * Math.abs(b));
-      if (!(Math.abs(a - b) <= tol)) throw new Error(`${at}: ${a} vs ${b} differ by ${Math.abs(a - b)}, beyond float32 rounding's tolerance ${tol}`);
+      if (!(Math.abs(a - b) <= tol))
+        throw new Error(`${at}: ${a} vs ${b} differ by ${Math.abs(a - b)}, beyond float32 rounding's tolerance ${tol}`);
       return;
     }
-    if (ArrayBuffer.isView(b) && ArrayBuffer.isView(a)) return walk(Array.from(a as unknown as ArrayLike<number>), Array.from(b as unknown as ArrayLike<number>), at);
+    if (ArrayBuffer.isView(b) && ArrayBuffer.isView(a))
+      return walk(Array.from(a as unknown as ArrayLike<number>), Array.from(b as unknown as ArrayLike<number>), at);
     if (Array.isArray(b)) {
       expect(Array.isArray(a), `${at} is an array`).toBe(true);
       expect((a as unknown[]).length, `${at}.length`).toBe(b.length);
@@ -119,7 +133,8 @@ export function expectClose(actual: unknown, expected: unknown, what = "value"):
     if (b && typeof b === "object") {
       expect(a !== null && typeof a === "object", `${at} is an object`).toBe(true);
       expect(Object.keys(a as object).sort(), `${at} keys`).toEqual(Object.keys(b).sort());
-      for (const k of Object.keys(b)) walk((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], `${at}.${k}`);
+      for (const k of Object.keys(b))
+        walk((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], `${at}.${k}`);
       return;
     }
     expect(a, at).toEqual(b);

@@ -41,7 +41,9 @@ describe("hook names", () => {
 
   it("one forward pass visits exactly hookNames(config), in that order", () => {
     const seen: string[] = [];
-    const hooks = Object.fromEntries(hookNames(model.config).map((n) => [n, (v: tf.Tensor, site: string) => (seen.push(site), v)]));
+    const hooks = Object.fromEntries(
+      hookNames(model.config).map((n) => [n, (v: tf.Tensor, site: string) => (seen.push(site), v)]),
+    );
     const r = forward(model, [[1, 2, 3]], { hooks });
     r.dispose();
     expect(seen).toEqual(hookNames(model.config));
@@ -49,16 +51,28 @@ describe("hook names", () => {
 
   it("a hook or cache name that is not a site of the model is an error, not a silent no-op", () => {
     const L = model.config.numLayers;
-    expect(() => forward(model, [[1, 2]], { hooks: { "blocks.0.hook_mlp": (v) => v } })).toThrow(/unknown hook site "blocks.0.hook_mlp"/);
-    expect(() => forward(model, [[1, 2]], { hooks: { [hookName("mlp_out", L)]: (v) => v } })).toThrow(/unknown hook site/);
+    expect(() => forward(model, [[1, 2]], { hooks: { "blocks.0.hook_mlp": (v) => v } })).toThrow(
+      /unknown hook site "blocks.0.hook_mlp"/,
+    );
+    expect(() => forward(model, [[1, 2]], { hooks: { [hookName("mlp_out", L)]: (v) => v } })).toThrow(
+      /unknown hook site/,
+    );
     expect(() => forward(model, [[1, 2]], { cache: ["resid_post"] })).toThrow(/unknown hook site "resid_post"/);
   });
 });
 
 describe("the head at scored positions", () => {
   it("norms only the gathered positions unless ln_final is watched, with the same log-probs bit for bit; a hook there still acts", () => {
-    const ids = [[5, 9, 2, 7, 1, 3], [4, 4, 8, 6, 2, 0]];
-    const logitsAt: Array<[number, number]> = [[0, 2], [0, 5], [1, 0], [1, 4]];
+    const ids = [
+      [5, 9, 2, 7, 1, 3],
+      [4, 4, 8, 6, 2, 0],
+    ];
+    const logitsAt: Array<[number, number]> = [
+      [0, 2],
+      [0, 5],
+      [1, 0],
+      [1, 4],
+    ];
     const targets = [3, 1, 7, 2];
     const run = (opts: Parameters<typeof forward>[2]) => {
       const r = forward(model, ids, { logitsAt, targets, ...opts });
@@ -76,8 +90,18 @@ describe("the head at scored positions", () => {
 describe("ownership of cached activations", () => {
   it("the caller owns logits and cache; dispose() frees every tensor the call made", () => {
     const before = tf.memory().numTensors;
-    const r = forward(model, [[1, 2, 3], [4, 5, 6]], { cache: (n) => n.endsWith("hook_resid_post") || n === "hook_embed" });
-    expect(r.cache.names()).toEqual(["hook_embed", ...Array.from({ length: model.config.numLayers }, (_, l) => hookName("resid_post", l))]);
+    const r = forward(
+      model,
+      [
+        [1, 2, 3],
+        [4, 5, 6],
+      ],
+      { cache: (n) => n.endsWith("hook_resid_post") || n === "hook_embed" },
+    );
+    expect(r.cache.names()).toEqual([
+      "hook_embed",
+      ...Array.from({ length: model.config.numLayers }, (_, l) => hookName("resid_post", l)),
+    ]);
     expect(r.cache.get("blocks.0.hook_resid_post").shape).toEqual([2, 3, model.config.hiddenSize]);
     expect(() => r.cache.get("blocks.0.hook_mlp_out")).toThrow(/not cached/);
     expect(tf.memory().numTensors).toBe(before + 1 + model.config.numLayers + 1); // logits + cached sites
@@ -102,9 +126,13 @@ describe("ownership of cached activations", () => {
 
 describe("backend failures", () => {
   it("an XNNPACK failure message (wasm's only signal of a failed matmul) makes the forward pass an error, not wrong numbers", () => {
-    console.warn("XNN status for xnn_create_fully_connected_nc_f32 is not successful. Got status 6. Use -c dbg to see XNN logs.");
+    console.warn(
+      "XNN status for xnn_create_fully_connected_nc_f32 is not successful. Got status 6. Use -c dbg to see XNN logs.",
+    );
     const before = tf.memory().numTensors;
-    expect(() => forward(model, [[1, 2, 3]])).toThrow(/the backend failed during a forward pass, so its numbers cannot be trusted \(XNN status .* status 6/);
+    expect(() => forward(model, [[1, 2, 3]])).toThrow(
+      /the backend failed during a forward pass, so its numbers cannot be trusted \(XNN status .* status 6/,
+    );
     expect(tf.memory().numTensors).toBe(before);
     const r = forward(model, [[1, 2, 3]]); // the fault is reported once
     expect(r.logits!.shape).toEqual([1, 3, model.config.vocabSize]);
@@ -112,13 +140,18 @@ describe("backend failures", () => {
   });
 
   it("the wasm runtime's own out-of-heap errors become one sentence that says what ran out and what to lower", () => {
-    for (const e of [new WebAssembly.RuntimeError("memory access out of bounds"), new Error("Aborted(). Build with -sASSERTIONS for more info.")]) {
+    for (const e of [
+      new WebAssembly.RuntimeError("memory access out of bounds"),
+      new Error("Aborted(). Build with -sASSERTIONS for more info."),
+    ]) {
       const got = explainBackendError(e);
       expect(got).toBeInstanceOf(BackendError);
-      expect((got as Error).message).toMatch(/^the wasm backend ran out of its 4 GiB heap.*: lower --memory-budget, --batch or --max-tokens/);
+      expect((got as Error).message).toMatch(
+        /^the wasm backend ran out of its 4 GiB heap.*: lower --memory-budget, --batch or --max-tokens/,
+      );
       expect((got as Error).message).not.toContain("\n");
     }
-    const other = new Error("tensor \"x\" has shape [2]");
+    const other = new Error('tensor "x" has shape [2]');
     expect(explainBackendError(other)).toBe(other);
   });
 });

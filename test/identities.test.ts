@@ -17,7 +17,10 @@ afterAll(() => disposeModel(model));
 
 const L = 4;
 const V = 128;
-const arbRows = fc.array(fc.array(fc.integer({ min: 0, max: V - 1 }), { minLength: 1, maxLength: 12 }), { minLength: 1, maxLength: 3 });
+const arbRows = fc.array(fc.array(fc.integer({ min: 0, max: V - 1 }), { minLength: 1, maxLength: 12 }), {
+  minLength: 1,
+  maxLength: 3,
+});
 const pad = (rows: number[][]) => {
   const T = Math.max(...rows.map((r) => r.length));
   return { ids: rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]), lengths: rows.map((r) => r.length), T };
@@ -51,7 +54,11 @@ describe("forward identities", () => {
         const { ids, lengths } = pad(rows);
         const site = l === 0 ? "hook_embed" : `blocks.${l - 1}.hook_resid_post`;
         const full = forward(model, ids, { lengths, cache: [site, "blocks.3.hook_resid_post"] });
-        const resumed = forward(model, ids, { lengths, start: { layer: l, resid: full.cache.get(site) }, cache: ["blocks.3.hook_resid_post"] });
+        const resumed = forward(model, ids, {
+          lengths,
+          start: { layer: l, resid: full.cache.get(site) },
+          cache: ["blocks.3.hook_resid_post"],
+        });
         expect(maxAbsDiff(resumed.logits!.dataSync(), full.logits!.dataSync())).toBeLessThanOrEqual(1e-5);
         expect(full.cache.get(site).isDisposed).toBe(false); // the caller's start tensor is left alone
         if (l > 0) {
@@ -108,7 +115,9 @@ describe("forward identities", () => {
     const r = forward(model, [[1, 2, 3]], { cache: ["blocks.0.attn.hook_z"] });
     expect(r.cache.get("blocks.0.attn.hook_z").shape).toEqual([1, 3, 8, 8]);
     const before = tf.memory().numTensors;
-    expect(() => forward(model, [[1, 2, 3]], { hooks: { "blocks.1.hook_mlp_out": () => tf.zeros([1, 3, 5]) } })).toThrow(/shape/);
+    expect(() =>
+      forward(model, [[1, 2, 3]], { hooks: { "blocks.1.hook_mlp_out": () => tf.zeros([1, 3, 5]) } }),
+    ).toThrow(/shape/);
     expect(tf.memory().numTensors).toBeLessThanOrEqual(before + 1); // only the hook's own stray tensor
     tf.dispose([r.logits!]);
     r.cache.dispose();
@@ -119,12 +128,27 @@ describe("forward identities", () => {
     expect(() => forward(model, [[1, 2], [3]])).toThrow(/same \(padded\) length/);
     expect(() => forward(model, [[1, 2]], { lengths: [3] })).toThrow(/lengths/);
     // targets: one id per scored position, each in the vocabulary; nested lists named in a short message
-    const at: Array<[number, number]> = [[0, 0], [0, 1]];
-    expect(() => forward(model, [[1, 2]], { logitsAt: at, targets: [3, 200] })).toThrow(/target id 200 outside the vocabulary/);
-    expect(() => forward(model, [[1, 2]], { logitsAt: at, targets: [[3, 4], [5, 6]] as unknown as number[] })).toThrow(/^targets must be one integer token id per logitsAt position, got an array$/);
+    const at: Array<[number, number]> = [
+      [0, 0],
+      [0, 1],
+    ];
+    expect(() => forward(model, [[1, 2]], { logitsAt: at, targets: [3, 200] })).toThrow(
+      /target id 200 outside the vocabulary/,
+    );
+    expect(() =>
+      forward(model, [[1, 2]], {
+        logitsAt: at,
+        targets: [
+          [3, 4],
+          [5, 6],
+        ] as unknown as number[],
+      }),
+    ).toThrow(/^targets must be one integer token id per logitsAt position, got an array$/);
     const before = tf.memory().numTensors;
     const wrong = tf.zeros([1, 3, 64]);
-    expect(() => forward(model, [[1, 2]], { start: { layer: 1, resid: wrong } })).toThrow(/start residual has shape \[1,3,64\], expected \[1,2,64\]/);
+    expect(() => forward(model, [[1, 2]], { start: { layer: 1, resid: wrong } })).toThrow(
+      /start residual has shape \[1,3,64\], expected \[1,2,64\]/,
+    );
     wrong.dispose();
     expect(tf.memory().numTensors).toBe(before);
   });

@@ -19,7 +19,12 @@ let pairs: Pair[];
 beforeAll(() => ({ base, tuned, pairs } = loadDemo(7)));
 afterAll(() => disposeDemo({ base, tuned }));
 
-const run = (settings: Parameters<typeof resolveSettings>[0], n = pairs.length) => analysePairs({ base, tuned }, pairs.slice(0, n), resolveSettings({ sites: ["resid_post", "attn_out"], ...settings }, base.config));
+const run = (settings: Parameters<typeof resolveSettings>[0], n = pairs.length) =>
+  analysePairs(
+    { base, tuned },
+    pairs.slice(0, n),
+    resolveSettings({ sites: ["resid_post", "attn_out"], ...settings }, base.config),
+  );
 
 /** Largest |a − b| relative to max(1, |b|) over every number of two pairs' records and sums. */
 function maxRelDiff(a: PairState[], b: PairState[]): number {
@@ -27,7 +32,8 @@ function maxRelDiff(a: PairState[], b: PairState[]): number {
   const walk = (x: unknown, y: unknown) => {
     if (typeof x === "number" && typeof y === "number") m = Math.max(m, Math.abs(x - y) / Math.max(1, Math.abs(y)));
     else if (Array.isArray(x) && Array.isArray(y)) x.forEach((v, i) => walk(v, y[i]));
-    else if (x && y && typeof x === "object") for (const k of Object.keys(x)) walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k]);
+    else if (x && y && typeof x === "object")
+      for (const k of Object.keys(x)) walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k]);
   };
   a.forEach((st, i) => (walk(st.record, b[i]!.record), walk(Array.from(st.sums), Array.from(b[i]!.sums))));
   return m;
@@ -43,7 +49,9 @@ describe("a pair's numbers", () => {
     expect(maxRelDiff(seven, one)).toBeLessThan(1e-4);
     // the control is really random: it differs between layers and from the real patch
     const r = one[0]!.record;
-    expect(r.random_direction!["tuned->base resid_post"]![0]).not.toBe(r.random_direction!["tuned->base resid_post"]![1]);
+    expect(r.random_direction!["tuned->base resid_post"]![0]).not.toBe(
+      r.random_direction!["tuned->base resid_post"]![1],
+    );
   });
 
   it("do not depend on which other layers are swept", async () => {
@@ -60,14 +68,25 @@ describe("a pair's numbers", () => {
   it("change with the seed (the key includes it)", async () => {
     const a = await run({ layers: [3], seed: 0 });
     const b = await run({ layers: [3], seed: 1 });
-    expect(a[0]!.record.random_direction!["tuned->base resid_post"]![0]).not.toBe(b[0]!.record.random_direction!["tuned->base resid_post"]![0]);
+    expect(a[0]!.record.random_direction!["tuned->base resid_post"]![0]).not.toBe(
+      b[0]!.record.random_direction!["tuned->base resid_post"]![0],
+    );
     expect(a[0]!.record.gains).toEqual(b[0]!.record.gains);
   });
 
   it("batches are planned whole and identically for every shard", () => {
-    expect(planBatches(pairs, 3)).toEqual([[0, 3], [3, 6], [6, 7]]);
+    expect(planBatches(pairs, 3)).toEqual([
+      [0, 3],
+      [3, 6],
+      [6, 7],
+    ]);
     // a budget splits batches before it is exceeded (here: at most 2 pairs' worth)
-    expect(planBatches(pairs, 3, 2.5, (rows) => rows / 2)).toEqual([[0, 2], [2, 4], [4, 6], [6, 7]]);
+    expect(planBatches(pairs, 3, 2.5, (rows) => rows / 2)).toEqual([
+      [0, 2],
+      [2, 4],
+      [4, 6],
+      [6, 7],
+    ]);
     expect(() => planBatches(pairs, 3, 0.5, (rows) => rows / 2)).toThrow(/pair at line 1 .* needs/);
   });
 });
@@ -83,7 +102,11 @@ describe("the prompt/response seam", () => {
       expect([...t.promptIds, ...t.rejectedIds]).toEqual(tok.encode(r.prompt! + r.rejected!));
       expect(t.promptIds.length).toBeGreaterThan(0);
       // what separate tokenization would have added: a lone "▁" before a response that starts with a space
-      if (tok.encode(r.chosen!, { addSpecialTokens: false })[0] === tok.encode(" ", { addSpecialTokens: false })[0] && t.chosenIds[0] !== tok.encode(" ", { addSpecialTokens: false })[0]) dummyPrefixes++;
+      if (
+        tok.encode(r.chosen!, { addSpecialTokens: false })[0] === tok.encode(" ", { addSpecialTokens: false })[0] &&
+        t.chosenIds[0] !== tok.encode(" ", { addSpecialTokens: false })[0]
+      )
+        dummyPrefixes++;
     }
     expect(dummyPrefixes).toBeGreaterThan(50); // the bug the joint tokenization fixes is real on this data
     const ok = tokenizeTextPair(tok, "Human: hi\n\nAssistant:", " Ok", " No");
@@ -99,7 +122,14 @@ describe("the engine's strategies", () => {
     const { interpolate, meanAblation } = await import("../src/analysis/patches.js");
     const { randomDirectionPatch } = await import("../src/analysis/controls.js");
     const tf = await import("@tensorflow/tfjs-core");
-    const s = resolveSettings({ sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], positions: "response" }, base.config);
+    const s = resolveSettings(
+      {
+        sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"],
+        directions: ["tuned->base", "base->tuned"],
+        positions: "response",
+      },
+      base.config,
+    );
     const plan = makePlan(s, base.config.numLayers);
     const sc = scoreBatch({ base, tuned }, pairs.slice(0, 1), plan, s);
     const [R, T] = [sc.batch.ids.length, sc.batch.T];
@@ -111,24 +141,45 @@ describe("the engine's strategies", () => {
       for (const patchFor of [first, randomDirectionPatch(s, sc, base.config.hiddenSize), () => meanAblation(1, mu)]) {
         const perRun = sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s, { strategy: "per-run" });
         expect(perRun.flat().some((g) => Math.abs(g) > 1e-3)).toBe(true);
-        for (const strategy of ["stacked", "layer-major"] as const) expectSame(sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s, { strategy }), perRun, `${strategy} gains`);
+        for (const strategy of ["stacked", "layer-major"] as const)
+          expectSame(
+            sweepBatch({ base, tuned }, sweepInput(sc), plan.combos, patchFor, s, { strategy }),
+            perRun,
+            `${strategy} gains`,
+          );
         if (patchFor !== first) continue;
         // with the head taking 3 runs at a time and its logits 5 rows at a time (as at a 128k vocabulary), or
         // each layer 1 or 3 runs (attn_out and mlp_out runs joining in every group), the same
-        const three = { stackBytes: 3 * headCopyBytes, head: { ...DEFAULT_LIMITS.head, elements: 5 * (base.config.vocabSize + DEFAULT_LIMITS.head.size) } };
+        const three = {
+          stackBytes: 3 * headCopyBytes,
+          head: { ...DEFAULT_LIMITS.head, elements: 5 * (base.config.vocabSize + DEFAULT_LIMITS.head.size) },
+        };
         expect(headGroup(base.config, R, T, three)).toBe(3);
-        for (const strategy of ["stacked", "layer-major"] as const) expectSame(sweepBatch({ base, tuned, limits: three }, sweepInput(sc), plan.combos, patchFor, s, { strategy }), perRun, `${strategy} gains, head 3 runs`);
+        for (const strategy of ["stacked", "layer-major"] as const)
+          expectSame(
+            sweepBatch({ base, tuned, limits: three }, sweepInput(sc), plan.combos, patchFor, s, { strategy }),
+            perRun,
+            `${strategy} gains, head 3 runs`,
+          );
         const one = layerActivationBytes(base.config, R, T);
         for (const copies of [1, 3]) {
           const limits = { ...DEFAULT_LIMITS, stackBytes: copies * one };
           expect(stackGroup(base.config, R, T, limits)).toBe(copies);
-          for (const strategy of ["stacked", "layer-major"] as const) expectSame(sweepBatch({ base, tuned, limits }, sweepInput(sc), plan.combos, patchFor, s, { strategy }), perRun, `${strategy} gains, ${copies} per layer call`);
+          for (const strategy of ["stacked", "layer-major"] as const)
+            expectSame(
+              sweepBatch({ base, tuned, limits }, sweepInput(sc), plan.combos, patchFor, s, { strategy }),
+              perRun,
+              `${strategy} gains, ${copies} per layer call`,
+            );
         }
       }
       // the logit lens likewise: all depths stacked, or 2 at a time with the logits 7 rows at a time
       const { logitLensBatch } = await import("../src/analysis/lens.js");
       const all = logitLensBatch({ base, tuned }, sc, s);
-      const two = { stackBytes: 2 * headCopyBytes, head: { ...DEFAULT_LIMITS.head, elements: 7 * (base.config.vocabSize + DEFAULT_LIMITS.head.size) } };
+      const two = {
+        stackBytes: 2 * headCopyBytes,
+        head: { ...DEFAULT_LIMITS.head, elements: 7 * (base.config.vocabSize + DEFAULT_LIMITS.head.size) },
+      };
       expect(headGroup(base.config, R, T, two)).toBe(2);
       expectSame(logitLensBatch({ base, tuned, limits: two }, sc, s), all, "lens");
       expect(tf.memory().numTensors).toBe(before);

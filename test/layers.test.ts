@@ -5,10 +5,28 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 
-const RANK: Record<string, number> = { model: 0, stats: 1, data: 2, engine: 3, analysis: 4, train: 4, io: 5, "worker.ts": 6, "parallel.ts": 6, "protocol.ts": 6, "study.ts": 6, "cli.ts": 7, "index.ts": 7 };
+const RANK: Record<string, number> = {
+  model: 0,
+  stats: 1,
+  data: 2,
+  engine: 3,
+  analysis: 4,
+  train: 4,
+  io: 5,
+  "worker.ts": 6,
+  "parallel.ts": 6,
+  "protocol.ts": 6,
+  "study.ts": 6,
+  "cli.ts": 7,
+  "index.ts": 7,
+};
 
 function sourceFiles(dir: string): string[] {
-  return fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? sourceFiles(path.join(dir, e.name)) : e.name.endsWith(".ts") ? [path.join(dir, e.name)] : []));
+  return fs
+    .readdirSync(dir, { withFileTypes: true })
+    .flatMap((e) =>
+      e.isDirectory() ? sourceFiles(path.join(dir, e.name)) : e.name.endsWith(".ts") ? [path.join(dir, e.name)] : [],
+    );
 }
 
 /** The layer of a file under src/: its top folder, or its own name at the top. */
@@ -59,8 +77,25 @@ describe("layering", () => {
   });
 
   it("the cycle check finds a planted cycle, and none in a chain", () => {
-    expect(cyclesOf(new Map([["a", ["b"]], ["b", ["c"]], ["c", ["a"]], ["d", ["a"]]]))).toEqual(["a → b → c → a"]);
-    expect(cyclesOf(new Map([["a", ["b"]], ["b", ["c"]], ["d", ["b", "c"]]]))).toEqual([]);
+    expect(
+      cyclesOf(
+        new Map([
+          ["a", ["b"]],
+          ["b", ["c"]],
+          ["c", ["a"]],
+          ["d", ["a"]],
+        ]),
+      ),
+    ).toEqual(["a → b → c → a"]);
+    expect(
+      cyclesOf(
+        new Map([
+          ["a", ["b"]],
+          ["b", ["c"]],
+          ["d", ["b", "c"]],
+        ]),
+      ),
+    ).toEqual([]);
   });
 
   it("the import scan sees real imports (so an empty list of upward imports means something)", () => {

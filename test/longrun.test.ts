@@ -11,7 +11,26 @@ const BASE = "fixtures/models/stories260k";
 const TUNED = "fixtures/models/stories260k-dpo";
 const PAIRS = "fixtures/data/stories/test.jsonl";
 // one thread unless a test says otherwise (the suite already runs two test files at once on two cores)
-const ARGS = ["--base", BASE, "--tuned", TUNED, "--pairs", PAIRS, "--limit", "8", "--batch", "2", "--sites", "resid_post", "--bootstrap", "30", "--stability", "3", "--workers", "1"];
+const ARGS = [
+  "--base",
+  BASE,
+  "--tuned",
+  TUNED,
+  "--pairs",
+  PAIRS,
+  "--limit",
+  "8",
+  "--batch",
+  "2",
+  "--sites",
+  "resid_post",
+  "--bootstrap",
+  "30",
+  "--stability",
+  "3",
+  "--workers",
+  "1",
+];
 
 /** results.json without what legitimately differs between two runs of the same thing (timings). */
 function results(dir: string): Record<string, unknown> {
@@ -41,10 +60,21 @@ describe("worker threads on streamed models", () => {
     // byte for byte on wasm; on the native kernel streamed models are swept with their runs stacked, which moves
     // figures by float32 rounding (helpers' NATIVE_TOLERANCE)
     const bin = (dir: string) => new Float64Array(new Uint8Array(fs.readFileSync(path.join(dir, "pairs.bin"))).buffer);
-    if (!onNative()) expect(fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin")))).toBe(true);
+    if (!onNative())
+      expect(
+        fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin"))),
+      ).toBe(true);
     expectSame(bin(out), bin(reference), "pairs.bin");
-    const jsonl = (dir: string) => fs.readFileSync(path.join(dir, "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
-    if (!onNative()) expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
+    const jsonl = (dir: string) =>
+      fs
+        .readFileSync(path.join(dir, "pairs.jsonl"), "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l));
+    if (!onNative())
+      expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(
+        fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"),
+      );
     expectSame(jsonl(out), jsonl(reference), "pairs.jsonl");
     expectSame(results(out), results(reference), "results.json");
   });
@@ -52,8 +82,17 @@ describe("worker threads on streamed models", () => {
 
 describe("the batch size of a streamed run", () => {
   const manifest = (dir: string) => JSON.parse(fs.readFileSync(path.join(dir, "manifest.json"), "utf8"));
-  const records = (dir: string) => fs.readFileSync(path.join(dir, "pairs.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
-  const noBatch = ARGS.filter((a, i) => a !== "--batch" && ARGS[i - 1] !== "--batch").concat("--no-controls", "--limit", "4");
+  const records = (dir: string) =>
+    fs
+      .readFileSync(path.join(dir, "pairs.jsonl"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l));
+  const noBatch = ARGS.filter((a, i) => a !== "--batch" && ARGS[i - 1] !== "--batch").concat(
+    "--no-controls",
+    "--limit",
+    "4",
+  );
 
   it("is one pair when a model is streamed and --batch is not given (said on stderr), with the resident run's margins and gains", () => {
     const out = path.join(tmpDir(), "s");
@@ -61,13 +100,19 @@ describe("the batch size of a streamed run", () => {
     expect(r.code, r.err).toBe(0);
     expect(r.err).toMatch(/batches of 1 pair, as a model is streamed/);
     expect(manifest(out).settings.batchPairs).toBe(1);
-    expect(manifest(out).batches).toEqual([[0, 1], [1, 2], [2, 3], [3, 4]]);
+    expect(manifest(out).batches).toEqual([
+      [0, 1],
+      [1, 2],
+      [2, 3],
+      [3, 4],
+    ]);
     // the reference ran resident in batches of 2: a pair's numbers do not depend on its batch (to float32 rounding)
     const ref = records(reference).slice(0, 4);
     records(out).forEach((rec, i) => {
       expect(rec.ids).toEqual(ref[i].ids);
       for (const k of ["base", "tuned"]) expectNear(rec.margin[k], ref[i].margin[k], `margin ${k}`);
-      for (const [key, gains] of Object.entries(rec.gains as Record<string, number[]>)) gains.forEach((g, l) => expectNear(g, ref[i].gains[key][l], `${key} ${l}`));
+      for (const [key, gains] of Object.entries(rec.gains as Record<string, number[]>))
+        gains.forEach((g, l) => expectNear(g, ref[i].gains[key][l], `${key} ${l}`));
     });
   });
 
@@ -76,7 +121,10 @@ describe("the batch size of a streamed run", () => {
     const r = runCli("run", ...noBatch, "--out", asked, "--memory-budget", "0.001", "--batch", "3");
     expect(r.code, r.err).toBe(0);
     expect(r.err).not.toMatch(/batches of 1 pair/);
-    expect(manifest(asked).batches).toEqual([[0, 3], [3, 4]]);
+    expect(manifest(asked).batches).toEqual([
+      [0, 3],
+      [3, 4],
+    ]);
     const resident = path.join(tmpDir(), "r");
     const q = runCli("run", ...noBatch, "--out", resident);
     expect(q.code, q.err).toBe(0);
@@ -115,14 +163,19 @@ describe("resume", () => {
     expect(r.code, r.err).toBe(0);
     expect(r.out).toMatch(/resumed: \d+ pairs from the earlier run/);
     expect(results(out)).toEqual(results(reference));
-    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
-    expect(fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin")))).toBe(true);
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(
+      fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"),
+    );
+    expect(
+      fs.readFileSync(path.join(out, "pairs.bin")).equals(fs.readFileSync(path.join(reference, "pairs.bin"))),
+    ).toBe(true);
   });
 
   it("a torn last line and a partial batch are dropped, then redone", () => {
     const out = path.join(tmpDir(), "o");
     fs.mkdirSync(out);
-    for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"]) fs.copyFileSync(path.join(reference, f), path.join(out, f));
+    for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"])
+      fs.copyFileSync(path.join(reference, f), path.join(out, f));
     const lines = fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8").split("\n");
     // keep 5 whole records (two whole batches and half of the third) and half of the sixth line
     fs.writeFileSync(path.join(out, "pairs.jsonl"), lines.slice(0, 5).join("\n") + "\n" + lines[5]!.slice(0, 40));
@@ -135,17 +188,22 @@ describe("resume", () => {
   it("--resume with other inputs is refused, naming what differs", () => {
     const out = path.join(tmpDir(), "o");
     fs.mkdirSync(out);
-    for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"]) fs.copyFileSync(path.join(reference, f), path.join(out, f));
+    for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"])
+      fs.copyFileSync(path.join(reference, f), path.join(out, f));
     const r = runCli("run", ...ARGS.map((a) => (a === "30" ? "31" : a)), "--seed", "4", "--out", out, "--resume");
     expect(r.code).toBe(1);
-    expect(r.err.trim().split("\n").pop()).toMatch(/^prefprobe: error: --resume: the run in .* was made with other inputs: settings\.seed: 0 vs 4; settings\.bootstrap: 30 vs 31$/);
+    expect(r.err.trim().split("\n").pop()).toMatch(
+      /^prefprobe: error: --resume: the run in .* was made with other inputs: settings\.seed: 0 vs 4; settings\.bootstrap: 30 vs 31$/,
+    );
     const nothing = runCli("run", ...ARGS, "--out", path.join(tmpDir(), "empty"), "--resume");
     expect(nothing.err).toMatch(/--resume: .* holds no run to continue/);
   });
 
   it("Ctrl-C stops between batches with a one-line message and exit 130; --resume finishes the run", async () => {
     const out = path.join(tmpDir(), "o");
-    const child = spawn(process.execPath, [CLI, "run", ...ARGS.slice(0, -2), "--workers", "2", "--out", out], { stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [CLI, "run", ...ARGS.slice(0, -2), "--workers", "2", "--out", out], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
     let err = "";
     child.stderr.on("data", (d) => (err += d));
     const log = path.join(out, "pairs.jsonl");
@@ -179,7 +237,9 @@ describe("shards", () => {
     const r = runCli("merge", out, ...dirs.reverse());
     expect(r.code, r.err).toBe(0);
     expect(results(out)).toEqual(results(reference));
-    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"));
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8")).toBe(
+      fs.readFileSync(path.join(reference, "pairs.jsonl"), "utf8"),
+    );
   });
 
   it("merge refuses folders that are not shards of one run", () => {

@@ -54,28 +54,80 @@ describe("one layer call", () => {
   });
 
   for (const [kernels, dir, shapes] of [
-    ["wasm", "fixtures/models/llama-tiny-a", [[1, 16], [3, 60], [2, 250]]],
-    ["wasm", "fixtures/models/stories260k", [[2, 40], [3, 90], [4, 128], [1, 500]]],
-    ["native", "fixtures/models/llama-tiny-a", [[1, 16], [3, 60], [2, 400], [1, 520]]],
-    ["native", "fixtures/models/stories260k", [[2, 40], [3, 90], [4, 128], [1, 600]]],
+    [
+      "wasm",
+      "fixtures/models/llama-tiny-a",
+      [
+        [1, 16],
+        [3, 60],
+        [2, 250],
+      ],
+    ],
+    [
+      "wasm",
+      "fixtures/models/stories260k",
+      [
+        [2, 40],
+        [3, 90],
+        [4, 128],
+        [1, 500],
+      ],
+    ],
+    [
+      "native",
+      "fixtures/models/llama-tiny-a",
+      [
+        [1, 16],
+        [3, 60],
+        [2, 400],
+        [1, 520],
+      ],
+    ],
+    [
+      "native",
+      "fixtures/models/stories260k",
+      [
+        [2, 40],
+        [3, 90],
+        [4, 128],
+        [1, 600],
+      ],
+    ],
   ] as const) {
-    it.skipIf(kernels === "native" && !nativeStatus().ok)(`allocates at most layerActivationBytes, with batched attention at short rows and grouped at long (${dir}, ${kernels} kernels)`, () => {
-      useNativeKernels(kernels === "native");
-      const model = loadModelSync(dir);
-      models.push(model);
-      const grouped = new Set<boolean>();
-      for (const [B, T] of shapes) {
-        const ids = Array.from({ length: B }, (_, b) => Array.from({ length: T }, (_, t) => (b * 7 + t * 13) % model.config.vocabSize));
-        const resid = tf.randomNormal([B, T, model.config.hiddenSize], 0, 1, "float32", 5);
-        const bound = layerActivationBytes(model.config, B, T);
-        const peak = peakAllocated(() => forward(model, ids, { start: { layer: 1, resid }, stopAfter: 1, logitsAt: "none", cache: ["blocks.1.hook_resid_post"] }).dispose());
-        resid.dispose();
-        grouped.add(groupedAttention(model.config, T));
-        // not vacuous: the call allocates a good part of its bound
-        expect({ B, T, within: peak <= bound, substantial: peak >= 0.25 * bound }).toEqual({ B, T, within: true, substantial: true });
-      }
-      expect(grouped).toEqual(new Set([true, false])); // both attention kernels ran
-    });
+    it.skipIf(kernels === "native" && !nativeStatus().ok)(
+      `allocates at most layerActivationBytes, with batched attention at short rows and grouped at long (${dir}, ${kernels} kernels)`,
+      () => {
+        useNativeKernels(kernels === "native");
+        const model = loadModelSync(dir);
+        models.push(model);
+        const grouped = new Set<boolean>();
+        for (const [B, T] of shapes) {
+          const ids = Array.from({ length: B }, (_, b) =>
+            Array.from({ length: T }, (_, t) => (b * 7 + t * 13) % model.config.vocabSize),
+          );
+          const resid = tf.randomNormal([B, T, model.config.hiddenSize], 0, 1, "float32", 5);
+          const bound = layerActivationBytes(model.config, B, T);
+          const peak = peakAllocated(() =>
+            forward(model, ids, {
+              start: { layer: 1, resid },
+              stopAfter: 1,
+              logitsAt: "none",
+              cache: ["blocks.1.hook_resid_post"],
+            }).dispose(),
+          );
+          resid.dispose();
+          grouped.add(groupedAttention(model.config, T));
+          // not vacuous: the call allocates a good part of its bound
+          expect({ B, T, within: peak <= bound, substantial: peak >= 0.25 * bound }).toEqual({
+            B,
+            T,
+            within: true,
+            substantial: true,
+          });
+        }
+        expect(grouped).toEqual(new Set([true, false])); // both attention kernels ran
+      },
+    );
   }
 });
 
@@ -93,7 +145,11 @@ describe("streamed weights", () => {
     t.dispose();
     // a fill that fails leaves nothing allocated
     const before = (tf.backend() as unknown as { numDataIds(): number }).numDataIds();
-    expect(() => filledTensor([2, 3], () => { throw new Error("bad bytes"); })).toThrow("bad bytes");
+    expect(() =>
+      filledTensor([2, 3], () => {
+        throw new Error("bad bytes");
+      }),
+    ).toThrow("bad bytes");
     expect((tf.backend() as unknown as { numDataIds(): number }).numDataIds()).toBe(before);
   });
 });

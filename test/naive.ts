@@ -10,7 +10,9 @@ export function standardize(X: number[][]): number[][] {
     const s = Math.sqrt(c.reduce((a, b) => a + (b - m) ** 2, 0) / n);
     return { m, s };
   });
-  return X.map((r) => r.map((v, j) => (stats[j]!.s > 1e-12 * Math.max(1, Math.abs(stats[j]!.m)) ? (v - stats[j]!.m) / stats[j]!.s : 0)));
+  return X.map((r) =>
+    r.map((v, j) => (stats[j]!.s > 1e-12 * Math.max(1, Math.abs(stats[j]!.m)) ? (v - stats[j]!.m) / stats[j]!.s : 0)),
+  );
 }
 
 /** LASSO by proximal gradient (ISTA) on standardized X: min (1/2n)‖y − ȳ − Xw‖² + α‖w‖₁. */
@@ -68,7 +70,9 @@ export function naiveLogistic(X: number[][], labels: number[], C: number): { w: 
   let theta = new Array<number>(d + 1).fill(0); // w then b
   for (let it = 0; it < 100; it++) {
     const g = theta.map((t, j) => (j < d ? t : 0));
-    const Hm = Array.from({ length: d + 1 }, (_, i) => Array.from({ length: d + 1 }, (_, j) => (i === j && i < d ? 1 : 0)));
+    const Hm = Array.from({ length: d + 1 }, (_, i) =>
+      Array.from({ length: d + 1 }, (_, j) => (i === j && i < d ? 1 : 0)),
+    );
     for (let i = 0; i < n; i++) {
       const x = [...Z[i]!, 1];
       const z = x.reduce((s, v, j) => s + v * theta[j]!, 0);

@@ -25,7 +25,13 @@ export function checkAgainstOracle(
   try {
     const T = Math.max(...rows.map((r) => r.length));
     const padded = rows.map((r) => [...r, ...new Array(T - r.length).fill(0)]);
-    const sites = (l: number) => [`blocks.${l}.hook_resid_pre`, `blocks.${l}.hook_attn_out`, `blocks.${l}.hook_resid_mid`, `blocks.${l}.hook_mlp_out`, `blocks.${l}.hook_resid_post`];
+    const sites = (l: number) => [
+      `blocks.${l}.hook_resid_pre`,
+      `blocks.${l}.hook_attn_out`,
+      `blocks.${l}.hook_resid_mid`,
+      `blocks.${l}.hook_mlp_out`,
+      `blocks.${l}.hook_resid_post`,
+    ];
     const names = ["hook_embed", ...Array.from({ length: cfg.layers }, (_, l) => sites(l)).flat()];
     const { logits, cache } = forward(model, padded, { lengths: rows.map((r) => r.length), cache: names, attention });
     const lg = logits!.arraySync() as number[][][];
@@ -45,4 +51,3 @@ export function checkAgainstOracle(
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
-

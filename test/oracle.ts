@@ -12,7 +12,10 @@ export interface OracleConfig {
   vocab: number;
   eps: number;
   theta: number;
-  rope: { kind: "default" } | { kind: "linear"; factor: number } | { kind: "llama3"; factor: number; low: number; high: number; orig: number };
+  rope:
+    | { kind: "default" }
+    | { kind: "linear"; factor: number }
+    | { kind: "llama3"; factor: number; low: number; high: number; orig: number };
   tied: boolean;
   attnBias: boolean;
   mlpBias: boolean;
@@ -93,9 +96,33 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
     const pb = (n: string) => (w[`model.layers.${l}.${n}`] as Float64Array | undefined) ?? undefined;
     sites[`blocks.${l}.hook_resid_pre`] = x;
     const xn = x.map((row) => rmsnorm(row, p("input_layernorm.weight"), cfg.eps));
-    const Q = xn.map((row) => matVec(p("self_attn.q_proj.weight"), cfg.heads * d, H, row, cfg.attnBias ? pb("self_attn.q_proj.bias") : undefined));
-    const K = xn.map((row) => matVec(p("self_attn.k_proj.weight"), cfg.kvHeads * d, H, row, cfg.attnBias ? pb("self_attn.k_proj.bias") : undefined));
-    const V = xn.map((row) => matVec(p("self_attn.v_proj.weight"), cfg.kvHeads * d, H, row, cfg.attnBias ? pb("self_attn.v_proj.bias") : undefined));
+    const Q = xn.map((row) =>
+      matVec(
+        p("self_attn.q_proj.weight"),
+        cfg.heads * d,
+        H,
+        row,
+        cfg.attnBias ? pb("self_attn.q_proj.bias") : undefined,
+      ),
+    );
+    const K = xn.map((row) =>
+      matVec(
+        p("self_attn.k_proj.weight"),
+        cfg.kvHeads * d,
+        H,
+        row,
+        cfg.attnBias ? pb("self_attn.k_proj.bias") : undefined,
+      ),
+    );
+    const V = xn.map((row) =>
+      matVec(
+        p("self_attn.v_proj.weight"),
+        cfg.kvHeads * d,
+        H,
+        row,
+        cfg.attnBias ? pb("self_attn.v_proj.bias") : undefined,
+      ),
+    );
     const perKv = cfg.heads / cfg.kvHeads;
     const z: number[][] = Array.from({ length: T }, () => new Array(cfg.heads * d).fill(0));
     for (let h = 0; h < cfg.heads; h++) {
@@ -112,16 +139,31 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
         const m = Math.max(...scores);
         const e = scores.map((v) => Math.exp(v - m));
         const sum = e.reduce((a, b) => a + b, 0);
-        for (let s = 0; s <= t; s++) for (let j = 0; j < d; j++) z[t]![h * d + j]! += (e[s]! / sum) * V[s]![kvh * d + j]!;
+        for (let s = 0; s <= t; s++)
+          for (let j = 0; j < d; j++) z[t]![h * d + j]! += (e[s]! / sum) * V[s]![kvh * d + j]!;
       }
     }
-    const attnOut = z.map((row) => matVec(p("self_attn.o_proj.weight"), H, cfg.heads * d, row, cfg.attnBias ? pb("self_attn.o_proj.bias") : undefined));
+    const attnOut = z.map((row) =>
+      matVec(
+        p("self_attn.o_proj.weight"),
+        H,
+        cfg.heads * d,
+        row,
+        cfg.attnBias ? pb("self_attn.o_proj.bias") : undefined,
+      ),
+    );
     sites[`blocks.${l}.hook_attn_out`] = attnOut;
     const mid = x.map((row, t) => row.map((v, i) => v + attnOut[t]![i]!));
     sites[`blocks.${l}.hook_resid_mid`] = mid;
     const mn = mid.map((row) => rmsnorm(row, p("post_attention_layernorm.weight"), cfg.eps));
     const mlpOut = mn.map((row) => {
-      const g = matVec(p("mlp.gate_proj.weight"), cfg.inter, H, row, cfg.mlpBias ? pb("mlp.gate_proj.bias") : undefined);
+      const g = matVec(
+        p("mlp.gate_proj.weight"),
+        cfg.inter,
+        H,
+        row,
+        cfg.mlpBias ? pb("mlp.gate_proj.bias") : undefined,
+      );
       const u = matVec(p("mlp.up_proj.weight"), cfg.inter, H, row, cfg.mlpBias ? pb("mlp.up_proj.bias") : undefined);
       const act = g.map((gv, i) => (gv / (1 + Math.exp(-gv))) * u[i]!);
       return matVec(p("mlp.down_proj.weight"), H, cfg.inter, act, cfg.mlpBias ? pb("mlp.down_proj.bias") : undefined);

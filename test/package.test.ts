@@ -32,8 +32,14 @@ let project: string | undefined;
 function userProject(): string {
   if (project) return project;
   const dir = tmpDir();
-  fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "user-project", private: true, type: "module" }));
-  execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], { cwd: dir, stdio: "pipe" });
+  fs.writeFileSync(
+    path.join(dir, "package.json"),
+    JSON.stringify({ name: "user-project", private: true, type: "module" }),
+  );
+  execFileSync("npm", ["install", repo, "--no-audit", "--no-fund", "--offline", "--ignore-scripts"], {
+    cwd: dir,
+    stdio: "pipe",
+  });
   return (project = dir);
 }
 
@@ -41,8 +47,17 @@ describe("prefprobe as a library", () => {
   it("installs from a path into a fresh project, type-checks under --strict and runs", () => {
     const dir = userProject();
     fs.writeFileSync(path.join(dir, "main.ts"), USER_CODE(repo));
-    fs.writeFileSync(path.join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" }, files: ["main.ts"] }));
-    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], { cwd: dir, encoding: "utf8" });
+    fs.writeFileSync(
+      path.join(dir, "tsconfig.json"),
+      JSON.stringify({
+        compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" },
+        files: ["main.ts"],
+      }),
+    );
+    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "."], {
+      cwd: dir,
+      encoding: "utf8",
+    });
     expect(tsc.stdout + tsc.stderr).toBe("");
     expect(tsc.status).toBe(0);
     const run = spawnSync(process.execPath, ["main.js"], { cwd: dir, encoding: "utf8" });
@@ -54,15 +69,42 @@ describe("prefprobe as a library", () => {
 
   it("a type error in user code is reported (the check above is not vacuous)", () => {
     const dir = userProject();
-    fs.writeFileSync(path.join(dir, "bad.ts"), `import { hookName } from "prefprobe";\nconst n: number = hookName("mlp_out", 1);\nconsole.log(n);\n`);
-    fs.writeFileSync(path.join(dir, "tsconfig.bad.json"), JSON.stringify({ compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022", noEmit: true }, files: ["bad.ts"] }));
-    const tsc = spawnSync(process.execPath, [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.bad.json"], { cwd: dir, encoding: "utf8" });
+    fs.writeFileSync(
+      path.join(dir, "bad.ts"),
+      `import { hookName } from "prefprobe";\nconst n: number = hookName("mlp_out", 1);\nconsole.log(n);\n`,
+    );
+    fs.writeFileSync(
+      path.join(dir, "tsconfig.bad.json"),
+      JSON.stringify({
+        compilerOptions: {
+          strict: true,
+          module: "nodenext",
+          moduleResolution: "nodenext",
+          target: "es2022",
+          noEmit: true,
+        },
+        files: ["bad.ts"],
+      }),
+    );
+    const tsc = spawnSync(
+      process.execPath,
+      [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.bad.json"],
+      { cwd: dir, encoding: "utf8" },
+    );
     expect(tsc.status).not.toBe(0);
     expect(tsc.stdout).toMatch(/not assignable to type 'number'/);
   });
 
   it("importing the package prints nothing and runs no command", () => {
-    const r = spawnSync(process.execPath, ["--input-type=module", "-e", `import * as p from "prefprobe"; console.log(typeof p.runAnalysis, typeof p.forward, typeof p.tf.tensor);`], { cwd: repo, encoding: "utf8" });
+    const r = spawnSync(
+      process.execPath,
+      [
+        "--input-type=module",
+        "-e",
+        `import * as p from "prefprobe"; console.log(typeof p.runAnalysis, typeof p.forward, typeof p.tf.tensor);`,
+      ],
+      { cwd: repo, encoding: "utf8" },
+    );
     expect(r.status).toBe(0);
     expect(r.stderr).toBe("");
     expect(r.stdout.trim()).toBe("function function function");

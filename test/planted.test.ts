@@ -26,8 +26,14 @@ function plant(m: LlamaModel): LlamaModel {
   const [I, H] = m.layers[K]!.down.shape;
   const delta = tf.tidy(() => {
     const terms = Array.from({ length: RANK }, (_, i) => {
-      const v = tf.tensor2d(Array.from({ length: I }, (_, j) => Math.cos(0.7 * j + i)), [I, 1]);
-      const u = tf.tensor2d(Array.from({ length: H }, (_, j) => Math.sin(1.3 * j + 2 * i)), [1, H]);
+      const v = tf.tensor2d(
+        Array.from({ length: I }, (_, j) => Math.cos(0.7 * j + i)),
+        [I, 1],
+      );
+      const u = tf.tensor2d(
+        Array.from({ length: H }, (_, j) => Math.sin(1.3 * j + 2 * i)),
+        [1, H],
+      );
       return tf.mul(tf.matMul(v, u), 0.4 / (i + 1));
     });
     return tf.addN(terms);
@@ -47,10 +53,20 @@ beforeAll(async () => {
   const raw = Array.from({ length: 14 }, (_, i) => {
     const n = names[i % names.length]!;
     const t = things[i % things.length]!;
-    return { line: i + 1, prompt: `Once upon a time, ${n} saw ${t}.`, chosen: `${n} smiled and said hello.`, rejected: `${n} was angry and went home.` };
+    return {
+      line: i + 1,
+      prompt: `Once upon a time, ${n} saw ${t}.`,
+      chosen: `${n} smiled and said hello.`,
+      rejected: `${n} was angry and went home.`,
+    };
   });
   pairs = tokenizePairs(raw, tok, base.config.vocabSize).pairs;
-  res = await runAnalysis(base, tuned, pairs, { ...DEFAULT_SETTINGS, bootstrap: 200, stabilityReps: 20, batchPairs: 3 });
+  res = await runAnalysis(base, tuned, pairs, {
+    ...DEFAULT_SETTINGS,
+    bootstrap: 200,
+    stabilityReps: 20,
+    batchPairs: 3,
+  });
 }, 120_000);
 
 afterAll(() => {
@@ -86,7 +102,10 @@ describe("planted rank-r change at one layer", () => {
   it("margins agree with the forward pass's own log-probabilities", () => {
     for (const rec of res.pairs) {
       const p = pairs[rec.index]!;
-      for (const [name, m] of [["base", base], ["tuned", tuned]] as const) {
+      for (const [name, m] of [
+        ["base", base],
+        ["tuned", tuned],
+      ] as const) {
         const lp = (resp: number[]) => {
           const ids = [...p.promptIds, ...resp];
           const { logits } = forward(m, [ids]);
@@ -122,27 +141,51 @@ describe("planted rank-r change at one layer", () => {
   });
 
   it("is deterministic for a seed", async () => {
-    const again = await runAnalysis(base, tuned, pairs.slice(0, 6), { ...DEFAULT_SETTINGS, bootstrap: 50, stabilityReps: 5, batchPairs: 4, seed: 3 });
-    const twice = await runAnalysis(base, tuned, pairs.slice(0, 6), { ...DEFAULT_SETTINGS, bootstrap: 50, stabilityReps: 5, batchPairs: 2, seed: 3 });
+    const again = await runAnalysis(base, tuned, pairs.slice(0, 6), {
+      ...DEFAULT_SETTINGS,
+      bootstrap: 50,
+      stabilityReps: 5,
+      batchPairs: 4,
+      seed: 3,
+    });
+    const twice = await runAnalysis(base, tuned, pairs.slice(0, 6), {
+      ...DEFAULT_SETTINGS,
+      bootstrap: 50,
+      stabilityReps: 5,
+      batchPairs: 2,
+      seed: 3,
+    });
     // other batches change a pair's float32 rounding (a row's padded length, and on the native kernel a row's place
     // in the matmul's tiles), so across batch sizes: equal to 1e-6, or to helpers' NATIVE_TOLERANCE on native
     const tol = onNative() ? NATIVE_TOLERANCE.abs : 1e-6;
-    again.patching.forEach((e, i) => e.recovery_ci.forEach((v, j) => expect(Math.abs(twice.patching[i]!.recovery_ci[j]! - v)).toBeLessThan(tol)));
+    again.patching.forEach((e, i) =>
+      e.recovery_ci.forEach((v, j) => expect(Math.abs(twice.patching[i]!.recovery_ci[j]! - v)).toBeLessThan(tol)),
+    );
     expect(twice.lasso!.stability).toEqual(again.lasso!.stability);
     expect(twice.pca!.test_pairs).toEqual(again.pca!.test_pairs);
     // with the same batching, the random controls repeat too (seed 0 included: tfjs reads seed 0 as "none")
     const s0 = { ...DEFAULT_SETTINGS, bootstrap: 5, stabilityReps: 2, batchPairs: 3, seed: 0, layers: [K, K + 1] }; // where h_tuned ≠ h_base
-    const [r1, r2] = [await runAnalysis(base, tuned, pairs.slice(0, 6), s0), await runAnalysis(base, tuned, pairs.slice(0, 6), s0)];
-    expect(r2.patching.map((e) => e.controls!.random_direction.gains)).toEqual(r1.patching.map((e) => e.controls!.random_direction.gains));
+    const [r1, r2] = [
+      await runAnalysis(base, tuned, pairs.slice(0, 6), s0),
+      await runAnalysis(base, tuned, pairs.slice(0, 6), s0),
+    ];
+    expect(r2.patching.map((e) => e.controls!.random_direction.gains)).toEqual(
+      r1.patching.map((e) => e.controls!.random_direction.gains),
+    );
     expect(r2.patching.map((e) => e.recovery_ci)).toEqual(r1.patching.map((e) => e.recovery_ci));
   });
 
   it("every site and both directions give the answers the plant implies", async () => {
     const r = await runAnalysis(base, tuned, pairs.slice(0, 6), {
-      ...DEFAULT_SETTINGS, sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"], directions: ["tuned->base", "base->tuned"], bootstrap: 10, stabilityReps: 2,
+      ...DEFAULT_SETTINGS,
+      sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"],
+      directions: ["tuned->base", "base->tuned"],
+      bootstrap: 10,
+      stabilityReps: 2,
     });
     const gaps = r.pairs.map((p) => p.gap);
-    const gainsOf = (direction: string, site: string, layer: number) => r.patching.find((e) => e.direction === direction && e.site === site && e.layer === layer)!.gains;
+    const gainsOf = (direction: string, site: string, layer: number) =>
+      r.patching.find((e) => e.direction === direction && e.site === site && e.layer === layer)!.gains;
     const zero = (g: number[]) => g.forEach((v) => expect(Math.abs(v)).toBeLessThanOrEqual(1e-4));
     const full = (g: number[]) => g.forEach((v, i) => expect(Math.abs(v - gaps[i]!)).toBeLessThanOrEqual(1e-4));
     for (const dir of ["tuned->base", "base->tuned"]) {
@@ -157,7 +200,11 @@ describe("planted rank-r change at one layer", () => {
   });
 
   it("works on any slice of the pairs (indices need not start at 0)", async () => {
-    const r = await runAnalysis(base, tuned, pairs.slice(5, 13), { ...DEFAULT_SETTINGS, bootstrap: 20, stabilityReps: 2 });
+    const r = await runAnalysis(base, tuned, pairs.slice(5, 13), {
+      ...DEFAULT_SETTINGS,
+      bootstrap: 20,
+      stabilityReps: 2,
+    });
     expect(r.pca!.layer).toBe(K);
     expect(r.pca!.recovery.find((x) => x.k === RANK)!.recovery).toBeGreaterThanOrEqual(0.99);
     expect(r.pairs.map((p) => p.index)).toEqual([5, 6, 7, 8, 9, 10, 11, 12]);
@@ -165,9 +212,21 @@ describe("planted rank-r change at one layer", () => {
 
   it("leaves no tensors behind, with the low-rank stage at a middle or the last layer", async () => {
     const before = tf.memory().numTensors;
-    await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"], directions: ["tuned->base", "base->tuned"] });
+    await runAnalysis(base, tuned, pairs.slice(0, 4), {
+      ...DEFAULT_SETTINGS,
+      bootstrap: 10,
+      stabilityReps: 2,
+      sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"],
+      directions: ["tuned->base", "base->tuned"],
+    });
     expect(tf.memory().numTensors).toBe(before);
-    await runAnalysis(base, tuned, pairs.slice(0, 4), { ...DEFAULT_SETTINGS, bootstrap: 10, stabilityReps: 2, controls: false, pcaLayer: base.config.numLayers - 1 });
+    await runAnalysis(base, tuned, pairs.slice(0, 4), {
+      ...DEFAULT_SETTINGS,
+      bootstrap: 10,
+      stabilityReps: 2,
+      controls: false,
+      pcaLayer: base.config.numLayers - 1,
+    });
     expect(tf.memory().numTensors).toBe(before);
   });
 });
@@ -195,7 +254,11 @@ describe("position masks", () => {
       [1, 1, 1, 0, 0],
     ]);
     // the logits that score each response token sit one position earlier
-    expect(batch.logitsAt.slice(0, 3)).toEqual([[0, 2], [0, 3], [1, 2]]);
+    expect(batch.logitsAt.slice(0, 3)).toEqual([
+      [0, 2],
+      [0, 3],
+      [1, 2],
+    ]);
     expect(batch.targets.slice(0, 3)).toEqual([4, 5, 6]);
   });
 });

@@ -62,7 +62,10 @@ export const rng = seededRandom;
 
 /** HF tensor names and shapes for a config (written here independently of src/io/model.ts). */
 export function shapesOf(c: OracleConfig): Record<string, number[]> {
-  const s: Record<string, number[]> = { "model.embed_tokens.weight": [c.vocab, c.hidden], "model.norm.weight": [c.hidden] };
+  const s: Record<string, number[]> = {
+    "model.embed_tokens.weight": [c.vocab, c.hidden],
+    "model.norm.weight": [c.hidden],
+  };
   if (!c.tied) s["lm_head.weight"] = [c.vocab, c.hidden];
   for (let l = 0; l < c.layers; l++) {
     const p = `model.layers.${l}.`;
@@ -98,7 +101,9 @@ export function randomWeights(c: OracleConfig, seed: number): Weights {
     const n = shape.reduce((a, b) => a * b, 1);
     const isNorm = name.endsWith("norm.weight");
     const scale = name.includes("embed") || name.includes("lm_head") ? 40 : 20;
-    w[name] = Float64Array.from({ length: n }, () => (isNorm ? 1 + Math.round((r() - 0.5) * 40) / 128 : Math.round((r() - 0.5) * 2 * scale) / 128));
+    w[name] = Float64Array.from({ length: n }, () =>
+      isNorm ? 1 + Math.round((r() - 0.5) * 40) / 128 : Math.round((r() - 0.5) * 2 * scale) / 128,
+    );
   }
   return w;
 }
@@ -111,7 +116,13 @@ export function writeModelFolder(spec: RandomModelSpec, w: Weights, dir = tempDi
       ? null
       : c.rope.kind === "linear"
         ? { type: "linear", factor: c.rope.factor }
-        : { rope_type: "llama3", factor: c.rope.factor, low_freq_factor: c.rope.low, high_freq_factor: c.rope.high, original_max_position_embeddings: c.rope.orig };
+        : {
+            rope_type: "llama3",
+            factor: c.rope.factor,
+            low_freq_factor: c.rope.low,
+            high_freq_factor: c.rope.high,
+            original_max_position_embeddings: c.rope.orig,
+          };
   const config = {
     architectures: ["LlamaForCausalLM"],
     model_type: "llama",
@@ -138,7 +149,8 @@ export function writeModelFolder(spec: RandomModelSpec, w: Weights, dir = tempDi
   const names = Object.keys(shapes);
   const groups: string[][] = Array.from({ length: spec.shards }, () => []);
   names.forEach((n, i) => groups[i % spec.shards]!.push(n));
-  const tensorsOf = (g: string[]) => Object.fromEntries(g.map((n) => [n, { dtype: spec.dtype, shape: shapes[n]!, data: w[n]! }]));
+  const tensorsOf = (g: string[]) =>
+    Object.fromEntries(g.map((n) => [n, { dtype: spec.dtype, shape: shapes[n]!, data: w[n]! }]));
   if (spec.shards === 1) writeSafetensors(path.join(dir, "model.safetensors"), tensorsOf(names));
   else {
     const weightMap: Record<string, string> = {};
@@ -147,7 +159,10 @@ export function writeModelFolder(spec: RandomModelSpec, w: Weights, dir = tempDi
       writeSafetensors(path.join(dir, file), tensorsOf(g));
       for (const n of g) weightMap[n] = file;
     });
-    fs.writeFileSync(path.join(dir, "model.safetensors.index.json"), JSON.stringify({ metadata: {}, weight_map: weightMap }));
+    fs.writeFileSync(
+      path.join(dir, "model.safetensors.index.json"),
+      JSON.stringify({ metadata: {}, weight_map: weightMap }),
+    );
   }
   return dir;
 }
@@ -159,6 +174,9 @@ export const arbCase = arbConfig.chain((cfg) =>
     seed: fc.integer({ min: 1, max: 2 ** 30 }),
     dtype: fc.constantFrom("F32" as const, "F16" as const, "BF16" as const),
     shards: fc.integer({ min: 1, max: 3 }),
-    rows: fc.array(fc.array(fc.integer({ min: 0, max: cfg.vocab - 1 }), { minLength: 1, maxLength: 20 }), { minLength: 1, maxLength: 3 }),
+    rows: fc.array(fc.array(fc.integer({ min: 0, max: cfg.vocab - 1 }), { minLength: 1, maxLength: 20 }), {
+      minLength: 1,
+      maxLength: 3,
+    }),
   }),
 );

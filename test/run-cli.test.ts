@@ -16,27 +16,57 @@ function writePairs(lines: unknown[]): string {
   fs.writeFileSync(f, lines.map((l) => (typeof l === "string" ? l : JSON.stringify(l))).join("\n") + "\n");
   return f;
 }
-const good = (i: number) => ({ prompt: `Once upon a time, Tom saw a cat number ${i}.`, chosen: "Tom gave the cat some milk.", rejected: "Tom threw a rock at the cat <script>alert(1)</script>." });
+const good = (i: number) => ({
+  prompt: `Once upon a time, Tom saw a cat number ${i}.`,
+  chosen: "Tom gave the cat some milk.",
+  rejected: "Tom threw a rock at the cat <script>alert(1)</script>.",
+});
 
 describe("prefprobe run", () => {
   let out: string;
   let r: ReturnType<typeof run>;
   beforeAll(() => {
     out = path.join(tmp(), "out");
-    const pairs = writePairs([...Array.from({ length: 6 }, (_, i) => good(i)), { prompt_ids: [1, 403, 407], chosen_ids: [261, 378], rejected_ids: [432] }]);
+    const pairs = writePairs([
+      ...Array.from({ length: 6 }, (_, i) => good(i)),
+      { prompt_ids: [1, 403, 407], chosen_ids: [261, 378], rejected_ids: [432] },
+    ]);
     r = run("run", "--base", MODEL, "--tuned", "fixtures/models/llama-tiny-a", "--pairs", pairs, "--out", out);
   });
 
   it("refuses models that differ in shape, naming the difference", () => {
     expect(r.code).not.toBe(0);
-    expect(r.err.trim().split("\n").pop()).toMatch(/^prefprobe: error: base and tuned models differ in intermediateSize \(172 vs 96\)/);
+    expect(r.err.trim().split("\n").pop()).toMatch(
+      /^prefprobe: error: base and tuned models differ in intermediateSize \(172 vs 96\)/,
+    );
     expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
   });
 
   it("writes results.json, pairs.jsonl, activations.safetensors and a self-contained report", () => {
     const o = path.join(tmp(), "out");
-    const pairs = writePairs([...Array.from({ length: 6 }, (_, i) => good(i)), { prompt_ids: [1, 403, 407], chosen_ids: [261, 378], rejected_ids: [432] }]);
-    const res = run("run", "--base", MODEL, "--tuned", MODEL, "--pairs", pairs, "--out", o, "--sites", "resid_post,mlp_out", "--direction", "both", "--bootstrap", "50", "--stability", "5");
+    const pairs = writePairs([
+      ...Array.from({ length: 6 }, (_, i) => good(i)),
+      { prompt_ids: [1, 403, 407], chosen_ids: [261, 378], rejected_ids: [432] },
+    ]);
+    const res = run(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      MODEL,
+      "--pairs",
+      pairs,
+      "--out",
+      o,
+      "--sites",
+      "resid_post,mlp_out",
+      "--direction",
+      "both",
+      "--bootstrap",
+      "50",
+      "--stability",
+      "5",
+    );
     expect(res.code, res.err).toBe(0);
     const results = JSON.parse(fs.readFileSync(path.join(o, "results.json"), "utf8"));
     expect(results.schema).toBe("prefprobe.results/1");
@@ -50,9 +80,13 @@ describe("prefprobe run", () => {
       for (const g of e.gains) expect(Math.abs(g)).toBeLessThan(1e-5);
       expect(Object.keys(e.controls)).toEqual(["random_direction", "mean_ablation"]);
     }
-    expect(Object.keys(results.lasso)).toEqual(expect.arrayContaining(["X", "y", "alpha", "coef", "intercept", "path", "stability"]));
+    expect(Object.keys(results.lasso)).toEqual(
+      expect.arrayContaining(["X", "y", "alpha", "coef", "intercept", "path", "stability"]),
+    );
     expect(results.probes).toHaveLength(10);
-    expect(Object.keys(results.pca)).toEqual(expect.arrayContaining(["layer", "site", "explained_variance_ratio", "recovery"]));
+    expect(Object.keys(results.pca)).toEqual(
+      expect.arrayContaining(["layer", "site", "explained_variance_ratio", "recovery"]),
+    );
     expect(results.logit_lens.layers).toHaveLength(6);
     expect(results.settings.seed).toBe(0);
     expect(results.backend).toMatch(/wasm/);
@@ -82,18 +116,44 @@ describe("prefprobe run", () => {
       expect(p.prompt!.endsWith("\n\nAssistant:")).toBe(true);
       expect(p.chosen!.includes("\n\nAssistant:")).toBe(false);
     }
-    expect(() => readPairs("fixtures/data/hh-rlhf/harmless-base-test.jsonl.gz")).toThrow(new RegExp(`line ${bad[0]!.line}: chosen and rejected share no prefix`));
-    expect(splitHH("\n\nHuman: hi\n\nAssistant: yes", "\n\nHuman: hi\n\nAssistant: no")).toEqual({ prompt: "\n\nHuman: hi\n\nAssistant:", chosen: " yes", rejected: " no" });
+    expect(() => readPairs("fixtures/data/hh-rlhf/harmless-base-test.jsonl.gz")).toThrow(
+      new RegExp(`line ${bad[0]!.line}: chosen and rejected share no prefix`),
+    );
+    expect(splitHH("\n\nHuman: hi\n\nAssistant: yes", "\n\nHuman: hi\n\nAssistant: no")).toEqual({
+      prompt: "\n\nHuman: hi\n\nAssistant:",
+      chosen: " yes",
+      rejected: " no",
+    });
     expect(splitHH("\n\nHuman: a\n\nAssistant: yes", "\n\nHuman: b\n\nAssistant: no")).toBeNull();
   });
 
   const badCases: Array<[string, () => string[], RegExp]> = [
     ["malformed JSON line", () => ["--pairs", writePairs([good(0), "{oops"])], /line 2: not valid JSON/],
-    ["missing fields", () => ["--pairs", writePairs([good(0), { prompt: "x", chosen: "y" }])], /line 2: needs string fields/],
-    ["no shared prefix", () => ["--pairs", writePairs([{ chosen: "a", rejected: "b" }])], /line 1: chosen and rejected share no prefix/],
-    ["ids outside the vocabulary", () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [9999], rejected_ids: [3] }])], /line 1: token id 9999 is outside the vocabulary/],
-    ["empty response", () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [], rejected_ids: [3] }])], /line 1: a response has no tokens/],
-    ["every pair too long", () => ["--pairs", writePairs([good(0)]), "--max-tokens", "5"], /no usable pairs .*1 longer than 5 tokens/],
+    [
+      "missing fields",
+      () => ["--pairs", writePairs([good(0), { prompt: "x", chosen: "y" }])],
+      /line 2: needs string fields/,
+    ],
+    [
+      "no shared prefix",
+      () => ["--pairs", writePairs([{ chosen: "a", rejected: "b" }])],
+      /line 1: chosen and rejected share no prefix/,
+    ],
+    [
+      "ids outside the vocabulary",
+      () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [9999], rejected_ids: [3] }])],
+      /line 1: token id 9999 is outside the vocabulary/,
+    ],
+    [
+      "empty response",
+      () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [], rejected_ids: [3] }])],
+      /line 1: a response has no tokens/,
+    ],
+    [
+      "every pair too long",
+      () => ["--pairs", writePairs([good(0)]), "--max-tokens", "5"],
+      /no usable pairs .*1 longer than 5 tokens/,
+    ],
     ["missing pairs file", () => ["--pairs", "/nonexistent.jsonl"], /cannot read/],
     ["unknown site", () => ["--pairs", writePairs([good(0)]), "--sites", "resid_post,foo"], /unknown site "foo"/],
     ["layer out of range", () => ["--pairs", writePairs([good(0)]), "--layers", "1,9"], /layer 9 is outside 0..4/],
@@ -105,7 +165,10 @@ describe("prefprobe run", () => {
     const a = args();
     const res = run("run", "--base", MODEL, "--tuned", MODEL, "--out", o, ...a);
     expect(res.code).not.toBe(0);
-    const errLines = res.err.trim().split("\n").filter((l) => l.startsWith("prefprobe: error:"));
+    const errLines = res.err
+      .trim()
+      .split("\n")
+      .filter((l) => l.startsWith("prefprobe: error:"));
     expect(errLines).toHaveLength(1);
     expect(errLines[0]).toMatch(msg);
     expect(res.err).not.toMatch(/\n\s+at /);
@@ -115,7 +178,24 @@ describe("prefprobe run", () => {
   it("--skip-bad counts malformed lines and --max-tokens counts long pairs", () => {
     const o = path.join(tmp(), "o");
     const long = { prompt: "Once upon a time ".repeat(20), chosen: "yes", rejected: "no" };
-    const res = run("run", "--base", MODEL, "--tuned", MODEL, "--out", o, "--pairs", writePairs([good(0), "{bad", good(1), long, good(2)]), "--skip-bad", "--max-tokens", "70", "--bootstrap", "10", "--stability", "2");
+    const res = run(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      MODEL,
+      "--out",
+      o,
+      "--pairs",
+      writePairs([good(0), "{bad", good(1), long, good(2)]),
+      "--skip-bad",
+      "--max-tokens",
+      "70",
+      "--bootstrap",
+      "10",
+      "--stability",
+      "2",
+    );
     expect(res.code, res.err).toBe(0);
     expect(res.err).toMatch(/pairs: 3 used, 1 skipped as longer than 70 tokens, 1 malformed/);
     const results = JSON.parse(fs.readFileSync(path.join(o, "results.json"), "utf8"));

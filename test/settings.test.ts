@@ -50,7 +50,9 @@ describe("default worker threads", () => {
     const GiB = 2 ** 30;
     const held = 4.6 * GiB; // two Llama-3.2-1B models in BF16
     expect(defaultWorkers("wasm", held, { cores: 2, memory: 24 * GiB })).toBe(2);
-    expect(defaultWorkers("wasm", held, { cores: 16, memory: 24 * GiB })).toBe(Math.floor((24 * GiB - held - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES));
+    expect(defaultWorkers("wasm", held, { cores: 16, memory: 24 * GiB })).toBe(
+      Math.floor((24 * GiB - held - MAIN_THREAD_BYTES) / WASM_WORKER_BYTES),
+    );
     expect(defaultWorkers("wasm", held, { cores: 2, memory: 8 * GiB })).toBe(1);
     expect(defaultWorkers("wasm", 100 * GiB, { cores: 2, memory: 8 * GiB })).toBe(1); // never 0
     expect(defaultWorkers("wasm (SIMD)", 0, { cores: 4, memory: 64 * GiB })).toBe(4);

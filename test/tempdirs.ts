@@ -20,4 +20,5 @@ export function removeTempDirs(): void {
 }
 
 /** The prefprobe-* entries of the OS temp dir now. */
-export const prefprobeTempEntries = (): string[] => fs.readdirSync(os.tmpdir()).filter((n) => n.startsWith("prefprobe-"));
+export const prefprobeTempEntries = (): string[] =>
+  fs.readdirSync(os.tmpdir()).filter((n) => n.startsWith("prefprobe-"));

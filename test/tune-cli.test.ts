@@ -21,11 +21,44 @@ describe("prefprobe tune", () => {
     const dir = tmp();
     const out = path.join(dir, "tuned");
     const evalFile = path.join(tmp(), "eval.jsonl"); // 12 held-out pairs: the CLI's numbers are checked against evaluatePairs below
-    fs.writeFileSync(evalFile, fs.readFileSync("fixtures/data/stories/test.jsonl", "utf8").split("\n").slice(0, 12).join("\n") + "\n");
-    const r = run("tune", "--model", MODEL, "--pairs", TRAIN, "--limit", "8", "--eval", evalFile, "--out", out, "--epochs", "1", "--batch", "4", "--train", "layers.1.mlp", "--rank", "2", "--lr", "0.01");
+    fs.writeFileSync(
+      evalFile,
+      fs.readFileSync("fixtures/data/stories/test.jsonl", "utf8").split("\n").slice(0, 12).join("\n") + "\n",
+    );
+    const r = run(
+      "tune",
+      "--model",
+      MODEL,
+      "--pairs",
+      TRAIN,
+      "--limit",
+      "8",
+      "--eval",
+      evalFile,
+      "--out",
+      out,
+      "--epochs",
+      "1",
+      "--batch",
+      "4",
+      "--train",
+      "layers.1.mlp",
+      "--rank",
+      "2",
+      "--lr",
+      "0.01",
+    );
     expect(r.code, r.err).toBe(0);
     expect(r.out).toMatch(/trained 3 weights \(rank-2 updates\) for 2 steps/);
-    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "LICENSE", "tune.json"]) expect(fs.existsSync(path.join(out, f)), f).toBe(true);
+    for (const f of [
+      "config.json",
+      "model.safetensors",
+      "tokenizer.json",
+      "tokenizer_config.json",
+      "LICENSE",
+      "tune.json",
+    ])
+      expect(fs.existsSync(path.join(out, f)), f).toBe(true);
     expect(loadConfig(out).numLayers).toBe(5);
     const a = readSafetensors(path.join(MODEL, "model.safetensors"));
     const b = readSafetensors(path.join(out, "model.safetensors"));
@@ -45,20 +78,55 @@ describe("prefprobe tune", () => {
     expect(ev.meanMarginTuned).not.toBeCloseTo(ev.meanMarginBase, 2);
     const pct = (x: number) => (100 * x).toFixed(1);
     const noise = ev.atNoiseFloor ? ` (${ev.atNoiseFloor} pairs within float32 noise, not counted)` : "";
-    expect(r.out).toContain(`held-out (12 pairs): mean margin ${ev.meanMarginBase.toFixed(3)} → ${ev.meanMarginTuned.toFixed(3)}; reward accuracy ${pct(ev.rewardAccuracy!)}%${noise}; prefers chosen ${pct(ev.basePrefersChosen)}% → ${pct(ev.tunedPrefersChosen)}%`);
+    expect(r.out).toContain(
+      `held-out (12 pairs): mean margin ${ev.meanMarginBase.toFixed(3)} → ${ev.meanMarginTuned.toFixed(3)}; reward accuracy ${pct(ev.rewardAccuracy!)}%${noise}; prefers chosen ${pct(ev.basePrefersChosen)}% → ${pct(ev.tunedPrefersChosen)}%`,
+    );
     const logits = run("logits", "--model", out, "--text", "Once upon a time");
     expect(logits.code).toBe(0);
     expect(fs.readdirSync(dir)).toEqual(["tuned"]); // no temporary folder left behind
   });
 
   const bad: Array<[string, (o: string) => string[], RegExp]> = [
-    ["a pattern that matches nothing", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.9.nothing"], /matches no weight/],
-    ["an existing output folder", (o) => (fs.mkdirSync(o), ["--pairs", TRAIN, "--out", o]), /already exists \(use --force/],
+    [
+      "a pattern that matches nothing",
+      (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.9.nothing"],
+      /matches no weight/,
+    ],
+    [
+      "an existing output folder",
+      (o) => (fs.mkdirSync(o), ["--pairs", TRAIN, "--out", o]),
+      /already exists \(use --force/,
+    ],
     ["a bad learning rate", (o) => ["--pairs", TRAIN, "--out", o, "--lr", "-1"], /--lr must be positive/],
-    ["a list with one pattern that matches nothing", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "model.layers.2.self_attn.?_proj.weight,nothing"], /--train pattern "nothing" matches no weight/],
-    ["a glob that is only part of a name", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.*.mlp.down_proj"], /a glob must match a whole name/],
-    ["a rank above a matrix's smaller side", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.0.self_attn", "--rank", "33"], /--rank 33 is more than model.layers.0.self_attn.k_proj.weight can take/],
-    ["--lora-alpha without --rank", (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--lora-alpha", "8"], /--lora-alpha scales a low-rank update: give --rank too/],
+    [
+      "a list with one pattern that matches nothing",
+      (o) => [
+        "--pairs",
+        TRAIN,
+        "--limit",
+        "2",
+        "--out",
+        o,
+        "--train",
+        "model.layers.2.self_attn.?_proj.weight,nothing",
+      ],
+      /--train pattern "nothing" matches no weight/,
+    ],
+    [
+      "a glob that is only part of a name",
+      (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.*.mlp.down_proj"],
+      /a glob must match a whole name/,
+    ],
+    [
+      "a rank above a matrix's smaller side",
+      (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--train", "layers.0.self_attn", "--rank", "33"],
+      /--rank 33 is more than model.layers.0.self_attn.k_proj.weight can take/,
+    ],
+    [
+      "--lora-alpha without --rank",
+      (o) => ["--pairs", TRAIN, "--limit", "2", "--out", o, "--lora-alpha", "8"],
+      /--lora-alpha scales a low-rank update: give --rank too/,
+    ],
     ["an unknown schedule", (o) => ["--pairs", TRAIN, "--out", o, "--schedule", "step"], /argument 'step' is invalid/],
     ["a missing pairs file", (o) => ["--pairs", "/nonexistent.jsonl", "--out", o], /cannot read/],
   ];
@@ -67,7 +135,10 @@ describe("prefprobe tune", () => {
     const existed = args(o);
     const r = run("tune", "--model", MODEL, ...existed);
     expect(r.code).not.toBe(0);
-    const lines = r.err.trim().split("\n").filter((l) => l.startsWith("prefprobe: error:"));
+    const lines = r.err
+      .trim()
+      .split("\n")
+      .filter((l) => l.startsWith("prefprobe: error:"));
     expect(lines).toHaveLength(1);
     expect(lines[0]).toMatch(msg);
     expect(r.err).not.toMatch(/\n\s+at /);

@@ -29,20 +29,32 @@ const each = (suffix: string) => Array.from({ length: L }, (_, l) => `model.laye
 
 describe("--train selection", () => {
   it("a plain pattern selects every weight whose name contains it", () => {
-    expect(new Set(names(["norm"]))).toEqual(new Set([...each("input_layernorm.weight"), ...each("post_attention_layernorm.weight"), "model.norm.weight"]));
-    expect(new Set(names(["layernorm"]))).toEqual(new Set([...each("input_layernorm.weight"), ...each("post_attention_layernorm.weight")]));
+    expect(new Set(names(["norm"]))).toEqual(
+      new Set([...each("input_layernorm.weight"), ...each("post_attention_layernorm.weight"), "model.norm.weight"]),
+    );
+    expect(new Set(names(["layernorm"]))).toEqual(
+      new Set([...each("input_layernorm.weight"), ...each("post_attention_layernorm.weight")]),
+    );
     expect(names(["mlp.down"])).toEqual(each("mlp.down_proj.weight"));
-    expect(names(["ayers.1.mlp"])).toEqual(["gate_proj", "up_proj", "down_proj"].map((p) => `model.layers.1.mlp.${p}.weight`));
+    expect(names(["ayers.1.mlp"])).toEqual(
+      ["gate_proj", "up_proj", "down_proj"].map((p) => `model.layers.1.mlp.${p}.weight`),
+    );
     expect(names(["layers.1.mlp"])).toEqual(names(["ayers.1.mlp"]));
   });
 
   it("a glob (*, ?, [..]) matches whole names", () => {
-    expect(names(["model.layers.2.self_attn.?_proj.weight"])).toEqual(["q", "k", "v", "o"].map((p) => `model.layers.2.self_attn.${p}_proj.weight`));
-    expect(new Set(names(["model.layers.*.self_attn.[qk]_proj.weight"]))).toEqual(new Set([...each("self_attn.q_proj.weight"), ...each("self_attn.k_proj.weight")]));
+    expect(names(["model.layers.2.self_attn.?_proj.weight"])).toEqual(
+      ["q", "k", "v", "o"].map((p) => `model.layers.2.self_attn.${p}_proj.weight`),
+    );
+    expect(new Set(names(["model.layers.*.self_attn.[qk]_proj.weight"]))).toEqual(
+      new Set([...each("self_attn.q_proj.weight"), ...each("self_attn.k_proj.weight")]),
+    );
     expect(names(["*"])).toHaveLength(2 + 9 * L); // embedding (tied: the head), final norm, 9 per layer
     expect(names(["*layers.*.mlp.down_proj*"])).toEqual(each("mlp.down_proj.weight"));
     // a glob is anchored: part of a name is not enough
-    expect(() => names(["layers.*.mlp.down_proj"])).toThrow(/--train pattern "layers.\*.mlp.down_proj" matches no weight of the model \(a glob must match a whole name; names look like model.layers.0/);
+    expect(() => names(["layers.*.mlp.down_proj"])).toThrow(
+      /--train pattern "layers.\*.mlp.down_proj" matches no weight of the model \(a glob must match a whole name; names look like model.layers.0/,
+    );
   });
 
   it("every pattern of a list must select a weight, else the list is refused naming the pattern", () => {
@@ -57,7 +69,9 @@ describe("tuneDPO", () => {
 
   it("refuses a --rank above a selected matrix's smaller side, naming the matrix", async () => {
     // k_proj is [32, 64]: rank 33 is more than it holds; the 64-wide matrices would take it
-    await expect(tuneDPO(model, pairs, settings({ train: ["layers.0.self_attn"], rank: 33 }))).rejects.toThrow(/--rank 33 is more than model.layers.0.self_attn.k_proj.weight can take: .*r ≤ 32/);
+    await expect(tuneDPO(model, pairs, settings({ train: ["layers.0.self_attn"], rank: 33 }))).rejects.toThrow(
+      /--rank 33 is more than model.layers.0.self_attn.k_proj.weight can take: .*r ≤ 32/,
+    );
     const ok = await tuneDPO(model, pairs.slice(0, 4), settings({ train: ["layers.0.self_attn.q_proj"], rank: 64 }));
     tf.dispose(ok.ownTensors);
   });
@@ -79,7 +93,11 @@ describe("tuneDPO", () => {
 
   it("passes Adam's ε and the schedule to the optimizer: a huge ε makes the first update tiny", async () => {
     const delta = async (over: Partial<typeof DEFAULT_TUNE>) => {
-      const res = await tuneDPO(model, pairs.slice(0, 8), settings({ train: ["model.norm.weight"], lr: 1e-2, epochs: 1, ...over }));
+      const res = await tuneDPO(
+        model,
+        pairs.slice(0, 8),
+        settings({ train: ["model.norm.weight"], lr: 1e-2, epochs: 1, ...over }),
+      );
       const after = res.model.finalNorm.dataSync();
       const before = model.finalNorm.dataSync();
       const d = Math.max(...Array.from(after, (v, i) => Math.abs(v - before[i]!)));
@@ -97,9 +115,15 @@ describe("tuneDPO", () => {
 
   it("the learning rate follows transformers' warm-up, linear and cosine schedules", () => {
     const s = { lr: 1, warmupSteps: 2 };
-    expect([1, 2, 3, 4, 5, 6].map((t) => learningRate({ ...s, schedule: "constant" }, t, 6))).toEqual([0, 0.5, 1, 1, 1, 1]);
-    expect([1, 2, 3, 4, 5, 6].map((t) => learningRate({ ...s, schedule: "linear" }, t, 6))).toEqual([0, 0.5, 1, 0.75, 0.5, 0.25]);
+    expect([1, 2, 3, 4, 5, 6].map((t) => learningRate({ ...s, schedule: "constant" }, t, 6))).toEqual([
+      0, 0.5, 1, 1, 1, 1,
+    ]);
+    expect([1, 2, 3, 4, 5, 6].map((t) => learningRate({ ...s, schedule: "linear" }, t, 6))).toEqual([
+      0, 0.5, 1, 0.75, 0.5, 0.25,
+    ]);
     const cos = [3, 4, 5, 6].map((t) => learningRate({ ...s, schedule: "cosine" }, t, 6));
-    [1, 0.5 * (1 + Math.cos(Math.PI / 4)), 0.5, 0.5 * (1 + Math.cos((3 * Math.PI) / 4))].forEach((v, i) => expect(cos[i]).toBeCloseTo(v, 12));
+    [1, 0.5 * (1 + Math.cos(Math.PI / 4)), 0.5, 0.5 * (1 + Math.cos((3 * Math.PI) / 4))].forEach((v, i) =>
+      expect(cos[i]).toBeCloseTo(v, 12),
+    );
   });
 });

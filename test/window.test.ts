@@ -33,11 +33,16 @@ describe("--window", () => {
     try {
       const gains = sweepBatch(demo, sweepInput(sc), plan.combos, () => interpolate(1), s);
       const L = demo.base.config.numLayers;
-      const tunedRun = forward(demo.tuned, sc.batch.ids, { lengths: sc.batch.lengths, logitsAt: "none", cache: (n) => /hook_(mlp|attn)_out$/.test(n) });
+      const tunedRun = forward(demo.tuned, sc.batch.ids, {
+        lengths: sc.batch.lengths,
+        logitsAt: "none",
+        cache: (n) => /hook_(mlp|attn)_out$/.test(n),
+      });
       try {
         for (const [ci, c] of plan.combos.entries()) {
           const hooks: Record<string, () => tf.Tensor> = {};
-          for (let j = c.layer; j < Math.min(L, c.layer + 3); j++) hooks[`blocks.${j}.hook_${c.site}`] = () => tf.clone(tunedRun.cache.get(`blocks.${j}.hook_${c.site}`));
+          for (let j = c.layer; j < Math.min(L, c.layer + 3); j++)
+            hooks[`blocks.${j}.hook_${c.site}`] = () => tf.clone(tunedRun.cache.get(`blocks.${j}.hook_${c.site}`));
           const patched = pairMargins(demo.base, demo.pairs, { hooks });
           patched.forEach((m, i) => close(gains[ci]![i]!, m - sc.margin.base[i]!));
         }
@@ -50,7 +55,10 @@ describe("--window", () => {
   });
 
   it("window 1 is the single-layer sweep, and a residual-stream window (α = 1, all positions) is its last layer alone", () => {
-    const s1 = resolveSettings({ sites: ["resid_post", "mlp_out"], directions: ["tuned->base", "base->tuned"] }, demo.base.config);
+    const s1 = resolveSettings(
+      { sites: ["resid_post", "mlp_out"], directions: ["tuned->base", "base->tuned"] },
+      demo.base.config,
+    );
     const s2 = { ...s1, window: 2 };
     const plan = makePlan(s2, demo.base.config.numLayers);
     const sc = scoreBatch(demo, demo.pairs, plan, s1);
@@ -62,7 +70,9 @@ describe("--window", () => {
       const L = demo.base.config.numLayers;
       plan.combos.forEach((c, ci) => {
         if (c.site !== "resid_post") return;
-        const last = plan.combos.findIndex((d) => d.site === c.site && d.direction === c.direction && d.layer === Math.min(L - 1, c.layer + 1));
+        const last = plan.combos.findIndex(
+          (d) => d.site === c.site && d.direction === c.direction && d.layer === Math.min(L - 1, c.layer + 1),
+        );
         w2[ci]!.forEach((v, i) => close(v, single[last]![i]!, 1e-5));
       });
     } finally {
@@ -77,13 +87,19 @@ describe("--window", () => {
     try {
       const attr = attributionBatch(demo, sc, plan, s);
       const eps = 1e-2;
-      const at = (alpha: number) => sweepBatch(demo, sweepInput(sc), plan.combos, () => interpolate(alpha), { ...s, alpha });
+      const at = (alpha: number) =>
+        sweepBatch(demo, sweepInput(sc), plan.combos, () => interpolate(alpha), { ...s, alpha });
       const plus = at(eps);
       const minus = at(-eps);
       demo.pairs.forEach((_, i) => {
         const gp = gainsByKey(plan.combos, plus, i);
         const gm = gainsByKey(plan.combos, minus, i);
-        for (const key of Object.keys(gp)) gp[key]!.forEach((v, l) => expect(Math.abs(attr[i]!.gains[key]![l]! - (v - gm[key]![l]!) / (2 * eps))).toBeLessThan(3e-3 + 1e-3 * Math.abs(v / eps)));
+        for (const key of Object.keys(gp))
+          gp[key]!.forEach((v, l) =>
+            expect(Math.abs(attr[i]!.gains[key]![l]! - (v - gm[key]![l]!) / (2 * eps))).toBeLessThan(
+              3e-3 + 1e-3 * Math.abs(v / eps),
+            ),
+          );
       });
     } finally {
       sc.dispose();
@@ -91,9 +107,19 @@ describe("--window", () => {
   });
 
   it("a run with --window records it and keeps both controls (mean ablation at every window layer)", async () => {
-    const r = await runAnalysis(demo.base, demo.tuned, demo.pairs, { window: 2, sites: ["mlp_out"], bootstrap: 10, stabilityReps: 2 });
+    const r = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
+      window: 2,
+      sites: ["mlp_out"],
+      bootstrap: 10,
+      stabilityReps: 2,
+    });
     expect(r.patching.every((p) => p.window === 2 && p.controls !== null)).toBe(true);
-    expect(r.patching.every((p) => Number.isFinite(p.controls!.mean_ablation.recovery) && Number.isFinite(p.controls!.random_direction.recovery))).toBe(true);
+    expect(
+      r.patching.every(
+        (p) =>
+          Number.isFinite(p.controls!.mean_ablation.recovery) && Number.isFinite(p.controls!.random_direction.recovery),
+      ),
+    ).toBe(true);
     expect(() => resolveSettings({ window: 0 })).toThrow(/window must be an integer ≥ 1/);
   });
 });

@@ -25,14 +25,26 @@ import type { AttributionSummary, PairAttribution, PairRecord } from "./schema.j
  * (l = numLayers: entering the final norm) in the caller's [B, T, H] layout, e.g. from a scoring pass's cache;
  * without it one plain forward makes them. Needs the gradient registry (enableGradients).
  */
-export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookName[], perToken: boolean, residIn?: (l: number) => tf.Tensor): Map<HookName, tf.Tensor> {
+export function siteGradients(
+  model: LlamaModel,
+  batch: PairBatch,
+  names: HookName[],
+  perToken: boolean,
+  residIn?: (l: number) => tf.Tensor,
+): Map<HookName, tf.Tensor> {
   if (!gradientsEnabled()) throw new Error("attribution patching needs gradients: await enableGradients() first");
   const { numLayers: L, numHeads: nH, headDim: d, hiddenSize: H } = model.config;
   const B = batch.ids.length;
   const count = new Array<number>(B).fill(0);
   for (const r of batch.rowOf) count[r]!++;
   const sign = tf.tensor1d(batch.rowOf.map((r) => (r % 2 === 0 ? 1 : -1) / (perToken ? count[r]! : 1)));
-  const own = residIn ? null : forward(model, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))] });
+  const own = residIn
+    ? null
+    : forward(model, batch.ids, {
+        lengths: batch.lengths,
+        logitsAt: "none",
+        cache: ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))],
+      });
   const input = residIn ?? ((l: number) => own!.cache.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)));
   const want = new Set<string>(names);
   const out = new Map<HookName, tf.Tensor>();
@@ -43,7 +55,12 @@ export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookNa
     // through the final norm
     g = tf.tidy(() => {
       const x = input(L);
-      const dy = targetLogprobGradient(model, normedRows(model, x, batch.logitsAt), batch.targets, Array.from(sign.dataSync()));
+      const dy = targetLogprobGradient(
+        model,
+        normedRows(model, x, batch.logitsAt),
+        batch.targets,
+        Array.from(sign.dataSync()),
+      );
       return tf.grads((r: tf.Tensor) => normedRows(model, r, batch.logitsAt))([x], dy)[0]!;
     });
     for (let l = L - 1; l >= 0; l--) {
@@ -55,7 +72,14 @@ export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookNa
         const zeros = inLayer.map((n) => tf.zeros(n.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]));
         return tf.grads((x: tf.Tensor, ...deltas: tf.Tensor[]) => {
           const hooks = Object.fromEntries(inLayer.map((n, i) => [n, (v: tf.Tensor) => tf.add(v, deltas[i]!)]));
-          const r = forward(model, batch.ids, { ...base, logitsAt: "none", start: { layer: l, resid: x }, stopAfter: l, cache: [post], hooks });
+          const r = forward(model, batch.ids, {
+            ...base,
+            logitsAt: "none",
+            start: { layer: l, resid: x },
+            stopAfter: l,
+            cache: [post],
+            hooks,
+          });
           return (y = r.cache.take(post));
         })([input(l), ...zeros], dy);
       });
@@ -82,7 +106,13 @@ export function siteGradients(model: LlamaModel, batch: PairBatch, names: HookNa
  * gradients are the batch's at its rows): the tape then holds one pair's layer, not the batch's. `residIn` as
  * siteGradients', in the batch's [B, T, H] layout; the gradients come back in it (0 past a pair's length).
  */
-function batchGradients(model: LlamaModel, batch: PairBatch, names: HookName[], perToken: boolean, residIn: (l: number) => tf.Tensor): Map<HookName, tf.Tensor> {
+function batchGradients(
+  model: LlamaModel,
+  batch: PairBatch,
+  names: HookName[],
+  perToken: boolean,
+  residIn: (l: number) => tf.Tensor,
+): Map<HookName, tf.Tensor> {
   const parts = batch.pairs.map((p, i) => {
     const one = makeBatch([p]);
     const rows = (t: tf.Tensor) => tf.slice(t, [2 * i, 0, 0], [2, one.T, -1]);
@@ -105,14 +135,23 @@ function batchGradients(model: LlamaModel, batch: PairBatch, names: HookName[], 
 }
 
 /** Attribution estimates for every pair of a scored batch: the plan's combos, per position for the first key, per head for the first direction. */
-export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }, sc: ScoredBatch, plan: Plan, s: RunSettings): PairAttribution[] {
+export function attributionBatch(
+  models: { base: LlamaModel; tuned: LlamaModel },
+  sc: ScoredBatch,
+  plan: Plan,
+  s: RunSettings,
+): PairAttribution[] {
   const { numLayers: L, numHeads: nH } = models.base.config;
   const { batch } = sc;
   const B = batch.ids.length;
   const n = B / 2;
   const mask = s.positions === "response" ? sc.mask.response : sc.mask.all; // [B, T, 1]
   const zNames = Array.from({ length: L }, (_, l) => hookName("z", l));
-  const out: PairAttribution[] = Array.from({ length: n }, () => ({ gains: {}, positions: { key: "", chosen: [], rejected: [] }, heads: [] }));
+  const out: PairAttribution[] = Array.from({ length: n }, () => ({
+    gains: {},
+    positions: { key: "", chosen: [], rejected: [] },
+    heads: [],
+  }));
   const firstKey = plan.combos.length ? comboKey(plan.combos[0]!) : "";
   const directions = [...new Set(plan.combos.map((c) => c.direction))] as Direction[];
   for (const [di, direction] of directions.entries()) {
@@ -125,10 +164,19 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
     // the residuals entering each layer, and z, from the scoring pass's cache (makePlan caches z for attribution;
     // a plan made without it gets z from one more plain forward per model)
     const cached = sc.runs[dst].cache;
-    const zRuns = di === 0 && !sc.runs.base.cache.has(zNames[0]!) ? { base: forward(models.base, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }), tuned: forward(models.tuned, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }) } : null;
-    const grads = batchGradients(models[dst], batch, names, s.perToken, (l) => cached.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)));
+    const zRuns =
+      di === 0 && !sc.runs.base.cache.has(zNames[0]!)
+        ? {
+            base: forward(models.base, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }),
+            tuned: forward(models.tuned, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }),
+          }
+        : null;
+    const grads = batchGradients(models[dst], batch, names, s.perToken, (l) =>
+      cached.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)),
+    );
     try {
-      const act = (m: "base" | "tuned", nm: HookName) => (zRuns && nm.endsWith("hook_z") ? zRuns[m].cache.get(nm) : sc.runs[m].cache.get(nm));
+      const act = (m: "base" | "tuned", nm: HookName) =>
+        zRuns && nm.endsWith("hook_z") ? zRuns[m].cache.get(nm) : sc.runs[m].cache.get(nm);
       // α (h_tuned − h_base) · g per row and position → [B, T]
       const perPosition = (nm: HookName) =>
         tf.tidy(() => {
@@ -156,11 +204,17 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
           // per head: sum over head_dim and the masked positions of both rows
           const perHead = readValues(() =>
             tf.tidy(() => {
-              const prod = tf.mul(tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!), tf.expandDims(mask, 3));
+              const prod = tf.mul(
+                tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!),
+                tf.expandDims(mask, 3),
+              );
               return tf.mul(tf.sum(prod, [1, 3]), s.alpha); // [B, nH]
             }),
           );
-          for (let i = 0; i < n; i++) out[i]!.heads.push(Array.from({ length: nH }, (_, h) => perHead[2 * i * nH + h]! + perHead[(2 * i + 1) * nH + h]!));
+          for (let i = 0; i < n; i++)
+            out[i]!.heads.push(
+              Array.from({ length: nH }, (_, h) => perHead[2 * i * nH + h]! + perHead[(2 * i + 1) * nH + h]!),
+            );
         }
       }
     } finally {
@@ -173,7 +227,11 @@ export function attributionBatch(models: { base: LlamaModel; tuned: LlamaModel }
 }
 
 /** Summarizes the pairs' attribution records (null when the run made none); `gap` is each pair's gap. */
-export function attributionSummary(records: PairRecord[], plan: Plan, gap: ArrayLike<number>): AttributionSummary | null {
+export function attributionSummary(
+  records: PairRecord[],
+  plan: Plan,
+  gap: ArrayLike<number>,
+): AttributionSummary | null {
   if (!records.length || !records[0]!.attribution) return null;
   const meanGap = Array.from(gap).reduce((a, b) => a + b, 0) / records.length;
   const keyIndex = new Map<string, number>();
@@ -191,22 +249,43 @@ export function attributionSummary(records: PairRecord[], plan: Plan, gap: Array
       mean_estimate: mean(est),
       recovery_estimate: mean(est) / meanGap,
       exact: exactGains
-        ? { recovery: mean(exactGains) / meanGap, correlation: pearson(est, exactGains), max_abs_error: Math.max(...est.map((v, i) => Math.abs(v - exactGains[i]!))) }
+        ? {
+            recovery: mean(exactGains) / meanGap,
+            correlation: pearson(est, exactGains),
+            max_abs_error: Math.max(...est.map((v, i) => Math.abs(v - exactGains[i]!))),
+          }
         : null,
     };
   });
   const L = records[0]!.attribution!.heads.length;
   const nH = records[0]!.attribution!.heads[0]?.length ?? 0;
-  const headMean = Array.from({ length: L }, (_, l) => Array.from({ length: nH }, (_, h) => records.reduce((a, r) => a + r.attribution!.heads[l]![h]!, 0) / records.length));
+  const headMean = Array.from({ length: L }, (_, l) =>
+    Array.from(
+      { length: nH },
+      (_, h) => records.reduce((a, r) => a + r.attribution!.heads[l]![h]!, 0) / records.length,
+    ),
+  );
   let top = 0;
   for (let i = 1; i < records.length; i++) if (Math.abs(gap[i]!) > Math.abs(gap[top]!)) top = i;
   const r = records[top]!;
   const firstKey = r.attribution!.positions.key;
   return {
     entries,
-    heads: { direction: plan.combos[0]?.direction ?? "tuned->base", mean: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) },
+    heads: {
+      direction: plan.combos[0]?.direction ?? "tuned->base",
+      mean: headMean,
+      recovery: headMean.map((row) => row.map((v) => v / meanGap)),
+    },
     heatmap: firstKey
-      ? { pair: r.index, key: firstKey, gap: r.gap, layers: plan.combos.filter((c) => comboKey(c) === firstKey).map((c) => c.layer), ids: r.ids, chosen: r.attribution!.positions.chosen, rejected: r.attribution!.positions.rejected }
+      ? {
+          pair: r.index,
+          key: firstKey,
+          gap: r.gap,
+          layers: plan.combos.filter((c) => comboKey(c) === firstKey).map((c) => c.layer),
+          ids: r.ids,
+          chosen: r.attribution!.positions.chosen,
+          rejected: r.attribution!.positions.rejected,
+        }
       : null,
   };
 }

@@ -23,12 +23,31 @@ export const PURPOSE = { randomDirection: 1, randomSubspace: 2 } as const;
  * direction, site, layer, pair index, 2); each row's response positions are drawn from the same key ending in
  * 0 (chosen) or 1 (rejected).
  */
-export function keyedNoise(s: RunSettings, c: Combo, pairs: Pair[], lengths: number[], T: number, H: number): tf.Tensor {
+export function keyedNoise(
+  s: RunSettings,
+  c: Combo,
+  pairs: Pair[],
+  lengths: number[],
+  T: number,
+  H: number,
+): tf.Tensor {
   return tf.tidy(() => {
-    const key = (i: number, part: number) => tfSeed(s.seed, PURPOSE.randomDirection, DIRECTIONS.indexOf(c.direction), SITES.indexOf(c.site), c.layer, pairs[i]!.index, part);
+    const key = (i: number, part: number) =>
+      tfSeed(
+        s.seed,
+        PURPOSE.randomDirection,
+        DIRECTIONS.indexOf(c.direction),
+        SITES.indexOf(c.site),
+        c.layer,
+        pairs[i]!.index,
+        part,
+      );
     const rows = lengths.map((len, r) => {
       const p = pairs[r >> 1]!.promptIds.length;
-      const parts = [tf.randomNormal([p, H], 0, 1, "float32", key(r >> 1, 2)), tf.randomNormal([len - p, H], 0, 1, "float32", key(r >> 1, r & 1))];
+      const parts = [
+        tf.randomNormal([p, H], 0, 1, "float32", key(r >> 1, 2)),
+        tf.randomNormal([len - p, H], 0, 1, "float32", key(r >> 1, r & 1)),
+      ];
       if (len < T) parts.push(tf.zeros([T - len, H]));
       return tf.concat(parts);
     });
@@ -52,7 +71,10 @@ export function ablationMeans(plan: Plan, states: PairState[], layout: SumsLayou
   const positions = states.reduce((a, st) => a + positionsOf(st).all, 0);
   const out: Record<string, Float32Array> = {};
   for (const src of new Set(plan.combos.map((c) => roles(c.direction).src))) {
-    layout.sites.forEach((site, si) => (out[`${src} ${site}`] = Float32Array.from(meanOver(states, layout.siteSum(src, si), layout.H, positions))));
+    layout.sites.forEach(
+      (site, si) =>
+        (out[`${src} ${site}`] = Float32Array.from(meanOver(states, layout.siteSum(src, si), layout.H, positions))),
+    );
   }
   return out;
 }
@@ -61,7 +83,14 @@ export function ablationMeans(plan: Plan, states: PairState[], layout: SumsLayou
  * Mean-ablation gains [combo][pair] of one batch of pairs: each combo's site replaced (α-mixed) by the source
  * model's dataset mean (`means`, from ablationMeans); `margin` holds the batch's unpatched margins.
  */
-export function meanAblationBatch(models: ModelPair, pairs: Pair[], plan: Plan, means: Record<string, Float32Array>, margin: { base: number[]; tuned: number[] }, s: RunSettings): number[][] {
+export function meanAblationBatch(
+  models: ModelPair,
+  pairs: Pair[],
+  plan: Plan,
+  means: Record<string, Float32Array>,
+  margin: { base: number[]; tuned: number[] },
+  s: RunSettings,
+): number[][] {
   const batch = makeBatch(pairs);
   const patchMask = positionMask(batch, s.positions);
   const tensors = new Map<string, tf.Tensor1D>();
@@ -72,10 +101,18 @@ export function meanAblationBatch(models: ModelPair, pairs: Pair[], plan: Plan, 
     return tensors.get(key)!;
   };
   const cacheOf = (m: "base" | "tuned") =>
-    plan.combos.some((c) => roles(c.direction).dst === m) ? forward(models[m], batch.ids, { ...pairedInput(batch), cache: plan.patchSites, logitsAt: "none" }).cache : undefined;
+    plan.combos.some((c) => roles(c.direction).dst === m)
+      ? forward(models[m], batch.ids, { ...pairedInput(batch), cache: plan.patchSites, logitsAt: "none" }).cache
+      : undefined;
   const caches = { base: cacheOf("base"), tuned: cacheOf("tuned") };
   try {
-    return sweepBatch(models, { batch, caches, margin, patchMask }, plan.combos, (c) => meanAblation(s.alpha, meanOf(c)), s);
+    return sweepBatch(
+      models,
+      { batch, caches, margin, patchMask },
+      plan.combos,
+      (c) => meanAblation(s.alpha, meanOf(c)),
+      s,
+    );
   } finally {
     caches.base?.dispose();
     caches.tuned?.dispose();
@@ -84,7 +121,11 @@ export function meanAblationBatch(models: ModelPair, pairs: Pair[], plan: Plan, 
 }
 
 /** Runs meanAblationBatch on pair batches elsewhere (worker threads): each batch's gains, in batch order. */
-export type AblationRunner = (batches: Array<[number, number]>, means: Record<string, Float32Array>, margins: Array<{ base: number[]; tuned: number[] }>) => Promise<number[][][]>;
+export type AblationRunner = (
+  batches: Array<[number, number]>,
+  means: Record<string, Float32Array>,
+  margins: Array<{ base: number[]; tuned: number[] }>,
+) => Promise<number[][][]>;
 
 /**
  * Mean-ablation gains [combo][pair] over all pairs, batch by batch (in this thread, or through `runner`); the
@@ -104,7 +145,10 @@ export async function meanAblationStage(
   const n = pairs.length;
   const out = plan.combos.map(() => new Float64Array(n));
   const means = ablationMeans(plan, states, layout);
-  const margins = batches.map(([start, end]) => ({ base: states.slice(start, end).map((st) => st.record.margin.base), tuned: states.slice(start, end).map((st) => st.record.margin.tuned) }));
+  const margins = batches.map(([start, end]) => ({
+    base: states.slice(start, end).map((st) => st.record.margin.base),
+    tuned: states.slice(start, end).map((st) => st.record.margin.tuned),
+  }));
   cb.onStage?.("mean-ablation controls", n);
   if (runner) {
     const gains = await runner(batches, means, margins);
@@ -113,7 +157,9 @@ export async function meanAblationStage(
     return out;
   }
   for (const [bi, [start, end]] of batches.entries()) {
-    meanAblationBatch(models, pairs.slice(start, end), plan, means, margins[bi]!, s).forEach((g, ci) => out[ci]!.set(g, start));
+    meanAblationBatch(models, pairs.slice(start, end), plan, means, margins[bi]!, s).forEach((g, ci) =>
+      out[ci]!.set(g, start),
+    );
     cb.onProgress?.(end);
     await new Promise<void>((r) => setImmediate(r));
   }

@@ -7,7 +7,9 @@ import type { ScoredBatch } from "./scoring.js";
 
 /** Mean over masked positions of per-position values [B, T] computed by `values` → per row [B]. */
 function maskedRowMean(values: () => tf.Tensor, mask: tf.Tensor): Float32Array {
-  return readValues(() => tf.div(tf.sum(tf.mul(values(), tf.squeeze(mask, [2])), 1), tf.maximum(tf.sum(mask, [1, 2]), 1)));
+  return readValues(() =>
+    tf.div(tf.sum(tf.mul(values(), tf.squeeze(mask, [2])), 1), tf.maximum(tf.sum(mask, [1, 2]), 1)),
+  );
 }
 
 /**
@@ -23,7 +25,14 @@ export function distancesOf(sc: ScoredBatch, L: number): { distance: number[][];
     const hb = sc.runs.base.cache.get(hookName("resid_post", l));
     const ht = sc.runs.tuned.cache.get(hookName("resid_post", l));
     const d = maskedRowMean(() => tf.norm(tf.sub(ht, hb), 2, -1), sc.mask.response);
-    const cos = maskedRowMean(() => tf.sub(1, tf.div(tf.sum(tf.mul(ht, hb), -1), tf.maximum(tf.mul(tf.norm(ht, 2, -1), tf.norm(hb, 2, -1)), 1e-12))), sc.mask.response);
+    const cos = maskedRowMean(
+      () =>
+        tf.sub(
+          1,
+          tf.div(tf.sum(tf.mul(ht, hb), -1), tf.maximum(tf.mul(tf.norm(ht, 2, -1), tf.norm(hb, 2, -1)), 1e-12)),
+        ),
+      sc.mask.response,
+    );
     for (let i = 0; i < nb; i++) {
       const lc = lengths[2 * i]! - respStart[2 * i]!;
       const lr = lengths[2 * i + 1]! - respStart[2 * i + 1]!;

@@ -26,7 +26,8 @@ export function lassoStage(records: PairRecord[], L: number, s: RunSettings): La
   // the same fit with only the CV fold seed changed: a selection that moves with it is not a finding
   const seed_sets = Array.from({ length: LASSO_SEEDS }, (_, k) => ({
     seed: s.seed + k,
-    nonzero_layers: k === 0 ? fit.nonzero : lassoCV(X, n, L, y, { folds: s.folds, seed: s.seed + k, stabilityReps: 0 }).nonzero,
+    nonzero_layers:
+      k === 0 ? fit.nonzero : lassoCV(X, n, L, y, { folds: s.folds, seed: s.seed + k, stabilityReps: 0 }).nonzero,
   }));
   return {
     ...fit,
@@ -40,7 +41,12 @@ export function lassoStage(records: PairRecord[], L: number, s: RunSettings): La
 }
 
 /** Cross-validated probes per model and layer (rows 2i chosen = 1, 2i+1 rejected = 0; folds keep a pair together). */
-export async function probeStage(states: PairState[], layout: SumsLayout, s: RunSettings, cb: RunCallbacks): Promise<ProbeResult[]> {
+export async function probeStage(
+  states: PairState[],
+  layout: SumsLayout,
+  s: RunSettings,
+  cb: RunCallbacks,
+): Promise<ProbeResult[]> {
   const out: ProbeResult[] = [];
   const { L, H } = layout;
   const n = states.length;
@@ -51,7 +57,9 @@ export async function probeStage(states: PairState[], layout: SumsLayout, s: Run
     for (let l = 0; l < L; l++) {
       if (n >= 2) {
         const X = new Float64Array(2 * n * H);
-        states.forEach((st, i) => X.set(st.sums.subarray(layout.probe(model, l, 0), layout.probe(model, l, 0) + 2 * H), 2 * i * H));
+        states.forEach((st, i) =>
+          X.set(st.sums.subarray(layout.probe(model, l, 0), layout.probe(model, l, 0) + 2 * H), 2 * i * H),
+        );
         const pr = probeCV(X, 2 * n, H, labels, groups, { folds: s.folds, C: s.C, seed: s.seed });
         out.push({ model, layer: l, accuracy: pr.accuracy, diff_means_accuracy: pr.diffMeansAccuracy });
       }

@@ -14,23 +14,34 @@ export function findings(r: Results): string[] {
       `(mean gap ${num(s.mean_gap)}); the tuned model prefers the chosen response in ${pct(s.tuned_prefers_chosen)} of pairs, the base in ${pct(s.base_prefers_chosen)}.`,
   );
   const noGap = r.patching.length > 0 && r.patching.every((p) => Number.isNaN(p.recovery));
-  if (noGap) out.push("The two models' margins do not differ (mean gap at rounding level), so there is no gap to recover: recovery ratios are not reported.");
+  if (noGap)
+    out.push(
+      "The two models' margins do not differ (mean gap at rounding level), so there is no gap to recover: recovery ratios are not reported.",
+    );
   for (const dir of ["tuned->base", "base->tuned"] as const) {
     for (const site of ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const) {
       const e = r.patching.filter((p) => p.direction === dir && p.site === site && Number.isFinite(p.recovery));
       if (!e.length) continue;
       const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const first90 = e.find((p) => p.recovery >= 0.9);
-      const ci = Number.isFinite(best.recovery_ci[0]) ? ` (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})` : " (no CI: --bootstrap 0)";
-      const how = best.method === "attribution" ? " [attribution estimates: first-order, no exact patches and no controls]" : "";
-      const win = best.window > 1 ? ` in windows of ${best.window} consecutive layers (a layer l below is the window l … l+${best.window - 1})` : "";
+      const ci = Number.isFinite(best.recovery_ci[0])
+        ? ` (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})`
+        : " (no CI: --bootstrap 0)";
+      const how =
+        best.method === "attribution" ? " [attribution estimates: first-order, no exact patches and no controls]" : "";
+      const win =
+        best.window > 1
+          ? ` in windows of ${best.window} consecutive layers (a layer l below is the window l … l+${best.window - 1})`
+          : "";
       let line = `Patching ${site} (${dir})${win}${how}: recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
       line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
       if (best.controls) {
         const rnd = best.controls.random_direction;
         const [lo, hi] = rnd.real_minus_control_ci;
         const beats = Number.isFinite(lo) ? lo > 0 : best.recovery > Math.abs(rnd.recovery);
-        const diff = Number.isFinite(lo) ? `real − random recovery 95% CI ${pct(lo)}–${pct(hi)}` : "point estimates only: --bootstrap 0";
+        const diff = Number.isFinite(lo)
+          ? `real − random recovery 95% CI ${pct(lo)}–${pct(hi)}`
+          : "point estimates only: --bootstrap 0";
         const rndMax = Math.max(...e.map((p) => Math.abs(p.controls!.random_direction.recovery)));
         line += beats
           ? ` It beats a random direction of the same norm at that layer (random recovers ${pct(rnd.recovery)}; ${diff}).`
@@ -43,7 +54,10 @@ export function findings(r: Results): string[] {
   for (const line of attributionFindings(r)) out.push(line);
   if (r.lasso) {
     const nz = r.lasso.nonzero_layers;
-    const stable = r.lasso.stability.map((v, l) => [l, v] as const).filter(([, v]) => v >= 0.8).map(([l]) => l);
+    const stable = r.lasso.stability
+      .map((v, l) => [l, v] as const)
+      .filter(([, v]) => v >= 0.8)
+      .map(([l]) => l);
     const set = (xs: number[]) => `{${xs.join(", ")}}`;
     let line = nz.length
       ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${stable.length ? stable.join(", ") : "none"}.`
@@ -58,7 +72,9 @@ export function findings(r: Results): string[] {
     const p = r.probes.filter((x) => x.model === model);
     if (!p.length) continue;
     const best = p.reduce((a, b) => (b.accuracy > a.accuracy ? b : a));
-    out.push(`Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy (difference-of-means direction: ${pct(best.diff_means_accuracy)}).`);
+    out.push(
+      `Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy (difference-of-means direction: ${pct(best.diff_means_accuracy)}).`,
+    );
   }
   if (r.pca && r.pca.recovery.every((x) => Number.isFinite(x.recovery))) {
     const cum: number[] = [];
@@ -84,7 +100,10 @@ export function findings(r: Results): string[] {
   const gaps = lens.tuned.map((t, i) => t - lens.base[i]!);
   const finalGap = gaps[gaps.length - 1]!;
   const emerge = gaps.findIndex((g) => Math.abs(finalGap) > 1e-9 && g / finalGap >= 0.5);
-  if (emerge >= 0) out.push(`Logit lens: half of the final margin gap is readable from the residual stream by ${lens.layers[emerge] === "embed" ? "the embedding" : `layer ${lens.layers[emerge]}`}.`);
+  if (emerge >= 0)
+    out.push(
+      `Logit lens: half of the final margin gap is readable from the residual stream by ${lens.layers[emerge] === "embed" ? "the embedding" : `layer ${lens.layers[emerge]}`}.`,
+    );
   return out;
 }
 
@@ -94,7 +113,9 @@ export function summaryTable(r: Results): string {
   const head = ["layer", "recovery", "95% CI", "random", "mean-abl", "lasso", "probe b", "probe t", "lens gap"];
   const rows = [head];
   for (let l = 0; l < r.num_layers; l++) {
-    const p = r.patching.find((x) => x.layer === l && x.site === "resid_post" && x.direction === "tuned->base") ?? r.patching.find((x) => x.layer === l);
+    const p =
+      r.patching.find((x) => x.layer === l && x.site === "resid_post" && x.direction === "tuned->base") ??
+      r.patching.find((x) => x.layer === l);
     rows.push([
       String(l),
       f(p?.recovery),
@@ -116,7 +137,8 @@ function attributionFindings(r: Results): string[] {
   const a = r.attribution;
   if (!a || !a.entries.some((e) => e.exact)) return [];
   const groups = new Map<string, typeof a.entries>();
-  for (const e of a.entries) groups.set(`${e.site} (${e.direction})`, [...(groups.get(`${e.site} (${e.direction})`) ?? []), e]);
+  for (const e of a.entries)
+    groups.set(`${e.site} (${e.direction})`, [...(groups.get(`${e.site} (${e.direction})`) ?? []), e]);
   const agree: string[] = [];
   const out: string[] = [];
   let minAll = Infinity;
@@ -124,17 +146,26 @@ function attributionFindings(r: Results): string[] {
   for (const [name, es] of groups) {
     const rs = es.map((e) => e.exact!.correlation);
     const minR = rs.some((x) => !Number.isFinite(x)) ? NaN : Math.min(...rs);
-    for (const e of es) if (Math.abs(e.recovery_estimate - e.exact!.recovery) > Math.abs(worst.recovery_estimate - worst.exact!.recovery)) worst = e;
+    for (const e of es)
+      if (Math.abs(e.recovery_estimate - e.exact!.recovery) > Math.abs(worst.recovery_estimate - worst.exact!.recovery))
+        worst = e;
     if (minR >= 0.9) {
       agree.push(name);
       minAll = Math.min(minAll, minR);
     } else {
       const at = es.find((e) => !(e.exact!.correlation >= 0.9))!;
-      out.push(`Attribution patching of ${name} does NOT closely agree with the exact sweep: correlation over pairs ${num(at.exact!.correlation)} at layer ${at.layer}; use the exact numbers there.`);
+      out.push(
+        `Attribution patching of ${name} does NOT closely agree with the exact sweep: correlation over pairs ${num(at.exact!.correlation)} at layer ${at.layer}; use the exact numbers there.`,
+      );
     }
   }
-  if (agree.length) out.unshift(`Attribution patching agrees with the exact sweep for ${agree.join(", ")}: correlation over pairs ≥ ${num(minAll)} at every layer.`);
-  out.push(`The largest gap between estimated and exact recovery is ${worst.site} (${worst.direction}) at layer ${worst.layer}: ${pct(worst.recovery_estimate)} estimated vs ${pct(worst.exact!.recovery)} exact.`);
+  if (agree.length)
+    out.unshift(
+      `Attribution patching agrees with the exact sweep for ${agree.join(", ")}: correlation over pairs ≥ ${num(minAll)} at every layer.`,
+    );
+  out.push(
+    `The largest gap between estimated and exact recovery is ${worst.site} (${worst.direction}) at layer ${worst.layer}: ${pct(worst.recovery_estimate)} estimated vs ${pct(worst.exact!.recovery)} exact.`,
+  );
   return out;
 }
 
@@ -149,7 +180,9 @@ export function transferFindings(r: TransferResult): string[] {
   for (const v of r.steering) {
     const at1 = v.by_strength.find((x) => x.strength === 1) ?? v.by_strength[0]!;
     const top = v.by_strength.reduce((a, b) => (b.recovery > a.recovery ? b : a));
-    out.push(`Steering the base model alone with the ${v.vector} (norm ${num(v.norm)}) at layer ${r.layer}: ${pct(at1.recovery)} of the gap at β = ${at1.strength}, at most ${pct(top.recovery)} (β = ${top.strength}).`);
+    out.push(
+      `Steering the base model alone with the ${v.vector} (norm ${num(v.norm)}) at layer ${r.layer}: ${pct(at1.recovery)} of the gap at β = ${at1.strength}, at most ${pct(top.recovery)} (β = ${top.strength}).`,
+    );
   }
   return out;
 }

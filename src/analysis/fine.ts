@@ -14,10 +14,18 @@ import type { Direction, RunSettings } from "./settings.js";
 import type { SweepInput } from "./sweep.js";
 
 /** The residual entering layer l of a run, from its cache (the embedding for l = 0). */
-const residPre = (cache: { get(name: string): tf.Tensor }, l: number) => (l === 0 ? cache.get("hook_embed") : cache.get(hookName("resid_post", l - 1)));
+const residPre = (cache: { get(name: string): tf.Tensor }, l: number) =>
+  l === 0 ? cache.get("hook_embed") : cache.get(hookName("resid_post", l - 1));
 
 /** Gains [run][pair] of `runs` of the direction's destination model, from their margins. */
-function gainsOf(models: ModelPair, batch: SweepInput["batch"], runs: Run[], direction: Direction, margin: SweepInput["margin"], s: RunSettings): number[][] {
+function gainsOf(
+  models: ModelPair,
+  batch: SweepInput["batch"],
+  runs: Run[],
+  direction: Direction,
+  margin: SweepInput["margin"],
+  s: RunSettings,
+): number[][] {
   const m = runMargins(models[roles(direction).dst], batch, runs, { limits: models.limits, perToken: s.perToken });
   return runs.map((r) => Array.from(m.get(r.name)!, (v, i) => gainOf(direction, v, margin.base[i]!, margin.tuned[i]!)));
 }
@@ -48,7 +56,12 @@ export function headSweep(models: ModelPair, input: SweepInput, direction: Direc
           const v4 = tf.reshape(v, [batch.ids.length, batch.T, nH, -1]);
           return tf.reshape(tf.add(v4, tf.mul(tf.mul(sel, tf.sub(zSrc, v4)), s.alpha)), v.shape);
         });
-      const runs = Array.from({ length: nH }, (_, h): Run => ({ name: `head ${h}`, layer: l, resid: residPre(dstCache, l), hooks: { [zNames[l]!]: edit(h) } }));
+      const runs = Array.from({ length: nH }, (_, h): Run => ({
+        name: `head ${h}`,
+        layer: l,
+        resid: residPre(dstCache, l),
+        hooks: { [zNames[l]!]: edit(h) },
+      }));
       const g = gainsOf(models, batch, runs, direction, margin, s);
       for (let i = 0; i < n; i++) out[i]!.push(g.map((perHead) => perHead[i]!));
     }
@@ -74,7 +87,10 @@ export function positionSweep(models: ModelPair, pair: Pair, direction: Directio
   const score = (m: "base" | "tuned") => marginsOf(rowLogprobs(runs[m].logprobs!, batch, s.perToken))[0]!;
   const margin = { base: [score("base")], tuned: [score("tuned")] };
   const T = batch.T;
-  const valid = tf.tensor3d(batch.ids.flatMap((_, r) => Array.from({ length: T }, (_, t) => (t < batch.lengths[r]! ? 1 : 0))), [2, T, 1]);
+  const valid = tf.tensor3d(
+    batch.ids.flatMap((_, r) => Array.from({ length: T }, (_, t) => (t < batch.lengths[r]! ? 1 : 0))),
+    [2, T, 1],
+  );
   try {
     const out: number[][] = [];
     for (let l = 0; l < L; l++) {
@@ -86,7 +102,14 @@ export function positionSweep(models: ModelPair, pair: Pair, direction: Directio
           const sel = tf.mul(tf.reshape(tf.oneHot(tf.tensor1d([t], "int32"), T), [1, T, 1]), valid); // [2, T, 1]
           return tf.add(hDst, tf.mul(tf.mul(sel, tf.sub(hSrc, hDst)), s.alpha));
         });
-      const g = gainsOf(models, batch, Array.from({ length: T }, (_, t): Run => ({ name: `position ${t}`, layer: l + 1, resid: patched(t) })), direction, margin, s);
+      const g = gainsOf(
+        models,
+        batch,
+        Array.from({ length: T }, (_, t): Run => ({ name: `position ${t}`, layer: l + 1, resid: patched(t) })),
+        direction,
+        margin,
+        s,
+      );
       out.push(g.map((x) => x[0]!));
     }
     return out;

@@ -7,22 +7,46 @@ import type { Pair } from "../data/pairs.js";
 import { makeBatch } from "../data/batch.js";
 import { pcaOfDifferences } from "../stats/pca.js";
 import { mean, permutation, seededRandom } from "../stats/stats.js";
-import { BasisCache, componentsFor, layerEditGains, meanRow, randomBasis, steer, steeringVectors, STEERING_STRENGTHS, subspaceEdit, type LayerEdit } from "./steering.js";
+import {
+  BasisCache,
+  componentsFor,
+  layerEditGains,
+  meanRow,
+  randomBasis,
+  steer,
+  steeringVectors,
+  STEERING_STRENGTHS,
+  subspaceEdit,
+  type LayerEdit,
+} from "./steering.js";
 import { residAfter } from "../engine/margins.js";
 import type { ModelPair } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks } from "./schema.js";
 
 /** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
-export function choosePcaLayer(patching: PatchingEntry[], s: RunSettings, L: number): { layer: number; chosenBy: string } {
+export function choosePcaLayer(
+  patching: PatchingEntry[],
+  s: RunSettings,
+  L: number,
+): { layer: number; chosenBy: string } {
   if (s.pcaLayer !== null) {
     if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`--pca-layer ${s.pcaLayer} is outside 0..${L - 1}`);
     return { layer: s.pcaLayer, chosenBy: "--pca-layer" };
   }
-  const rp = patching.filter((p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery));
-  if (!rp.length) return { layer: Math.floor(L / 2), chosenBy: "middle layer (no finite resid_post tuned->base recovery: not patched, or zero mean gap)" };
+  const rp = patching.filter(
+    (p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery),
+  );
+  if (!rp.length)
+    return {
+      layer: Math.floor(L / 2),
+      chosenBy: "middle layer (no finite resid_post tuned->base recovery: not patched, or zero mean gap)",
+    };
   const best = Math.max(...rp.map((p) => p.recovery));
-  return { layer: rp.find((p) => p.recovery >= best - 0.05 * Math.abs(best))!.layer, chosenBy: "first layer whose resid_post recovery is within 5% of the maximum" };
+  return {
+    layer: rp.find((p) => p.recovery >= best - 0.05 * Math.abs(best))!.layer,
+    chosenBy: "first layer whose resid_post recovery is within 5% of the maximum",
+  };
 }
 
 /** Positions (into the pairs array) in batches of `size`. */
@@ -68,7 +92,9 @@ export async function lowRankStage(
     const hb = residAfter(models.base, batch, layer);
     const ht = residAfter(models.tuned, batch, layer);
     const diff = readValues(() => tf.sub(ht, hb));
-    for (let r = 0; r < batch.ids.length; r++) for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++) rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
+    for (let r = 0; r < batch.ids.length; r++)
+      for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++)
+        rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
     tf.dispose([hb, ht]);
     cb.onProgress?.((done += js.length));
     await tick();
@@ -85,7 +111,10 @@ export async function lowRankStage(
   const slots = ks.map((k) => {
     const used = Math.min(k, p.rank);
     if (!realAt.has(used)) realAt.set(used, edits.push(subspaceEdit(`real ${used}`, s.alpha, () => real(used))) - 1);
-    return { real: realAt.get(used)!, random: edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed))) - 1 };
+    return {
+      real: realAt.get(used)!,
+      random: edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed))) - 1,
+    };
   });
   const steerFrom = edits.length;
   // steering with the training pairs' mean difference, its projection on the top principal directions, and a
@@ -93,7 +122,9 @@ export async function lowRankStage(
   const mu = meanRow(rows, H);
   const k90 = Math.min(p.rank, componentsFor(p.explainedVarianceRatio, 0.9));
   const vectors = steeringVectors(mu, p.components, k90, H, s.seed);
-  for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
+  for (const v of vectors)
+    for (const beta of STEERING_STRENGTHS)
+      edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
   let g: number[][];
   try {
     g = await layerEditGains(models, pairs, test, layer, edits, s, scores, (c) => cb.onProgress?.((done += c)));

@@ -63,9 +63,12 @@ export function gainOf(direction: Direction, patched: number, marginBase: number
 }
 
 /** The layers a patch at `layer` covers with windows of `window` layers, cut at the last of L layers. */
-export const windowLayers = (layer: number, window: number, L: number): number[] => Array.from({ length: Math.max(1, Math.min(window, L - layer)) }, (_, i) => layer + i);
+export const windowLayers = (layer: number, window: number, L: number): number[] =>
+  Array.from({ length: Math.max(1, Math.min(window, L - layer)) }, (_, i) => layer + i);
 
 /** Sites a patch at (site, layer) needs cached from the model being patched, the site itself first. */
 export function sitesNeeded(site: Site, layer: number): HookName[] {
-  return site === "attn_out" || site === "mlp_out" ? [hookName(site, layer), hookName("resid_pre", layer)] : [hookName(site, layer)];
+  return site === "attn_out" || site === "mlp_out"
+    ? [hookName(site, layer), hookName("resid_pre", layer)]
+    : [hookName(site, layer)];
 }

@@ -13,7 +13,13 @@ export function gapTooSmall(marginBase: ArrayLike<number>, marginTuned: ArrayLik
 }
 
 /** Recovery of per-pair gains against per-pair gaps, with a bootstrap CI of `reps` resamples. */
-export function summarizeGains(gains: ArrayLike<number>, gap: ArrayLike<number>, noGap: boolean, reps: number, seed: number): GainSummary {
+export function summarizeGains(
+  gains: ArrayLike<number>,
+  gap: ArrayLike<number>,
+  noGap: boolean,
+  reps: number,
+  seed: number,
+): GainSummary {
   return {
     gains: Array.from(gains),
     recovery: noGap ? NaN : mean(gains) / mean(gap),
@@ -45,7 +51,10 @@ export function patchingEntries(
     ...summarize(gains.real[ci]!),
     controls:
       gains.random && gains.meanAblation
-        ? { random_direction: control(gains.real[ci]!, gains.random[ci]!), mean_ablation: control(gains.real[ci]!, gains.meanAblation[ci]!) }
+        ? {
+            random_direction: control(gains.real[ci]!, gains.random[ci]!),
+            mean_ablation: control(gains.real[ci]!, gains.meanAblation[ci]!),
+          }
         : null,
   }));
 }

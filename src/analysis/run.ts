@@ -19,7 +19,16 @@ import { logitLensBatch } from "./lens.js";
 import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
 import { gapTooSmall, patchingEntries } from "./recovery.js";
-import { checkCompatible, comboKey, gainsByKey, makePlan, pairRecord, scoreBatch, type ModelPair, type Plan } from "./scoring.js";
+import {
+  checkCompatible,
+  comboKey,
+  gainsByKey,
+  makePlan,
+  pairRecord,
+  scoreBatch,
+  type ModelPair,
+  type Plan,
+} from "./scoring.js";
 import { resolveSettings, runsAttribution, runsControls, runsExact, type RunSettings } from "./settings.js";
 import { addTimes, Interrupted, type PairState, type Results, type RunCallbacks, type StageTimes } from "./schema.js";
 import { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./sums.js";
@@ -35,7 +44,9 @@ export class BatchTooLarge extends Error {
     readonly bytes: number,
     readonly budget: number,
   ) {
-    super(`pair at line ${pair.line} (${pair.promptIds.length + Math.max(pair.chosenIds.length, pair.rejectedIds.length)} tokens) needs ~${(bytes / 2 ** 30).toFixed(2)} GiB for one forward batch, more than the ${(budget / 2 ** 30).toFixed(2)} GiB available (lower --max-tokens to skip such pairs)`);
+    super(
+      `pair at line ${pair.line} (${pair.promptIds.length + Math.max(pair.chosenIds.length, pair.rejectedIds.length)} tokens) needs ~${(bytes / 2 ** 30).toFixed(2)} GiB for one forward batch, more than the ${(budget / 2 ** 30).toFixed(2)} GiB available (lower --max-tokens to skip such pairs)`,
+    );
   }
 }
 
@@ -44,7 +55,12 @@ export class BatchTooLarge extends Error {
  * `bytesFor(rows, T, scored)` stays within `budget` (a pair that alone exceeds it throws BatchTooLarge).
  * The plan depends only on the pairs, `size` and the budget, so every shard and resume sees the same batches.
  */
-export function planBatches(pairs: Pair[], size: number, budget = Infinity, bytesFor: (rows: number, T: number, scored: number) => number = () => 0): Array<[number, number]> {
+export function planBatches(
+  pairs: Pair[],
+  size: number,
+  budget = Infinity,
+  bytesFor: (rows: number, T: number, scored: number) => number = () => 0,
+): Array<[number, number]> {
   const out: Array<[number, number]> = [];
   let start = 0;
   let T = 0;
@@ -69,7 +85,8 @@ export function planBatches(pairs: Pair[], size: number, budget = Infinity, byte
 }
 
 /** The per-pair sums layout of a run. */
-export const layoutOf = (models: ModelPair, plan: Plan): SumsLayout => sumsLayout(models.base.config.numLayers, models.base.config.hiddenSize, plan.patchSites);
+export const layoutOf = (models: ModelPair, plan: Plan): SumsLayout =>
+  sumsLayout(models.base.config.numLayers, models.base.config.hiddenSize, plan.patchSites);
 
 /** `f()`, adding its milliseconds to `times[stage]`. */
 function timed<T>(times: StageTimes, stage: string, f: () => T): T {
@@ -82,13 +99,29 @@ function timed<T>(times: StageTimes, stage: string, f: () => T): T {
 }
 
 /** Phase 1 for one batch: every per-pair measurement; each stage's milliseconds are added to `times`. */
-export function analyseBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunSettings, times: StageTimes = {}): PairState[] {
+export function analyseBatch(
+  models: ModelPair,
+  pairs: Pair[],
+  plan: Plan,
+  s: RunSettings,
+  times: StageTimes = {},
+): PairState[] {
   const { numLayers: L, hiddenSize: H } = models.base.config;
   const sc = timed(times, "scoring", () => scoreBatch(models, pairs, plan, s));
   try {
-    const real = runsExact(s) ? timed(times, "patch_sweep", () => sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s)) : null;
-    const random = runsControls(s) ? timed(times, "random_direction_control", () => sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s)) : null;
-    const attribution = runsAttribution(s) ? timed(times, "attribution", () => attributionBatch(models, sc, plan, s)) : null;
+    const real = runsExact(s)
+      ? timed(times, "patch_sweep", () =>
+          sweepBatch(models, sweepInput(sc), plan.combos, () => interpolate(s.alpha), s),
+        )
+      : null;
+    const random = runsControls(s)
+      ? timed(times, "random_direction_control", () =>
+          sweepBatch(models, sweepInput(sc), plan.combos, randomDirectionPatch(s, sc, H), s),
+        )
+      : null;
+    const attribution = runsAttribution(s)
+      ? timed(times, "attribution", () => attributionBatch(models, sc, plan, s))
+      : null;
     const first = plan.combos[0]?.direction ?? s.directions[0]!;
     const heads = s.heads ? timed(times, "head_sweep", () => headSweep(models, sweepInput(sc), first, s)) : null;
     const { distance, cosine } = timed(times, "distances", () => distancesOf(sc, L));
@@ -155,12 +188,16 @@ export async function finishAnalysis(
 ): Promise<Results> {
   const { numLayers: L, hiddenSize: H } = models.base.config;
   const n = pairs.length;
-  if (states.length !== n || states.some((st, i) => st.record.index !== pairs[i]!.index)) throw new Error("finishAnalysis: one state per pair, in the pairs' order");
+  if (states.length !== n || states.some((st, i) => st.record.index !== pairs[i]!.index))
+    throw new Error("finishAnalysis: one state per pair, in the pairs' order");
   const plan = makePlan(s, L);
   const layout = layoutOf(models, plan);
   const records = states.map((st) => st.record);
   const timings: Record<string, number> = {};
-  const margin = { base: Float64Array.from(records, (r) => r.margin.base), tuned: Float64Array.from(records, (r) => r.margin.tuned) };
+  const margin = {
+    base: Float64Array.from(records, (r) => r.margin.base),
+    tuned: Float64Array.from(records, (r) => r.margin.tuned),
+  };
   const gap = Float64Array.from(records, (r) => r.gap);
   const column = (pick: (r: (typeof records)[number]) => Record<string, number[]> | null) =>
     plan.combos.map((c) => {
@@ -169,21 +206,45 @@ export async function finishAnalysis(
     });
 
   let t0 = performance.now();
-  const meanAbl = runsControls(s) && plan.combos.length ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb, runners.ablate) : null;
+  const meanAbl =
+    runsControls(s) && plan.combos.length
+      ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb, runners.ablate)
+      : null;
   timings.mean_ablation = performance.now() - t0;
   const noGap = gapTooSmall(margin.base, margin.tuned);
   const real = runsExact(s) ? column((r) => r.gains) : column((r) => r.attribution!.gains);
-  const controls = runsControls(s) ? { random: column((r) => r.random_direction), meanAblation: meanAbl ?? [] } : { random: null, meanAblation: null };
-  const patching = patchingEntries(plan.combos, { real, ...controls }, gap, noGap, s, runsExact(s) ? "exact" : "attribution");
+  const controls = runsControls(s)
+    ? { random: column((r) => r.random_direction), meanAblation: meanAbl ?? [] }
+    : { random: null, meanAblation: null };
+  const patching = patchingEntries(
+    plan.combos,
+    { real, ...controls },
+    gap,
+    noGap,
+    s,
+    runsExact(s) ? "exact" : "attribution",
+  );
   const attribution = attributionSummary(records, plan, gap);
   const first = plan.combos[0]?.direction ?? s.directions[0]!;
   const meanGap = mean(gap);
-  const headMean = s.heads ? records[0]!.heads!.map((row, l) => row.map((_, h) => mean(records.map((r) => r.heads![l]![h]!)))) : null;
-  const heads = headMean ? { direction: first, mean_gain: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) } : null;
+  const headMean = s.heads
+    ? records[0]!.heads!.map((row, l) => row.map((_, h) => mean(records.map((r) => r.heads![l]![h]!))))
+    : null;
+  const heads = headMean
+    ? { direction: first, mean_gain: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) }
+    : null;
   t0 = performance.now();
   let top = 0;
   for (let i = 1; i < n; i++) if (Math.abs(gap[i]!) > Math.abs(gap[top]!)) top = i;
-  const position_map = s.positionMap ? { pair: records[top]!.index, direction: first, gap: gap[top]!, gains: positionSweep(models, pairs[top]!, first, s), ids: records[top]!.ids } : null;
+  const position_map = s.positionMap
+    ? {
+        pair: records[top]!.index,
+        direction: first,
+        gap: gap[top]!,
+        gains: positionSweep(models, pairs[top]!, first, s),
+        ids: records[top]!.ids,
+      }
+    : null;
   timings.position_map = performance.now() - t0;
 
   t0 = performance.now();
@@ -195,7 +256,17 @@ export async function finishAnalysis(
   timings.lasso_and_probes = performance.now() - t0;
 
   t0 = performance.now();
-  const pca = n >= 2 ? await lowRankStage(models, pairs, choosePcaLayer(patching, s, L), s, { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap }, cb) : null;
+  const pca =
+    n >= 2
+      ? await lowRankStage(
+          models,
+          pairs,
+          choosePcaLayer(patching, s, L),
+          s,
+          { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap },
+          cb,
+        )
+      : null;
   timings.pca = performance.now() - t0;
 
   const respPositions = states.reduce((a, st) => a + positionsOf(st).response, 0);
@@ -247,7 +318,10 @@ export async function runAnalysis(
   if (runsAttribution(s)) await enableGradients();
   const t0 = performance.now();
   const stages: StageTimes = {};
-  const states = await analysePairs(models, pairs, s, { ...cb, onTimes: (t) => (addTimes(stages, t), cb.onTimes?.(t)) });
+  const states = await analysePairs(models, pairs, s, {
+    ...cb,
+    onTimes: (t) => (addTimes(stages, t), cb.onTimes?.(t)),
+  });
   const scoring = performance.now() - t0;
   const r = await finishAnalysis(models, pairs, states, s, cb);
   r.timings_ms = { scoring_and_patching: scoring, ...stages, ...r.timings_ms };

@@ -82,7 +82,11 @@ export interface LowRankResult {
   /** The training pairs' mean h_tuned − h_base over response positions at this layer (steering and subspace.safetensors). */
   steering_vector: Float32Array;
   /** Held-out margin gains of the base model alone with β·v added at this layer, per vector and strength β. */
-  steering: Array<{ vector: string; norm: number; by_strength: Array<{ strength: number; mean_gain: number; recovery: number }> }>;
+  steering: Array<{
+    vector: string;
+    norm: number;
+    by_strength: Array<{ strength: number; mean_gain: number; recovery: number }>;
+  }>;
 }
 
 /** LASSO of the per-pair gap on per-layer distances, with its inputs and how its selection moves with the CV seed. */
@@ -111,14 +115,27 @@ export interface Results {
   num_layers: number;
   hidden_size: number;
   pairs: PairRecord[];
-  summary: { mean_margin_base: number; mean_margin_tuned: number; mean_gap: number; tuned_prefers_chosen: number; base_prefers_chosen: number };
+  summary: {
+    mean_margin_base: number;
+    mean_margin_tuned: number;
+    mean_gap: number;
+    tuned_prefers_chosen: number;
+    base_prefers_chosen: number;
+  };
   patching: PatchingEntry[];
   /** Attribution patching's estimates and their agreement with the exact sweep (methods "attribution" and "both"). */
   attribution: AttributionSummary | null;
   /** With `heads`: mean exact per-head gain [layer][head] and as a share of the mean gap; null otherwise. */
   heads: { direction: Direction; mean_gain: number[][]; recovery: number[][] } | null;
   /** With `positionMap`: exact gains [layer][position] of patching one position (both rows) of the pair with the largest |gap|. */
-  position_map: { pair: number; direction: Direction; gap: number; gains: number[][]; ids: { prompt: number[]; chosen: number[]; rejected: number[] }; tokens?: string[] } | null;
+  position_map: {
+    pair: number;
+    direction: Direction;
+    gap: number;
+    gains: number[][];
+    ids: { prompt: number[]; chosen: number[]; rejected: number[] };
+    tokens?: string[];
+  } | null;
   lasso: LassoResult | null;
   probes: ProbeResult[];
   pca: LowRankResult | null;
@@ -146,7 +163,16 @@ export interface AttributionSummary {
   /** Mean per-head estimate over pairs [layer][head] (the first direction's attn.hook_z), and as a share of the mean gap. */
   heads: { direction: Direction; mean: number[][]; recovery: number[][] };
   /** The per-position estimate of the pair with the largest |gap|, for the report's heatmap. */
-  heatmap: { pair: number; key: string; gap: number; layers: number[]; ids: { prompt: number[]; chosen: number[]; rejected: number[] }; chosen: number[][]; rejected: number[][]; tokens?: { chosen: string[]; rejected: string[] } } | null;
+  heatmap: {
+    pair: number;
+    key: string;
+    gap: number;
+    layers: number[];
+    ids: { prompt: number[]; chosen: number[]; rejected: number[] };
+    chosen: number[][];
+    rejected: number[][];
+    tokens?: { chosen: string[]; rejected: string[] };
+  } | null;
 }
 
 /** Milliseconds spent per stage (summed over batches, and over workers when they run in parallel). */

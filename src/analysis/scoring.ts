@@ -41,7 +41,9 @@ export const comboKey = (c: { direction: Direction; site: Site }): string => `${
 /** Expands settings into the combos to patch (direction-major, then site, then layer) and the sites to cache. */
 export function makePlan(s: RunSettings, L: number): Plan {
   const layers = s.layers ?? Array.from({ length: L }, (_, l) => l);
-  const combos = s.directions.flatMap((direction) => s.sites.flatMap((site) => layers.map((layer) => ({ direction, site, layer }))));
+  const combos = s.directions.flatMap((direction) =>
+    s.sites.flatMap((site) => layers.map((layer) => ({ direction, site, layer }))),
+  );
   const patchSites = [
     ...new Set(
       combos.flatMap((c) => [
@@ -71,8 +73,19 @@ export interface ScoredBatch {
 export function checkCompatible(base: LlamaModel, tuned: LlamaModel): void {
   const a = base.config;
   const b = tuned.config;
-  for (const k of ["hiddenSize", "intermediateSize", "numLayers", "numHeads", "numKvHeads", "headDim", "vocabSize"] as const satisfies ReadonlyArray<keyof LlamaConfig>) {
-    if (a[k] !== b[k]) throw new Error(`base and tuned models differ in ${k} (${a[k]} vs ${b[k]}): they must share architecture shape and vocabulary`);
+  for (const k of [
+    "hiddenSize",
+    "intermediateSize",
+    "numLayers",
+    "numHeads",
+    "numKvHeads",
+    "headDim",
+    "vocabSize",
+  ] as const satisfies ReadonlyArray<keyof LlamaConfig>) {
+    if (a[k] !== b[k])
+      throw new Error(
+        `base and tuned models differ in ${k} (${a[k]} vs ${b[k]}): they must share architecture shape and vocabulary`,
+      );
   }
 }
 
@@ -81,7 +94,10 @@ export function scoreBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunS
   const batch = makeBatch(pairs);
   const run = (m: LlamaModel) => forward(m, batch.ids, { ...scored(batch, models.limits), cache: plan.cacheSites });
   const runs = { base: run(models.base), tuned: run(models.tuned) };
-  const logp = { base: rowLogprobs(runs.base.logprobs!, batch, s.perToken), tuned: rowLogprobs(runs.tuned.logprobs!, batch, s.perToken) };
+  const logp = {
+    base: rowLogprobs(runs.base.logprobs!, batch, s.perToken),
+    tuned: rowLogprobs(runs.tuned.logprobs!, batch, s.perToken),
+  };
   const response = positionMask(batch, "response");
   const all = positionMask(batch, "all");
   return {
@@ -119,7 +135,10 @@ export function pairRecord(sc: ScoredBatch, i: number, m: PairMeasures): PairRec
     line: p.line,
     tokens: { prompt: p.promptIds.length, chosen: p.chosenIds.length, rejected: p.rejectedIds.length },
     ids: { prompt: [...p.promptIds], chosen: [...p.chosenIds], rejected: [...p.rejectedIds] },
-    logp: { base: { chosen: sc.logp.base[2 * i]!, rejected: sc.logp.base[2 * i + 1]! }, tuned: { chosen: sc.logp.tuned[2 * i]!, rejected: sc.logp.tuned[2 * i + 1]! } },
+    logp: {
+      base: { chosen: sc.logp.base[2 * i]!, rejected: sc.logp.base[2 * i + 1]! },
+      tuned: { chosen: sc.logp.tuned[2 * i]!, rejected: sc.logp.tuned[2 * i + 1]! },
+    },
     margin: { base: base[i]!, tuned: tuned[i]! },
     gap: tuned[i]! - base[i]!,
     distance: m.distance,
@@ -140,4 +159,5 @@ export function gainsByKey(combos: Combo[], gains: number[][], i: number): Recor
 }
 
 /** An upper estimate of the float32 bytes one scoring batch of the plan holds at its peak (engine/limits.ts). */
-export const batchBytes = (cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number => scoringBytes(cfg, plan.cacheSites.length, rows, T, scored);
+export const batchBytes = (cfg: LlamaConfig, plan: Plan, rows: number, T: number, scored: number): number =>
+  scoringBytes(cfg, plan.cacheSites.length, rows, T, scored);

@@ -30,7 +30,7 @@ export interface RunSettings {
   /** How patches are measured: "exact" patched forwards, "attribution" (gradient estimates of every patch at once), or "both". */
   method: Method;
   /** Consecutive layers patched together: a patch "at layer l" covers layers l … l+window−1 (cut at the last layer). */
-  window: number;  /** Exact per-head patching (attn.hook_z, the first direction): a layers × heads grid per pair. */
+  window: number; /** Exact per-head patching (attn.hook_z, the first direction): a layers × heads grid per pair. */
   heads: boolean;
   /** Exact per-position patching (resid_post, the first direction) of the pair with the largest |gap|: a layer × token map. */
   positionMap: boolean;
@@ -76,7 +76,10 @@ export class SettingsError extends Error {
 }
 
 /** Defaults filled in for what `partial` leaves out, every value checked (against the model when given). */
-export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pick<LlamaConfig, "numLayers">): RunSettings {
+export function resolveSettings(
+  partial: Partial<RunSettings> = {},
+  config?: Pick<LlamaConfig, "numLayers">,
+): RunSettings {
   const given = Object.fromEntries(Object.entries(partial).filter(([, v]) => v !== undefined)); // undefined: the default
   const s: RunSettings = { ...DEFAULT_SETTINGS, ...given };
   const fail = (msg: string): never => {
@@ -96,9 +99,11 @@ export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pic
   if (!(s.C > 0 && Number.isFinite(s.C))) fail(`C must be positive, got ${s.C}`);
   if (!(s.pcaTestFrac > 0 && s.pcaTestFrac < 1)) fail(`pcaTestFrac must be in (0, 1), got ${s.pcaTestFrac}`);
   if (!METHODS.includes(s.method)) fail(`method must be one of ${METHODS.join(", ")}, got ${String(s.method)}`);
-  if (s.positions !== "all" && s.positions !== "response") fail(`positions must be "all" or "response", got ${String(s.positions)}`);
+  if (s.positions !== "all" && s.positions !== "response")
+    fail(`positions must be "all" or "response", got ${String(s.positions)}`);
   for (const x of s.sites) if (!SITES.includes(x)) fail(`unknown site "${x}" (choose from ${SITES.join(", ")})`);
-  for (const d of s.directions) if (!DIRECTIONS.includes(d)) fail(`unknown direction "${d}" (choose from ${DIRECTIONS.join(", ")})`);
+  for (const d of s.directions)
+    if (!DIRECTIONS.includes(d)) fail(`unknown direction "${d}" (choose from ${DIRECTIONS.join(", ")})`);
   const L = config?.numLayers;
   const bad = (l: number) => !(Number.isInteger(l) && l >= 0 && (L === undefined || l < L));
   const where = L === undefined ? "not a layer index" : `outside 0..${L - 1}`;
@@ -109,8 +114,8 @@ export function resolveSettings(partial: Partial<RunSettings> = {}, config?: Pic
     seen.add(l);
   }
   if (s.layers && s.layers.length === 0) fail("layers is empty (use null for all layers)");
-  if (new Set(s.sites).size !== s.sites.length || new Set(s.directions).size !== s.directions.length) fail("sites and directions must not repeat");
+  if (new Set(s.sites).size !== s.sites.length || new Set(s.directions).size !== s.directions.length)
+    fail("sites and directions must not repeat");
   if (s.pcaLayer !== null && bad(s.pcaLayer)) fail(`pcaLayer ${s.pcaLayer} is ${where}`);
   return s;
 }
-

@@ -44,13 +44,18 @@ export class BasisCache {
 }
 
 /** The low-rank patch along a basis (made on first use): h_base + α·m·U Uᵀ (h_tuned − h_base). */
-export const subspaceEdit = (name: string, alpha: number, basis: () => tf.Tensor2D): LayerEdit => ({ name, apply: (hb, ht, mask) => subspace(alpha, basis())(hb, ht, mask) });
+export const subspaceEdit = (name: string, alpha: number, basis: () => tf.Tensor2D): LayerEdit => ({
+  name,
+  apply: (hb, ht, mask) => subspace(alpha, basis())(hb, ht, mask),
+});
 
 /** A run's random k-dimensional control basis, seeded by its seed and k (so apply-subspace redraws the run's), kept in `bases`. */
 export const randomBasis = (bases: BasisCache, k: number, H: number, seed: number): tf.Tensor2D =>
   // a k = H subspace is the whole space whatever its basis: the identity projects onto it exactly, where
   // Gram–Schmidt on H Gaussian rows costs 2H³ (20 s at 1B width)
-  bases.get(`random ${k}`, () => (k >= H ? (tf.eye(H) as tf.Tensor2D) : randomSubspace(k, H, seededRandom(seed * 31 + k))));
+  bases.get(`random ${k}`, () =>
+    k >= H ? (tf.eye(H) as tf.Tensor2D) : randomSubspace(k, H, seededRandom(seed * 31 + k)),
+  );
 
 /** The steering edit h + β m v (v [H]). */
 export const steer =
@@ -76,7 +81,13 @@ export function componentsFor(ratios: number[], share: number): number {
  * Steering vectors from a mean difference μ [H] and principal directions (rows of `components` [k, H]): μ itself,
  * its projection on the top-k directions, and a random direction with μ's norm (the control).
  */
-export function steeringVectors(mu: Float32Array, components: Float32Array, k: number, H: number, seed: number): Array<{ name: string; values: Float32Array }> {
+export function steeringVectors(
+  mu: Float32Array,
+  components: Float32Array,
+  k: number,
+  H: number,
+  seed: number,
+): Array<{ name: string; values: Float32Array }> {
   const proj = new Float32Array(H);
   for (let c = 0; c < k; c++) {
     const u = components.subarray(c * H, (c + 1) * H);
@@ -118,9 +129,23 @@ export async function layerEditGains(
     const hb = residAfter(models.base, batch, layer);
     const ht = residAfter(models.tuned, batch, layer);
     const mask = positionMask(batch, s.positions);
-    const runs = edits.map((e, k): Run => ({ name: `edit ${k}`, layer: layer + 1, resid: () => e.apply(hb, ht, mask) }));
-    const m = runMargins(models.base, batch, runs, { limits: models.limits, perToken: s.perToken, maxGroup: EDIT_STACK });
-    runs.forEach((r, e) => out[e]!.push(...Array.from(m.get(r.name)!, (v, i) => gainOf("tuned->base", v, margins.marginBase[js[i]!]!, margins.marginTuned[js[i]!]!))));
+    const runs = edits.map((e, k): Run => ({
+      name: `edit ${k}`,
+      layer: layer + 1,
+      resid: () => e.apply(hb, ht, mask),
+    }));
+    const m = runMargins(models.base, batch, runs, {
+      limits: models.limits,
+      perToken: s.perToken,
+      maxGroup: EDIT_STACK,
+    });
+    runs.forEach((r, e) =>
+      out[e]!.push(
+        ...Array.from(m.get(r.name)!, (v, i) =>
+          gainOf("tuned->base", v, margins.marginBase[js[i]!]!, margins.marginTuned[js[i]!]!),
+        ),
+      ),
+    );
     tf.dispose([hb, ht, mask]);
     onPairs(js.length);
     await new Promise<void>((r) => setImmediate(r));
@@ -145,26 +170,52 @@ export interface TransferResult {
   /** Patching only the saved top-k directions; `share_of_full_layer` = recovery / full_layer_recovery. */
   subspace: Array<{ k: number; recovery: number; random_subspace: number; share_of_full_layer: number }>;
   /** Steering the base model alone with the saved mean difference (and a random direction of its norm). */
-  steering: Array<{ vector: string; norm: number; by_strength: Array<{ strength: number; mean_gain: number; recovery: number }> }>;
+  steering: Array<{
+    vector: string;
+    norm: number;
+    by_strength: Array<{ strength: number; mean_gain: number; recovery: number }>;
+  }>;
 }
 
 /** Patches the saved subspace (and steers with its mean difference) in `models` on `pairs`; pure apart from the models. */
-export async function transferStage(models: ModelPair, pairs: Pair[], sub: SavedSubspace, s: RunSettings, onPairs: (count: number) => void = () => {}): Promise<TransferResult> {
+export async function transferStage(
+  models: ModelPair,
+  pairs: Pair[],
+  sub: SavedSubspace,
+  s: RunSettings,
+  onPairs: (count: number) => void = () => {},
+): Promise<TransferResult> {
   const H = models.base.config.hiddenSize;
-  if (sub.meanDiff.length !== H || sub.components.length % H !== 0) throw new Error(`the subspace is for hidden size ${sub.meanDiff.length}, the models have ${H}`);
-  if (!(sub.layer >= 0 && sub.layer < models.base.config.numLayers)) throw new Error(`the subspace is for layer ${sub.layer}, the models have ${models.base.config.numLayers} layers`);
+  if (sub.meanDiff.length !== H || sub.components.length % H !== 0)
+    throw new Error(`the subspace is for hidden size ${sub.meanDiff.length}, the models have ${H}`);
+  if (!(sub.layer >= 0 && sub.layer < models.base.config.numLayers))
+    throw new Error(`the subspace is for layer ${sub.layer}, the models have ${models.base.config.numLayers} layers`);
   const rank = sub.components.length / H;
-  const ks = [...new Set([...Array.from({ length: Math.ceil(Math.log2(rank + 1)) }, (_, i) => 2 ** i).filter((k) => k < rank), rank])];
+  const ks = [
+    ...new Set([
+      ...Array.from({ length: Math.ceil(Math.log2(rank + 1)) }, (_, i) => 2 ** i).filter((k) => k < rank),
+      rank,
+    ]),
+  ];
   const bases = new BasisCache();
   const edits: LayerEdit[] = [{ name: "full layer", apply: interpolate(s.alpha) }];
   for (const k of ks) {
-    edits.push(subspaceEdit(`saved ${k}`, s.alpha, () => bases.get(`saved ${k}`, () => tf.tensor2d(sub.components.subarray(0, k * H), [k, H]))));
+    edits.push(
+      subspaceEdit(`saved ${k}`, s.alpha, () =>
+        bases.get(`saved ${k}`, () => tf.tensor2d(sub.components.subarray(0, k * H), [k, H])),
+      ),
+    );
     edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed)));
   }
   const vectors = steeringVectors(sub.meanDiff, sub.components, 0, H, s.seed).filter((v) => !v.name.startsWith("top-"));
-  for (const v of vectors) for (const beta of STEERING_STRENGTHS) edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
+  for (const v of vectors)
+    for (const beta of STEERING_STRENGTHS)
+      edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
   const opts = { perToken: s.perToken, batchPairs: s.batchPairs, limits: models.limits };
-  const margin = { marginBase: pairMargins(models.base, pairs, opts), marginTuned: pairMargins(models.tuned, pairs, opts) };
+  const margin = {
+    marginBase: pairMargins(models.base, pairs, opts),
+    marginTuned: pairMargins(models.tuned, pairs, opts),
+  };
   const idx = pairs.map((_, i) => i);
   let g: number[][];
   try {

@@ -62,11 +62,28 @@ export function pairSums(sc: ScoredBatch, layout: SumsLayout): Float64Array[] {
     const site = hookName("resid_post", l);
     const hb = sc.runs.base.cache.get(site);
     const ht = sc.runs.tuned.cache.get(site);
-    for (const [model, h] of [["base", hb], ["tuned", ht]] as const) put(rowSums(() => h, sc.mask.response, true), (_, row) => layout.probe(model, l, row), false);
-    put(rowSums(() => tf.sub(ht, hb), sc.mask.response), () => layout.meanDiff(l), true);
+    for (const [model, h] of [
+      ["base", hb],
+      ["tuned", ht],
+    ] as const)
+      put(
+        rowSums(() => h, sc.mask.response, true),
+        (_, row) => layout.probe(model, l, row),
+        false,
+      );
+    put(
+      rowSums(() => tf.sub(ht, hb), sc.mask.response),
+      () => layout.meanDiff(l),
+      true,
+    );
   }
   layout.sites.forEach((site, si) => {
-    for (const model of ["base", "tuned"] as const) put(rowSums(() => sc.runs[model].cache.get(site), sc.mask.all), () => layout.siteSum(model, si), true);
+    for (const model of ["base", "tuned"] as const)
+      put(
+        rowSums(() => sc.runs[model].cache.get(site), sc.mask.all),
+        () => layout.siteSum(model, si),
+        true,
+      );
   });
   return out;
 }

@@ -41,7 +41,15 @@ function cacheOf(input: SweepInput, model: "base" | "tuned", c: Combo): Activati
  * toward the source's; with α = 1 and every position patched, a residual-stream window equals patching its last
  * layer alone. `hooked` takes that form for a window of 1 too (tests: it must give the plain patch's gains).
  */
-export function comboRun(input: SweepInput, c: Combo, ci: number, patchFor: (c: Combo, ci: number) => Patch, window: number, L: number, hooked = window > 1): Run {
+export function comboRun(
+  input: SweepInput,
+  c: Combo,
+  ci: number,
+  patchFor: (c: Combo, ci: number) => Patch,
+  window: number,
+  L: number,
+  hooked = window > 1,
+): Run {
   const { dst, src } = roles(c.direction);
   const dstCache = cacheOf(input, dst, c);
   const srcOf = (site: string) => input.caches[src]?.get(site) ?? dstCache.get(site);
@@ -82,8 +90,17 @@ export function sweepBatch(
     if (!mine.length) continue;
     const L = models[dst].config.numLayers;
     const runs = mine.map(({ c, ci }) => comboRun(input, c, ci, patchFor, s.window, L, test.hooked ?? s.window > 1));
-    const m = runMargins(models[dst], input.batch, runs, { limits: models.limits, perToken: s.perToken, strategy: test.strategy });
-    mine.forEach(({ c, ci }, k) => (out[ci] = Array.from(m.get(runs[k]!.name)!, (v, i) => gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!))));
+    const m = runMargins(models[dst], input.batch, runs, {
+      limits: models.limits,
+      perToken: s.perToken,
+      strategy: test.strategy,
+    });
+    mine.forEach(
+      ({ c, ci }, k) =>
+        (out[ci] = Array.from(m.get(runs[k]!.name)!, (v, i) =>
+          gainOf(c.direction, v, input.margin.base[i]!, input.margin.tuned[i]!),
+        )),
+    );
   }
   return out;
 }

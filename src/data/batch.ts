@@ -19,7 +19,10 @@ export interface PairBatch {
 }
 
 /** forward's row options for a batch: lengths, and the shared prompts so each pair's prompt is computed once. */
-export const pairedInput = (batch: PairBatch): { lengths: number[]; pairedPrompts: number[] } => ({ lengths: batch.lengths, pairedPrompts: batch.prompts });
+export const pairedInput = (batch: PairBatch): { lengths: number[]; pairedPrompts: number[] } => ({
+  lengths: batch.lengths,
+  pairedPrompts: batch.prompts,
+});
 
 /** Builds the padded batch for a list of pairs. */
 export function makeBatch(pairs: Pair[]): PairBatch {
@@ -60,13 +63,23 @@ export function tokenLogprobs(logits: tf.Tensor, batch: PairBatch): tf.Tensor1D 
   return tf.tidy(() => {
     const V = logits.shape[1]!;
     const flat = tf.reshape(tf.logSoftmax(logits, -1), [-1]);
-    return tf.gather(flat, tf.tensor1d(batch.targets.map((t, i) => i * V + t), "int32")) as tf.Tensor1D;
+    return tf.gather(
+      flat,
+      tf.tensor1d(
+        batch.targets.map((t, i) => i * V + t),
+        "int32",
+      ),
+    ) as tf.Tensor1D;
   });
 }
 
 /** Per-row response log-probability (sum, or mean with perToken) from logits [N, V] at batch.logitsAt. */
 export function responseLogprobs(logits: tf.Tensor, batch: PairBatch, perToken: boolean): Float64Array {
-  return rowLogprobs(readValues(() => tokenLogprobs(logits, batch)), batch, perToken);
+  return rowLogprobs(
+    readValues(() => tokenLogprobs(logits, batch)),
+    batch,
+    perToken,
+  );
 }
 
 /** Per-row response log-probability (sum, or mean with perToken) from log p(target) at each of batch.logitsAt (forward's `logprobs`). */
@@ -90,7 +103,8 @@ export function marginsOf(rowLogprobs: Float64Array): Float64Array {
 export function positionMask(batch: PairBatch, which: "all" | "response"): tf.Tensor3D {
   const B = batch.ids.length;
   const m = new Float32Array(B * batch.T);
-  for (let r = 0; r < B; r++) for (let t = which === "all" ? 0 : batch.respStart[r]!; t < batch.lengths[r]!; t++) m[r * batch.T + t] = 1;
+  for (let r = 0; r < B; r++)
+    for (let t = which === "all" ? 0 : batch.respStart[r]!; t < batch.lengths[r]!; t++) m[r * batch.T + t] = 1;
   return tf.tensor3d(m, [B, batch.T, 1]);
 }
 
@@ -103,7 +117,9 @@ export function repeatBatch(batch: PairBatch, copies: number): PairBatch {
     ids: rep(batch.ids),
     lengths: rep(batch.lengths),
     respStart: rep(batch.respStart),
-    logitsAt: Array.from({ length: copies }, (_, k) => batch.logitsAt.map(([r, t]): [number, number] => [r + k * R, t])).flat(),
+    logitsAt: Array.from({ length: copies }, (_, k) =>
+      batch.logitsAt.map(([r, t]): [number, number] => [r + k * R, t]),
+    ).flat(),
     targets: rep(batch.targets),
     rowOf: Array.from({ length: copies }, (_, k) => batch.rowOf.map((r) => r + k * R)).flat(),
     prompts: rep(batch.prompts),

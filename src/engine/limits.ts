@@ -1,7 +1,13 @@
 // How much memory the engine's runs may take at once: one Limits object, passed in (DEFAULT_LIMITS when left
 // out), and the estimates that turn it into how many patched runs go through a layer or the head together.
 import type { LlamaConfig } from "../model/config.js";
-import { GROUPED_ATTENTION_MIN, groupedAttention, HEAD_BLOCK, NATIVE_GROUPED_MIN, type HeadBlock } from "../model/llama.js";
+import {
+  GROUPED_ATTENTION_MIN,
+  groupedAttention,
+  HEAD_BLOCK,
+  NATIVE_GROUPED_MIN,
+  type HeadBlock,
+} from "../model/llama.js";
 import { nativeMatMulActive } from "../model/native.js";
 
 /** The engine's memory policy. */

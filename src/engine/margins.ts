@@ -7,10 +7,16 @@ import { forward, type ForwardResult, type Hooks, type LlamaModel } from "../mod
 import { DEFAULT_LIMITS, type Limits } from "./limits.js";
 
 /** Per-pair margins of a forward run with the batch's logitsAt and targets (see scored()). */
-export const marginsOfRun = (r: ForwardResult, batch: PairBatch, perToken = false): Float64Array => marginsOf(rowLogprobs(r.logprobs!, batch, perToken));
+export const marginsOfRun = (r: ForwardResult, batch: PairBatch, perToken = false): Float64Array =>
+  marginsOf(rowLogprobs(r.logprobs!, batch, perToken));
 
 /** The forward options that score a batch's responses: packed pairs, the response positions and their tokens. */
-export const scored = (batch: PairBatch, limits: Limits = DEFAULT_LIMITS) => ({ ...pairedInput(batch), logitsAt: batch.logitsAt, targets: batch.targets, headBlock: limits.head });
+export const scored = (batch: PairBatch, limits: Limits = DEFAULT_LIMITS) => ({
+  ...pairedInput(batch),
+  logitsAt: batch.logitsAt,
+  targets: batch.targets,
+  headBlock: limits.head,
+});
 
 export interface MarginOptions {
   /** Hooks applied to every forward pass (an ablation, a steering vector). */
@@ -29,7 +35,8 @@ export interface MarginOptions {
 export function margins(model: LlamaModel, pairs: Pair[], opts: MarginOptions = {}): Float64Array {
   const out = new Float64Array(pairs.length);
   const size = opts.batchPairs ?? 4;
-  if (!(Number.isInteger(size) && size >= 1)) throw new RangeError(`batchPairs must be a positive integer, got ${size}`);
+  if (!(Number.isInteger(size) && size >= 1))
+    throw new RangeError(`batchPairs must be a positive integer, got ${size}`);
   for (let i = 0; i < pairs.length; i += size) {
     const batch = makeBatch(pairs.slice(i, i + size));
     const r = forward(model, batch.ids, { ...scored(batch, opts.limits), hooks: opts.hooks });

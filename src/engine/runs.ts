@@ -48,17 +48,28 @@ interface Live {
  * Margins log p(chosen | prompt) − log p(rejected | prompt) of every pair of `batch` under each run, by name.
  * The numbers do not depend on the strategy, the limits or which other runs share the call.
  */
-export function runMargins(model: LlamaModel, batch: PairBatch, runs: Run[], opts: RunOptions = {}): Map<string, Float64Array> {
+export function runMargins(
+  model: LlamaModel,
+  batch: PairBatch,
+  runs: Run[],
+  opts: RunOptions = {},
+): Map<string, Float64Array> {
   const L = model.config.numLayers;
   const names = new Set<string>();
   for (const r of runs) {
     if (names.has(r.name)) throw new Error(`two runs are named "${r.name}"`);
     names.add(r.name);
-    if (!(Number.isInteger(r.layer) && r.layer >= 0 && r.layer <= L)) throw new RangeError(`run "${r.name}" enters layer ${r.layer}, outside 0..${L}`);
+    if (!(Number.isInteger(r.layer) && r.layer >= 0 && r.layer <= L))
+      throw new RangeError(`run "${r.name}" enters layer ${r.layer}, outside 0..${L}`);
   }
   const out = new Map<string, Float64Array>();
   const strategy = opts.strategy && opts.strategy !== "auto" ? opts.strategy : model.source ? "layer-major" : "stacked";
-  const o = { limits: opts.limits ?? DEFAULT_LIMITS, perToken: opts.perToken ?? false, maxGroup: opts.maxGroup ?? Infinity, out };
+  const o = {
+    limits: opts.limits ?? DEFAULT_LIMITS,
+    perToken: opts.perToken ?? false,
+    maxGroup: opts.maxGroup ?? Infinity,
+    out,
+  };
   if (strategy === "layer-major") layerMajor(model, batch, runs, o);
   else stacked(model, batch, runs, strategy === "per-run" ? 1 : Infinity, o);
   return out;
@@ -110,7 +121,8 @@ function stackedHooks(runs: Run[], rows: number): Record<string, Hook> {
         const hook = r.hooks?.[site];
         if (!hook) return mine;
         const v2 = hook(mine, name);
-        if (!tf.util.arraysEqual(v2.shape, mine.shape)) throw new Error(`hook for ${name} of run "${r.name}" returned shape [${v2.shape}], expected [${mine.shape}]`);
+        if (!tf.util.arraysEqual(v2.shape, mine.shape))
+          throw new Error(`hook for ${name} of run "${r.name}" returned shape [${v2.shape}], expected [${mine.shape}]`);
         return v2;
       });
       return tf.concat(parts);
@@ -123,7 +135,14 @@ function stackedHooks(runs: Run[], rows: number): Record<string, Hook> {
 function finish(model: LlamaModel, batch: PairBatch, group: Run[], layer: number, resid: tf.Tensor, o: Ctx): void {
   const rows = repeatBatch(batch, group.length);
   const start = { layer, resid };
-  const r = forward(model, rows.ids, { ...pairedInput(rows), logitsAt: rows.logitsAt, targets: rows.targets, start, hooks: stackedHooks(group, batch.ids.length), headBlock: o.limits.head });
+  const r = forward(model, rows.ids, {
+    ...pairedInput(rows),
+    logitsAt: rows.logitsAt,
+    targets: rows.targets,
+    start,
+    hooks: stackedHooks(group, batch.ids.length),
+    headBlock: o.limits.head,
+  });
   const m = marginsOf(rowLogprobs(r.logprobs!, rows, o.perToken));
   r.dispose();
   const P = batch.pairs.length;
@@ -171,7 +190,8 @@ function layerMajor(model: LlamaModel, batch: PairBatch, runs: Run[], o: Ctx): v
     try {
       let next = 0;
       for (let l = order[0]!.layer; l < L; l++) {
-        while (next < order.length && order[next]!.layer === l) live.push({ run: order[next]!, resid: enter(order[next++]!) });
+        while (next < order.length && order[next]!.layer === l)
+          live.push({ run: order[next]!, resid: enter(order[next++]!) });
         throughLayer(model, batch, l, live, G, o);
       }
       while (next < order.length) live.push({ run: order[next]!, resid: enter(order[next++]!) });
@@ -179,7 +199,14 @@ function layerMajor(model: LlamaModel, batch: PairBatch, runs: Run[], o: Ctx): v
         const part = live.slice(g, g + Gh);
         const resid = join(part);
         try {
-          finish(model, batch, part.map((x) => x.run), L, resid, o); // hooks at the final norm, if any
+          finish(
+            model,
+            batch,
+            part.map((x) => x.run),
+            L,
+            resid,
+            o,
+          ); // hooks at the final norm, if any
         } finally {
           resid.dispose();
         }
@@ -204,7 +231,15 @@ function throughLayer(model: LlamaModel, batch: PairBatch, l: number, live: Live
     const resid = join(part);
     let h: tf.Tensor;
     try {
-      const r = forward(model, rows.ids, { ...pairedInput(rows), start: { layer: l, resid }, stopAfter: l, cache: [site], hooks, logitsAt: "none", headBlock: o.limits.head });
+      const r = forward(model, rows.ids, {
+        ...pairedInput(rows),
+        start: { layer: l, resid },
+        stopAfter: l,
+        cache: [site],
+        hooks,
+        logitsAt: "none",
+        headBlock: o.limits.head,
+      });
       h = r.cache.take(site);
       r.dispose();
     } finally {

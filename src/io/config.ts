@@ -15,4 +15,3 @@ export function loadConfig(dir: string): LlamaConfig {
   }
   return parseConfig(raw, file);
 }
-

@@ -33,9 +33,31 @@ export function readLlama2cCheckpoint(file: string): { header: Llama2cHeader; te
   }
   if (buf.length < 28) throw new Llama2cError(`${file}: too short for a llama2.c header`);
   const h = Array.from({ length: 7 }, (_, i) => buf.readInt32LE(i * 4));
-  const [dim, hiddenDim, nLayers, nHeads, nKvHeads, vocabRaw, seqLen] = h as [number, number, number, number, number, number, number];
-  const header: Llama2cHeader = { dim, hiddenDim, nLayers, nHeads, nKvHeads, vocabSize: Math.abs(vocabRaw), seqLen, shared: vocabRaw > 0 };
-  if ([dim, hiddenDim, nLayers, nHeads, nKvHeads, seqLen, header.vocabSize].some((v) => !(v > 0)) || dim % nHeads !== 0 || nHeads % nKvHeads !== 0 || (dim / nHeads) % 2 !== 0) {
+  const [dim, hiddenDim, nLayers, nHeads, nKvHeads, vocabRaw, seqLen] = h as [
+    number,
+    number,
+    number,
+    number,
+    number,
+    number,
+    number,
+  ];
+  const header: Llama2cHeader = {
+    dim,
+    hiddenDim,
+    nLayers,
+    nHeads,
+    nKvHeads,
+    vocabSize: Math.abs(vocabRaw),
+    seqLen,
+    shared: vocabRaw > 0,
+  };
+  if (
+    [dim, hiddenDim, nLayers, nHeads, nKvHeads, seqLen, header.vocabSize].some((v) => !(v > 0)) ||
+    dim % nHeads !== 0 ||
+    nHeads % nKvHeads !== 0 ||
+    (dim / nHeads) % 2 !== 0
+  ) {
     throw new Llama2cError(`${file}: header ${JSON.stringify(h)} is not a valid llama2.c model`);
   }
   const hs = dim / nHeads;
@@ -58,7 +80,8 @@ export function readLlama2cCheckpoint(file: string): { header: Llama2cHeader; te
   ];
   if (!header.shared) sizes.push(["wcls", V * dim]);
   const floats = sizes.reduce((a, [, n]) => a + n, 0);
-  if (buf.length !== 28 + floats * 4) throw new Llama2cError(`${file}: ${buf.length} bytes, but the header implies ${28 + floats * 4}`);
+  if (buf.length !== 28 + floats * 4)
+    throw new Llama2cError(`${file}: ${buf.length} bytes, but the header implies ${28 + floats * 4}`);
   const all = new Float32Array(buf.buffer.slice(buf.byteOffset + 28, buf.byteOffset + 28 + floats * 4));
   const parts: Record<string, Float32Array> = {};
   let off = 0;
@@ -74,7 +97,11 @@ export function readLlama2cCheckpoint(file: string): { header: Llama2cHeader; te
     const p = `model.layers.${l}.`;
     put(p + "input_layernorm.weight", [dim], layer("rmsAtt", l, dim));
     put(p + "self_attn.q_proj.weight", [dim, dim], interleavedToHalves(layer("wq", l, dim * dim), nHeads, hs, dim));
-    put(p + "self_attn.k_proj.weight", [kvDim, dim], interleavedToHalves(layer("wk", l, kvDim * dim), nKvHeads, hs, dim));
+    put(
+      p + "self_attn.k_proj.weight",
+      [kvDim, dim],
+      interleavedToHalves(layer("wk", l, kvDim * dim), nKvHeads, hs, dim),
+    );
     put(p + "self_attn.v_proj.weight", [kvDim, dim], layer("wv", l, kvDim * dim));
     put(p + "self_attn.o_proj.weight", [dim, dim], layer("wo", l, dim * dim));
     put(p + "post_attention_layernorm.weight", [dim], layer("rmsFfn", l, dim));
@@ -129,7 +156,10 @@ export function readLlama2cTokenizer(file: string, vocabSize: number): Llama2cPi
     pieces.push({ bytes: new Uint8Array(buf.subarray(o, o + n)), score });
     o += n;
   }
-  if (o !== buf.length) throw new Llama2cError(`${file}: ${buf.length - o} bytes left after ${vocabSize} tokens (vocabulary size mismatch?)`);
+  if (o !== buf.length)
+    throw new Llama2cError(
+      `${file}: ${buf.length - o} bytes left after ${vocabSize} tokens (vocabulary size mismatch?)`,
+    );
   return pieces;
 }
 
@@ -144,7 +174,9 @@ export function llama2cTokenizerJson(pieces: Llama2cPiece[]): Record<string, unk
   const decoder = new TextDecoder("utf-8", { fatal: false });
   const specials = ["<unk>", "<s>", "</s>"];
   const vocab: Record<string, number> = {};
-  const text: string[] = pieces.map((p, id) => (id < 3 ? specials[id]! : decoder.decode(p.bytes).replaceAll(" ", SPACE)));
+  const text: string[] = pieces.map((p, id) =>
+    id < 3 ? specials[id]! : decoder.decode(p.bytes).replaceAll(" ", SPACE),
+  );
   text.forEach((s, id) => {
     if (!(s in vocab)) vocab[s] = id;
   });
@@ -158,7 +190,8 @@ export function llama2cTokenizerJson(pieces: Llama2cPiece[]): Record<string, unk
       const b = chars.slice(cut).join("");
       const ia = vocab[a];
       const ib = vocab[b];
-      if (ia !== undefined && ib !== undefined && ia >= 3 && ib >= 3 && !isByte(ia) && !isByte(ib)) merges.push({ pair: [a, b], score: pieces[id]!.score, id });
+      if (ia !== undefined && ib !== undefined && ia >= 3 && ib >= 3 && !isByte(ia) && !isByte(ib))
+        merges.push({ pair: [a, b], score: pieces[id]!.score, id });
     }
   });
   merges.sort((x, y) => y.score - x.score || x.id - y.id);
@@ -166,7 +199,15 @@ export function llama2cTokenizerJson(pieces: Llama2cPiece[]): Record<string, unk
     version: "1.0",
     truncation: null,
     padding: null,
-    added_tokens: specials.map((content, id) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true })),
+    added_tokens: specials.map((content, id) => ({
+      id,
+      content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: true,
+    })),
     normalizer: {
       type: "Sequence",
       normalizers: [

@@ -6,11 +6,29 @@ import * as tf from "@tensorflow/tfjs-core";
 import { configToJson, type LlamaConfig } from "../model/config.js";
 import { ensureBackend } from "../model/backend.js";
 import { loadConfig } from "./config.js";
-import { DTYPE_BYTES, decode, iterRawSafetensorsFolder, storedBits, writeSafetensors, type DType, type WeightDType, type RawTensor, type TensorToWrite } from "./safetensors.js";
+import {
+  DTYPE_BYTES,
+  decode,
+  iterRawSafetensorsFolder,
+  storedBits,
+  writeSafetensors,
+  type DType,
+  type WeightDType,
+  type RawTensor,
+  type TensorToWrite,
+} from "./safetensors.js";
 import { layerBytesOf, StoredWeights, StreamedWeights } from "./stream.js";
 import { nativeMatMulActive, nativeStatus } from "../model/native.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
-import { LAYER_NAMES, expectedTensors, isMatrixName, namedWeights, transposeData, weightBytes, type LayerKey } from "../model/weights.js";
+import {
+  LAYER_NAMES,
+  expectedTensors,
+  isMatrixName,
+  namedWeights,
+  transposeData,
+  weightBytes,
+  type LayerKey,
+} from "../model/weights.js";
 
 /** A model folder whose weights do not match what its config describes. */
 export class ModelError extends Error {
@@ -64,7 +82,11 @@ export function residentBytes(cfg: LlamaConfig): number {
 }
 
 /** The weight tensors of a folder, checked against the config (names, shapes, dtypes, finite values). */
-function* checkedTensors(dir: string, cfg: LlamaConfig, opts: LoadOptions = {}): Generator<[string, RawTensor, () => Float32Array]> {
+function* checkedTensors(
+  dir: string,
+  cfg: LlamaConfig,
+  opts: LoadOptions = {},
+): Generator<[string, RawTensor, () => Float32Array]> {
   if (opts.stored) {
     for (const [name, t] of opts.stored) yield [name, t, () => decode(t.dtype, t.bytes) as Float32Array];
     return;
@@ -75,12 +97,18 @@ function* checkedTensors(dir: string, cfg: LlamaConfig, opts: LoadOptions = {}):
     if (name.endsWith("rotary_emb.inv_freq")) continue; // recomputed from the config
     if (name === "lm_head.weight" && cfg.tieWordEmbeddings) continue; // tied: the embedding is the head
     const shape = expected.get(name);
-    if (!shape) throw new ModelError(`${dir}: unexpected tensor "${name}" (not part of a Llama model with this config)`);
-    if (!tf.util.arraysEqual(shape, t.shape)) throw new ModelError(`${dir}: tensor "${name}" has shape [${t.shape}], config implies [${shape}]`);
-    if (t.dtype !== "F32" && t.dtype !== "F16" && t.dtype !== "BF16") throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
+    if (!shape)
+      throw new ModelError(`${dir}: unexpected tensor "${name}" (not part of a Llama model with this config)`);
+    if (!tf.util.arraysEqual(shape, t.shape))
+      throw new ModelError(`${dir}: tensor "${name}" has shape [${t.shape}], config implies [${shape}]`);
+    if (t.dtype !== "F32" && t.dtype !== "F16" && t.dtype !== "BF16")
+      throw new ModelError(`${dir}: tensor "${name}" has dtype ${t.dtype}; weights must be F32, F16 or BF16`);
     const bad = firstNonFinite(t.dtype, t.bytes);
     const w = DTYPE_BYTES[t.dtype];
-    if (bad >= 0) throw new ModelError(`${dir}: tensor "${name}" holds ${decode(t.dtype, t.bytes.slice(bad * w, (bad + 1) * w))[0]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`);
+    if (bad >= 0)
+      throw new ModelError(
+        `${dir}: tensor "${name}" holds ${decode(t.dtype, t.bytes.slice(bad * w, (bad + 1) * w))[0]} at flat index ${bad}: the weights are corrupt (NaN/Inf)`,
+      );
     seen.add(name);
     // decoded only when asked: a streamed model keeps the stored bytes and decodes a layer when it is brought in
     yield [name, t, () => decode(t.dtype, t.bytes) as Float32Array];
@@ -90,11 +118,14 @@ function* checkedTensors(dir: string, cfg: LlamaConfig, opts: LoadOptions = {}):
 
 /** A float32 tensor in the model's layout: matrices transposed from [out, in] to [in, out]. */
 function toBackend(name: string, shape: number[], data: Float32Array): tf.Tensor {
-  return isMatrixName(name) ? tf.tensor(transposeData(data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32") : tf.tensor(data, shape, "float32");
+  return isMatrixName(name)
+    ? tf.tensor(transposeData(data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32")
+    : tf.tensor(data, shape, "float32");
 }
 
 /** The tied head [hidden, vocab] from the embedding's values. */
-const tiedHeadOf = (data: Float32Array, shape: number[]) => tf.tensor(transposeData(data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32") as tf.Tensor2D;
+const tiedHeadOf = (data: Float32Array, shape: number[]) =>
+  tf.tensor(transposeData(data, shape[0]!, shape[1]!), [shape[1]!, shape[0]!], "float32") as tf.Tensor2D;
 
 /**
  * Copies of each weight the backend holds: 2 on wasm, whose matmuls keep an XNNPACK-packed copy of every
@@ -107,7 +138,8 @@ export function loadModelSync(dir: string, opts: LoadOptions = {}): LlamaModel {
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new ModelError(`${dir}: not a folder`);
   const cfg = loadConfig(dir);
   const budget = (opts.memoryBudget ?? (tf.getBackend() === "wasm" ? WASM_WEIGHT_LIMIT : Infinity)) / backendCopies();
-  if (opts.stored && residentBytes(cfg) <= budget) throw new ModelError(`${dir}: stored weights are only for a streamed model`);
+  if (opts.stored && residentBytes(cfg) <= budget)
+    throw new ModelError(`${dir}: stored weights are only for a streamed model`);
   return residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget, opts);
 }
 
@@ -152,17 +184,26 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
 function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadOptions): LlamaModel {
   const H = cfg.hiddenSize;
   const inPlace = (opts.stream ?? (nativeMatMulActive() ? "in-place" : "bring-in")) === "in-place";
-  if (inPlace && tf.getBackend() !== "wasm") throw new ModelError(`${dir}: a model read in place needs the native matmul on the wasm backend (the backend is ${tf.getBackend()})`);
+  if (inPlace && tf.getBackend() !== "wasm")
+    throw new ModelError(
+      `${dir}: a model read in place needs the native matmul on the wasm backend (the backend is ${tf.getBackend()})`,
+    );
   if (inPlace) {
     const status = nativeStatus();
-    if (!status.ok) throw new ModelError(`${dir}: a model read in place needs the native matmul, which is not available here: ${status.why}`);
+    if (!status.ok)
+      throw new ModelError(
+        `${dir}: a model read in place needs the native matmul, which is not available here: ${status.why}`,
+      );
     return loadInPlace(dir, cfg, opts);
   }
   const headBytes = 4 * cfg.vocabSize * H;
   const layerBytes = layerBytesOf(cfg);
   // the head stays resident when it fits beside one layer; else it is streamed in the fewest vocabulary chunks
   // of which one fits beside one layer
-  const chunks = budget - headBytes - 4 * H >= layerBytes ? 0 : [8, 16, 32, 64, 128].find((c) => budget - 4 * H - Math.ceil(cfg.vocabSize / c) * 4 * H >= layerBytes);
+  const chunks =
+    budget - headBytes - 4 * H >= layerBytes
+      ? 0
+      : [8, 16, 32, 64, 128].find((c) => budget - 4 * H - Math.ceil(cfg.vocabSize / c) * 4 * H >= layerBytes);
   if (chunks === undefined) {
     const k = backendCopies();
     const copies = k > 1 ? ` (each counted ${k}x: the backend keeps a packed copy)` : "";
@@ -181,14 +222,22 @@ function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadO
       else if (name === "lm_head.weight" && !chunks) head = toBackend(name, t.shape, data()) as tf.Tensor2D;
       else {
         raw.set(name, t);
-        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings && !chunks) head = tiedHeadOf(data(), t.shape);
+        if (name === "model.embed_tokens.weight" && cfg.tieWordEmbeddings && !chunks)
+          head = tiedHeadOf(data(), t.shape);
       }
     }
     const headRaw = raw.get(cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight");
     const resident = chunks ? 4 * H : headBytes + 4 * H;
     const source = new StreamedWeights(cfg, raw, budget - resident, chunks ? { raw: headRaw!, chunks } : undefined);
     if (opts.shared) source.stored = stored;
-    return { config: cfg, embed: tf.zeros([0, H]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: head ?? (tf.zeros([H, 0]) as tf.Tensor2D), source };
+    return {
+      config: cfg,
+      embed: tf.zeros([0, H]) as tf.Tensor2D,
+      layers: [],
+      finalNorm: finalNorm!,
+      lmHead: head ?? (tf.zeros([H, 0]) as tf.Tensor2D),
+      source,
+    };
   } catch (e) {
     head?.dispose();
     finalNorm?.dispose();
@@ -209,10 +258,21 @@ function loadInPlace(dir: string, cfg: LlamaConfig, opts: LoadOptions): LlamaMod
     finalNorm?.dispose();
     throw e;
   }
-  const source = new StoredWeights(cfg, raw, raw.get(cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight")!);
+  const source = new StoredWeights(
+    cfg,
+    raw,
+    raw.get(cfg.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight")!,
+  );
   if (opts.shared) source.stored = raw;
   const H = cfg.hiddenSize;
-  return { config: cfg, embed: tf.zeros([0, H]) as tf.Tensor2D, layers: [], finalNorm: finalNorm!, lmHead: tf.zeros([H, 0]) as tf.Tensor2D, source };
+  return {
+    config: cfg,
+    embed: tf.zeros([0, H]) as tf.Tensor2D,
+    layers: [],
+    finalNorm: finalNorm!,
+    lmHead: tf.zeros([H, 0]) as tf.Tensor2D,
+    source,
+  };
 }
 
 /** Writes config.json and model.safetensors for a model (F32 by default, or BF16/F16). */
@@ -222,19 +282,32 @@ export function saveModel(model: LlamaModel, dir: string, dtype: Extract<DType, 
   for (const [name, t] of namedWeights(model)) tensors[name] = { dtype, ...t };
   writeSafetensors(path.join(dir, "model.safetensors"), tensors, { format: "pt" });
   const torchDtype = { F32: "float32", BF16: "bfloat16", F16: "float16" }[dtype];
-  writeFileAtomic(path.join(dir, "config.json"), JSON.stringify(configToJson(model.config, torchDtype), null, 2) + "\n");
+  writeFileAtomic(
+    path.join(dir, "config.json"),
+    JSON.stringify(configToJson(model.config, torchDtype), null, 2) + "\n",
+  );
 }
 
 /**
  * Writes a complete model folder (config, weights, tokenizer files and licence copied from `copyFrom`, any
  * extra files) into a temporary sibling, then moves it into place, replacing `dir`: never a half-written model.
  */
-export function saveModelFolder(model: LlamaModel, dir: string, opts: { copyFrom?: string; extraFiles?: Record<string, string> } = {}): void {
+export function saveModelFolder(
+  model: LlamaModel,
+  dir: string,
+  opts: { copyFrom?: string; extraFiles?: Record<string, string> } = {},
+): void {
   const tmp = `${dir}.tmp-${process.pid}`;
   fs.rmSync(tmp, { recursive: true, force: true });
   try {
     saveModel(model, tmp);
-    for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "LICENSE"]) {
+    for (const f of [
+      "tokenizer.json",
+      "tokenizer_config.json",
+      "special_tokens_map.json",
+      "generation_config.json",
+      "LICENSE",
+    ]) {
       const src = opts.copyFrom ? path.join(opts.copyFrom, f) : "";
       if (src && fs.existsSync(src)) fs.copyFileSync(src, path.join(tmp, f));
     }
@@ -253,4 +326,3 @@ export function writeFileAtomic(file: string, text: string | Uint8Array): void {
   fs.writeFileSync(tmp, text);
   fs.renameSync(tmp, file);
 }
-

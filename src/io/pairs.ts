@@ -44,16 +44,28 @@ function parseLine(text: string, line: number): RawPair {
   const r = o as Record<string, unknown>;
   const isIds = (v: unknown) => Array.isArray(v) && v.every((x) => Number.isInteger(x) && x >= 0);
   if ("prompt_ids" in r || "chosen_ids" in r || "rejected_ids" in r) {
-    for (const k of ["prompt_ids", "chosen_ids", "rejected_ids"]) if (!isIds(r[k])) throw new PairsError(`line ${line}: ${k} must be an array of non-negative integers`);
-    return { line, promptIds: r.prompt_ids as number[], chosenIds: r.chosen_ids as number[], rejectedIds: r.rejected_ids as number[] };
+    for (const k of ["prompt_ids", "chosen_ids", "rejected_ids"])
+      if (!isIds(r[k])) throw new PairsError(`line ${line}: ${k} must be an array of non-negative integers`);
+    return {
+      line,
+      promptIds: r.prompt_ids as number[],
+      chosenIds: r.chosen_ids as number[],
+      rejectedIds: r.rejected_ids as number[],
+    };
   }
-  if (typeof r.chosen !== "string" || typeof r.rejected !== "string") throw new PairsError(`line ${line}: needs string fields "chosen" and "rejected" (or prompt_ids/chosen_ids/rejected_ids)`);
+  if (typeof r.chosen !== "string" || typeof r.rejected !== "string")
+    throw new PairsError(
+      `line ${line}: needs string fields "chosen" and "rejected" (or prompt_ids/chosen_ids/rejected_ids)`,
+    );
   if ("prompt" in r) {
     if (typeof r.prompt !== "string") throw new PairsError(`line ${line}: "prompt" must be a string`);
     return { line, prompt: r.prompt, chosen: r.chosen, rejected: r.rejected };
   }
   const hh = splitHH(r.chosen, r.rejected);
-  if (!hh) throw new PairsError(`line ${line}: chosen and rejected share no prefix ending in "\\n\\nAssistant:" (HH-RLHF format) and there is no "prompt"`);
+  if (!hh)
+    throw new PairsError(
+      `line ${line}: chosen and rejected share no prefix ending in "\\n\\nAssistant:" (HH-RLHF format) and there is no "prompt"`,
+    );
   return { line, ...hh };
 }
 
@@ -95,7 +107,10 @@ export function* iterPairs(file: string): Generator<RawPair | { line: number; er
 }
 
 /** Reads the whole pairs file; with skipBad, malformed lines are counted and skipped instead of failing. */
-export function readPairs(file: string, opts: { skipBad?: boolean } = {}): { pairs: RawPair[]; bad: Array<{ line: number; reason: string }> } {
+export function readPairs(
+  file: string,
+  opts: { skipBad?: boolean } = {},
+): { pairs: RawPair[]; bad: Array<{ line: number; reason: string }> } {
   const pairs: RawPair[] = [];
   const bad: Array<{ line: number; reason: string }> = [];
   for (const r of iterPairs(file)) {
@@ -103,7 +118,8 @@ export function readPairs(file: string, opts: { skipBad?: boolean } = {}): { pai
     else if (!opts.skipBad) throw new PairsError(r.error);
     else bad.push({ line: r.line, reason: r.error });
   }
-  if (pairs.length === 0) throw new PairsError(`${file}: no pairs${bad.length ? ` (${bad.length} malformed lines skipped)` : ""}`);
+  if (pairs.length === 0)
+    throw new PairsError(`${file}: no pairs${bad.length ? ` (${bad.length} malformed lines skipped)` : ""}`);
   return { pairs, bad };
 }
 
@@ -121,7 +137,12 @@ function commonPrefix(a: number[], b: number[]): number {
  * prompt ids + response ids = the joint tokenization, and both responses share the prompt ids. `merged`
  * counts prompt tokens that a merge across the seam moved into the responses.
  */
-export function tokenizeTextPair(tok: TextTokenizer, prompt: string, chosen: string, rejected: string): { promptIds: number[]; chosenIds: number[]; rejectedIds: number[]; merged: number } {
+export function tokenizeTextPair(
+  tok: TextTokenizer,
+  prompt: string,
+  chosen: string,
+  rejected: string,
+): { promptIds: number[]; chosenIds: number[]; rejectedIds: number[]; merged: number } {
   const own = tok.encode(prompt);
   const jc = tok.encode(prompt + chosen);
   const jr = tok.encode(prompt + rejected);
@@ -155,23 +176,44 @@ export function tokenizePairs(
       if ("error" in r) throw new PairsError(r.error);
       let p: Omit<Pair, "index">;
       let merged = 0;
-      if (r.promptIds) p = { line: r.line, promptIds: r.promptIds, chosenIds: r.chosenIds!, rejectedIds: r.rejectedIds! };
+      if (r.promptIds)
+        p = { line: r.line, promptIds: r.promptIds, chosenIds: r.chosenIds!, rejectedIds: r.rejectedIds! };
       else {
-        if (!tok) throw new PairsError(`line ${r.line}: text pairs need a tokenizer.json in the base model folder (or use prompt_ids/chosen_ids/rejected_ids)`);
+        if (!tok)
+          throw new PairsError(
+            `line ${r.line}: text pairs need a tokenizer.json in the base model folder (or use prompt_ids/chosen_ids/rejected_ids)`,
+          );
         const t = tokenizeTextPair(tok, r.prompt!, r.chosen!, r.rejected!);
         merged = t.merged;
-        p = { line: r.line, promptIds: t.promptIds, chosenIds: t.chosenIds, rejectedIds: t.rejectedIds, prompt: r.prompt, chosen: r.chosen, rejected: r.rejected };
+        p = {
+          line: r.line,
+          promptIds: t.promptIds,
+          chosenIds: t.chosenIds,
+          rejectedIds: t.rejectedIds,
+          prompt: r.prompt,
+          chosen: r.chosen,
+          rejected: r.rejected,
+        };
       }
-      if (p.promptIds.length === 0) throw new PairsError(`line ${r.line}: the prompt has no tokens (nothing to predict the first response token from)`);
-      if (p.chosenIds.length === 0 || p.rejectedIds.length === 0) throw new PairsError(`line ${r.line}: a response has no tokens`);
+      if (p.promptIds.length === 0)
+        throw new PairsError(
+          `line ${r.line}: the prompt has no tokens (nothing to predict the first response token from)`,
+        );
+      if (p.chosenIds.length === 0 || p.rejectedIds.length === 0)
+        throw new PairsError(`line ${r.line}: a response has no tokens`);
       const big = [...p.promptIds, ...p.chosenIds, ...p.rejectedIds].find((id) => id >= vocabSize);
-      if (big !== undefined) throw new PairsError(`line ${r.line}: token id ${big} is outside the vocabulary (size ${vocabSize})`);
-      if (opts.maxTokens !== undefined && p.promptIds.length + Math.max(p.chosenIds.length, p.rejectedIds.length) > opts.maxTokens) {
+      if (big !== undefined)
+        throw new PairsError(`line ${r.line}: token id ${big} is outside the vocabulary (size ${vocabSize})`);
+      if (
+        opts.maxTokens !== undefined &&
+        p.promptIds.length + Math.max(p.chosenIds.length, p.rejectedIds.length) > opts.maxTokens
+      ) {
         out.tooLong++;
         continue;
       }
       if (merged > 0) out.merged++;
-      if (p.chosenIds.length === p.rejectedIds.length && p.chosenIds.every((id, i) => id === p.rejectedIds[i])) out.identical++;
+      if (p.chosenIds.length === p.rejectedIds.length && p.chosenIds.every((id, i) => id === p.rejectedIds[i]))
+        out.identical++;
       out.pairs.push({ index: out.pairs.length, ...p });
     } catch (e) {
       if (!opts.skipBad || !(e instanceof PairsError)) throw e;
@@ -192,7 +234,10 @@ export function readUsablePairs(
   opts: { maxTokens?: number; limit?: number; skipBad?: boolean } = {},
 ): TokenizedPairs {
   const tp = tokenizePairs(iterPairs(file), tok, vocabSize, opts);
-  const why = [...(opts.maxTokens === undefined ? [] : [`${tp.tooLong} longer than ${opts.maxTokens} tokens`]), `${tp.bad.length} malformed`];
+  const why = [
+    ...(opts.maxTokens === undefined ? [] : [`${tp.tooLong} longer than ${opts.maxTokens} tokens`]),
+    `${tp.bad.length} malformed`,
+  ];
   if (tp.pairs.length === 0) throw new PairsError(`no usable pairs in ${file} (${why.join(", ")})`);
   return tp;
 }
@@ -201,6 +246,10 @@ export function readUsablePairs(
  * Reads a pairs file and tokenizes it with a model folder's tokenizer: the pairs ready for runAnalysis.
  * Malformed lines fail (or, with skipBad, are skipped); pairs longer than maxTokens are skipped.
  */
-export function loadPairs(file: string, modelDir: string, opts: { limit?: number; maxTokens?: number; skipBad?: boolean } = {}): Pair[] {
+export function loadPairs(
+  file: string,
+  modelDir: string,
+  opts: { limit?: number; maxTokens?: number; skipBad?: boolean } = {},
+): Pair[] {
   return readUsablePairs(file, loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts).pairs;
 }

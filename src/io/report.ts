@@ -23,8 +23,21 @@ const W = 520;
 const H = 260;
 
 /** A vega-lite chart of `values` with a title and size; `body` holds its mark and encoding, or its layers. */
-function chart(title: string | { text: string; subtitle?: string }, values: object[], body: object, width = W, height = H): TopLevelSpec {
-  return { $schema: "https://vega.github.io/schema/vega-lite/v5.json", width, height, title, data: { values }, ...body } as TopLevelSpec;
+function chart(
+  title: string | { text: string; subtitle?: string },
+  values: object[],
+  body: object,
+  width = W,
+  height = H,
+): TopLevelSpec {
+  return {
+    $schema: "https://vega.github.io/schema/vega-lite/v5.json",
+    width,
+    height,
+    title,
+    data: { values },
+    ...body,
+  } as TopLevelSpec;
 }
 
 /** A layer of grey horizontal reference lines at the given y values. */
@@ -35,7 +48,10 @@ const referenceLines = (ys: number[], dash?: number[]) => ({
 });
 
 /** Colors that tell the measures apart in every recovery chart. */
-const MEASURES = { domain: ["exact patch", "attribution estimate", "random direction"], range: ["#1f77b4", "#ff7f0e", "#7f7f7f"] };
+const MEASURES = {
+  domain: ["exact patch", "attribution estimate", "random direction"],
+  range: ["#1f77b4", "#ff7f0e", "#7f7f7f"],
+};
 
 /** The (site, direction) series of the sweep, in the run's order. */
 const seriesOf = (r: Results) => [...new Set(r.patching.map((p) => `${p.site} (${p.direction})`))];
@@ -46,15 +62,27 @@ const seriesOf = (r: Results) => [...new Set(r.patching.map((p) => `${p.site} ($
  * clipped point is named in the title). Mean ablation, whose scale is often 10x larger, has its own charts.
  */
 function recoverySpecs(r: Results): TopLevelSpec[] {
-  const est = new Map((r.attribution?.entries ?? []).map((e) => [`${e.site} (${e.direction}) ${e.layer}`, e.recovery_estimate]));
+  const est = new Map(
+    (r.attribution?.entries ?? []).map((e) => [`${e.site} (${e.direction}) ${e.layer}`, e.recovery_estimate]),
+  );
   return seriesOf(r).map((series) => {
     const ps = r.patching.filter((p) => `${p.site} (${p.direction})` === series);
     const exactKind = ps[0]!.method === "exact" ? "exact patch" : "attribution estimate";
     const rows = ps.flatMap((p) => {
-      const out = [{ layer: p.layer, recovery: p.recovery, lo: p.recovery_ci[0], hi: p.recovery_ci[1], measure: exactKind }];
+      const out = [
+        { layer: p.layer, recovery: p.recovery, lo: p.recovery_ci[0], hi: p.recovery_ci[1], measure: exactKind },
+      ];
       const e = est.get(`${series} ${p.layer}`);
-      if (e !== undefined && p.method === "exact") out.push({ layer: p.layer, recovery: e, lo: NaN, hi: NaN, measure: "attribution estimate" });
-      if (p.controls) out.push({ layer: p.layer, recovery: p.controls.random_direction.recovery, lo: p.controls.random_direction.recovery_ci[0], hi: p.controls.random_direction.recovery_ci[1], measure: "random direction" });
+      if (e !== undefined && p.method === "exact")
+        out.push({ layer: p.layer, recovery: e, lo: NaN, hi: NaN, measure: "attribution estimate" });
+      if (p.controls)
+        out.push({
+          layer: p.layer,
+          recovery: p.controls.random_direction.recovery,
+          lo: p.controls.random_direction.recovery_ci[0],
+          hi: p.controls.random_direction.recovery_ci[1],
+          measure: "random direction",
+        });
       return out;
     });
     const finite = rows.flatMap((x) => [x.recovery, x.lo, x.hi]).filter(Number.isFinite);
@@ -62,14 +90,31 @@ function recoverySpecs(r: Results): TopLevelSpec[] {
     const hi = Math.min(1.5, Math.max(1.1, ...finite));
     const clipped = rows.filter((x) => x.recovery < lo || x.recovery > hi);
     const note = clipped.map((x) => `${x.measure} L${x.layer} ${(100 * x.recovery).toFixed(0)}%`).join(", ");
-    const enc = { x: { field: "layer", type: "ordinal" as const, title: "layer" }, color: { field: "measure", type: "nominal" as const, title: null, scale: MEASURES, legend: { orient: "bottom", direction: "vertical" } } };
-    const y = { type: "quantitative" as const, title: "recovery (mean gain / mean gap)", scale: { domain: [lo, hi], clamp: true } };
+    const enc = {
+      x: { field: "layer", type: "ordinal" as const, title: "layer" },
+      color: {
+        field: "measure",
+        type: "nominal" as const,
+        title: null,
+        scale: MEASURES,
+        legend: { orient: "bottom", direction: "vertical" },
+      },
+    };
+    const y = {
+      type: "quantitative" as const,
+      title: "recovery (mean gain / mean gap)",
+      scale: { domain: [lo, hi], clamp: true },
+    };
     return chart(
       note ? { text: series, subtitle: `off scale: ${note}` } : series,
       rows,
       {
         layer: [
-          { mark: { type: "errorbar", ticks: true, clip: true }, transform: [{ filter: "isFinite(datum.lo)" }], encoding: { ...enc, y: { ...y, field: "lo" }, y2: { field: "hi" } } },
+          {
+            mark: { type: "errorbar", ticks: true, clip: true },
+            transform: [{ filter: "isFinite(datum.lo)" }],
+            encoding: { ...enc, y: { ...y, field: "lo" }, y2: { field: "hi" } },
+          },
           { mark: { type: "line", point: true, clip: true }, encoding: { ...enc, y: { ...y, field: "recovery" } } },
           referenceLines([0, 1]),
         ],
@@ -85,15 +130,36 @@ function meanAblationSpecs(r: Results): TopLevelSpec[] {
   return seriesOf(r).flatMap((series) => {
     const ps = r.patching.filter((p) => `${p.site} (${p.direction})` === series && p.controls);
     if (!ps.length) return [];
-    const rows = ps.map((p) => ({ layer: p.layer, recovery: p.controls!.mean_ablation.recovery, lo: p.controls!.mean_ablation.recovery_ci[0], hi: p.controls!.mean_ablation.recovery_ci[1] }));
+    const rows = ps.map((p) => ({
+      layer: p.layer,
+      recovery: p.controls!.mean_ablation.recovery,
+      lo: p.controls!.mean_ablation.recovery_ci[0],
+      hi: p.controls!.mean_ablation.recovery_ci[1],
+    }));
     return [
-      chart(series, rows, {
-        layer: [
-          { mark: { type: "errorbar", ticks: true }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "lo", type: "quantitative", title: "recovery" }, y2: { field: "hi" } } },
-          { mark: { type: "line", point: true, color: "#2ca02c" }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "recovery", type: "quantitative" } } },
-          referenceLines([0, 1]),
-        ],
-      }, W / 2 - 60, H * 0.5),
+      chart(
+        series,
+        rows,
+        {
+          layer: [
+            {
+              mark: { type: "errorbar", ticks: true },
+              encoding: {
+                x: { field: "layer", type: "ordinal" },
+                y: { field: "lo", type: "quantitative", title: "recovery" },
+                y2: { field: "hi" },
+              },
+            },
+            {
+              mark: { type: "line", point: true, color: "#2ca02c" },
+              encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "recovery", type: "quantitative" } },
+            },
+            referenceLines([0, 1]),
+          ],
+        },
+        W / 2 - 60,
+        H * 0.5,
+      ),
     ];
   });
 }
@@ -103,20 +169,44 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
   const a = r.attribution;
   if (!a) return [];
   const out: TopLevelSpec[] = [];
-  const agree = a.entries.filter((e) => e.exact && Number.isFinite(e.exact.correlation)).map((e) => ({ layer: e.layer, correlation: e.exact!.correlation, series: `${e.site} (${e.direction})` }));
+  const agree = a.entries
+    .filter((e) => e.exact && Number.isFinite(e.exact.correlation))
+    .map((e) => ({ layer: e.layer, correlation: e.exact!.correlation, series: `${e.site} (${e.direction})` }));
   if (agree.length) {
     out.push(
-      chart("Attribution vs exact: correlation over pairs per layer", agree, {
-        layer: [
-          { mark: { type: "line", point: true }, encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "correlation", type: "quantitative", scale: { domain: [-1, 1] }, title: "Pearson r" }, color: { field: "series", type: "nominal", title: "site (direction)" } } },
-          referenceLines([0, 0.9], [4, 4]),
-        ],
-      }, W / 2 - 20, H * 0.8),
+      chart(
+        "Attribution vs exact: correlation over pairs per layer",
+        agree,
+        {
+          layer: [
+            {
+              mark: { type: "line", point: true },
+              encoding: {
+                x: { field: "layer", type: "ordinal" },
+                y: { field: "correlation", type: "quantitative", scale: { domain: [-1, 1] }, title: "Pearson r" },
+                color: { field: "series", type: "nominal", title: "site (direction)" },
+              },
+            },
+            referenceLines([0, 0.9], [4, 4]),
+          ],
+        },
+        W / 2 - 20,
+        H * 0.8,
+      ),
     );
   }
   const heads = a.heads.recovery.flatMap((row, layer) => row.map((value, head) => ({ layer, col: head, value })));
   if (heads.length) {
-    out.push(gridChart(`Per-head attribution (attn.hook_z, ${a.heads.direction}): estimated share of the mean gap`, heads, "head", "share of gap", Math.min(W, 16 * (a.heads.mean[0]?.length ?? 1)), Math.min(H, 16 * a.heads.mean.length)));
+    out.push(
+      gridChart(
+        `Per-head attribution (attn.hook_z, ${a.heads.direction}): estimated share of the mean gap`,
+        heads,
+        "head",
+        "share of gap",
+        Math.min(W, 16 * (a.heads.mean[0]?.length ?? 1)),
+        Math.min(H, 16 * a.heads.mean.length),
+      ),
+    );
   }
   const h = a.heatmap;
   if (h) {
@@ -126,25 +216,54 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
       return `${String(t).padStart(3, "0")} ${isPrompt ? "" : row === "chosen" ? "+" : "−"}${toks?.[t] ?? ""}`;
     };
     for (const row of ["chosen", "rejected"] as const) {
-      const cells = h[row].flatMap((vals, li) => vals.map((value, t) => ({ layer: h.layers[li]!, col: label(row, t), value })));
+      const cells = h[row].flatMap((vals, li) =>
+        vals.map((value, t) => ({ layer: h.layers[li]!, col: label(row, t), value })),
+      );
       const line = r.pairs.find((p) => p.index === h.pair)?.line ?? h.pair;
-      out.push(gridChart(`Attribution per token and layer (${h.key}), pair line ${line} (gap ${h.gap.toFixed(2)}), ${row} row`, cells, "position and token (+/− response)", "estimate", Math.min(1100, Math.max(W, 9 * (h[row][0]?.length ?? 0))), Math.min(H, 18 * h.layers.length)));
+      out.push(
+        gridChart(
+          `Attribution per token and layer (${h.key}), pair line ${line} (gap ${h.gap.toFixed(2)}), ${row} row`,
+          cells,
+          "position and token (+/− response)",
+          "estimate",
+          Math.min(1100, Math.max(W, 9 * (h[row][0]?.length ?? 0))),
+          Math.min(H, 18 * h.layers.length),
+        ),
+      );
     }
   }
   return out;
 }
 
 /** A layer × column heatmap with a diverging scale centred on 0. */
-function gridChart(title: string, cells: Array<{ layer: number; col: string | number; value: number }>, colTitle: string, valueTitle: string, width: number, height: number): TopLevelSpec {
-  return chart(title, cells, {
-    mark: "rect",
-    encoding: {
-      x: { field: "col", type: "ordinal", title: colTitle, sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
-      y: { field: "layer", type: "ordinal" },
-      color: { field: "value", type: "quantitative", scale: { scheme: "redblue", domainMid: 0, reverse: true }, title: valueTitle },
-      tooltip: [{ field: "col" }, { field: "layer" }, { field: "value", format: ".4f" }],
+function gridChart(
+  title: string,
+  cells: Array<{ layer: number; col: string | number; value: number }>,
+  colTitle: string,
+  valueTitle: string,
+  width: number,
+  height: number,
+): TopLevelSpec {
+  return chart(
+    title,
+    cells,
+    {
+      mark: "rect",
+      encoding: {
+        x: { field: "col", type: "ordinal", title: colTitle, sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
+        y: { field: "layer", type: "ordinal" },
+        color: {
+          field: "value",
+          type: "quantitative",
+          scale: { scheme: "redblue", domainMid: 0, reverse: true },
+          title: valueTitle,
+        },
+        tooltip: [{ field: "col" }, { field: "layer" }, { field: "value", format: ".4f" }],
+      },
     },
-  }, width, height);
+    width,
+    height,
+  );
 }
 
 /** The exact per-head grid and the exact per-position map, when the run made them. */
@@ -152,13 +271,33 @@ function fineSpecs(r: Results): TopLevelSpec[] {
   const out: TopLevelSpec[] = [];
   if (r.heads) {
     const cells = r.heads.recovery.flatMap((row, layer) => row.map((value, head) => ({ layer, col: head, value })));
-    out.push(gridChart(`Exact per-head patching (attn.hook_z, ${r.heads.direction}): share of the mean gap`, cells, "head", "share of gap", Math.min(W, 16 * (r.heads.recovery[0]?.length ?? 1)), Math.min(H, 16 * r.heads.recovery.length)));
+    out.push(
+      gridChart(
+        `Exact per-head patching (attn.hook_z, ${r.heads.direction}): share of the mean gap`,
+        cells,
+        "head",
+        "share of gap",
+        Math.min(W, 16 * (r.heads.recovery[0]?.length ?? 1)),
+        Math.min(H, 16 * r.heads.recovery.length),
+      ),
+    );
   }
   const p = r.position_map;
   if (p) {
-    const cells = p.gains.flatMap((row, layer) => row.map((g, t) => ({ layer, col: `${String(t).padStart(3, "0")} ${p.tokens?.[t] ?? ""}`, value: g / p.gap })));
+    const cells = p.gains.flatMap((row, layer) =>
+      row.map((g, t) => ({ layer, col: `${String(t).padStart(3, "0")} ${p.tokens?.[t] ?? ""}`, value: g / p.gap })),
+    );
     const line = r.pairs.find((x) => x.index === p.pair)?.line ?? p.pair;
-    out.push(gridChart(`Exact per-position patching (resid_post, ${p.direction}), pair line ${line} (gap ${p.gap.toFixed(2)})`, cells, "position and token (chosen | rejected where they differ)", "share of gap", Math.min(1100, Math.max(W, 9 * (p.gains[0]?.length ?? 0))), Math.min(H, 18 * p.gains.length)));
+    out.push(
+      gridChart(
+        `Exact per-position patching (resid_post, ${p.direction}), pair line ${line} (gap ${p.gap.toFixed(2)})`,
+        cells,
+        "position and token (chosen | rejected where they differ)",
+        "share of gap",
+        Math.min(1100, Math.max(W, 9 * (p.gains[0]?.length ?? 0))),
+        Math.min(H, 18 * p.gains.length),
+      ),
+    );
   }
   return out;
 }
@@ -166,24 +305,65 @@ function fineSpecs(r: Results): TopLevelSpec[] {
 /** Per-pair distributions: the margin gap, and the exact gain at the first series' best layer. */
 function distributionSpecs(r: Results): TopLevelSpec[] {
   const out: TopLevelSpec[] = [
-    chart("Per-pair margin gap (tuned − base)", r.pairs.map((p) => ({ gap: p.gap })), {
-      layer: [
-        { mark: "bar", encoding: { x: { field: "gap", bin: { maxbins: 30 }, type: "quantitative", title: "gap (nats)" }, y: { aggregate: "count", type: "quantitative", title: "pairs" } } },
-        { mark: { type: "rule", color: "firebrick" }, data: { values: [{ x: 0 }] }, encoding: { x: { field: "x", type: "quantitative" } } },
-      ],
-    }, W / 2 - 20, H * 0.7),
+    chart(
+      "Per-pair margin gap (tuned − base)",
+      r.pairs.map((p) => ({ gap: p.gap })),
+      {
+        layer: [
+          {
+            mark: "bar",
+            encoding: {
+              x: { field: "gap", bin: { maxbins: 30 }, type: "quantitative", title: "gap (nats)" },
+              y: { aggregate: "count", type: "quantitative", title: "pairs" },
+            },
+          },
+          {
+            mark: { type: "rule", color: "firebrick" },
+            data: { values: [{ x: 0 }] },
+            encoding: { x: { field: "x", type: "quantitative" } },
+          },
+        ],
+      },
+      W / 2 - 20,
+      H * 0.7,
+    ),
   ];
   const first = r.patching.filter((p) => Number.isFinite(p.recovery));
   if (first.length) {
     const series = `${first[0]!.site} (${first[0]!.direction})`;
-    const best = first.filter((p) => `${p.site} (${p.direction})` === series).reduce((x, y) => (y.recovery > x.recovery ? y : x));
+    const best = first
+      .filter((p) => `${p.site} (${p.direction})` === series)
+      .reduce((x, y) => (y.recovery > x.recovery ? y : x));
     out.push(
-      chart(`Per-pair gain at layer ${best.layer}, ${series} (${best.method})`, best.gains.map((g, i) => ({ gain: g, gap: r.pairs[i]!.gap })), {
-        layer: [
-          { mark: { type: "point", opacity: 0.6 }, encoding: { x: { field: "gap", type: "quantitative", title: "gap" }, y: { field: "gain", type: "quantitative", title: "gain" } } },
-          { mark: { type: "rule", strokeDash: [4, 4], color: "#888" }, data: { values: [{ x: Math.min(0, ...r.pairs.map((p) => p.gap)), x2: Math.max(...r.pairs.map((p) => p.gap)) }] }, encoding: { x: { field: "x", type: "quantitative" }, y: { field: "x", type: "quantitative" }, x2: { field: "x2" }, y2: { field: "x2" } } },
-        ],
-      }, W / 2 - 20, H * 0.7),
+      chart(
+        `Per-pair gain at layer ${best.layer}, ${series} (${best.method})`,
+        best.gains.map((g, i) => ({ gain: g, gap: r.pairs[i]!.gap })),
+        {
+          layer: [
+            {
+              mark: { type: "point", opacity: 0.6 },
+              encoding: {
+                x: { field: "gap", type: "quantitative", title: "gap" },
+                y: { field: "gain", type: "quantitative", title: "gain" },
+              },
+            },
+            {
+              mark: { type: "rule", strokeDash: [4, 4], color: "#888" },
+              data: {
+                values: [{ x: Math.min(0, ...r.pairs.map((p) => p.gap)), x2: Math.max(...r.pairs.map((p) => p.gap)) }],
+              },
+              encoding: {
+                x: { field: "x", type: "quantitative" },
+                y: { field: "x", type: "quantitative" },
+                x2: { field: "x2" },
+                y2: { field: "x2" },
+              },
+            },
+          ],
+        },
+        W / 2 - 20,
+        H * 0.7,
+      ),
     );
   }
   return out;
@@ -195,24 +375,20 @@ function probeSpec(r: Results): TopLevelSpec | null {
     { layer: p.layer, accuracy: p.accuracy, model: p.model, method: "logistic regression" },
     { layer: p.layer, accuracy: p.diff_means_accuracy, model: p.model, method: "difference of means" },
   ]);
-  return chart(
-    "Probe accuracy (chosen vs rejected, K-fold CV by pair)",
-    rows,
-    {
-      layer: [
-        {
-          mark: { type: "line", point: true },
-          encoding: {
-            x: { field: "layer", type: "ordinal" },
-            y: { field: "accuracy", type: "quantitative", title: "cross-validated accuracy", scale: { domain: [0, 1] } },
-            color: { field: "model", type: "nominal" },
-            strokeDash: { field: "method", type: "nominal" },
-          },
+  return chart("Probe accuracy (chosen vs rejected, K-fold CV by pair)", rows, {
+    layer: [
+      {
+        mark: { type: "line", point: true },
+        encoding: {
+          x: { field: "layer", type: "ordinal" },
+          y: { field: "accuracy", type: "quantitative", title: "cross-validated accuracy", scale: { domain: [0, 1] } },
+          color: { field: "model", type: "nominal" },
+          strokeDash: { field: "method", type: "nominal" },
         },
-        referenceLines([0.5], [2, 2]),
-      ],
-    },
-  );
+      },
+      referenceLines([0.5], [2, 2]),
+    ],
+  });
 }
 
 function lassoSpecs(r: Results): TopLevelSpec[] {
@@ -225,7 +401,10 @@ function lassoSpecs(r: Results): TopLevelSpec[] {
       coef,
       {
         mark: "bar",
-        encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "value", type: "quantitative", title: "coefficient" } },
+        encoding: {
+          x: { field: "layer", type: "ordinal" },
+          y: { field: "value", type: "quantitative", title: "coefficient" },
+        },
       },
       W / 2 - 20,
       H,
@@ -235,19 +414,45 @@ function lassoSpecs(r: Results): TopLevelSpec[] {
       coef,
       {
         mark: "bar",
-        encoding: { x: { field: "layer", type: "ordinal" }, y: { field: "stability", type: "quantitative", scale: { domain: [0, 1] } } },
+        encoding: {
+          x: { field: "layer", type: "ordinal" },
+          y: { field: "stability", type: "quantitative", scale: { domain: [0, 1] } },
+        },
       },
       W / 2 - 20,
       H,
     ),
     chart(
       "LASSO cross-validation curve (± 1 s.e.)",
-      l.path.map((p) => ({ alpha: p.alpha, mse: p.cvMse, lo: p.cvMse - p.cvSe, hi: p.cvMse + p.cvSe, chosen: p.alpha === l.alpha })),
+      l.path.map((p) => ({
+        alpha: p.alpha,
+        mse: p.cvMse,
+        lo: p.cvMse - p.cvSe,
+        hi: p.cvMse + p.cvSe,
+        chosen: p.alpha === l.alpha,
+      })),
       {
         layer: [
-          { mark: "errorband", encoding: { x: { field: "alpha", type: "quantitative", scale: { type: "log" } }, y: { field: "lo", type: "quantitative", title: "CV mean squared error" }, y2: { field: "hi" } } },
-          { mark: "line", encoding: { x: { field: "alpha", type: "quantitative", scale: { type: "log" } }, y: { field: "mse", type: "quantitative" } } },
-          { mark: { type: "rule", color: "firebrick" }, transform: [{ filter: "datum.chosen" }], encoding: { x: { field: "alpha", type: "quantitative" } } },
+          {
+            mark: "errorband",
+            encoding: {
+              x: { field: "alpha", type: "quantitative", scale: { type: "log" } },
+              y: { field: "lo", type: "quantitative", title: "CV mean squared error" },
+              y2: { field: "hi" },
+            },
+          },
+          {
+            mark: "line",
+            encoding: {
+              x: { field: "alpha", type: "quantitative", scale: { type: "log" } },
+              y: { field: "mse", type: "quantitative" },
+            },
+          },
+          {
+            mark: { type: "rule", color: "firebrick" },
+            transform: [{ filter: "datum.chosen" }],
+            encoding: { x: { field: "alpha", type: "quantitative" } },
+          },
         ],
       },
       W,
@@ -262,8 +467,11 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
   let cum = 0;
   // the spectrum up to the component where 90% is explained (at least 8, at most 128 bars)
   let upTo = p.explained_variance_ratio.length;
-  for (let i = 0, c = 0; i < p.explained_variance_ratio.length; i++) if ((c += p.explained_variance_ratio[i]!) >= 0.9) (upTo = i + 1), (i = Infinity);
-  const spec = p.explained_variance_ratio.slice(0, Math.min(128, Math.max(8, upTo))).map((v, i) => ((cum += v), { component: i + 1, ratio: v, cumulative: cum }));
+  for (let i = 0, c = 0; i < p.explained_variance_ratio.length; i++)
+    if ((c += p.explained_variance_ratio[i]!) >= 0.9) ((upTo = i + 1), (i = Infinity));
+  const spec = p.explained_variance_ratio
+    .slice(0, Math.min(128, Math.max(8, upTo)))
+    .map((v, i) => ((cum += v), { component: i + 1, ratio: v, cumulative: cum }));
   const rec = p.recovery.flatMap((x) => [
     { k: x.k, recovery: x.recovery, subspace: "top-k principal directions" },
     { k: x.k, recovery: x.random_subspace, subspace: "random k-dim subspace" },
@@ -274,8 +482,17 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
       spec,
       {
         layer: [
-          { mark: "bar", encoding: { x: { field: "component", type: "ordinal" }, y: { field: "ratio", type: "quantitative", title: "explained variance ratio", scale: { domain: [0, 1] } } } },
-          { mark: { type: "line", color: "firebrick", point: true }, encoding: { x: { field: "component", type: "ordinal" }, y: { field: "cumulative", type: "quantitative" } } },
+          {
+            mark: "bar",
+            encoding: {
+              x: { field: "component", type: "ordinal" },
+              y: { field: "ratio", type: "quantitative", title: "explained variance ratio", scale: { domain: [0, 1] } },
+            },
+          },
+          {
+            mark: { type: "line", color: "firebrick", point: true },
+            encoding: { x: { field: "component", type: "ordinal" }, y: { field: "cumulative", type: "quantitative" } },
+          },
         ],
       },
       Math.max(W / 2 - 20, 10 * spec.length),
@@ -286,7 +503,14 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
       rec,
       {
         layer: [
-          { mark: { type: "line", point: true }, encoding: { x: { field: "k", type: "quantitative", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative", title: "held-out recovery" }, color: { field: "subspace", type: "nominal" } } },
+          {
+            mark: { type: "line", point: true },
+            encoding: {
+              x: { field: "k", type: "quantitative", scale: { type: "log", base: 2 } },
+              y: { field: "recovery", type: "quantitative", title: "held-out recovery" },
+              color: { field: "subspace", type: "nominal" },
+            },
+          },
           referenceLines([0, 1]),
         ],
       },
@@ -297,10 +521,29 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
       ? [
           chart(
             `Steering the base model alone at layer ${p.layer} (held-out)`,
-            p.steering.flatMap((v) => v.by_strength.map((b) => ({ strength: b.strength, recovery: b.recovery, vector: v.vector }))),
+            p.steering.flatMap((v) =>
+              v.by_strength.map((b) => ({ strength: b.strength, recovery: b.recovery, vector: v.vector })),
+            ),
             {
               layer: [
-                { mark: { type: "line", point: true }, encoding: { x: { field: "strength", type: "quantitative", title: "β (h + β·v)", scale: { type: "log", base: 2 } }, y: { field: "recovery", type: "quantitative", title: "recovery" }, color: { field: "vector", type: "nominal", title: null, legend: { orient: "bottom", direction: "vertical" } } } },
+                {
+                  mark: { type: "line", point: true },
+                  encoding: {
+                    x: {
+                      field: "strength",
+                      type: "quantitative",
+                      title: "β (h + β·v)",
+                      scale: { type: "log", base: 2 },
+                    },
+                    y: { field: "recovery", type: "quantitative", title: "recovery" },
+                    color: {
+                      field: "vector",
+                      type: "nominal",
+                      title: null,
+                      legend: { orient: "bottom", direction: "vertical" },
+                    },
+                  },
+                },
                 referenceLines([0, 1]),
               ],
             },
@@ -317,27 +560,44 @@ function lensSpec(r: Results): TopLevelSpec {
     { layer, order: i, margin: r.logit_lens.base[i], model: "base" },
     { layer, order: i, margin: r.logit_lens.tuned[i], model: "tuned" },
   ]);
-  return chart(
-    "Logit lens: mean margin read from each layer's residual stream",
-    rows,
-    {
-      mark: { type: "line", point: true },
-      encoding: {
-        x: { field: "layer", type: "ordinal", sort: { field: "order" } },
-        y: { field: "margin", type: "quantitative", title: "mean margin (nats)" },
-        color: { field: "model", type: "nominal" },
+  return chart("Logit lens: mean margin read from each layer's residual stream", rows, {
+    mark: { type: "line", point: true },
+    encoding: {
+      x: { field: "layer", type: "ordinal", sort: { field: "order" } },
+      y: { field: "margin", type: "quantitative", title: "mean margin (nats)" },
+      color: { field: "model", type: "nominal" },
     },
-    },
-  );
+  });
 }
 
 /** Renders the whole report. `meta` rows are shown as a settings table; pairs give example texts. */
-export async function renderReport(r: Results, findings: string[], meta: Record<string, string>, pairs: Pair[]): Promise<string> {
+export async function renderReport(
+  r: Results,
+  findings: string[],
+  meta: Record<string, string>,
+  pairs: Pair[],
+): Promise<string> {
   const sections: Array<[string, TopLevelSpec[], string?]> = [
-    ["Layer-wide causal patching", recoverySpecs(r), "Recovery = mean gain / mean gap per patched layer, one chart per site and direction, with 95% bootstrap CIs. The y axis is clipped to [−50%, 150%]; a value off that scale is named under the chart's title. Mean ablation, often on a 10x larger scale, is charted on its own below."],
-    ["Controls: mean ablation", meanAblationSpecs(r), "The site replaced by its dataset mean over the destination model (own y scale per chart)."],
-    ["Attribution patching", attributionSpecs(r), "First-order estimates α (h_tuned − h_base) · ∂margin/∂h from one backward pass per model; beside exact patches, their correlation over pairs per layer. The token × layer maps are for the pair with the largest |gap| (red raises the margin toward the tuned model's)."],
-    ["Heads and positions (exact patches)", fineSpecs(r), "Each attention head's attn.hook_z, or each token position's resid_post, patched on its own (the first direction)."],
+    [
+      "Layer-wide causal patching",
+      recoverySpecs(r),
+      "Recovery = mean gain / mean gap per patched layer, one chart per site and direction, with 95% bootstrap CIs. The y axis is clipped to [−50%, 150%]; a value off that scale is named under the chart's title. Mean ablation, often on a 10x larger scale, is charted on its own below.",
+    ],
+    [
+      "Controls: mean ablation",
+      meanAblationSpecs(r),
+      "The site replaced by its dataset mean over the destination model (own y scale per chart).",
+    ],
+    [
+      "Attribution patching",
+      attributionSpecs(r),
+      "First-order estimates α (h_tuned − h_base) · ∂margin/∂h from one backward pass per model; beside exact patches, their correlation over pairs per layer. The token × layer maps are for the pair with the largest |gap| (red raises the margin toward the tuned model's).",
+    ],
+    [
+      "Heads and positions (exact patches)",
+      fineSpecs(r),
+      "Each attention head's attn.hook_z, or each token position's resid_post, patched on its own (the first direction).",
+    ],
     ["Per-pair distributions", distributionSpecs(r)],
     ["Linear probes", [probeSpec(r)].filter((x): x is TopLevelSpec => x !== null)],
     ["LASSO: which layers' activation distances predict the per-pair gap", lassoSpecs(r)],

@@ -17,13 +17,16 @@ import { writeFileAtomic } from "./model.js";
 /** sha256 over a model folder's config.json and weight files (names and bytes), read in chunks. */
 export function modelFingerprint(dir: string): string {
   const h = crypto.createHash("sha256");
-  const files = fs.readdirSync(dir).filter((f) => f === "config.json" || f.endsWith(".safetensors") || f === "model.safetensors.index.json").sort();
+  const files = fs
+    .readdirSync(dir)
+    .filter((f) => f === "config.json" || f.endsWith(".safetensors") || f === "model.safetensors.index.json")
+    .sort();
   const buf = Buffer.alloc(1 << 20);
   for (const f of files) {
     h.update(f);
     const fd = fs.openSync(path.join(dir, f), "r");
     try {
-      for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0; ) h.update(buf.subarray(0, n));
+      for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0;) h.update(buf.subarray(0, n));
     } finally {
       fs.closeSync(fd);
     }
@@ -58,7 +61,11 @@ export function activationTensors(r: Results): Record<string, TensorToWrite> {
   if (r.pca) {
     const rank = r.pca.components.length / r.hidden_size;
     t.pca_components = { dtype: "F32", shape: [rank, r.hidden_size], data: r.pca.components };
-    t.pca_explained_variance_ratio = { dtype: "F64", shape: [r.pca.explained_variance_ratio.length], data: r.pca.explained_variance_ratio };
+    t.pca_explained_variance_ratio = {
+      dtype: "F64",
+      shape: [r.pca.explained_variance_ratio.length],
+      data: r.pca.explained_variance_ratio,
+    };
     t.pca_steering_vector = { dtype: "F32", shape: [r.hidden_size], data: r.pca.steering_vector };
   }
   return t;
@@ -69,21 +76,40 @@ export function activationTensors(r: Results): Record<string, TensorToWrite> {
  * gave) and mean difference (`mean_diff` [H]) at its layer, for `prefprobe apply-subspace`; metadata says where
  * they came from. Null when the run had no low-rank stage.
  */
-export function subspaceTensors(r: Results, source: Record<string, string>): { tensors: Record<string, TensorToWrite>; metadata: Record<string, string> } | null {
+export function subspaceTensors(
+  r: Results,
+  source: Record<string, string>,
+): { tensors: Record<string, TensorToWrite>; metadata: Record<string, string> } | null {
   if (!r.pca) return null;
   const H = r.hidden_size;
   return {
     tensors: {
       components: { dtype: "F32", shape: [r.pca.components.length / H, H], data: r.pca.components },
       mean_diff: { dtype: "F32", shape: [H], data: r.pca.steering_vector },
-      explained_variance_ratio: { dtype: "F64", shape: [r.pca.explained_variance_ratio.length], data: r.pca.explained_variance_ratio },
+      explained_variance_ratio: {
+        dtype: "F64",
+        shape: [r.pca.explained_variance_ratio.length],
+        data: r.pca.explained_variance_ratio,
+      },
     },
-    metadata: { producer: "prefprobe run", site: "resid_post", layer: String(r.pca.layer), hidden_size: String(H), k_90: String(r.pca.k_90), ...source },
+    metadata: {
+      producer: "prefprobe run",
+      site: "resid_post",
+      layer: String(r.pca.layer),
+      hidden_size: String(H),
+      k_90: String(r.pca.k_90),
+      ...source,
+    },
   };
 }
 
 /** Writes results.json, activations.safetensors, subspace.safetensors (when there is a low-rank stage) and report.html into outDir. */
-export function writeRunOutputs(outDir: string, r: Results, meta: Record<string, unknown>, reportHtml: string): string[] {
+export function writeRunOutputs(
+  outDir: string,
+  r: Results,
+  meta: Record<string, unknown>,
+  reportHtml: string,
+): string[] {
   const finals = FINAL_FILES.map((f) => path.join(outDir, f));
   const temps = finals.map((f) => `${f}.final-${process.pid}`);
   const [acts, sub, report, results] = temps as [string, string, string, string];
@@ -166,9 +192,12 @@ export function readSubspace(file: string): SavedSubspace {
   const meanDiff = t.get("mean_diff");
   const layer = Number(metadata.layer);
   if (!components || !meanDiff || metadata.site !== "resid_post" || !Number.isInteger(layer) || layer < 0) {
-    throw new OutputError(`--subspace ${file}: not a prefprobe subspace file (needs components, mean_diff and layer/site metadata)`);
+    throw new OutputError(
+      `--subspace ${file}: not a prefprobe subspace file (needs components, mean_diff and layer/site metadata)`,
+    );
   }
   const H = meanDiff.shape[0]!;
-  if (components.shape.length !== 2 || components.shape[1] !== H) throw new OutputError(`--subspace ${file}: components [${components.shape}] do not match mean_diff [${H}]`);
+  if (components.shape.length !== 2 || components.shape[1] !== H)
+    throw new OutputError(`--subspace ${file}: components [${components.shape}] do not match mean_diff [${H}]`);
   return { layer, components: components.data as Float32Array, meanDiff: meanDiff.data as Float32Array };
 }

@@ -35,7 +35,7 @@ export function fileHash(file: string): string {
   const buf = Buffer.alloc(1 << 20);
   const fd = fs.openSync(file, "r");
   try {
-    for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0; ) h.update(buf.subarray(0, n));
+    for (let n; (n = fs.readSync(fd, buf, 0, buf.length, null)) > 0;) h.update(buf.subarray(0, n));
   } finally {
     fs.closeSync(fd);
   }
@@ -56,7 +56,8 @@ export function ensureWritableDir(dir: string, flag = "--out"): void {
     if (up === p) break;
     p = up;
   }
-  if (fs.existsSync(p) && !fs.statSync(p).isDirectory()) throw new RunFolderError(`${flag} ${dir}: ${p} exists and is not a folder`);
+  if (fs.existsSync(p) && !fs.statSync(p).isDirectory())
+    throw new RunFolderError(`${flag} ${dir}: ${p} exists and is not a folder`);
   try {
     for (const m of missing) fs.mkdirSync(m);
     const probe = path.join(abs, `.write-test-${process.pid}`);
@@ -68,11 +69,13 @@ export function ensureWritableDir(dir: string, flag = "--out"): void {
 }
 
 /** Whether a folder already holds (part of) a run. */
-export const holdsRun = (dir: string): boolean => [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES].some((f) => fs.existsSync(path.join(dir, f)));
+export const holdsRun = (dir: string): boolean =>
+  [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES].some((f) => fs.existsSync(path.join(dir, f)));
 
 /** Removes every file a run writes (for --force). */
 export function clearRun(dir: string): void {
-  for (const f of [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES]) fs.rmSync(path.join(dir, f), { force: true });
+  for (const f of [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES])
+    fs.rmSync(path.join(dir, f), { force: true });
 }
 
 export function writeManifest(dir: string, m: Manifest): void {
@@ -81,7 +84,10 @@ export function writeManifest(dir: string, m: Manifest): void {
 
 export function readManifest(dir: string): Manifest {
   const file = path.join(dir, FILES.manifest);
-  if (!fs.existsSync(file)) throw new RunFolderError(`${dir} has no ${FILES.manifest}: not a prefprobe run folder (or one from an older version)`);
+  if (!fs.existsSync(file))
+    throw new RunFolderError(
+      `${dir} has no ${FILES.manifest}: not a prefprobe run folder (or one from an older version)`,
+    );
   try {
     const m = JSON.parse(fs.readFileSync(file, "utf8")) as Manifest;
     if (m.schema !== "prefprobe.manifest/1") throw new Error("schema");
@@ -96,8 +102,16 @@ export function manifestDiff(a: Manifest, b: Manifest, ignoreShard = false): str
   const out: string[] = [];
   const walk = (x: unknown, y: unknown, key: string) => {
     if (ignoreShard && key === "shard") return;
-    if (x !== null && y !== null && typeof x === "object" && typeof y === "object" && !Array.isArray(x) && !Array.isArray(y)) {
-      for (const k of new Set([...Object.keys(x), ...Object.keys(y)])) walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k], key ? `${key}.${k}` : k);
+    if (
+      x !== null &&
+      y !== null &&
+      typeof x === "object" &&
+      typeof y === "object" &&
+      !Array.isArray(x) &&
+      !Array.isArray(y)
+    ) {
+      for (const k of new Set([...Object.keys(x), ...Object.keys(y)]))
+        walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k], key ? `${key}.${k}` : k);
     } else if (JSON.stringify(x) !== JSON.stringify(y)) {
       const show = (v: unknown) => (JSON.stringify(v) ?? "undefined").slice(0, 80);
       out.push(`${key}: ${show(x)} vs ${show(y)}`);
@@ -123,7 +137,8 @@ export class RunLog {
   /** Writes the states' sums, then their records (a record is only trusted when its sums are on disk). */
   append(states: PairState[]): void {
     for (const st of states) {
-      if (st.sums.length !== this.sumsSize) throw new Error(`pair ${st.record.index}: ${st.sums.length} sums, expected ${this.sumsSize}`);
+      if (st.sums.length !== this.sumsSize)
+        throw new Error(`pair ${st.record.index}: ${st.sums.length} sums, expected ${this.sumsSize}`);
       fs.writeSync(this.sums, new Uint8Array(st.sums.buffer, st.sums.byteOffset, st.sums.byteLength));
     }
     fs.fsyncSync(this.sums);
@@ -165,7 +180,8 @@ export function readStates(dir: string, m: Manifest, opts: { truncate?: boolean 
   for (const [start, end] of m.batches) {
     if (k + (end - start) > count) break;
     const batch = records.slice(k, k + end - start);
-    if (batch.some((r, i) => r.index !== start + i)) throw new RunFolderError(`${recFile}: records out of order at line ${k + 1} (expected pair ${start})`);
+    if (batch.some((r, i) => r.index !== start + i))
+      throw new RunFolderError(`${recFile}: records out of order at line ${k + 1} (expected pair ${start})`);
     batch.forEach((r, i) => {
       const sums = new Float64Array(m.sums_size);
       new Uint8Array(sums.buffer).set(bytes.subarray((k + i) * recBytes, (k + i + 1) * recBytes));
@@ -174,7 +190,10 @@ export function readStates(dir: string, m: Manifest, opts: { truncate?: boolean 
     k += end - start;
   }
   if (opts.truncate && fs.existsSync(recFile)) {
-    fs.truncateSync(recFile, lines.slice(0, states.length).reduce((a, l) => a + Buffer.byteLength(l) + 1, 0));
+    fs.truncateSync(
+      recFile,
+      lines.slice(0, states.length).reduce((a, l) => a + Buffer.byteLength(l) + 1, 0),
+    );
     fs.truncateSync(sumFile, states.length * recBytes);
   }
   return states;

@@ -60,7 +60,8 @@ function parseHeaderFrom(fd: number, file: string, size: number) {
   const lenBuf = Buffer.alloc(8);
   fs.readSync(fd, lenBuf, 0, 8, 0);
   const headerLen = lenBuf.readBigUInt64LE(0);
-  if (headerLen > BigInt(MAX_HEADER_BYTES)) throw bad(`header length ${headerLen} exceeds the ${MAX_HEADER_BYTES}-byte cap`);
+  if (headerLen > BigInt(MAX_HEADER_BYTES))
+    throw bad(`header length ${headerLen} exceeds the ${MAX_HEADER_BYTES}-byte cap`);
   const hlen = Number(headerLen);
   if (8 + hlen > size) throw bad(`header length ${hlen} runs past the end of the ${size}-byte file`);
   const hbuf = Buffer.alloc(hlen);
@@ -84,17 +85,25 @@ function parseHeaderFrom(fd: number, file: string, size: number) {
     }
     const info = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
     if (info === null || typeof info !== "object") throw bad(`entry "${name}" is not an object`);
-    if (typeof info.dtype !== "string" || !(info.dtype in DTYPE_BYTES)) throw bad(`tensor "${name}" has unknown dtype ${JSON.stringify(info.dtype)}`);
+    if (typeof info.dtype !== "string" || !(info.dtype in DTYPE_BYTES))
+      throw bad(`tensor "${name}" has unknown dtype ${JSON.stringify(info.dtype)}`);
     const dtype = info.dtype as DType;
-    if (!Array.isArray(info.shape) || !info.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw bad(`tensor "${name}" has an invalid shape`);
+    if (!Array.isArray(info.shape) || !info.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
+      throw bad(`tensor "${name}" has an invalid shape`);
     const shape = info.shape as number[];
     const offs = info.data_offsets;
-    if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((o) => Number.isSafeInteger(o) && o >= 0) || offs[0] > offs[1]) {
+    if (
+      !Array.isArray(offs) ||
+      offs.length !== 2 ||
+      !offs.every((o) => Number.isSafeInteger(o) && o >= 0) ||
+      offs[0] > offs[1]
+    ) {
       throw bad(`tensor "${name}" has invalid data_offsets`);
     }
     const [b, e] = offs as [number, number];
     const expected = shape.reduce((a, d) => a * d, 1) * DTYPE_BYTES[dtype];
-    if (e - b !== expected) throw bad(`tensor "${name}" holds ${e - b} bytes but ${dtype}${JSON.stringify(shape)} needs ${expected}`);
+    if (e - b !== expected)
+      throw bad(`tensor "${name}" holds ${e - b} bytes but ${dtype}${JSON.stringify(shape)} needs ${expected}`);
     if (dataStart + e > size) throw bad(`tensor "${name}" data runs past the end of the file`);
     entries.push({ name, dtype, shape, begin: dataStart + b, end: dataStart + e });
   }
@@ -152,7 +161,9 @@ export type WeightDType = Extract<DType, "F32" | "F16" | "BF16">;
 export function storedBits(dtype: WeightDType, bytes: Uint8Array): Uint32Array | Uint16Array {
   const width = DTYPE_BYTES[dtype];
   const b = bytes.byteOffset % width === 0 ? bytes : bytes.slice();
-  return width === 4 ? new Uint32Array(b.buffer, b.byteOffset, b.byteLength / 4) : new Uint16Array(b.buffer, b.byteOffset, b.byteLength / 2);
+  return width === 4
+    ? new Uint32Array(b.buffer, b.byteOffset, b.byteLength / 4)
+    : new Uint16Array(b.buffer, b.byteOffset, b.byteLength / 2);
 }
 
 /** IEEE 754 binary16 → number, exact (subnormals, infinities and NaN included). */
@@ -223,7 +234,8 @@ export interface RawTensor {
 
 /** Yields the named tensors (all when omitted) of one file one at a time, so a caller can drop each after use. */
 export function* iterSafetensors(file: string, names?: Iterable<string>): Generator<[string, StoredTensor]> {
-  for (const [name, t] of iterRawSafetensors(file, names)) yield [name, { dtype: t.dtype, shape: t.shape, data: decode(t.dtype, t.bytes) }];
+  for (const [name, t] of iterRawSafetensors(file, names))
+    yield [name, { dtype: t.dtype, shape: t.shape, data: decode(t.dtype, t.bytes) }];
 }
 
 /** How raw bytes are held: `shared` puts each tensor in a SharedArrayBuffer, which worker threads use without a copy. */
@@ -232,7 +244,11 @@ export interface RawReadOptions {
 }
 
 /** iterSafetensors without decoding: each tensor's stored bytes. */
-export function* iterRawSafetensors(file: string, names?: Iterable<string>, opts: RawReadOptions = {}): Generator<[string, RawTensor]> {
+export function* iterRawSafetensors(
+  file: string,
+  names?: Iterable<string>,
+  opts: RawReadOptions = {},
+): Generator<[string, RawTensor]> {
   const fd = openOrThrow(file);
   try {
     const { entries } = parseHeaderFrom(fd, file, fs.fstatSync(fd).size);
@@ -243,7 +259,9 @@ export function* iterRawSafetensors(file: string, names?: Iterable<string>, opts
     }
     for (const en of entries) {
       if (want && !want.has(en.name)) continue;
-      const bytes = opts.shared ? new Uint8Array(new SharedArrayBuffer(en.end - en.begin)) : new Uint8Array(en.end - en.begin);
+      const bytes = opts.shared
+        ? new Uint8Array(new SharedArrayBuffer(en.end - en.begin))
+        : new Uint8Array(en.end - en.begin);
       let got = 0;
       while (got < bytes.length) {
         const r = fs.readSync(fd, bytes, got, bytes.length - got, en.begin + got);
@@ -266,7 +284,8 @@ export interface TensorToWrite {
 
 function encode(name: string, t: TensorToWrite): Uint8Array {
   const n = t.shape.reduce((a, d) => a * d, 1);
-  if (t.data.length !== n) throw new SafetensorsError(`tensor "${name}": ${t.data.length} values for shape ${JSON.stringify(t.shape)}`);
+  if (t.data.length !== n)
+    throw new SafetensorsError(`tensor "${name}": ${t.data.length} values for shape ${JSON.stringify(t.shape)}`);
   const num = t.data as ArrayLike<number>;
   switch (t.dtype) {
     case "F32":
@@ -277,7 +296,8 @@ function encode(name: string, t: TensorToWrite): Uint8Array {
       return new Uint8Array(Int32Array.from(num).buffer);
     case "I64":
       return new Uint8Array(
-        (t.data instanceof BigInt64Array ? t.data.slice() : BigInt64Array.from(Array.from(num, (v) => BigInt(v)))).buffer,
+        (t.data instanceof BigInt64Array ? t.data.slice() : BigInt64Array.from(Array.from(num, (v) => BigInt(v))))
+          .buffer,
       );
     case "U8":
     case "BOOL":
@@ -297,7 +317,11 @@ function mapTo16(x: ArrayLike<number>, f: (v: number) => number): Uint16Array {
 }
 
 /** Writes a safetensors file atomically (temporary file, then rename): never a half-written output. */
-export function writeSafetensors(file: string, tensors: Record<string, TensorToWrite>, metadata?: Record<string, string>): void {
+export function writeSafetensors(
+  file: string,
+  tensors: Record<string, TensorToWrite>,
+  metadata?: Record<string, string>,
+): void {
   const names = Object.keys(tensors).sort();
   const header: Record<string, unknown> = {};
   if (metadata && Object.keys(metadata).length) header.__metadata__ = metadata;
@@ -350,14 +374,23 @@ export function folderShards(dir: string): Map<string, string[]> {
     if (!wm || typeof wm !== "object") throw new SafetensorsError(`${index}: no weight_map object`);
     const shards = new Map<string, string[]>();
     for (const [tensor, shard] of Object.entries(wm)) {
-      if (typeof shard !== "string" || shard === "" || shard !== path.basename(shard) || shard === "." || shard === "..") {
-        throw new SafetensorsError(`${index}: shard name ${JSON.stringify(shard)} for "${tensor}" must be a plain file name inside the folder`);
+      if (
+        typeof shard !== "string" ||
+        shard === "" ||
+        shard !== path.basename(shard) ||
+        shard === "." ||
+        shard === ".."
+      ) {
+        throw new SafetensorsError(
+          `${index}: shard name ${JSON.stringify(shard)} for "${tensor}" must be a plain file name inside the folder`,
+        );
       }
       const file = path.join(dir, shard);
       if (!shards.has(file)) shards.set(file, []);
       shards.get(file)!.push(tensor);
     }
-    for (const file of shards.keys()) if (!fs.existsSync(file)) throw new SafetensorsError(`${index}: shard ${path.basename(file)} is missing`);
+    for (const file of shards.keys())
+      if (!fs.existsSync(file)) throw new SafetensorsError(`${index}: shard ${path.basename(file)} is missing`);
     return shards;
   }
   if (fs.existsSync(single)) return new Map([[single, readHeader(single).entries.map((e) => e.name)]]);

@@ -17,7 +17,8 @@ export class StreamError extends Error {
 /** Float32 bytes of one decoder layer on the backend. */
 export function layerBytesOf(cfg: LlamaConfig): number {
   let n = 0;
-  for (const [name, shape] of expectedTensors(cfg)) if (name.startsWith("model.layers.0.")) n += 4 * shape.reduce((a, b) => a * b, 1);
+  for (const [name, shape] of expectedTensors(cfg))
+    if (name.startsWith("model.layers.0.")) n += 4 * shape.reduce((a, b) => a * b, 1);
   return n;
 }
 
@@ -77,7 +78,13 @@ let nextSource = 0;
  * A stored row-major [rows, cols] matrix (F32, F16 or BF16 bytes) as float32 [cols, rows] in `out`, decoded and
  * transposed in one pass, in tiles that stay in cache.
  */
-export function transposedF32(dtype: WeightDType, bytes: Uint8Array, rows: number, cols: number, out: Float32Array): Float32Array {
+export function transposedF32(
+  dtype: WeightDType,
+  bytes: Uint8Array,
+  rows: number,
+  cols: number,
+  out: Float32Array,
+): Float32Array {
   const n = rows * cols;
   const bits = new Uint32Array(out.buffer, out.byteOffset, n);
   const src = storedBits(dtype, bytes);
@@ -120,7 +127,10 @@ export class StreamedWeights implements WeightSource {
   ) {
     this.layerBytes = layerBytesOf(cfg);
     const need = this.leastBytes;
-    if (budget < need) throw new StreamError(`a memory budget that leaves ${(budget / 2 ** 20).toFixed(0)} MiB for streamed weights cannot hold one layer and one head chunk (${(need / 2 ** 20).toFixed(0)} MiB)`);
+    if (budget < need)
+      throw new StreamError(
+        `a memory budget that leaves ${(budget / 2 ** 20).toFixed(0)} MiB for streamed weights cannot hold one layer and one head chunk (${(need / 2 ** 20).toFixed(0)} MiB)`,
+      );
     this.pool = new Residency(budget);
   }
 
@@ -161,7 +171,10 @@ export class StreamedWeights implements WeightSource {
 
   /** How many layers the budget keeps on the backend at once (with one head chunk beside them when streamed). */
   get capacity(): number {
-    return Math.min(this.cfg.numLayers, Math.floor((this.budget - (this.head ? this.chunkBytes(0) : 0)) / this.layerBytes));
+    return Math.min(
+      this.cfg.numLayers,
+      Math.floor((this.budget - (this.head ? this.chunkBytes(0) : 0)) / this.layerBytes),
+    );
   }
 
   private unit(key: string, bytes: number, make: () => Omit<Unit, "stats">): Unit {
@@ -179,7 +192,9 @@ export class StreamedWeights implements WeightSource {
         const t = this.raw.get(name);
         if (!t) continue; // optional biases
         const [rows, cols] = t.shape as [number, number];
-        p[k as LayerKey] = isMatrixName(name) ? filledTensor([cols, rows], (out) => transposedF32(t.dtype as WeightDType, t.bytes, rows, cols, out)) : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
+        p[k as LayerKey] = isMatrixName(name)
+          ? filledTensor([cols, rows], (out) => transposedF32(t.dtype as WeightDType, t.bytes, rows, cols, out))
+          : tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32");
       }
       return { tensors: Object.values(p) as tf.Tensor[], bytes: this.layerBytes, value: p as unknown as LlamaLayer };
     }).value as LlamaLayer;
@@ -196,7 +211,9 @@ export class StreamedWeights implements WeightSource {
       const [a, b] = this.chunkRange(c);
       const H = this.cfg.hiddenSize;
       const rowBytes = H * DTYPE_BYTES[raw.dtype];
-      const t = filledTensor([H, b - a], (out) => transposedF32(raw.dtype as WeightDType, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, out)) as tf.Tensor2D;
+      const t = filledTensor([H, b - a], (out) =>
+        transposedF32(raw.dtype as WeightDType, raw.bytes.subarray(a * rowBytes, b * rowBytes), b - a, H, out),
+      ) as tf.Tensor2D;
       return { tensors: [t], bytes: this.chunkBytes(c), value: t };
     }).value as tf.Tensor2D;
   }
@@ -250,7 +267,12 @@ export class StoredWeights implements WeightSource {
   private matrix(t: RawTensor, rows = t.shape[0]!, from = 0): StoredMatrix {
     const cols = t.shape[1]!;
     const w = DTYPE_BYTES[t.dtype];
-    return new StoredMatrix(t.bytes.subarray(from * cols * w, (from + rows) * cols * w), t.dtype as WeightDType, rows, cols);
+    return new StoredMatrix(
+      t.bytes.subarray(from * cols * w, (from + rows) * cols * w),
+      t.dtype as WeightDType,
+      rows,
+      cols,
+    );
   }
 
   layer(l: number): LlamaLayer {
@@ -261,7 +283,9 @@ export class StoredWeights implements WeightSource {
       const name = `model.layers.${l}.${suffix}`;
       const t = this.raw.get(name);
       if (!t) continue; // optional biases
-      p[k as LayerKey] = isMatrixName(name) ? this.matrix(t) : tf.keep(tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32"));
+      p[k as LayerKey] = isMatrixName(name)
+        ? this.matrix(t)
+        : tf.keep(tf.tensor(decode(t.dtype, t.bytes) as Float32Array, t.shape, "float32"));
     }
     return (this.layers[l] = p as unknown as LlamaLayer);
   }
@@ -290,6 +314,8 @@ export class StoredWeights implements WeightSource {
 function embedRowsOf(t: RawTensor, H: number, ids: number[]): tf.Tensor2D {
   const rowBytes = H * DTYPE_BYTES[t.dtype];
   const out = new Float32Array(ids.length * H);
-  ids.forEach((id, i) => out.set(decode(t.dtype, t.bytes.subarray(id * rowBytes, (id + 1) * rowBytes)) as Float32Array, i * H));
+  ids.forEach((id, i) =>
+    out.set(decode(t.dtype, t.bytes.subarray(id * rowBytes, (id + 1) * rowBytes)) as Float32Array, i * H),
+  );
   return tf.tensor2d(out, [ids.length, H]);
 }

@@ -37,7 +37,10 @@ export function loadTokenizer(dir: string): TextTokenizer | null {
   if (!fs.existsSync(file)) return null;
   const json = readJson(file);
   const kind = (json.model as { type?: unknown } | undefined)?.type;
-  if (!KNOWN_MODELS.includes(String(kind))) throw new TokenizerError(`${file}: tokenizer model type ${JSON.stringify(kind ?? null)} is not one of ${KNOWN_MODELS.join(", ")}`);
+  if (!KNOWN_MODELS.includes(String(kind)))
+    throw new TokenizerError(
+      `${file}: tokenizer model type ${JSON.stringify(kind ?? null)} is not one of ${KNOWN_MODELS.join(", ")}`,
+    );
   const cfgFile = path.join(dir, "tokenizer_config.json");
   const config = fs.existsSync(cfgFile) ? readJson(cfgFile) : {};
   let tok: Tokenizer;
@@ -46,7 +49,10 @@ export function loadTokenizer(dir: string): TextTokenizer | null {
   } catch (e) {
     throw new TokenizerError(`${file}: cannot be loaded (${(e as Error).message})`);
   }
-  const bosName = typeof config.bos_token === "string" ? config.bos_token : ((config.bos_token as { content?: string } | undefined)?.content ?? null);
+  const bosName =
+    typeof config.bos_token === "string"
+      ? config.bos_token
+      : ((config.bos_token as { content?: string } | undefined)?.content ?? null);
   const bosId = bosName !== null ? (tok.token_to_id(bosName) ?? null) : null;
   const probe = tok.encode("a").ids;
   return {

@@ -59,7 +59,8 @@ export function backendKind(): BackendName | null {
  * Whether a backend (a name, or initBackend's description, which starts with it) keeps tensors in a wasm heap of
  * at most 4 GiB: wasm, and native, which is wasm with a BLAS matmul.
  */
-export const usesWasmHeap = (backend: string | null = backendKind()): boolean => !!backend && /^(wasm|native)\b/.test(backend);
+export const usesWasmHeap = (backend: string | null = backendKind()): boolean =>
+  !!backend && /^(wasm|native)\b/.test(backend);
 
 /** The wasm backend's heap in use now (its linear memory only grows), in bytes; null on other backends. */
 export function wasmHeapBytes(): number | null {
@@ -76,7 +77,9 @@ export function explainBackendError(e: unknown): unknown {
   if (!/memory access out of bounds|^Aborted|Out of memory|Cannot enlarge memory|XNN status 6/i.test(msg)) return e;
   const heap = wasmHeapBytes();
   const used = heap === null ? "" : ` (${(heap / 2 ** 30).toFixed(2)} GiB in use)`;
-  return new BackendError(`the wasm backend ran out of its 4 GiB heap${used}: lower --memory-budget, --batch or --max-tokens, or install @tensorflow/tfjs-node (${msg.split("\n")[0]})`);
+  return new BackendError(
+    `the wasm backend ran out of its 4 GiB heap${used}: lower --memory-budget, --batch or --max-tokens, or install @tensorflow/tfjs-node (${msg.split("\n")[0]})`,
+  );
 }
 
 /** The backend failure seen since the last call (and clears it), or null. */
@@ -147,11 +150,15 @@ export async function initBackend(force?: string, opts: BackendOptions = {}): Pr
   const asked = force ?? (process.env[BACKEND_ENV] || undefined);
   const from = force === undefined && asked !== undefined ? ` (from ${BACKEND_ENV})` : "";
   if (asked !== undefined) {
-    if (!(BACKENDS as readonly string[]).includes(asked)) throw new BackendError(`unknown backend "${asked}"${from} (choose from ${BACKENDS.join(", ")})`);
+    if (!(BACKENDS as readonly string[]).includes(asked))
+      throw new BackendError(`unknown backend "${asked}"${from} (choose from ${BACKENDS.join(", ")})`);
     const name = asked as BackendName;
     if (!(await tryBackend(name, opts))) {
       const status = nativeStatus();
-      const why = name === "native" && !status.ok ? `the native matmul is not available here: ${status.why}` : `install ${PACKAGES[name]}`;
+      const why =
+        name === "native" && !status.ok
+          ? `the native matmul is not available here: ${status.why}`
+          : `install ${PACKAGES[name]}`;
       throw new BackendError(`backend "${name}"${from} is not available: ${why}`);
     }
     return await describeBackend(name, opts, false);
@@ -168,7 +175,10 @@ async function describeBackend(name: BackendName, opts: BackendOptions, auto: bo
     return `native (wasm with the ${blas} matmul, ${threads} thread${threads > 1 ? "s" : ""} a call)`;
   }
   if (name !== "wasm") return name;
-  const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT").catch(() => false);
+  const simd = await tf
+    .env()
+    .getAsync("WASM_HAS_SIMD_SUPPORT")
+    .catch(() => false);
   const status = nativeStatus();
   const why = auto && !status.ok ? `; the faster native matmul is not used: ${status.why}` : "";
   return (simd ? "wasm (SIMD)" : "wasm (no SIMD)") + why;

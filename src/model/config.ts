@@ -33,24 +33,28 @@ export class ConfigError extends Error {
 
 /** Validates a parsed config.json object; `where` names it in errors. */
 export function parseConfig(raw: unknown, where = "config.json"): LlamaConfig {
-  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) throw new ConfigError(`${where}: not a JSON object`);
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw))
+    throw new ConfigError(`${where}: not a JSON object`);
   const c = raw as Record<string, unknown>;
   const fail = (msg: string): never => {
     throw new ConfigError(`${where}: ${msg}`);
   };
-  if (c.model_type !== undefined && c.model_type !== "llama") fail(`model_type "${String(c.model_type)}" is not supported (only "llama")`);
+  if (c.model_type !== undefined && c.model_type !== "llama")
+    fail(`model_type "${String(c.model_type)}" is not supported (only "llama")`);
   const act = c.hidden_act ?? "silu";
   if (act !== "silu") fail(`hidden_act "${String(act)}" is not supported (only "silu")`);
   const posInt = (key: string, dflt?: number): number => {
     const v = c[key] ?? dflt;
     if (v === undefined) return fail(`missing ${key}`);
-    if (typeof v !== "number" || !Number.isInteger(v) || v <= 0) return fail(`${key} must be a positive integer, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isInteger(v) || v <= 0)
+      return fail(`${key} must be a positive integer, got ${JSON.stringify(v)}`);
     return v;
   };
   const posNum = (key: string, dflt?: number): number => {
     const v = c[key] ?? dflt;
     if (v === undefined) return fail(`missing ${key}`);
-    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) return fail(`${key} must be a positive number, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v))
+      return fail(`${key} must be a positive number, got ${JSON.stringify(v)}`);
     return v;
   };
   const bool = (key: string, dflt: boolean): boolean => {
@@ -61,11 +65,14 @@ export function parseConfig(raw: unknown, where = "config.json"): LlamaConfig {
   const hiddenSize = posInt("hidden_size");
   const numHeads = posInt("num_attention_heads");
   const numKvHeads = posInt("num_key_value_heads", numHeads);
-  if (numHeads % numKvHeads !== 0) fail(`num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKvHeads}`);
-  if (c.head_dim === undefined && hiddenSize % numHeads !== 0) fail(`hidden_size ${hiddenSize} is not divisible by num_attention_heads ${numHeads}`);
+  if (numHeads % numKvHeads !== 0)
+    fail(`num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKvHeads}`);
+  if (c.head_dim === undefined && hiddenSize % numHeads !== 0)
+    fail(`hidden_size ${hiddenSize} is not divisible by num_attention_heads ${numHeads}`);
   const headDim = posInt("head_dim", hiddenSize / numHeads);
   if (headDim % 2 !== 0) fail(`head_dim ${headDim} must be even for RoPE`);
-  if (c.pretraining_tp !== undefined && c.pretraining_tp !== 1) fail(`pretraining_tp ${String(c.pretraining_tp)} is not supported (only 1)`);
+  if (c.pretraining_tp !== undefined && c.pretraining_tp !== 1)
+    fail(`pretraining_tp ${String(c.pretraining_tp)} is not supported (only 1)`);
   const maxPos = posInt("max_position_embeddings", 2048);
   const tokenId = (key: string): number | null => {
     const v = c[key];
@@ -105,7 +112,8 @@ function parseRopeScaling(rs: unknown, fail: (m: string) => never): RopeScaling 
   const kind = r.rope_type ?? r.type;
   const num = (key: string): number => {
     const v = r[key];
-    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) return fail(`rope_scaling.${key} must be a positive number`);
+    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v))
+      return fail(`rope_scaling.${key} must be a positive number`);
     return v;
   };
   switch (kind) {

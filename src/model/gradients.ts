@@ -18,7 +18,8 @@ export async function enableGradients(): Promise<void> {
     gradFunc: (dy, saved, attrs) => {
       const [x, indices] = saved as [tf.Tensor, tf.Tensor];
       const { axis, batchDims } = attrs as unknown as { axis: number; batchDims: number };
-      if (axis !== 0 || batchDims !== 0) throw new Error("gather gradient: only axis 0 without batch dims is supported");
+      if (axis !== 0 || batchDims !== 0)
+        throw new Error("gather gradient: only axis 0 without batch dims is supported");
       const rest = x.shape.slice(1);
       return {
         x: () => tf.scatterND(tf.reshape(indices, [-1, 1]), tf.reshape(dy as tf.Tensor, [-1, ...rest]), x.shape),

@@ -18,7 +18,8 @@ export const BLOCK_SITES: readonly BlockSite[] = ["resid_pre", "z", "attn_out", 
 
 /** The hook name of a site at a layer: hookName("resid_post", 3) = "blocks.3.hook_resid_post"; "z" → "blocks.3.attn.hook_z". */
 export function hookName(site: BlockSite, layer: number): HookName {
-  if (!(Number.isInteger(layer) && layer >= 0)) throw new RangeError(`hookName: layer must be a non-negative integer, got ${layer}`);
+  if (!(Number.isInteger(layer) && layer >= 0))
+    throw new RangeError(`hookName: layer must be a non-negative integer, got ${layer}`);
   return site === "z" ? `blocks.${layer}.attn.hook_z` : `blocks.${layer}.hook_${site}`;
 }
 
@@ -32,7 +33,9 @@ export function hookNames(config: Pick<LlamaConfig, "numLayers">): HookName[] {
 
 /** Whether a string is a hook site name. Shapes: `attn.hook_z` is [B, T, heads, head_dim], every other site [B, T, hidden]. */
 export const isHookName = (name: string): name is HookName =>
-  name === "hook_embed" || name === "ln_final.hook_normalized" || /^blocks\.\d+\.(hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)|attn\.hook_z)$/.test(name);
+  name === "hook_embed" ||
+  name === "ln_final.hook_normalized" ||
+  /^blocks\.\d+\.(hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)|attn\.hook_z)$/.test(name);
 
 /**
  * Activations kept by one forward call. The caller owns them: read with `get`, free them all with `dispose()`

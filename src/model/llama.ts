@@ -129,7 +129,9 @@ export const NATIVE_GROUPED_MIN = 2 ** 21;
 
 /** Whether forward's "auto" attention runs rows of length T one (row, kv head) at a time, on the kernel that runs now. */
 export const groupedAttention = (cfg: LlamaConfig, T: number): boolean =>
-  nativeMatMulActive() ? cfg.numHeads * T * T >= NATIVE_GROUPED_MIN : (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN;
+  nativeMatMulActive()
+    ? cfg.numHeads * T * T >= NATIVE_GROUPED_MIN
+    : (cfg.numHeads / cfg.numKvHeads) * T * T >= GROUPED_ATTENTION_MIN;
 
 /** Logits (null when not asked for or stopped early) and the cached sites; the caller owns both. */
 export interface ForwardResult {
@@ -174,7 +176,13 @@ function sameRows(B: number, T: number): RowMap {
 /** The RowMap of packed pairs. */
 function packedRows(p: Packing, B: number, T: number): RowMap {
   const [toSlots, toEntries] = [tf.tensor1d(p.unpack, "int32"), tf.tensor1d(p.pack, "int32")];
-  const [chosen, rejected] = [tf.tensor1d(Array.from(p.promptSlots, (s) => p.pack[s]!), "int32"), tf.tensor1d(p.rejectedPrompt, "int32")];
+  const [chosen, rejected] = [
+    tf.tensor1d(
+      Array.from(p.promptSlots, (s) => p.pack[s]!),
+      "int32",
+    ),
+    tf.tensor1d(p.rejectedPrompt, "int32"),
+  ];
   const move = (x: tf.Tensor, idx: tf.Tensor, from: number, to: [number, number]) => {
     const rest = x.shape.slice(2);
     return tf.reshape(tf.gather(tf.reshape(x, [from, ...rest]), idx), [...to, ...rest]);
@@ -192,7 +200,10 @@ function packedRows(p: Packing, B: number, T: number): RowMap {
       });
       const [d, m] = [diff!.dataSync()[0]!, scale!.dataSync()[0]!];
       tf.dispose([diff!, scale!]);
-      if (!(d <= 1e-5 * Math.max(1, m))) throw new Error(`${site} gives a pair's chosen and rejected rows different prompt values (by ${d}), which pairedPrompts cannot run`);
+      if (!(d <= 1e-5 * Math.max(1, m)))
+        throw new Error(
+          `${site} gives a pair's chosen and rejected rows different prompt values (by ${d}), which pairedPrompts cannot run`,
+        );
     },
     dispose: () => tf.dispose([toSlots, toEntries, chosen, rejected]),
   };
@@ -267,7 +278,12 @@ function attendPerGroup(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, ctx: Ctx): tf.
 /** SwiGLU MLP: down(silu(gate(x)) · up(x)); each [.., intermediate] product is freed once used. */
 function mlp(p: LlamaLayer, x: tf.Tensor): tf.Tensor {
   const silu = (g: tf.Tensor) => tf.mul(g, tf.sigmoid(g));
-  const h = tf.tidy(() => tf.mul(tf.tidy(() => silu(linear(x, p.gate, p.gateBias))), linear(x, p.up, p.upBias)));
+  const h = tf.tidy(() =>
+    tf.mul(
+      tf.tidy(() => silu(linear(x, p.gate, p.gateBias))),
+      linear(x, p.up, p.upBias),
+    ),
+  );
   return linear(h, p.down, p.downBias);
 }
 
@@ -276,9 +292,15 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
   const eps = ctx.cfg.rmsNormEps;
   const x = ctx.site(`blocks.${l}.hook_resid_pre`, resid);
   // attention's and the MLP's intermediates are freed as each ends (tidy), so a layer holds the larger, not both
-  const attnOut = ctx.site(`blocks.${l}.hook_attn_out`, tf.tidy(() => attention(p, rmsNorm(x, p.inputNorm, eps), l, ctx)));
+  const attnOut = ctx.site(
+    `blocks.${l}.hook_attn_out`,
+    tf.tidy(() => attention(p, rmsNorm(x, p.inputNorm, eps), l, ctx)),
+  );
   const mid = ctx.site(`blocks.${l}.hook_resid_mid`, tf.add(x, attnOut));
-  const mlpOut = ctx.site(`blocks.${l}.hook_mlp_out`, tf.tidy(() => mlp(p, rmsNorm(mid, p.postNorm, eps))));
+  const mlpOut = ctx.site(
+    `blocks.${l}.hook_mlp_out`,
+    tf.tidy(() => mlp(p, rmsNorm(mid, p.postNorm, eps))),
+  );
   return ctx.site(`blocks.${l}.hook_resid_post`, tf.add(mid, mlpOut));
 }
 
@@ -286,16 +308,28 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
  * Final norm and unembedding, at all positions ([B, T, V]) or at chosen ones ([N, V]); `unembedded` false stops
  * at the normed rows. ctx.rows maps the run's rows to the caller's [B, T] (packed pairs).
  */
-function head(model: LlamaModel, resid: tf.Tensor, ctx: Ctx, at: "all" | Array<[number, number]>, unembedded = true): tf.Tensor {
+function head(
+  model: LlamaModel,
+  resid: tf.Tensor,
+  ctx: Ctx,
+  at: "all" | Array<[number, number]>,
+  unembedded = true,
+): tf.Tensor {
   const H = resid.shape[2]!;
   const norm = (x: tf.Tensor) => rmsNorm(x, model.finalNorm, ctx.cfg.rmsNormEps);
   if (at === "all") return unembed(model, ctx.rows.unpack(ctx.site("ln_final.hook_normalized", norm(resid))));
   const [B, T] = ctx.rows.shape;
-  for (const [b, t] of at) if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
-  const index = tf.tensor1d(at.map(([b, t]) => ctx.rows.slot(b * T + t)), "int32");
+  for (const [b, t] of at)
+    if (!(b >= 0 && b < B && t >= 0 && t < T)) throw new RangeError(`logit position [${b}, ${t}] outside [${B}, ${T}]`);
+  const index = tf.tensor1d(
+    at.map(([b, t]) => ctx.rows.slot(b * T + t)),
+    "int32",
+  );
   // the norm is per position: unless the site is watched, only the scored positions are gathered and normed
   const watched = ctx.watched("ln_final.hook_normalized");
-  const rows = watched ? tf.gather(tf.reshape(ctx.site("ln_final.hook_normalized", norm(resid)), [-1, H]), index) : norm(tf.gather(tf.reshape(resid, [-1, H]), index));
+  const rows = watched
+    ? tf.gather(tf.reshape(ctx.site("ln_final.hook_normalized", norm(resid)), [-1, H]), index)
+    : norm(tf.gather(tf.reshape(resid, [-1, H]), index));
   return unembedded ? unembed(model, rows) : rows;
 }
 
@@ -327,7 +361,10 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[], he
   if (targets.length !== N) throw new RangeError(`targets has ${targets.length} entries for ${N} logit positions`);
   const V = model.config.vocabSize;
   for (const t of targets) {
-    if (!Number.isInteger(t)) throw new RangeError(`targets must be one integer token id per logitsAt position, got ${Array.isArray(t) ? "an array" : String(t)}`);
+    if (!Number.isInteger(t))
+      throw new RangeError(
+        `targets must be one integer token id per logitsAt position, got ${Array.isArray(t) ? "an array" : String(t)}`,
+      );
     if (t < 0 || t >= V) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
   }
   const pieces = headPieces(model);
@@ -335,12 +372,29 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[], he
   const lse: Float32Array[] = []; // per block: log Σ exp(logits) over the block, per row
   const picked = new Float64Array(N);
   // each slice of rows carries the logits of vocabulary [from, from + width) it has not yet reduced
-  const slices = Array.from({ length: Math.ceil(N / n) }, (_, i) => ({ start: i * n, x: N <= n ? x : tf.slice(x, [i * n, 0], [Math.min(n, N - i * n), -1]), held: null as tf.Tensor2D | null }));
+  const slices = Array.from({ length: Math.ceil(N / n) }, (_, i) => ({
+    start: i * n,
+    x: N <= n ? x : tf.slice(x, [i * n, 0], [Math.min(n, N - i * n), -1]),
+    held: null as tf.Tensor2D | null,
+  }));
   let from = 0;
   const reduce = (block: tf.Tensor2D, a: number, start: number, bi: number) => {
     const [rows, w] = block.shape;
-    const hits = Array.from({ length: rows }, (_, i) => i).filter((i) => targets[start + i]! >= a && targets[start + i]! < a + w);
-    const [l, p] = tf.tidy(() => [rowLogSumExp(block), hits.length ? tf.gather(tf.reshape(block, [-1]), tf.tensor1d(hits.map((i) => i * w + targets[start + i]! - a), "int32")) : tf.zeros([0])]);
+    const hits = Array.from({ length: rows }, (_, i) => i).filter(
+      (i) => targets[start + i]! >= a && targets[start + i]! < a + w,
+    );
+    const [l, p] = tf.tidy(() => [
+      rowLogSumExp(block),
+      hits.length
+        ? tf.gather(
+            tf.reshape(block, [-1]),
+            tf.tensor1d(
+              hits.map((i) => i * w + targets[start + i]! - a),
+              "int32",
+            ),
+          )
+        : tf.zeros([0]),
+    ]);
     (lse[bi] ??= new Float32Array(N)).set(l!.dataSync(), start);
     const pv = p!.dataSync();
     hits.forEach((i, k) => (picked[start + i] = pv[k]!));
@@ -391,22 +445,44 @@ function targetLogprobs(model: LlamaModel, x: tf.Tensor2D, targets: number[], he
 /** The final norm at positions `at` of a residual [B, T, H] (unpacked rows) → [N, H]: the head's input at scored positions. */
 export function normedRows(model: LlamaModel, resid: tf.Tensor, at: Array<[number, number]>): tf.Tensor2D {
   const [, T, H] = resid.shape as [number, number, number];
-  return tf.tidy(() => rmsNorm(tf.gather(tf.reshape(resid, [-1, H]), tf.tensor1d(at.map(([b, t]) => b * T + t), "int32")), model.finalNorm, model.config.rmsNormEps)) as tf.Tensor2D;
+  return tf.tidy(() =>
+    rmsNorm(
+      tf.gather(
+        tf.reshape(resid, [-1, H]),
+        tf.tensor1d(
+          at.map(([b, t]) => b * T + t),
+          "int32",
+        ),
+      ),
+      model.finalNorm,
+      model.config.rmsNormEps,
+    ),
+  ) as tf.Tensor2D;
 }
 
 /** d · Wᵀ for d [N, out] and a head piece W (a tensor [in, out], or a StoredMatrix [out, in]) → [N, in]. */
-const linearT = (d: tf.Tensor, w: Matrix): tf.Tensor => (w instanceof StoredMatrix ? storedMatMul(d, w, true) : tf.matMul(d, w, false, true));
+const linearT = (d: tf.Tensor, w: Matrix): tf.Tensor =>
+  w instanceof StoredMatrix ? storedMatMul(d, w, true) : tf.matMul(d, w, false, true);
 
 /**
  * ∂(Σᵢ wᵢ log p(targetᵢ))/∂x at final-normed rows x [N, H], without autodiff and without a [N, V] tensor:
  * wᵢ (W[:, tᵢ] − Σ_v softmax(x W)ᵢᵥ W[:, v]), the softmax taken over the head's pieces in vocabulary blocks with
  * a running max (rescaling what is summed so far when the max grows).
  */
-export function targetLogprobGradient(model: LlamaModel, x: tf.Tensor2D, targets: number[], weights: number[], headBlock: HeadBlock = HEAD_BLOCK): tf.Tensor2D {
+export function targetLogprobGradient(
+  model: LlamaModel,
+  x: tf.Tensor2D,
+  targets: number[],
+  weights: number[],
+  headBlock: HeadBlock = HEAD_BLOCK,
+): tf.Tensor2D {
   const [N, H] = x.shape;
-  if (targets.length !== N || weights.length !== N) throw new RangeError(`targets and weights need ${N} entries, one per row`);
+  if (targets.length !== N || weights.length !== N)
+    throw new RangeError(`targets and weights need ${N} entries, one per row`);
   const V = model.config.vocabSize;
-  for (const t of targets) if (!(Number.isInteger(t) && t >= 0 && t < V)) throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
+  for (const t of targets)
+    if (!(Number.isInteger(t) && t >= 0 && t < V))
+      throw new RangeError(`target id ${t} outside the vocabulary [0, ${V})`);
   let m = tf.fill([N, 1], -Infinity) as tf.Tensor2D; // running max of the logits
   let s = tf.zeros([N, 1]) as tf.Tensor2D; // Σ exp(logit − m)
   let A = tf.zeros([N, H]) as tf.Tensor2D; // Σ exp(logit − m) W[:, v]
@@ -422,7 +498,12 @@ export function targetLogprobGradient(model: LlamaModel, x: tf.Tensor2D, targets
       targets.forEach((t, i) => t >= a && t < a + width && (onehot[i * width + t - a] = 1));
       const both = linearT(tf.concat([e, tf.tensor2d(onehot, [N, width])]), w); // one product for both sums
       const [ea, oa] = tf.split(both, 2);
-      return [mNew, tf.add(tf.mul(s, scale), tf.sum(e, 1, true)), tf.add(tf.mul(A, scale), ea!), tf.add(B, oa!)] as tf.Tensor2D[];
+      return [
+        mNew,
+        tf.add(tf.mul(s, scale), tf.sum(e, 1, true)),
+        tf.add(tf.mul(A, scale), ea!),
+        tf.add(B, oa!),
+      ] as tf.Tensor2D[];
     });
     tf.dispose([m, s, A, B]);
     [m, s, A, B] = next as [tf.Tensor2D, tf.Tensor2D, tf.Tensor2D, tf.Tensor2D];
@@ -453,7 +534,10 @@ export function targetLogprobGradient(model: LlamaModel, x: tf.Tensor2D, targets
 function unembed(model: LlamaModel, x: tf.Tensor): tf.Tensor {
   const src = model.source;
   if (!src?.headChunks) return linear(x, model.lmHead);
-  return tf.concat(Array.from({ length: src.headChunks }, (_, c) => linear(x, src.headChunk!(c))), -1);
+  return tf.concat(
+    Array.from({ length: src.headChunks }, (_, c) => linear(x, src.headChunk!(c))),
+    -1,
+  );
 }
 
 /** Additive attention mask [B, 1, 1, T, T]: causal, and keys past a row's length are hidden. */
@@ -469,7 +553,8 @@ function maskBias(lengths: number[], T: number): tf.Tensor {
 function checkSiteNames(names: Iterable<string>, numLayers: number): void {
   for (const n of names) {
     const layer = /^blocks\.(\d+)\./.exec(n)?.[1];
-    if (!isHookName(n) || (layer !== undefined && Number(layer) >= numLayers)) throw new RangeError(`unknown hook site "${n}" (see hookNames(config))`);
+    if (!isHookName(n) || (layer !== undefined && Number(layer) >= numLayers))
+      throw new RangeError(`unknown hook site "${n}" (see hookNames(config))`);
   }
 }
 
@@ -483,20 +568,35 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   const T = ids[0]?.length ?? 0;
   if (B === 0 || T === 0) throw new RangeError("forward needs at least one row of at least one token");
   if (ids.some((r) => r.length !== T)) throw new RangeError("all rows of ids must have the same (padded) length");
-  for (const r of ids) for (const id of r) if (!(Number.isInteger(id) && id >= 0 && id < cfg.vocabSize)) throw new RangeError(`token id ${id} outside the vocabulary [0, ${cfg.vocabSize})`);
+  for (const r of ids)
+    for (const id of r)
+      if (!(Number.isInteger(id) && id >= 0 && id < cfg.vocabSize))
+        throw new RangeError(`token id ${id} outside the vocabulary [0, ${cfg.vocabSize})`);
   const lengths = opts.lengths ?? ids.map(() => T);
-  if (lengths.length !== B || lengths.some((n) => !(Number.isInteger(n) && n >= 1 && n <= T))) throw new RangeError("lengths must give 1..T for each row");
+  if (lengths.length !== B || lengths.some((n) => !(Number.isInteger(n) && n >= 1 && n <= T)))
+    throw new RangeError("lengths must give 1..T for each row");
   if (opts.start && !tf.util.arraysEqual(opts.start.resid.shape, [B, T, cfg.hiddenSize])) {
     throw new RangeError(`start residual has shape [${opts.start.resid.shape}], expected [${[B, T, cfg.hiddenSize]}]`);
   }
   const first = opts.start?.layer ?? 0;
   const last = opts.stopAfter ?? cfg.numLayers - 1;
-  if (first < 0 || first > cfg.numLayers || last < first - 1 || last >= cfg.numLayers) throw new RangeError(`layer range ${first}..${last} is outside 0..${cfg.numLayers - 1}`);
+  if (first < 0 || first > cfg.numLayers || last < first - 1 || last >= cfg.numLayers)
+    throw new RangeError(`layer range ${first}..${last} is outside 0..${cfg.numLayers - 1}`);
 
-  checkSiteNames([...Object.keys(opts.hooks ?? {}), ...(opts.cache && typeof opts.cache !== "function" ? opts.cache : [])], cfg.numLayers);
+  checkSiteNames(
+    [...Object.keys(opts.hooks ?? {}), ...(opts.cache && typeof opts.cache !== "function" ? opts.cache : [])],
+    cfg.numLayers,
+  );
   const cached = new ActivationCache();
   const wanted: (n: HookName) => boolean =
-    opts.cache === undefined ? () => false : typeof opts.cache === "function" ? opts.cache : ((s) => (n: string) => s.has(n))(new Set<string>(opts.cache));
+    opts.cache === undefined
+      ? () => false
+      : typeof opts.cache === "function"
+        ? opts.cache
+        : (
+            (s) => (n: string) =>
+              s.has(n)
+          )(new Set<string>(opts.cache));
   const packing = opts.pairedPrompts ? packPairs(ids, lengths, opts.pairedPrompts) : null;
   const rows = packing ? packedRows(packing, B, T) : sameRows(B, T);
   const watched = (name: HookName) => !!opts.hooks?.[name] || wanted(name);
@@ -507,7 +607,8 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     let v = mine;
     if (hook) {
       v = hook(mine, name);
-      if (!tf.util.arraysEqual(v.shape, mine.shape)) throw new Error(`hook for ${name} returned shape [${v.shape}], expected [${mine.shape}]`);
+      if (!tf.util.arraysEqual(v.shape, mine.shape))
+        throw new Error(`hook for ${name} returned shape [${v.shape}], expected [${mine.shape}]`);
     }
     if (wanted(name)) cached.set(name, tf.keep(tf.clone(v)));
     if (!hook) return value;
@@ -519,7 +620,9 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
   const ropeTable = (t: Float32Array) =>
     tf.tidy(() => {
       const table = tf.tensor2d(t, [T, cfg.headDim]);
-      return packing ? tf.reshape(tf.gather(table, tf.tensor1d(packing.positions, "int32")), [packing.rows, 1, Tr, cfg.headDim]) : table;
+      return packing
+        ? tf.reshape(tf.gather(table, tf.tensor1d(packing.positions, "int32")), [packing.rows, 1, Tr, cfg.headDim])
+        : table;
     });
   const ctx: Ctx = {
     cfg,
@@ -561,7 +664,9 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     const fault = takeBackendFault();
     if (fault) {
       logits?.dispose();
-      throw new Error(`the backend failed during a forward pass, so its numbers cannot be trusted (${fault}); on wasm this is its 4 GiB heap running out: lower --memory-budget or --batch`);
+      throw new Error(
+        `the backend failed during a forward pass, so its numbers cannot be trusted (${fault}); on wasm this is its 4 GiB heap running out: lower --memory-budget or --batch`,
+      );
     }
     return { logits, logprobs, cache: cached, dispose: () => (logits?.dispose(), cached.dispose()) };
   } catch (e) {

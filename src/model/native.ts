@@ -11,10 +11,19 @@ import * as tf from "@tensorflow/tfjs-core";
 /** The addon's functions (native/blas.c). */
 interface BlasAddon {
   matmul(
-    M: number, N: number, K: number,
-    a: Uint8Array, aOffsets: Float64Array, transA: boolean,
-    b: Uint8Array, bOffsets: Float64Array, transB: boolean, bDtype: number,
-    c: Uint8Array, cOffsets: Float64Array, threads: number,
+    M: number,
+    N: number,
+    K: number,
+    a: Uint8Array,
+    aOffsets: Float64Array,
+    transA: boolean,
+    b: Uint8Array,
+    bOffsets: Float64Array,
+    transB: boolean,
+    bDtype: number,
+    c: Uint8Array,
+    cOffsets: Float64Array,
+    threads: number,
   ): void;
   describe(): string;
   lse(x: Uint8Array, offset: number, rows: number, cols: number, out: Float32Array): void;
@@ -39,7 +48,8 @@ export class StoredMatrix {
     readonly cols: number,
   ) {
     const need = rows * cols * (dtype === "F32" ? 4 : 2);
-    if (bytes.byteLength !== need) throw new RangeError(`a stored ${dtype} [${rows}, ${cols}] matrix needs ${need} bytes, got ${bytes.byteLength}`);
+    if (bytes.byteLength !== need)
+      throw new RangeError(`a stored ${dtype} [${rows}, ${cols}] matrix needs ${need} bytes, got ${bytes.byteLength}`);
   }
 }
 
@@ -65,8 +75,16 @@ function load(): { addon: BlasAddon | null; why: string } {
   const root = packageRoot();
   const file = root + ADDON;
   if (!fs.existsSync(file)) {
-    const note = fs.existsSync(root + BUILD_NOTE) ? fs.readFileSync(root + BUILD_NOTE, "utf8").trim().split("\n")[0] : "it has not been built";
-    return (loaded = { addon: null, why: `${note}; install OpenBLAS (apt-get install libopenblas-dev; macOS has Accelerate) and a C compiler, then run npm run build:native` });
+    const note = fs.existsSync(root + BUILD_NOTE)
+      ? fs
+          .readFileSync(root + BUILD_NOTE, "utf8")
+          .trim()
+          .split("\n")[0]
+      : "it has not been built";
+    return (loaded = {
+      addon: null,
+      why: `${note}; install OpenBLAS (apt-get install libopenblas-dev; macOS has Accelerate) and a C compiler, then run npm run build:native`,
+    });
   }
   try {
     return (loaded = { addon: createRequire(import.meta.url)(file) as BlasAddon, why: "" });
@@ -101,7 +119,12 @@ const offsetOf = (b: WasmBackend, t: tf.TensorInfo) => b.dataIdMap.get(t.dataId)
  * Byte offsets of each output batch entry's A and B blocks under numpy-style broadcasting of the leading dims
  * (the stock kernel handles only a batch of 1 against n), and the output's leading shape.
  */
-export function broadcastOffsets(aLead: number[], bLead: number[], aBlock: number, bBlock: number): { lead: number[]; a: Float64Array; b: Float64Array } {
+export function broadcastOffsets(
+  aLead: number[],
+  bLead: number[],
+  aBlock: number,
+  bBlock: number,
+): { lead: number[]; a: Float64Array; b: Float64Array } {
   const lead = tf.broadcast_util.assertAndGetBroadcastShape(aLead, bLead);
   const n = lead.reduce((x, y) => x * y, 1);
   const a = new Float64Array(n);
@@ -132,48 +155,73 @@ export function broadcastOffsets(aLead: number[], bLead: number[], aBlock: numbe
 type KernelArgs = { inputs: tf.NamedTensorInfoMap; attrs?: tf.NamedAttrMap; backend: unknown };
 
 /** The BatchMatMul kernel on the native matmul: C = op(A) · op(B) over broadcast leading dims, on `threads` threads. */
-const batchMatMul = (threads: number) => ({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo => {
-  const { a, b } = inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
-  const { transposeA, transposeB } = attrs as unknown as { transposeA: boolean; transposeB: boolean };
-  if (a.dtype !== "float32" || b.dtype !== "float32") throw new Error("BatchMatMul for non-float32 tensors is not supported");
-  const be = backend as WasmBackend;
-  const [ra, rb] = [a.shape.length, b.shape.length];
-  if (ra < 2 || rb < 2) throw new Error(`BatchMatMul needs rank ≥ 2 operands, got [${a.shape}] and [${b.shape}]`);
-  const M = transposeA ? a.shape[ra - 1]! : a.shape[ra - 2]!;
-  const K = transposeA ? a.shape[ra - 2]! : a.shape[ra - 1]!;
-  const Kb = transposeB ? b.shape[rb - 1]! : b.shape[rb - 2]!;
-  const N = transposeB ? b.shape[rb - 2]! : b.shape[rb - 1]!;
-  if (K !== Kb) throw new Error(`Error in matMul: inner shapes (${K}) and (${Kb}) of Tensors with shapes ${a.shape} and ${b.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`);
-  const { lead, a: ao, b: bo } = broadcastOffsets(a.shape.slice(0, -2), b.shape.slice(0, -2), 4 * M * K, 4 * K * N);
-  const out = be.makeOutput([...lead, M, N], "float32");
-  const co = Float64Array.from(ao, (_, i) => i * 4 * M * N);
-  for (let i = 0; i < ao.length; i++) {
-    ao[i]! += offsetOf(be, a);
-    bo[i]! += offsetOf(be, b);
-    co[i]! += offsetOf(be, out);
-  }
-  const heap = be.wasm.HEAPU8; // read after makeOutput: an allocation that grows the heap replaces its buffer
-  addon().matmul(M, N, K, heap, ao, transposeA, heap, bo, transposeB, DTYPE_CODE.F32, heap, co, threads);
-  return out;
-};
+const batchMatMul =
+  (threads: number) =>
+  ({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo => {
+    const { a, b } = inputs as { a: tf.TensorInfo; b: tf.TensorInfo };
+    const { transposeA, transposeB } = attrs as unknown as { transposeA: boolean; transposeB: boolean };
+    if (a.dtype !== "float32" || b.dtype !== "float32")
+      throw new Error("BatchMatMul for non-float32 tensors is not supported");
+    const be = backend as WasmBackend;
+    const [ra, rb] = [a.shape.length, b.shape.length];
+    if (ra < 2 || rb < 2) throw new Error(`BatchMatMul needs rank ≥ 2 operands, got [${a.shape}] and [${b.shape}]`);
+    const M = transposeA ? a.shape[ra - 1]! : a.shape[ra - 2]!;
+    const K = transposeA ? a.shape[ra - 2]! : a.shape[ra - 1]!;
+    const Kb = transposeB ? b.shape[rb - 1]! : b.shape[rb - 2]!;
+    const N = transposeB ? b.shape[rb - 2]! : b.shape[rb - 1]!;
+    if (K !== Kb)
+      throw new Error(
+        `Error in matMul: inner shapes (${K}) and (${Kb}) of Tensors with shapes ${a.shape} and ${b.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`,
+      );
+    const { lead, a: ao, b: bo } = broadcastOffsets(a.shape.slice(0, -2), b.shape.slice(0, -2), 4 * M * K, 4 * K * N);
+    const out = be.makeOutput([...lead, M, N], "float32");
+    const co = Float64Array.from(ao, (_, i) => i * 4 * M * N);
+    for (let i = 0; i < ao.length; i++) {
+      ao[i]! += offsetOf(be, a);
+      bo[i]! += offsetOf(be, b);
+      co[i]! += offsetOf(be, out);
+    }
+    const heap = be.wasm.HEAPU8; // read after makeOutput: an allocation that grows the heap replaces its buffer
+    addon().matmul(M, N, K, heap, ao, transposeA, heap, bo, transposeB, DTYPE_CODE.F32, heap, co, threads);
+    return out;
+  };
 
 /** The kernel that multiplies by a StoredMatrix: x [M, K] · Wᵀ → [M, rows] (or with `transposed`, x [M, rows] · W → [M, cols]). */
 const STORED_MATMUL = "PrefprobeStoredMatMul";
 
-const storedKernel = (threads: number) => ({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo => {
-  const x = (inputs as { x: tf.TensorInfo }).x;
-  const { matrix: w, transposed } = attrs as unknown as { matrix: StoredMatrix; transposed: boolean };
-  const be = backend as WasmBackend;
-  const [M, K] = x.shape as [number, number];
-  const N = transposed ? w.cols : w.rows;
-  if (K !== (transposed ? w.rows : w.cols)) throw new Error(`stored matmul: x [${x.shape}] against a [${w.rows}, ${w.cols}] matrix${transposed ? " (transposed)" : ""}`);
-  const out = be.makeOutput([M, N], "float32");
-  const heap = be.wasm.HEAPU8;
-  const one = (o: number) => Float64Array.of(o);
-  // y = x · Wᵀ reads W [rows, cols] transposed; x · W reads it as stored
-  addon().matmul(M, N, K, heap, one(offsetOf(be, x)), false, w.bytes, one(0), !transposed, DTYPE_CODE[w.dtype], heap, one(offsetOf(be, out)), threads);
-  return out;
-};
+const storedKernel =
+  (threads: number) =>
+  ({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo => {
+    const x = (inputs as { x: tf.TensorInfo }).x;
+    const { matrix: w, transposed } = attrs as unknown as { matrix: StoredMatrix; transposed: boolean };
+    const be = backend as WasmBackend;
+    const [M, K] = x.shape as [number, number];
+    const N = transposed ? w.cols : w.rows;
+    if (K !== (transposed ? w.rows : w.cols))
+      throw new Error(
+        `stored matmul: x [${x.shape}] against a [${w.rows}, ${w.cols}] matrix${transposed ? " (transposed)" : ""}`,
+      );
+    const out = be.makeOutput([M, N], "float32");
+    const heap = be.wasm.HEAPU8;
+    const one = (o: number) => Float64Array.of(o);
+    // y = x · Wᵀ reads W [rows, cols] transposed; x · W reads it as stored
+    addon().matmul(
+      M,
+      N,
+      K,
+      heap,
+      one(offsetOf(be, x)),
+      false,
+      w.bytes,
+      one(0),
+      !transposed,
+      DTYPE_CODE[w.dtype],
+      heap,
+      one(offsetOf(be, out)),
+      threads,
+    );
+    return out;
+  };
 
 /**
  * x [..., K] · Wᵀ for a stored matrix W [N, K] → [..., N] (with `transposed`, x [..., N] · W → [..., K]), by the
@@ -184,7 +232,9 @@ export function storedMatMul(x: tf.Tensor, w: StoredMatrix, transposed = false):
   const lead = x.shape.slice(0, -1);
   return tf.tidy(() => {
     const flat = tf.reshape(x, [-1, x.shape[x.shape.length - 1]!]);
-    const y = tf.engine().runKernel(STORED_MATMUL, { x: flat }, { matrix: w, transposed } as unknown as tf.NamedAttrMap) as tf.Tensor;
+    const y = tf
+      .engine()
+      .runKernel(STORED_MATMUL, { x: flat }, { matrix: w, transposed } as unknown as tf.NamedAttrMap) as tf.Tensor;
     return tf.reshape(y, [...lead, transposed ? w.cols : w.rows]);
   });
 }
@@ -192,44 +242,53 @@ export function storedMatMul(x: tf.Tensor, w: StoredMatrix, transposed = false):
 /** Marks this module's kernels (their thread count) among whatever the registry holds. */
 const THREADS = Symbol("prefprobe native threads");
 type Marked = tf.KernelFunc & { [THREADS]?: number };
-const marked = (f: (a: KernelArgs) => tf.TensorInfo, threads: number): tf.KernelFunc => Object.assign(f as unknown as tf.KernelFunc, { [THREADS]: threads });
+const marked = (f: (a: KernelArgs) => tf.TensorInfo, threads: number): tf.KernelFunc =>
+  Object.assign(f as unknown as tf.KernelFunc, { [THREADS]: threads });
 
 /**
  * GatherV2 by row copies in the heap (axis any, batchDims 0, 4-byte values): the stock wasm kernel copies element
  * by element, which took 13% of a 1B pair's thread time in the packed rows' gathers. Out-of-range indices throw.
  */
-const gather = (fallback: tf.KernelConfig | undefined) => (args: KernelArgs): tf.TensorInfo => {
-  const { inputs, attrs, backend } = args;
-  const { x, indices } = inputs as { x: tf.TensorInfo; indices: tf.TensorInfo };
-  const { axis, batchDims } = attrs as unknown as { axis: number; batchDims: number };
-  if (batchDims || (x.dtype !== "float32" && x.dtype !== "int32") || indices.dtype !== "int32") {
-    if (!fallback) throw new Error(`GatherV2 of ${x.dtype} by ${indices.dtype} indices with batchDims ${batchDims} is not supported`);
-    return (fallback.kernelFunc as unknown as (a: KernelArgs) => tf.TensorInfo)(args);
-  }
-  const be = backend as WasmBackend;
-  const ax = tf.util.parseAxisParam(axis, x.shape)[0]!;
-  const size = (s: number[]) => s.reduce((p, q) => p * q, 1);
-  const [outer, n, inner] = [size(x.shape.slice(0, ax)), x.shape[ax]!, size(x.shape.slice(ax + 1))];
-  const m = size(indices.shape);
-  const out = be.makeOutput([...x.shape.slice(0, ax), ...indices.shape, ...x.shape.slice(ax + 1)], x.dtype as "float32");
-  const heap = new Int32Array(be.wasm.HEAPU8.buffer); // after makeOutput, which may grow the heap
-  const [xo, io, oo] = [offsetOf(be, x) / 4, offsetOf(be, indices) / 4, offsetOf(be, out) / 4];
-  for (let i = 0; i < m; i++) {
-    const idx = heap[io + i]!;
-    if (!(idx >= 0 && idx < n)) {
-      be.disposeData(out.dataId);
-      throw new RangeError(`gather index ${idx} is outside [0, ${n})`);
+const gather =
+  (fallback: tf.KernelConfig | undefined) =>
+  (args: KernelArgs): tf.TensorInfo => {
+    const { inputs, attrs, backend } = args;
+    const { x, indices } = inputs as { x: tf.TensorInfo; indices: tf.TensorInfo };
+    const { axis, batchDims } = attrs as unknown as { axis: number; batchDims: number };
+    if (batchDims || (x.dtype !== "float32" && x.dtype !== "int32") || indices.dtype !== "int32") {
+      if (!fallback)
+        throw new Error(
+          `GatherV2 of ${x.dtype} by ${indices.dtype} indices with batchDims ${batchDims} is not supported`,
+        );
+      return (fallback.kernelFunc as unknown as (a: KernelArgs) => tf.TensorInfo)(args);
     }
-  }
-  for (let o = 0; o < outer; o++)
+    const be = backend as WasmBackend;
+    const ax = tf.util.parseAxisParam(axis, x.shape)[0]!;
+    const size = (s: number[]) => s.reduce((p, q) => p * q, 1);
+    const [outer, n, inner] = [size(x.shape.slice(0, ax)), x.shape[ax]!, size(x.shape.slice(ax + 1))];
+    const m = size(indices.shape);
+    const out = be.makeOutput(
+      [...x.shape.slice(0, ax), ...indices.shape, ...x.shape.slice(ax + 1)],
+      x.dtype as "float32",
+    );
+    const heap = new Int32Array(be.wasm.HEAPU8.buffer); // after makeOutput, which may grow the heap
+    const [xo, io, oo] = [offsetOf(be, x) / 4, offsetOf(be, indices) / 4, offsetOf(be, out) / 4];
     for (let i = 0; i < m; i++) {
-      const from = xo + (o * n + heap[io + i]!) * inner;
-      const to = oo + (o * m + i) * inner;
-      if (inner === 1) heap[to] = heap[from]!;
-      else heap.copyWithin(to, from, from + inner);
+      const idx = heap[io + i]!;
+      if (!(idx >= 0 && idx < n)) {
+        be.disposeData(out.dataId);
+        throw new RangeError(`gather index ${idx} is outside [0, ${n})`);
+      }
     }
-  return out;
-};
+    for (let o = 0; o < outer; o++)
+      for (let i = 0; i < m; i++) {
+        const from = xo + (o * n + heap[io + i]!) * inner;
+        const to = oo + (o * m + i) * inner;
+        if (inner === 1) heap[to] = heap[from]!;
+        else heap.copyWithin(to, from, from + inner);
+      }
+    return out;
+  };
 
 /**
  * log Σ exp(x) along the last axis of x [rows, cols] → [rows]: by the native kernel in one pass per row (its max,
@@ -254,9 +313,11 @@ let stockGather: tf.KernelConfig | null = null;
  * Throws when `on` and the kernel is not built here.
  */
 export function useNativeKernels(on: boolean, threads = os.availableParallelism()): void {
-  if (tf.getBackend() !== "wasm") throw new Error("the native matmul runs on the wasm backend's heap: start the wasm backend first");
+  if (tf.getBackend() !== "wasm")
+    throw new Error("the native matmul runs on the wasm backend's heap: start the wasm backend first");
   if (on) addon();
-  if (!(Number.isInteger(threads) && threads >= 1)) throw new RangeError(`native matmul threads must be an integer ≥ 1, got ${threads}`);
+  if (!(Number.isInteger(threads) && threads >= 1))
+    throw new RangeError(`native matmul threads must be an integer ≥ 1, got ${threads}`);
   const current = tf.getKernel("BatchMatMul", "wasm");
   if (nativeThreads() === null) {
     stock ??= current ?? null;
@@ -267,8 +328,16 @@ export function useNativeKernels(on: boolean, threads = os.availableParallelism(
     for (const k of [stock, stockGather]) if (k) tf.registerKernel(k);
     return;
   }
-  tf.registerKernel({ kernelName: "BatchMatMul", backendName: "wasm", kernelFunc: marked(batchMatMul(threads), threads) });
-  tf.registerKernel({ kernelName: "GatherV2", backendName: "wasm", kernelFunc: gather(stockGather ?? undefined) as unknown as tf.KernelFunc });
+  tf.registerKernel({
+    kernelName: "BatchMatMul",
+    backendName: "wasm",
+    kernelFunc: marked(batchMatMul(threads), threads),
+  });
+  tf.registerKernel({
+    kernelName: "GatherV2",
+    backendName: "wasm",
+    kernelFunc: gather(stockGather ?? undefined) as unknown as tf.KernelFunc,
+  });
   registerStored(threads);
 }
 
@@ -278,7 +347,11 @@ export function useNativeKernels(on: boolean, threads = os.availableParallelism(
  */
 function registerStored(threads: number): void {
   if (tf.getKernel(STORED_MATMUL, "wasm")) tf.unregisterKernel(STORED_MATMUL, "wasm");
-  tf.registerKernel({ kernelName: STORED_MATMUL, backendName: "wasm", kernelFunc: marked(storedKernel(threads), threads) });
+  tf.registerKernel({
+    kernelName: STORED_MATMUL,
+    backendName: "wasm",
+    kernelFunc: marked(storedKernel(threads), threads),
+  });
   if (!tf.getGradient(STORED_MATMUL)) {
     tf.registerGradient({
       kernelName: STORED_MATMUL,

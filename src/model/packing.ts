@@ -21,12 +21,16 @@ export interface Packing {
 export function packPairs(ids: number[][], lengths: number[], prompts: number[]): Packing {
   const B = ids.length;
   const Tu = ids[0]!.length;
-  if (B % 2 !== 0 || prompts.length !== B / 2) throw new RangeError(`paired prompts need two rows per pair: ${B} rows, ${prompts.length} prompts`);
+  if (B % 2 !== 0 || prompts.length !== B / 2)
+    throw new RangeError(`paired prompts need two rows per pair: ${B} rows, ${prompts.length} prompts`);
   const rows = B / 2;
   const spans = prompts.map((p, i) => {
     const [lc, lr] = [lengths[2 * i]!, lengths[2 * i + 1]!];
-    if (!(Number.isInteger(p) && p >= 1 && p <= Math.min(lc, lr))) throw new RangeError(`pair ${i}: prompt length ${p} outside 1..${Math.min(lc, lr)}`);
-    for (let t = 0; t < p; t++) if (ids[2 * i]![t] !== ids[2 * i + 1]![t]) throw new RangeError(`pair ${i}: its two rows differ at prompt position ${t}`);
+    if (!(Number.isInteger(p) && p >= 1 && p <= Math.min(lc, lr)))
+      throw new RangeError(`pair ${i}: prompt length ${p} outside 1..${Math.min(lc, lr)}`);
+    for (let t = 0; t < p; t++)
+      if (ids[2 * i]![t] !== ids[2 * i + 1]![t])
+        throw new RangeError(`pair ${i}: its two rows differ at prompt position ${t}`);
     return { p, lc, lr, len: lc + lr - p };
   });
   const T = Math.max(...spans.map((s) => s.len));
@@ -63,5 +67,15 @@ export function packPairs(ids: number[][], lengths: number[], prompts: number[])
         const [sq, sk] = [segment[i * T + q]!, segment[i * T + k]!];
         if (sk !== 3 && (sk === 0 || sk === sq || sq === 3)) mask[(i * T + q) * T + k] = 0;
       }
-  return { rows, T, ids: packed, positions, mask, pack, unpack, promptSlots: Int32Array.from(promptSlots), rejectedPrompt: Int32Array.from(rejectedPrompt) };
+  return {
+    rows,
+    T,
+    ids: packed,
+    positions,
+    mask,
+    pack,
+    unpack,
+    promptSlots: Int32Array.from(promptSlots),
+    rejectedPrompt: Int32Array.from(rejectedPrompt),
+  };
 }

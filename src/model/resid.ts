@@ -9,7 +9,11 @@ export function residSites(numLayers: number): HookName[] {
 }
 
 /** Logits [T, V] of one sequence and, when asked, the residual stream [L+1, T, H]. Caller disposes. */
-export function logitsAndResid(model: LlamaModel, ids: number[], withResid: boolean): { logits: tf.Tensor2D; resid: tf.Tensor3D | null } {
+export function logitsAndResid(
+  model: LlamaModel,
+  ids: number[],
+  withResid: boolean,
+): { logits: tf.Tensor2D; resid: tf.Tensor3D | null } {
   const sites = withResid ? residSites(model.config.numLayers) : [];
   const { logits, cache } = forward(model, [ids], { cache: sites });
   const l2 = tf.tidy(() => tf.squeeze(logits!, [0]) as tf.Tensor2D);

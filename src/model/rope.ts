@@ -27,7 +27,10 @@ export function ropeInvFreq(cfg: Pick<LlamaConfig, "headDim" | "ropeTheta" | "ro
 }
 
 /** cos and sin tables [T, head_dim] in the half-rotation layout: entry (t, j) uses θ_{j mod head_dim/2}·t. */
-export function ropeTables(cfg: Pick<LlamaConfig, "headDim" | "ropeTheta" | "ropeScaling">, T: number): { cos: Float32Array; sin: Float32Array } {
+export function ropeTables(
+  cfg: Pick<LlamaConfig, "headDim" | "ropeTheta" | "ropeScaling">,
+  T: number,
+): { cos: Float32Array; sin: Float32Array } {
   const inv = ropeInvFreq(cfg);
   const d = cfg.headDim;
   const half = d / 2;

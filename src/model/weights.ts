@@ -17,7 +17,8 @@ export function transposeData(data: Float32Array, rows: number, cols: number): F
 }
 
 export const isMatrixName = (name: string) =>
-  name === "lm_head.weight" || [...MATRICES].some((k) => name.startsWith("model.layers.") && name.endsWith(LAYER_NAMES[k]));
+  name === "lm_head.weight" ||
+  [...MATRICES].some((k) => name.startsWith("model.layers.") && name.endsWith(LAYER_NAMES[k]));
 
 /** Hugging Face tensor name suffix (under model.layers.{l}.) for each LlamaLayer field. */
 export const LAYER_NAMES: Record<LayerKey, string> = {
@@ -85,7 +86,10 @@ export function namedWeights(model: LlamaModel): Map<string, { shape: number[]; 
 
 /** Throws for a streamed model: `what` needs every weight on the backend. */
 export function residentOnly(model: LlamaModel, what: string): void {
-  if (model.source) throw new Error(`${what} needs every weight of the model on the backend; this one is streamed (load it with a memory budget that holds it)`);
+  if (model.source)
+    throw new Error(
+      `${what} needs every weight of the model on the backend; this one is streamed (load it with a memory budget that holds it)`,
+    );
 }
 
 /** One weight of a loaded model: its Hugging Face name, tensor, and whether it is a matrix stored [in, out]. */
@@ -100,7 +104,13 @@ export function weightRefs(model: LlamaModel): WeightRef[] {
   residentOnly(model, "listing its weights");
   const refs: WeightRef[] = [{ name: "model.embed_tokens.weight", tensor: model.embed, matrix: false }];
   model.layers.forEach((p, l) => {
-    for (const [k, t] of Object.entries(p)) if (t) refs.push({ name: `model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`, tensor: t as tf.Tensor, matrix: MATRICES.has(k as LayerKey) });
+    for (const [k, t] of Object.entries(p))
+      if (t)
+        refs.push({
+          name: `model.layers.${l}.${LAYER_NAMES[k as LayerKey]}`,
+          tensor: t as tf.Tensor,
+          matrix: MATRICES.has(k as LayerKey),
+        });
   });
   refs.push({ name: "model.norm.weight", tensor: model.finalNorm, matrix: false });
   if (!model.config.tieWordEmbeddings) refs.push({ name: "lm_head.weight", tensor: model.lmHead, matrix: true });
@@ -122,7 +132,10 @@ export function withWeights(model: LlamaModel, replace: Map<string, tf.Tensor>):
     return q as unknown as LlamaLayer<tf.Tensor2D>;
   });
   const embed = (replace.get("model.embed_tokens.weight") ?? model.embed) as tf.Tensor2D;
-  const tiedHead = model.config.tieWordEmbeddings && replace.has("model.embed_tokens.weight") ? (tf.transpose(embed) as tf.Tensor2D) : null;
+  const tiedHead =
+    model.config.tieWordEmbeddings && replace.has("model.embed_tokens.weight")
+      ? (tf.transpose(embed) as tf.Tensor2D)
+      : null;
   return {
     config: model.config,
     embed,

@@ -42,7 +42,8 @@ function moments(X: Float64Array, n: number, p: number, y: Float64Array): Moment
   let ybar = 0;
   for (let i = 0; i < n; i++) ybar += y[i]! / n;
   const Xs = new Float32Array(n * p);
-  for (let i = 0; i < n; i++) for (let j = 0; j < p; j++) Xs[i * p + j] = active[j] ? (X[i * p + j]! - mu[j]!) / sd[j]! : 0;
+  for (let i = 0; i < n; i++)
+    for (let j = 0; j < p; j++) Xs[i * p + j] = active[j] ? (X[i * p + j]! - mu[j]!) / sd[j]! : 0;
   const yc = Float32Array.from(y, (v) => v - ybar);
   const Xt = tf.tensor2d(Xs, [n, p]);
   const G = readValues(() => tf.div(tf.matMul(Xt, Xt, true, false), n));
@@ -119,7 +120,13 @@ export function lassoCV(
     const train = [...Array(n).keys()].filter((i) => fold[i] !== k);
     const test = [...Array(n).keys()].filter((i) => fold[i] === k);
     if (train.length < 2 || test.length === 0) continue;
-    const fits = lassoPath(pickRows(X, p, train), train.length, p, Float64Array.from(train, (i) => y[i]!), alphas);
+    const fits = lassoPath(
+      pickRows(X, p, train),
+      train.length,
+      p,
+      Float64Array.from(train, (i) => y[i]!),
+      alphas,
+    );
     const Xte = pickRows(X, p, test);
     fits.forEach((f, a) => {
       const pred = lassoPredict(f, Xte, test.length, p);
@@ -149,7 +156,15 @@ export function lassoCV(
   const counts = new Array<number>(p).fill(0);
   for (let r = 0; r < reps; r++) {
     const rows = Array.from({ length: n }, () => Math.floor(rand() * n));
-    const f = clean(lassoFit(pickRows(X, p, rows), n, p, Float64Array.from(rows, (i) => y[i]!), fit.alpha));
+    const f = clean(
+      lassoFit(
+        pickRows(X, p, rows),
+        n,
+        p,
+        Float64Array.from(rows, (i) => y[i]!),
+        fit.alpha,
+      ),
+    );
     f.coef.forEach((c, j) => (counts[j]! += c !== 0 ? 1 : 0));
   }
   return {

@@ -19,7 +19,11 @@ const log1pExp = (z: number) => (z > 0 ? z + Math.log1p(Math.exp(-z)) : Math.log
 const sigmoid = (z: number) => (z >= 0 ? 1 / (1 + Math.exp(-z)) : Math.exp(z) / (1 + Math.exp(z)));
 
 /** Minimizes a smooth function with L-BFGS and a backtracking Armijo line search. */
-export function lbfgs(fg: (x: Float64Array) => { f: number; g: Float64Array }, x0: Float64Array, opts: { maxIter?: number; gtol?: number; m?: number } = {}): { x: Float64Array; iterations: number; gradNorm: number } {
+export function lbfgs(
+  fg: (x: Float64Array) => { f: number; g: Float64Array },
+  x0: Float64Array,
+  opts: { maxIter?: number; gtol?: number; m?: number } = {},
+): { x: Float64Array; iterations: number; gradNorm: number } {
   const m = opts.m ?? 10;
   const gtol = opts.gtol ?? 1e-9;
   const n = x0.length;
@@ -44,7 +48,9 @@ export function lbfgs(fg: (x: Float64Array) => { f: number; g: Float64Array }, x
       alphas[i] = a;
       for (let j = 0; j < n; j++) q[j]! -= a * Y[i]![j]!;
     }
-    const gamma = S.length ? dot(S[S.length - 1]!, Y[Y.length - 1]!) / dot(Y[Y.length - 1]!, Y[Y.length - 1]!) : 1 / Math.max(1, gn);
+    const gamma = S.length
+      ? dot(S[S.length - 1]!, Y[Y.length - 1]!) / dot(Y[Y.length - 1]!, Y[Y.length - 1]!)
+      : 1 / Math.max(1, gn);
     for (let j = 0; j < n; j++) q[j]! *= gamma;
     for (let i = 0; i < S.length; i++) {
       const bta = dot(Y[i]!, q) / dot(Y[i]!, S[i]!);
@@ -88,7 +94,8 @@ export function lbfgs(fg: (x: Float64Array) => { f: number; g: Float64Array }, x
 export function logisticFit(X: Float64Array, n: number, d: number, labels: ArrayLike<number>, C = 1): LogisticFit {
   const { mu, sd } = columnStats(X, n, d);
   const Xs = new Float32Array(n * d);
-  for (let i = 0; i < n; i++) for (let j = 0; j < d; j++) Xs[i * d + j] = isConstant(sd[j]!, mu[j]!) ? 0 : (X[i * d + j]! - mu[j]!) / sd[j]!;
+  for (let i = 0; i < n; i++)
+    for (let j = 0; j < d; j++) Xs[i * d + j] = isConstant(sd[j]!, mu[j]!) ? 0 : (X[i * d + j]! - mu[j]!) / sd[j]!;
   const s = Float64Array.from({ length: n }, (_, i) => (labels[i] ? 1 : -1));
   const Xt = tf.tensor2d(Xs, [n, d]);
   try {
@@ -114,7 +121,14 @@ export function logisticFit(X: Float64Array, n: number, d: number, labels: Array
       return { f, g };
     };
     const res = lbfgs(fg, new Float64Array(d + 1), { gtol: 1e-8 });
-    return { w: Array.from(res.x.subarray(0, d)), b: res.x[d]!, mu: Array.from(mu), sd: Array.from(sd), iterations: res.iterations, gradNorm: res.gradNorm };
+    return {
+      w: Array.from(res.x.subarray(0, d)),
+      b: res.x[d]!,
+      mu: Array.from(mu),
+      sd: Array.from(sd),
+      iterations: res.iterations,
+      gradNorm: res.gradNorm,
+    };
   } finally {
     Xt.dispose();
   }
@@ -147,7 +161,13 @@ export function probeCV(
     if (test.length === 0 || new Set(train.map((i) => labels[i])).size < 2) continue;
     const Xtr = pickRows(X, d, train);
     const Xte = pickRows(X, d, test);
-    const fit = logisticFit(Xtr, train.length, d, train.map((i) => labels[i]!), opts.C ?? 1);
+    const fit = logisticFit(
+      Xtr,
+      train.length,
+      d,
+      train.map((i) => labels[i]!),
+      opts.C ?? 1,
+    );
     const z = logisticDecision(fit, Xte, test.length, d);
     test.forEach((i, t) => (correct += (z[t]! > 0 ? 1 : 0) === labels[i] ? 1 : 0));
     // difference of means: project on μ₁ − μ₀, threshold at the midpoint of the two class means

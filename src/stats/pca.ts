@@ -12,7 +12,11 @@ import { gaussian } from "./stats.js";
  * Matrix Computations, 8.3), both accumulated into the eigenvectors. About 10 n³ operations: seconds at the
  * 1B model's width (2048), where cyclic Jacobi took tens of minutes.
  */
-export function symmetricEigen(A: Float64Array, n: number, opts: { maxSweeps?: number } = {}): { values: Float64Array; vectors: Float64Array } {
+export function symmetricEigen(
+  A: Float64Array,
+  n: number,
+  opts: { maxSweeps?: number } = {},
+): { values: Float64Array; vectors: Float64Array } {
   const a = Float64Array.from(A);
   // qt: the accumulated orthogonal transform, transposed (row i = column i of Q), so every update runs along rows
   const qt = new Float64Array(n * n);
@@ -69,10 +73,11 @@ export function symmetricEigen(A: Float64Array, n: number, opts: { maxSweeps?: n
   }
   const d = Float64Array.from({ length: n }, (_, i) => a[i * n + i]!);
   const e = Float64Array.from({ length: Math.max(0, n - 1) }, (_, i) => a[(i + 1) * n + i]!);
-  const small = (i: number) => Math.abs(e[i]!) <= 1e-15 * (Math.abs(d[i]!) + Math.abs(d[i + 1]!)) || Math.abs(e[i]!) < 1e-300;
+  const small = (i: number) =>
+    Math.abs(e[i]!) <= 1e-15 * (Math.abs(d[i]!) + Math.abs(d[i + 1]!)) || Math.abs(e[i]!) < 1e-300;
   const limit = (opts.maxSweeps ?? 100) * Math.max(1, n);
   let steps = 0;
-  for (let q = n - 1; q > 0 && steps < limit; ) {
+  for (let q = n - 1; q > 0 && steps < limit;) {
     if (small(q - 1)) {
       e[q - 1] = 0;
       q--;
@@ -135,9 +140,12 @@ export function pcaOfDifferences(D: tf.Tensor2D): PcaResult {
   const [N, H] = D.shape;
   const useGram = N < H;
   const m = useGram ? N : H;
-  const M = Float64Array.from(readValues(() => tf.div(useGram ? tf.matMul(D, D, false, true) : tf.matMul(D, D, true, false), N)));
+  const M = Float64Array.from(
+    readValues(() => tf.div(useGram ? tf.matMul(D, D, false, true) : tf.matMul(D, D, true, false), N)),
+  );
   // symmetrize the float32 product exactly
-  for (let i = 0; i < m; i++) for (let j = i + 1; j < m; j++) M[i * m + j] = M[j * m + i] = (M[i * m + j]! + M[j * m + i]!) / 2;
+  for (let i = 0; i < m; i++)
+    for (let j = i + 1; j < m; j++) M[i * m + j] = M[j * m + i] = (M[i * m + j]! + M[j * m + i]!) / 2;
   const { values, vectors } = symmetricEigen(M, m);
   const total = values.reduce((s, x) => s + Math.max(0, x), 0);
   // directions whose variance is float32 noise are dropped: through the Gram matrix they would be rounding

@@ -89,11 +89,20 @@ export function columnStats(X: Float64Array, n: number, p: number): { mu: Float6
 export const isConstant = (sd: number, mu: number): boolean => !(sd > 1e-12 * Math.max(1, Math.abs(mu)));
 
 /** b + Σ_j w_j (x_j − μ_j)/σ_j for each row of X: a linear model fitted on standardized columns (constant columns skipped). */
-export function standardizedLinear(X: Float64Array, n: number, p: number, w: ArrayLike<number>, b: number, mu: ArrayLike<number>, sd: ArrayLike<number>): Float64Array {
+export function standardizedLinear(
+  X: Float64Array,
+  n: number,
+  p: number,
+  w: ArrayLike<number>,
+  b: number,
+  mu: ArrayLike<number>,
+  sd: ArrayLike<number>,
+): Float64Array {
   const out = new Float64Array(n);
   for (let i = 0; i < n; i++) {
     let z = b;
-    for (let j = 0; j < p; j++) if (w[j] !== 0 && !isConstant(sd[j]!, mu[j]!)) z += (w[j]! * (X[i * p + j]! - mu[j]!)) / sd[j]!;
+    for (let j = 0; j < p; j++)
+      if (w[j] !== 0 && !isConstant(sd[j]!, mu[j]!)) z += (w[j]! * (X[i * p + j]! - mu[j]!)) / sd[j]!;
     out[i] = z;
   }
   return out;
@@ -107,7 +116,13 @@ export function pickRows(X: Float64Array, p: number, rows: number[]): Float64Arr
 }
 
 /** Percentile bootstrap interval of mean(a)/mean(b) over resampled items (95% by default). */
-export function bootstrapRatioCI(a: ArrayLike<number>, b: ArrayLike<number>, reps: number, rand: () => number, level = 0.95): [number, number] {
+export function bootstrapRatioCI(
+  a: ArrayLike<number>,
+  b: ArrayLike<number>,
+  reps: number,
+  rand: () => number,
+  level = 0.95,
+): [number, number] {
   const n = a.length;
   if (n === 0 || reps <= 0) return [NaN, NaN];
   const stats: number[] = [];
@@ -129,5 +144,7 @@ export function bootstrapRatioCI(a: ArrayLike<number>, b: ArrayLike<number>, rep
 /** `count` log-spaced values from hi down to lo (inclusive). */
 export function logSpace(hi: number, lo: number, count: number): number[] {
   if (count === 1) return [hi];
-  return Array.from({ length: count }, (_, i) => Math.exp(Math.log(hi) + ((Math.log(lo) - Math.log(hi)) * i) / (count - 1)));
+  return Array.from({ length: count }, (_, i) =>
+    Math.exp(Math.log(hi) + ((Math.log(lo) - Math.log(hi)) * i) / (count - 1)),
+  );
 }

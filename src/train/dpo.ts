@@ -86,10 +86,14 @@ export function selectWeights(model: LlamaModel, patterns: string[]): WeightRef[
   const refs = weightRefs(model);
   if (patterns.length === 0) throw new TuneError("--train needs at least one pattern");
   const tests = patterns.map((p) => {
-    const test = isGlob(p) ? picomatch(p, { dot: true, nobrace: true, noextglob: true }) : (name: string) => name.includes(p);
+    const test = isGlob(p)
+      ? picomatch(p, { dot: true, nobrace: true, noextglob: true })
+      : (name: string) => name.includes(p);
     if (!refs.some((w) => test(w.name))) {
       const how = isGlob(p) ? "a glob must match a whole name" : "no weight's name contains it";
-      throw new TuneError(`--train pattern "${p}" matches no weight of the model (${how}; names look like ${refs.find((w) => w.name.includes("layers.0."))?.name ?? refs[0]?.name})`);
+      throw new TuneError(
+        `--train pattern "${p}" matches no weight of the model (${how}; names look like ${refs.find((w) => w.name.includes("layers.0."))?.name ?? refs[0]?.name})`,
+      );
     }
     return test;
   });
@@ -101,10 +105,15 @@ export function selectWeights(model: LlamaModel, patterns: string[]): WeightRef[
  * response come from two float32 passes whose sums over tokens carry ~1e-7 relative error each, so h, a difference
  * of four of them, is noise within 8·2⁻²³·(|log π_ref(c)| + |log π_ref(r)|).
  */
-export const noiseFloor = (refChosen: number, refRejected: number): number => 8 * 2 ** -23 * (Math.abs(refChosen) + Math.abs(refRejected));
+export const noiseFloor = (refChosen: number, refRejected: number): number =>
+  8 * 2 ** -23 * (Math.abs(refChosen) + Math.abs(refRejected));
 
 /** The learning rate of step `step` (1-based) of `total`: warm-up from 0, then the schedule (transformers' formulas). */
-export function learningRate(s: Pick<TuneSettings, "lr" | "warmupSteps" | "schedule">, step: number, total: number): number {
+export function learningRate(
+  s: Pick<TuneSettings, "lr" | "warmupSteps" | "schedule">,
+  step: number,
+  total: number,
+): number {
   const done = step - 1; // steps before this one
   if (done < s.warmupSteps) return (s.lr * done) / Math.max(1, s.warmupSteps);
   if (s.schedule === "constant") return s.lr;
@@ -119,7 +128,9 @@ function rowLogprobs(model: LlamaModel, batch: PairBatch): tf.Tensor1D {
   const rows = batch.ids.length;
   const assign = new Float32Array(rows * N);
   batch.rowOf.forEach((r, i) => (assign[r * N + i] = 1));
-  return tf.reshape(tf.matMul(tf.tensor2d(assign, [rows, N]), tf.reshape(tokenLogprobs(logits!, batch), [-1, 1])), [rows]) as tf.Tensor1D;
+  return tf.reshape(tf.matMul(tf.tensor2d(assign, [rows, N]), tf.reshape(tokenLogprobs(logits!, batch), [-1, 1])), [
+    rows,
+  ]) as tf.Tensor1D;
 }
 
 /** Response log-probabilities of the reference model for each pair: [chosen, rejected]. */
@@ -152,7 +163,10 @@ export async function tuneDPO(
     for (const w of selected) {
       if (w.tensor.rank !== 2) continue;
       const most = Math.min(...w.tensor.shape);
-      if (s.rank > most) throw new TuneError(`--rank ${s.rank} is more than ${w.name} can take: a rank-r update of a [${w.matrix ? [w.tensor.shape[1], w.tensor.shape[0]] : w.tensor.shape}] matrix needs r ≤ ${most}`);
+      if (s.rank > most)
+        throw new TuneError(
+          `--rank ${s.rank} is more than ${w.name} can take: a rank-r update of a [${w.matrix ? [w.tensor.shape[1], w.tensor.shape[0]] : w.tensor.shape}] matrix needs r ≤ ${most}`,
+        );
     }
   }
   const ref = referenceLogprobs(model, pairs, s.batchPairs);
@@ -164,7 +178,11 @@ export async function tuneDPO(
     if (s.rank !== null && w.tensor.rank === 2) {
       const [inDim, outDim] = w.matrix ? w.tensor.shape : [w.tensor.shape[1]!, w.tensor.shape[0]!];
       const r = s.rank;
-      const A = tf.variable(tf.randomNormal([inDim!, r], 0, 1 / Math.sqrt(inDim!), "float32", tfSeed(s.seed, i)), true, `A_${i}`);
+      const A = tf.variable(
+        tf.randomNormal([inDim!, r], 0, 1 / Math.sqrt(inDim!), "float32", tfSeed(s.seed, i)),
+        true,
+        `A_${i}`,
+      );
       const B = tf.variable(tf.zeros([r, outDim!]), true, `B_${i}`);
       lowRank.set(w.name, { base: w.tensor, A, B });
     } else full.set(w.name, tf.variable(w.tensor, true, `W_${i}`));
@@ -194,14 +212,24 @@ export async function tuneDPO(
       const lr = learningRate(s, step + 1, steps);
       (optimizer as unknown as { learningRate: number }).learningRate = lr;
       let z: tf.Tensor | null = null;
-      const loss = optimizer.minimize(() => {
-        const lp = rowLogprobs(withWeights(model, current()), batch);
-        const even = tf.tensor1d(bp.map((_, j) => 2 * j), "int32");
-        const odd = tf.tensor1d(bp.map((_, j) => 2 * j + 1), "int32");
-        const logits = tf.mul(tf.sub(tf.sub(tf.gather(lp, even), refC), tf.sub(tf.gather(lp, odd), refR)), s.beta);
-        z = tf.keep(tf.clone(logits));
-        return tf.mean(tf.softplus(tf.neg(logits))) as tf.Scalar;
-      }, true, varList)!;
+      const loss = optimizer.minimize(
+        () => {
+          const lp = rowLogprobs(withWeights(model, current()), batch);
+          const even = tf.tensor1d(
+            bp.map((_, j) => 2 * j),
+            "int32",
+          );
+          const odd = tf.tensor1d(
+            bp.map((_, j) => 2 * j + 1),
+            "int32",
+          );
+          const logits = tf.mul(tf.sub(tf.sub(tf.gather(lp, even), refC), tf.sub(tf.gather(lp, odd), refR)), s.beta);
+          z = tf.keep(tf.clone(logits));
+          return tf.mean(tf.softplus(tf.neg(logits))) as tf.Scalar;
+        },
+        true,
+        varList,
+      )!;
       const zs = Array.from(z!.dataSync() as Float32Array);
       const above = zs.filter((v, j) => Math.abs(v) > s.beta * noiseFloor(...ref.get(bp[j]!.index)!));
       const m: StepMetrics = {
