@@ -39,6 +39,7 @@ import {
   type StudyResult,
 } from "./study.js";
 import { Interrupted } from "./analysis/schema.js";
+import { withFlags } from "./cli-flags.js";
 
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
@@ -680,7 +681,7 @@ async function main(): Promise<void> {
     }
     const err = explainBackendError(e) as Error;
     if (program.opts().debug || process.env.PREFPROBE_DEBUG) console.error(err.stack ?? String(err));
-    else console.error(`prefprobe: error: ${err.message.split("\n")[0]}`);
+    else console.error(`prefprobe: error: ${withFlags(err.message.split("\n")[0]!)}`);
     process.exitCode = 1;
   }
 }

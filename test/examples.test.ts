@@ -5,6 +5,7 @@
 //  - patching one head's z = adding that head's slice of o_proj (read from the safetensors file) times the
 //    z difference to attn_out.
 import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -14,6 +15,7 @@ import { makeBatch, type PairBatch } from "../src/data/batch.js";
 import { forward, type ForwardOptions, type LlamaModel } from "../src/model/llama.js";
 import { withWeights } from "../src/model/weights.js";
 import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
+import { tempDir } from "./tempdirs.js";
 
 useBackend();
 
@@ -121,5 +123,23 @@ describe("examples", () => {
     const sum = (xs: number[]) => xs.reduce((a, v) => a + v, 0);
     expect(recovery).toBeCloseTo((sum(mPatched) - sum(mBase)) / (sum(mTuned) - sum(mBase)), 4);
     expect(Math.abs(sum(mPatched) - sum(mBase))).toBeGreaterThan(1e-3); // the head matters at all
+  });
+});
+
+describe("a user's own script", () => {
+  it("an error it throws after the backend and a model are up exits 1 with its own message, nothing of tfjs's source", () => {
+    const dir = tempDir("script");
+    const file = path.join(dir, "mine.mts");
+    fs.writeFileSync(
+      file,
+      `import { initBackend, loadModel } from ${JSON.stringify(path.resolve("src/index.ts"))};\n` +
+        `await initBackend();\nconst m = await loadModel(${JSON.stringify(path.resolve(BASE))});\n` +
+        `throw new Error("my own mistake at " + m.config.numLayers + " layers");\n`,
+    );
+    const r = spawnSync(process.execPath, [path.resolve("node_modules/tsx/dist/cli.mjs"), file], { encoding: "utf8" });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain("my own mistake at 5 layers");
+    expect(r.stderr.length).toBeLessThan(2000); // the stack of one error, not the wasm runtime's minified source
+    expect(r.stderr).not.toMatch(/tf-backend-wasm|emscripten/i);
   });
 });

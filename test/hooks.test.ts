@@ -2,12 +2,13 @@
 // names are checked, and a forward result's cache is owned (and freed) by the caller.
 import * as tf from "@tensorflow/tfjs-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { BackendError, explainBackendError } from "../src/model/backend.js";
+import { BackendError, explainBackendError, noteBackendMessage } from "../src/model/backend.js";
 import { loadModelSync } from "../src/io/model.js";
 import { ActivationCache, hookName, hookNames, isHookName } from "../src/model/hooks.js";
 import { disposeModel, forward, type LlamaModel } from "../src/model/llama.js";
 import { useBackend } from "./helpers.js";
 
+const processConsole = { warn: console.warn, error: console.error }; // before any backend starts
 useBackend();
 
 let model: LlamaModel;
@@ -126,9 +127,11 @@ describe("ownership of cached activations", () => {
 
 describe("backend failures", () => {
   it("an XNNPACK failure message (wasm's only signal of a failed matmul) makes the forward pass an error, not wrong numbers", () => {
-    console.warn(
+    // as the wasm runtime prints it (its stderr printer is the filter it was made with)
+    const print = noteBackendMessage(
       "XNN status for xnn_create_fully_connected_nc_f32 is not successful. Got status 6. Use -c dbg to see XNN logs.",
     );
+    expect(print).toBe(false);
     const before = tf.memory().numTensors;
     expect(() => forward(model, [[1, 2, 3]])).toThrow(
       /the backend failed during a forward pass, so its numbers cannot be trusted \(XNN status .* status 6/,
@@ -139,6 +142,14 @@ describe("backend failures", () => {
     r.dispose();
   });
 
+  it("starting a backend leaves the process's console as it was; only the runtime's own lines are filtered", () => {
+    expect(console.warn).toBe(processConsole.warn);
+    expect(console.error).toBe(processConsole.error);
+    expect(noteBackendMessage("Aborted()")).toBe(false);
+    expect(noteBackendMessage("Aborted(OOM)")).toBe(false);
+    expect(noteBackendMessage("something else the runtime says")).toBe(true);
+  });
+
   it("the wasm runtime's own out-of-heap errors become one sentence that says what ran out and what to lower", () => {
     for (const e of [
       new WebAssembly.RuntimeError("memory access out of bounds"),
@@ -147,7 +158,7 @@ describe("backend failures", () => {
       const got = explainBackendError(e);
       expect(got).toBeInstanceOf(BackendError);
       expect((got as Error).message).toMatch(
-        /^the wasm backend ran out of its 4 GiB heap.*: lower --memory-budget, --batch or --max-tokens/,
+        /^the wasm backend ran out of its 4 GiB heap.*: a smaller memoryBudget, batchPairs or maxTokens needs less/,
       );
       expect((got as Error).message).not.toContain("\n");
     }

@@ -18,6 +18,7 @@ const RANK: Record<string, number> = {
   "protocol.ts": 6,
   "study.ts": 6,
   "cli.ts": 7,
+  "cli-flags.ts": 7,
   "index.ts": 7,
 };
 

@@ -53,7 +53,7 @@ describe("--train selection", () => {
     expect(names(["*layers.*.mlp.down_proj*"])).toEqual(each("mlp.down_proj.weight"));
     // a glob is anchored: part of a name is not enough
     expect(() => names(["layers.*.mlp.down_proj"])).toThrow(
-      /--train pattern "layers.\*.mlp.down_proj" matches no weight of the model \(a glob must match a whole name; names look like model.layers.0/,
+      /^train pattern "layers.\*.mlp.down_proj" matches no weight of the model \(a glob must match a whole name; names look like model.layers.0/,
     );
   });
 
@@ -70,7 +70,7 @@ describe("tuneDPO", () => {
   it("refuses a --rank above a selected matrix's smaller side, naming the matrix", async () => {
     // k_proj is [32, 64]: rank 33 is more than it holds; the 64-wide matrices would take it
     await expect(tuneDPO(model, pairs, settings({ train: ["layers.0.self_attn"], rank: 33 }))).rejects.toThrow(
-      /--rank 33 is more than model.layers.0.self_attn.k_proj.weight can take: .*r ≤ 32/,
+      /^rank 33 is more than model.layers.0.self_attn.k_proj.weight can take: .*r ≤ 32/,
     );
     const ok = await tuneDPO(model, pairs.slice(0, 4), settings({ train: ["layers.0.self_attn.q_proj"], rank: 64 }));
     tf.dispose(ok.ownTensors);

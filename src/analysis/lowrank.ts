@@ -31,7 +31,7 @@ export function choosePcaLayer(
   L: number,
 ): { layer: number; chosenBy: string } {
   if (s.pcaLayer !== null) {
-    if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`--pca-layer ${s.pcaLayer} is outside 0..${L - 1}`);
+    if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`pcaLayer ${s.pcaLayer} is outside 0..${L - 1}`);
     return { layer: s.pcaLayer, chosenBy: "--pca-layer" };
   }
   const rp = patching.filter(

@@ -45,7 +45,7 @@ export class BatchTooLarge extends Error {
     readonly budget: number,
   ) {
     super(
-      `pair at line ${pair.line} (${pair.promptIds.length + Math.max(pair.chosenIds.length, pair.rejectedIds.length)} tokens) needs ~${(bytes / 2 ** 30).toFixed(2)} GiB for one forward batch, more than the ${(budget / 2 ** 30).toFixed(2)} GiB available (lower --max-tokens to skip such pairs)`,
+      `pair at line ${pair.line} (${pair.promptIds.length + Math.max(pair.chosenIds.length, pair.rejectedIds.length)} tokens) needs ~${(bytes / 2 ** 30).toFixed(2)} GiB for one forward batch, more than the ${(budget / 2 ** 30).toFixed(2)} GiB available (a lower maxTokens skips such pairs)`,
     );
   }
 }

@@ -208,7 +208,7 @@ function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadO
     const k = backendCopies();
     const copies = k > 1 ? ` (each counted ${k}x: the backend keeps a packed copy)` : "";
     throw new ModelError(
-      `${dir}: a memory budget of ${((k * budget) / 2 ** 30).toFixed(2)} GiB cannot hold one layer (${((k * layerBytes) / 2 ** 30).toFixed(2)} GiB) and a 128th of the head (${((k * headBytes) / 128 / 2 ** 30).toFixed(2)} GiB) as float32${copies}; raise --memory-budget or install @tensorflow/tfjs-node`,
+      `${dir}: a memory budget of ${((k * budget) / 2 ** 30).toFixed(2)} GiB cannot hold one layer (${((k * layerBytes) / 2 ** 30).toFixed(2)} GiB) and a 128th of the head (${((k * headBytes) / 128 / 2 ** 30).toFixed(2)} GiB) as float32${copies}; raise memoryBudget`,
     );
   }
   const raw = new Map<string, RawTensor>();

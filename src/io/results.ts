@@ -185,7 +185,7 @@ export class OutputError extends Error {
 
 /** Reads a subspace.safetensors written by `prefprobe run`; a file that is not one is a one-line error. */
 export function readSubspace(file: string): SavedSubspace {
-  if (!fs.existsSync(file)) throw new OutputError(`--subspace ${file}: no such file`);
+  if (!fs.existsSync(file)) throw new OutputError(`subspace ${file}: no such file`);
   const { metadata } = readHeader(file);
   const t = readSafetensors(file);
   const components = t.get("components");
@@ -193,11 +193,11 @@ export function readSubspace(file: string): SavedSubspace {
   const layer = Number(metadata.layer);
   if (!components || !meanDiff || metadata.site !== "resid_post" || !Number.isInteger(layer) || layer < 0) {
     throw new OutputError(
-      `--subspace ${file}: not a prefprobe subspace file (needs components, mean_diff and layer/site metadata)`,
+      `subspace ${file}: not a prefprobe subspace file (needs components, mean_diff and layer/site metadata)`,
     );
   }
   const H = meanDiff.shape[0]!;
   if (components.shape.length !== 2 || components.shape[1] !== H)
-    throw new OutputError(`--subspace ${file}: components [${components.shape}] do not match mean_diff [${H}]`);
+    throw new OutputError(`subspace ${file}: components [${components.shape}] do not match mean_diff [${H}]`);
   return { layer, components: components.data as Float32Array, meanDiff: meanDiff.data as Float32Array };
 }

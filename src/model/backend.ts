@@ -24,27 +24,35 @@ const PACKAGES: Record<BackendName, string> = {
 };
 
 /**
- * The wasm backend reports an XNNPACK failure (e.g. status 6, out of memory) only as a console message and
- * carries on with an unwritten output: wrong numbers, silently. Its messages are watched for, and the forward
- * pass turns one into an error (takeBackendFault).
+ * The wasm backend reports an XNNPACK failure (e.g. status 6, out of memory) only as a message on stderr and
+ * carries on with an unwritten output: wrong numbers, silently. Its runtime binds its stderr printer to
+ * console.warn when its module is made, so console.warn is this filter only while the backend starts
+ * (startBackend) and the process's own again afterwards; the module keeps the filter. A fault is held for the
+ * forward pass, which turns it into an error (takeBackendFault).
  */
 let fault: string | null = null;
-let watching = false;
-function watchBackendMessages(): void {
-  if (watching) return;
-  watching = true;
-  const warn = console.warn.bind(console);
+
+/**
+ * What the wasm runtime printed to stderr: an XNNPACK failure is held as the fault, emscripten's "Aborted()" (which
+ * comes before the RuntimeError that explainBackendError rewrites) dropped; returns whether to print the line.
+ */
+export function noteBackendMessage(text: string): boolean {
+  if (/XNN status .* is not successful/.test(text)) fault ??= text.trim();
+  else if (!/^Aborted\(.*\)$/.test(text.trim())) return true;
+  return false;
+}
+
+/** Runs `start` with console.warn as the runtime's filtered stderr, then gives console.warn back. */
+async function withStderrFilter<T>(start: () => Promise<T>): Promise<T> {
+  const own = console.warn;
   console.warn = (...args: unknown[]) => {
-    const text = args.map(String).join(" ");
-    if (/XNN status .* is not successful/.test(text)) fault ??= text.trim();
-    else warn(...args);
+    if (noteBackendMessage(args.map(String).join(" "))) own.apply(console, args);
   };
-  const error = console.error.bind(console);
-  console.error = (...args: unknown[]) => {
-    // emscripten prints "Aborted()" before the RuntimeError that explainBackendError rewrites
-    if (args.length === 1 && String(args[0]).trim() === "Aborted()") return;
-    error(...args);
-  };
+  try {
+    return await start();
+  } finally {
+    console.warn = own;
+  }
 }
 
 /** This thread's backend by the names of BACKENDS ("native" is the wasm backend with the native matmul); null before one starts. */
@@ -78,7 +86,7 @@ export function explainBackendError(e: unknown): unknown {
   const heap = wasmHeapBytes();
   const used = heap === null ? "" : ` (${(heap / 2 ** 30).toFixed(2)} GiB in use)`;
   return new BackendError(
-    `the wasm backend ran out of its 4 GiB heap${used}: lower --memory-budget, --batch or --max-tokens, or install @tensorflow/tfjs-node (${msg.split("\n")[0]})`,
+    `the wasm backend ran out of its 4 GiB heap${used}: a smaller memoryBudget, batchPairs or maxTokens needs less, as does the native matmul (${msg.split("\n")[0]})`,
   );
 }
 
@@ -120,8 +128,12 @@ async function startBackend(name: BackendName, opts: BackendOptions): Promise<st
   }
   const registered = name === "tensorflow-gpu" ? "tensorflow" : name === "native" ? "wasm" : name;
   try {
-    if (!(await tf.setBackend(registered))) return null;
-    await tf.ready();
+    const started = await withStderrFilter(async () => {
+      if (!(await tf.setBackend(registered))) return false;
+      await tf.ready();
+      return true;
+    });
+    if (!started) return null;
   } catch {
     return null;
   }
@@ -146,7 +158,6 @@ export interface BackendOptions {
 export async function initBackend(force?: string, opts: BackendOptions = {}): Promise<string> {
   // Production mode silences tfjs's own console advice (we report the backend ourselves).
   tf.env().set("PROD", true);
-  watchBackendMessages();
   const asked = force ?? (process.env[BACKEND_ENV] || undefined);
   const from = force === undefined && asked !== undefined ? ` (from ${BACKEND_ENV})` : "";
   if (asked !== undefined) {

@@ -665,7 +665,7 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
     if (fault) {
       logits?.dispose();
       throw new Error(
-        `the backend failed during a forward pass, so its numbers cannot be trusted (${fault}); on wasm this is its 4 GiB heap running out: lower --memory-budget or --batch`,
+        `the backend failed during a forward pass, so its numbers cannot be trusted (${fault}); on wasm this is its 4 GiB heap running out: a smaller memoryBudget or batchPairs needs less`,
       );
     }
     return { logits, logprobs, cache: cached, dispose: () => (logits?.dispose(), cached.dispose()) };

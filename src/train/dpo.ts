@@ -84,7 +84,7 @@ export const isGlob = (pattern: string): boolean => /[*?[\]]/.test(pattern);
  */
 export function selectWeights(model: LlamaModel, patterns: string[]): WeightRef[] {
   const refs = weightRefs(model);
-  if (patterns.length === 0) throw new TuneError("--train needs at least one pattern");
+  if (patterns.length === 0) throw new TuneError("train needs at least one pattern");
   const tests = patterns.map((p) => {
     const test = isGlob(p)
       ? picomatch(p, { dot: true, nobrace: true, noextglob: true })
@@ -92,7 +92,7 @@ export function selectWeights(model: LlamaModel, patterns: string[]): WeightRef[
     if (!refs.some((w) => test(w.name))) {
       const how = isGlob(p) ? "a glob must match a whole name" : "no weight's name contains it";
       throw new TuneError(
-        `--train pattern "${p}" matches no weight of the model (${how}; names look like ${refs.find((w) => w.name.includes("layers.0."))?.name ?? refs[0]?.name})`,
+        `train pattern "${p}" matches no weight of the model (${how}; names look like ${refs.find((w) => w.name.includes("layers.0."))?.name ?? refs[0]?.name})`,
       );
     }
     return test;
@@ -165,7 +165,7 @@ export async function tuneDPO(
       const most = Math.min(...w.tensor.shape);
       if (s.rank > most)
         throw new TuneError(
-          `--rank ${s.rank} is more than ${w.name} can take: a rank-r update of a [${w.matrix ? [w.tensor.shape[1], w.tensor.shape[0]] : w.tensor.shape}] matrix needs r ≤ ${most}`,
+          `rank ${s.rank} is more than ${w.name} can take: a rank-r update of a [${w.matrix ? [w.tensor.shape[1], w.tensor.shape[0]] : w.tensor.shape}] matrix needs r ≤ ${most}`,
         );
     }
   }
