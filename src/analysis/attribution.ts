@@ -33,7 +33,7 @@ export function siteGradients(
   residIn?: (l: number) => tf.Tensor,
 ): Map<HookName, tf.Tensor> {
   if (!gradientsEnabled()) throw new Error("attribution patching needs gradients: await enableGradients() first");
-  const { numLayers: L, numHeads: nH, headDim: d, hiddenSize: H } = model.config;
+  const L = model.config.numLayers;
   const B = batch.ids.length;
   const count = new Array<number>(B).fill(0);
   for (const r of batch.rowOf) count[r]!++;
@@ -48,42 +48,14 @@ export function siteGradients(
   const input = residIn ?? ((l: number) => own!.cache.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)));
   const want = new Set<string>(names);
   const out = new Map<HookName, tf.Tensor>();
-  const base = { lengths: batch.lengths };
   let g: tf.Tensor | null = null;
   try {
-    // ∂M/∂resid_post[L−1]: the head's gradient at the scored rows a vocabulary block at a time, then back
-    // through the final norm
-    g = tf.tidy(() => {
-      const x = input(L);
-      const dy = targetLogprobGradient(
-        model,
-        normedRows(model, x, batch.logitsAt),
-        batch.targets,
-        Array.from(sign.dataSync()),
-      );
-      return tf.grads((r: tf.Tensor) => normedRows(model, r, batch.logitsAt))([x], dy)[0]!;
-    });
+    g = headGradient(model, batch, () => input(L), sign);
     for (let l = L - 1; l >= 0; l--) {
       const [pre, post] = [hookName("resid_pre", l), hookName("resid_post", l)];
       const inLayer = names.filter((n) => n.startsWith(`blocks.${l}.`) && n !== pre && n !== post);
       const dy: tf.Tensor = g;
-      let y: tf.Tensor | null = null; // the layer's output: a cached site, which tidy scopes do not free
-      const [gx, ...gd] = tf.tidy(() => {
-        const zeros = inLayer.map((n) => tf.zeros(n.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]));
-        return tf.grads((x: tf.Tensor, ...deltas: tf.Tensor[]) => {
-          const hooks = Object.fromEntries(inLayer.map((n, i) => [n, (v: tf.Tensor) => tf.add(v, deltas[i]!)]));
-          const r = forward(model, batch.ids, {
-            ...base,
-            logitsAt: "none",
-            start: { layer: l, resid: x },
-            stopAfter: l,
-            cache: [post],
-            hooks,
-          });
-          return (y = r.cache.take(post));
-        })([input(l), ...zeros], dy);
-      });
-      (y as tf.Tensor | null)?.dispose();
+      const [gx, ...gd] = layerVjp(model, batch, l, inLayer, () => input(l), dy);
       inLayer.forEach((n, i) => out.set(n, gd[i]!));
       if (want.has(post)) out.set(post, dy);
       else dy.dispose();
@@ -99,6 +71,55 @@ export function siteGradients(
     sign.dispose();
     own?.dispose();
   }
+}
+
+/**
+ * ∂M/∂resid_post[L−1] for M = Σ sign · log p(target) at the scored rows, with x the residual entering the final
+ * norm: the head's gradient a vocabulary block at a time (no [positions, vocabulary] tensor), then back through
+ * the final norm.
+ */
+function headGradient(model: LlamaModel, batch: PairBatch, xOf: () => tf.Tensor, sign: tf.Tensor1D): tf.Tensor {
+  return tf.tidy(() => {
+    const x = xOf(); // made inside the tidy scope: a slice the caller makes is freed with it
+    const rows = normedRows(model, x, batch.logitsAt);
+    const dy = targetLogprobGradient(model, rows, batch.targets, Array.from(sign.dataSync()));
+    return tf.grads((r: tf.Tensor) => normedRows(model, r, batch.logitsAt))([x], dy)[0]!;
+  });
+}
+
+/**
+ * Layer l's vector-Jacobian product with dy (∂M/∂ its output), from its input x: [∂M/∂x, ∂M/∂(each of
+ * `inLayer`'s sites)], the sites' gradients taken as those of a zero added to each. x = xOf(), made inside the
+ * tidy scope as the head's is.
+ */
+function layerVjp(
+  model: LlamaModel,
+  batch: PairBatch,
+  l: number,
+  inLayer: HookName[],
+  xOf: () => tf.Tensor,
+  dy: tf.Tensor,
+): tf.Tensor[] {
+  const { numHeads: nH, headDim: d, hiddenSize: H } = model.config;
+  const [B, post] = [batch.ids.length, hookName("resid_post", l)];
+  let y: tf.Tensor | null = null; // the layer's output: a cached site, which tidy scopes do not free
+  const grads = tf.tidy(() => {
+    const zeros = inLayer.map((n) => tf.zeros(n.endsWith("hook_z") ? [B, batch.T, nH, d] : [B, batch.T, H]));
+    return tf.grads((x0: tf.Tensor, ...deltas: tf.Tensor[]) => {
+      const hooks = Object.fromEntries(inLayer.map((n, i) => [n, (v: tf.Tensor) => tf.add(v, deltas[i]!)]));
+      const r = forward(model, batch.ids, {
+        lengths: batch.lengths,
+        logitsAt: "none",
+        start: { layer: l, resid: x0 },
+        stopAfter: l,
+        cache: [post],
+        hooks,
+      });
+      return (y = r.cache.take(post));
+    })([xOf(), ...zeros], dy);
+  });
+  (y as tf.Tensor | null)?.dispose();
+  return grads;
 }
 
 /**
@@ -134,6 +155,61 @@ function batchGradients(
   );
 }
 
+/** A site's activation in either model: from the scoring pass's cache, or (z) from `zRuns` when it had to run. */
+type Activation = (m: "base" | "tuned", name: HookName) => tf.Tensor;
+
+/**
+ * Each combo's estimate per pair into `out` (its window's sites summed: first order is additive), and the first
+ * key's per-position estimates; `perPosition(site)` is α (h_tuned − h_base) · g per row and position [B, T].
+ */
+function comboEstimates(
+  out: PairAttribution[],
+  combos: Plan["combos"],
+  windowOf: (c: Plan["combos"][number]) => HookName[],
+  perPosition: (name: HookName) => tf.Tensor,
+  firstKey: string,
+  batch: PairBatch,
+): void {
+  const overWindow = (c: Plan["combos"][number]) => tf.addN(windowOf(c).map(perPosition));
+  for (const c of combos) {
+    const key = comboKey(c);
+    const rowSums = readValues(() => tf.sum(overWindow(c), 1));
+    for (let i = 0; i < out.length; i++) (out[i]!.gains[key] ??= []).push(rowSums[2 * i]! + rowSums[2 * i + 1]!);
+    if (key !== firstKey) continue;
+    const pos = readValues(() => overWindow(c));
+    for (let i = 0; i < out.length; i++) {
+      const row = (r: number) => Array.from(pos.subarray(r * batch.T, r * batch.T + batch.lengths[r]!));
+      out[i]!.positions.key = key;
+      out[i]!.positions.chosen.push(row(2 * i));
+      out[i]!.positions.rejected.push(row(2 * i + 1));
+    }
+  }
+}
+
+/** Per layer and head, the estimate summed over head_dim and the masked positions of both rows, into `out`. */
+function headEstimates(
+  out: PairAttribution[],
+  zNames: HookName[],
+  act: Activation,
+  grads: Map<HookName, tf.Tensor>,
+  mask: tf.Tensor,
+  alpha: number,
+  nH: number,
+): void {
+  for (const nm of zNames) {
+    const perHead = readValues(() =>
+      tf.tidy(() => {
+        const prod = tf.mul(tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!), tf.expandDims(mask, 3));
+        return tf.mul(tf.sum(prod, [1, 3]), alpha); // [B, nH]
+      }),
+    );
+    for (let i = 0; i < out.length; i++)
+      out[i]!.heads.push(
+        Array.from({ length: nH }, (_, h) => perHead[2 * i * nH + h]! + perHead[(2 * i + 1) * nH + h]!),
+      );
+  }
+}
+
 /** Attribution estimates for every pair of a scored batch: the plan's combos, per position for the first key, per head for the first direction. */
 export function attributionBatch(
   models: { base: LlamaModel; tuned: LlamaModel },
@@ -143,11 +219,9 @@ export function attributionBatch(
 ): PairAttribution[] {
   const { numLayers: L, numHeads: nH } = models.base.config;
   const { batch } = sc;
-  const B = batch.ids.length;
-  const n = B / 2;
   const mask = s.positions === "response" ? sc.mask.response : sc.mask.all; // [B, T, 1]
   const zNames = Array.from({ length: L }, (_, l) => hookName("z", l));
-  const out: PairAttribution[] = Array.from({ length: n }, () => ({
+  const out: PairAttribution[] = Array.from({ length: batch.ids.length / 2 }, () => ({
     gains: {},
     positions: { key: "", chosen: [], rejected: [] },
     heads: [],
@@ -157,66 +231,31 @@ export function attributionBatch(
   for (const [di, direction] of directions.entries()) {
     const { dst } = roles(direction);
     const combos = plan.combos.filter((c) => c.direction === direction);
-    // a window's estimate is the sum of its layers' (first order is additive)
     const windowOf = (c: (typeof combos)[number]) => windowLayers(c.layer, s.window, L).map((j) => hookName(c.site, j));
     const siteNames = [...new Set(combos.flatMap(windowOf))];
     const names = di === 0 ? [...siteNames, ...zNames.filter((z) => !siteNames.includes(z))] : siteNames;
     // the residuals entering each layer, and z, from the scoring pass's cache (makePlan caches z for attribution;
     // a plan made without it gets z from one more plain forward per model)
     const cached = sc.runs[dst].cache;
+    const zOpts = { lengths: batch.lengths, logitsAt: "none" as const, cache: zNames };
     const zRuns =
       di === 0 && !sc.runs.base.cache.has(zNames[0]!)
-        ? {
-            base: forward(models.base, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }),
-            tuned: forward(models.tuned, batch.ids, { lengths: batch.lengths, logitsAt: "none", cache: zNames }),
-          }
+        ? { base: forward(models.base, batch.ids, zOpts), tuned: forward(models.tuned, batch.ids, zOpts) }
         : null;
     const grads = batchGradients(models[dst], batch, names, s.perToken, (l) =>
       cached.get(l === 0 ? "hook_embed" : hookName("resid_post", l - 1)),
     );
     try {
-      const act = (m: "base" | "tuned", nm: HookName) =>
+      const act: Activation = (m, nm) =>
         zRuns && nm.endsWith("hook_z") ? zRuns[m].cache.get(nm) : sc.runs[m].cache.get(nm);
-      // α (h_tuned − h_base) · g per row and position → [B, T]
       const perPosition = (nm: HookName) =>
         tf.tidy(() => {
           const prod = tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!);
           const flat = prod.rank === 4 ? tf.sum(prod, [2, 3]) : tf.sum(prod, 2);
           return tf.mul(tf.mul(flat, tf.squeeze(mask, [2])), s.alpha);
         });
-      const overWindow = (c: (typeof combos)[number]) => tf.addN(windowOf(c).map(perPosition));
-      for (const c of combos) {
-        const key = comboKey(c);
-        const rowSums = readValues(() => tf.sum(overWindow(c), 1));
-        for (let i = 0; i < n; i++) (out[i]!.gains[key] ??= []).push(rowSums[2 * i]! + rowSums[2 * i + 1]!);
-        if (key === firstKey) {
-          const pos = readValues(() => overWindow(c));
-          for (let i = 0; i < n; i++) {
-            const row = (r: number) => Array.from(pos.subarray(r * batch.T, r * batch.T + batch.lengths[r]!));
-            out[i]!.positions.key = key;
-            out[i]!.positions.chosen.push(row(2 * i));
-            out[i]!.positions.rejected.push(row(2 * i + 1));
-          }
-        }
-      }
-      if (di === 0) {
-        for (const nm of zNames) {
-          // per head: sum over head_dim and the masked positions of both rows
-          const perHead = readValues(() =>
-            tf.tidy(() => {
-              const prod = tf.mul(
-                tf.mul(tf.sub(act("tuned", nm), act("base", nm)), grads.get(nm)!),
-                tf.expandDims(mask, 3),
-              );
-              return tf.mul(tf.sum(prod, [1, 3]), s.alpha); // [B, nH]
-            }),
-          );
-          for (let i = 0; i < n; i++)
-            out[i]!.heads.push(
-              Array.from({ length: nH }, (_, h) => perHead[2 * i * nH + h]! + perHead[(2 * i + 1) * nH + h]!),
-            );
-        }
-      }
+      comboEstimates(out, combos, windowOf, perPosition, firstKey, batch);
+      if (di === 0) headEstimates(out, zNames, act, grads, mask, s.alpha, nH);
     } finally {
       for (const g of grads.values()) g.dispose();
       zRuns?.base.dispose();

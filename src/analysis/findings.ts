@@ -7,17 +7,30 @@ const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1
 
 /** Sentences summarizing a run, most important first. */
 export function findings(r: Results): string[] {
-  const out: string[] = [];
   const s = r.summary;
-  out.push(
+  const out = [
     `Over ${r.n_pairs} pairs the tuned model's mean margin is ${num(s.mean_margin_tuned)} vs the base model's ${num(s.mean_margin_base)} ` +
       `(mean gap ${num(s.mean_gap)}); the tuned model prefers the chosen response in ${pct(s.tuned_prefers_chosen)} of pairs, the base in ${pct(s.base_prefers_chosen)}.`,
-  );
+  ];
   const noGap = r.patching.length > 0 && r.patching.every((p) => Number.isNaN(p.recovery));
   if (noGap)
     out.push(
       "The two models' margins do not differ (mean gap at rounding level), so there is no gap to recover: recovery ratios are not reported.",
     );
+  return [
+    ...out,
+    ...patchingFindings(r),
+    ...attributionFindings(r),
+    ...lassoFindings(r),
+    ...probeFindings(r),
+    ...lowRankFindings(r),
+    ...lensFindings(r),
+  ];
+}
+
+/** Per site and direction: where recovery peaks, the first layer at 90%, and the controls. */
+function patchingFindings(r: Results): string[] {
+  const out: string[] = [];
   for (const dir of ["tuned->base", "base->tuned"] as const) {
     for (const site of ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const) {
       const e = r.patching.filter((p) => p.direction === dir && p.site === site && Number.isFinite(p.recovery));
@@ -51,7 +64,12 @@ export function findings(r: Results): string[] {
       out.push(line);
     }
   }
-  for (const line of attributionFindings(r)) out.push(line);
+  return out;
+}
+
+/** The LASSO selection and its stability. */
+function lassoFindings(r: Results): string[] {
+  const out: string[] = [];
   if (r.lasso) {
     const nz = r.lasso.nonzero_layers;
     const stable = r.lasso.stability
@@ -68,6 +86,12 @@ export function findings(r: Results): string[] {
     }
     out.push(line);
   }
+  return out;
+}
+
+/** The best probe layer of each model. */
+function probeFindings(r: Results): string[] {
+  const out: string[] = [];
   for (const model of ["base", "tuned"] as const) {
     const p = r.probes.filter((x) => x.model === model);
     if (!p.length) continue;
@@ -76,6 +100,12 @@ export function findings(r: Results): string[] {
       `Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy (difference-of-means direction: ${pct(best.diff_means_accuracy)}).`,
     );
   }
+  return out;
+}
+
+/** Low-rank sufficiency and steering. */
+function lowRankFindings(r: Results): string[] {
+  const out: string[] = [];
   if (r.pca && r.pca.recovery.every((x) => Number.isFinite(x.recovery))) {
     const cum: number[] = [];
     r.pca.explained_variance_ratio.reduce((a, v) => (cum.push(a + v), a + v), 0);
@@ -96,6 +126,12 @@ export function findings(r: Results): string[] {
       );
     }
   }
+  return out;
+}
+
+/** Where the logit lens reads half of the final gap. */
+function lensFindings(r: Results): string[] {
+  const out: string[] = [];
   const lens = r.logit_lens;
   const gaps = lens.tuned.map((t, i) => t - lens.base[i]!);
   const finalGap = gaps[gaps.length - 1]!;

@@ -14,6 +14,7 @@ import {
   meanRow,
   randomBasis,
   steer,
+  steeringSummary,
   steeringVectors,
   STEERING_STRENGTHS,
   subspaceEdit,
@@ -71,6 +72,60 @@ export function lowRankKs(H: number): number[] {
   return ks;
 }
 
+/** The per-position differences h_tuned − h_base at `layer`'s resid_post on the response positions of the pairs at `idx`. */
+async function differenceRows(
+  models: ModelPair,
+  pairs: Pair[],
+  idx: number[],
+  layer: number,
+  s: RunSettings,
+  onPairs: (count: number) => void,
+): Promise<Float32Array[]> {
+  const H = models.base.config.hiddenSize;
+  const rows: Float32Array[] = [];
+  for (const js of chunks(idx, s.batchPairs)) {
+    const batch = makeBatch(js.map((j) => pairs[j]!));
+    const hb = residAfter(models.base, batch, layer);
+    const ht = residAfter(models.tuned, batch, layer);
+    const diff = readValues(() => tf.sub(ht, hb));
+    for (let r = 0; r < batch.ids.length; r++)
+      for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++)
+        rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
+    tf.dispose([hb, ht]);
+    onPairs(js.length);
+    await new Promise<void>((r) => setImmediate(r));
+  }
+  return rows;
+}
+
+/**
+ * The edits the stage measures, named: the top-k principal subspace (`real k`; every k past the training rows'
+ * rank patches the same subspace, so it runs once, as k = rank) and a random k-dimensional one (`random k`) for
+ * each k, then steering by each vector at each strength (`steer <vector> <β>`).
+ */
+function lowRankEdits(
+  p: { components: Float32Array; rank: number },
+  ks: number[],
+  vectors: Array<{ name: string; values: Float32Array }>,
+  H: number,
+  s: RunSettings,
+  bases: BasisCache,
+): LayerEdit[] {
+  const real = (k: number) => bases.get(`real ${k}`, () => tf.tensor2d(p.components.subarray(0, k * H), [k, H]));
+  const edits: LayerEdit[] = [];
+  const seen = new Set<number>();
+  for (const k of ks) {
+    const used = Math.min(k, p.rank);
+    if (!seen.has(used)) edits.push(subspaceEdit(`real ${used}`, s.alpha, () => real(used)));
+    seen.add(used);
+    edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed)));
+  }
+  for (const v of vectors)
+    for (const beta of STEERING_STRENGTHS)
+      edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
+  return edits;
+}
+
 /** PCA at `layer` on the training pairs, then held-out recovery for each k (tuned->base, resid_post). */
 export async function lowRankStage(
   models: ModelPair,
@@ -83,56 +138,38 @@ export async function lowRankStage(
   const layer = at.layer;
   const H = models.base.config.hiddenSize;
   const { train, test } = lowRankSplit(pairs.length, s);
-  const tick = () => new Promise<void>((r) => setImmediate(r));
   cb.onStage?.(`PCA at layer ${layer}`, pairs.length);
   let done = 0;
-  const rows: Float32Array[] = [];
-  for (const js of chunks(train, s.batchPairs)) {
-    const batch = makeBatch(js.map((j) => pairs[j]!));
-    const hb = residAfter(models.base, batch, layer);
-    const ht = residAfter(models.tuned, batch, layer);
-    const diff = readValues(() => tf.sub(ht, hb));
-    for (let r = 0; r < batch.ids.length; r++)
-      for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++)
-        rows.push(diff.slice((r * batch.T + t) * H, (r * batch.T + t + 1) * H));
-    tf.dispose([hb, ht]);
-    cb.onProgress?.((done += js.length));
-    await tick();
-  }
+  const progress = (c: number) => cb.onProgress?.((done += c));
+  const rows = await differenceRows(models, pairs, train, layer, s, progress);
   const D = tf.tensor2d(concatRows(rows, H), [rows.length, H]);
   const p = pcaOfDifferences(D);
   D.dispose();
   const ks = lowRankKs(H);
-  const bases = new BasisCache();
-  const real = (k: number) => bases.get(`real ${k}`, () => tf.tensor2d(p.components.subarray(0, k * H), [k, H]));
-  // every k past the training rows' rank patches the same rank-dimensional subspace: it runs once
-  const edits: LayerEdit[] = [];
-  const realAt = new Map<number, number>(); // k_used → its edit
-  const slots = ks.map((k) => {
-    const used = Math.min(k, p.rank);
-    if (!realAt.has(used)) realAt.set(used, edits.push(subspaceEdit(`real ${used}`, s.alpha, () => real(used))) - 1);
-    return {
-      real: realAt.get(used)!,
-      random: edits.push(subspaceEdit(`random ${k}`, s.alpha, () => randomBasis(bases, k, H, s.seed))) - 1,
-    };
-  });
-  const steerFrom = edits.length;
   // steering with the training pairs' mean difference, its projection on the top principal directions, and a
   // random direction of the same norm: the base model alone, no tuned activations at inference
   const mu = meanRow(rows, H);
   const k90 = Math.min(p.rank, componentsFor(p.explainedVarianceRatio, 0.9));
   const vectors = steeringVectors(mu, p.components, k90, H, s.seed);
-  for (const v of vectors)
-    for (const beta of STEERING_STRENGTHS)
-      edits.push({ name: `steer ${v.name} ${beta}`, apply: steer(v.values, beta) });
-  let g: number[][];
+  const bases = new BasisCache();
+  let g: Map<string, number[]>;
   try {
-    g = await layerEditGains(models, pairs, test, layer, edits, s, scores, (c) => cb.onProgress?.((done += c)));
+    g = await layerEditGains(
+      models,
+      pairs,
+      test,
+      layer,
+      lowRankEdits(p, ks, vectors, H, s, bases),
+      s,
+      scores,
+      progress,
+    );
   } finally {
     bases.dispose();
   }
-  const testGap = test.map((j) => scores.marginTuned[j]! - scores.marginBase[j]!);
-  const mg = mean(testGap);
+  const mg = mean(test.map((j) => scores.marginTuned[j]! - scores.marginBase[j]!));
+  const recovery = (name: string) => (scores.gapTooSmall ? NaN : mean(g.get(name)!) / mg);
+  const k_used = (k: number) => Math.min(k, p.rank);
   return {
     layer,
     site: "resid_post",
@@ -141,23 +178,16 @@ export async function lowRankStage(
     test_pairs: test,
     n_rows: rows.length,
     explained_variance_ratio: p.explainedVarianceRatio,
-    recovery: ks.map((k, ki) => ({
+    recovery: ks.map((k) => ({
       k,
-      k_used: Math.min(k, p.rank),
-      recovery: scores.gapTooSmall ? NaN : mean(g[slots[ki]!.real]!) / mg,
-      random_subspace: scores.gapTooSmall ? NaN : mean(g[slots[ki]!.random]!) / mg,
+      k_used: k_used(k),
+      recovery: recovery(`real ${k_used(k)}`),
+      random_subspace: recovery(`random ${k}`),
     })),
     components: p.components.slice(0, Math.min(p.rank, H) * H),
     k_90: k90,
     steering_vector: mu,
-    steering: vectors.map((v, vi) => ({
-      vector: v.name,
-      norm: Math.hypot(...v.values),
-      by_strength: STEERING_STRENGTHS.map((beta, bi) => {
-        const gains = g[steerFrom + vi * STEERING_STRENGTHS.length + bi]!;
-        return { strength: beta, mean_gain: mean(gains), recovery: scores.gapTooSmall ? NaN : mean(gains) / mg };
-      }),
-    })),
+    steering: steeringSummary(vectors, g, recovery),
   };
 }
 

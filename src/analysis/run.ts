@@ -30,7 +30,16 @@ import {
   type Plan,
 } from "./scoring.js";
 import { resolveSettings, runsAttribution, runsControls, runsExact, type RunSettings } from "./settings.js";
-import { addTimes, Interrupted, type PairState, type Results, type RunCallbacks, type StageTimes } from "./schema.js";
+import {
+  addTimes,
+  Interrupted,
+  type PairRecord,
+  type PairState,
+  type PatchingEntry,
+  type Results,
+  type RunCallbacks,
+  type StageTimes,
+} from "./schema.js";
 import { meanOver, pairSums, positionsOf, sumsLayout, type SumsLayout } from "./sums.js";
 import { sweepBatch, sweepInput } from "./sweep.js";
 
@@ -176,7 +185,133 @@ export async function analysePairs(
   return out;
 }
 
-/** Phase 2: the dataset-level stages from every pair's state (states[i] belongs to pairs[i]); `runners.ablate` runs the mean-ablation control elsewhere (worker threads) with the same numbers. */
+/** `f()`, adding its milliseconds to `timings[stage]` (awaited). */
+async function timedAsync<T>(timings: Record<string, number>, stage: string, f: () => Promise<T>): Promise<T> {
+  const t0 = performance.now();
+  try {
+    return await f();
+  } finally {
+    timings[stage] = (timings[stage] ?? 0) + performance.now() - t0;
+  }
+}
+
+/** Per combo of the plan, every pair's value of a per-"direction site" record field, as [combo][pair]. */
+function columns(
+  plan: Plan,
+  records: PairRecord[],
+  pick: (r: PairRecord) => Record<string, number[]> | null,
+): Float64Array[] {
+  return plan.combos.map((c) => {
+    const li = plan.combos.filter((d) => comboKey(d) === comboKey(c)).indexOf(c);
+    return Float64Array.from(records, (r) => pick(r)![comboKey(c)]![li]!);
+  });
+}
+
+/** What every phase-2 stage reads. */
+interface Phase2 {
+  models: ModelPair;
+  pairs: Pair[];
+  states: PairState[];
+  records: PairRecord[];
+  plan: Plan;
+  layout: SumsLayout;
+  s: RunSettings;
+  cb: RunCallbacks;
+  margin: { base: Float64Array; tuned: Float64Array };
+  gap: Float64Array;
+  noGap: boolean;
+  timings: Record<string, number>;
+}
+
+/** The patching entries: the real gains (exact, else attribution's) beside the random-direction and mean-ablation controls. */
+async function patchingStage(
+  p: Phase2,
+  batches: Array<[number, number]>,
+  ablate?: AblationRunner,
+): Promise<PatchingEntry[]> {
+  const { plan, records, s } = p;
+  const meanAbl = await timedAsync(p.timings, "mean_ablation", async () =>
+    runsControls(s) && plan.combos.length
+      ? await meanAblationStage(p.models, p.pairs, batches, plan, p.states, p.layout, s, p.cb, ablate)
+      : null,
+  );
+  const real = runsExact(s)
+    ? columns(plan, records, (r) => r.gains)
+    : columns(plan, records, (r) => r.attribution!.gains);
+  const controls = runsControls(s)
+    ? { random: columns(plan, records, (r) => r.random_direction), meanAblation: meanAbl ?? [] }
+    : { random: null, meanAblation: null };
+  return patchingEntries(plan.combos, { real, ...controls }, p.gap, p.noGap, s, runsExact(s) ? "exact" : "attribution");
+}
+
+/** The per-head means (--heads) and the per-position map of the pair with the largest |gap| (--position-map). */
+async function finerStage(p: Phase2): Promise<Pick<Results, "heads" | "position_map">> {
+  const { records, gap, s } = p;
+  const first = p.plan.combos[0]?.direction ?? s.directions[0]!;
+  const meanGap = mean(gap);
+  const headMean = s.heads
+    ? records[0]!.heads!.map((row, l) => row.map((_, h) => mean(records.map((r) => r.heads![l]![h]!))))
+    : null;
+  const heads = headMean
+    ? { direction: first, mean_gain: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) }
+    : null;
+  let top = 0;
+  for (let i = 1; i < gap.length; i++) if (Math.abs(gap[i]!) > Math.abs(gap[top]!)) top = i;
+  const position_map = await timedAsync(p.timings, "position_map", async () =>
+    s.positionMap
+      ? {
+          pair: records[top]!.index,
+          direction: first,
+          gap: gap[top]!,
+          gains: positionSweep(p.models, p.pairs[top]!, first, s),
+          ids: records[top]!.ids,
+        }
+      : null,
+  );
+  return { heads, position_map };
+}
+
+/** LASSO of the gaps on per-layer distances, and the linear probes. */
+async function estimatorStage(p: Phase2): Promise<Pick<Results, "lasso" | "probes">> {
+  const L = p.models.base.config.numLayers;
+  return timedAsync(p.timings, "lasso_and_probes", async () => {
+    p.cb.onStage?.("LASSO and probes", 2 * L + 1);
+    const lasso = lassoStage(p.records, L, p.s);
+    p.cb.onProgress?.(1);
+    await tick();
+    return { lasso, probes: await probeStage(p.states, p.layout, p.s, p.cb) };
+  });
+}
+
+/** The summary, the mean logit lens and the mean activation difference over all pairs. */
+function overall(p: Phase2): Pick<Results, "summary" | "logit_lens" | "mean_diff"> {
+  const { numLayers: L, hiddenSize: H } = p.models.base.config;
+  const { margin, records, states } = p;
+  const n = records.length;
+  const respPositions = states.reduce((a, st) => a + positionsOf(st).response, 0);
+  const meanDiff = new Float32Array(L * H);
+  for (let l = 0; l < L; l++) meanDiff.set(meanOver(states, p.layout.meanDiff(l), H, respPositions), l * H);
+  return {
+    summary: {
+      mean_margin_base: mean(margin.base),
+      mean_margin_tuned: mean(margin.tuned),
+      mean_gap: mean(p.gap),
+      tuned_prefers_chosen: margin.tuned.filter((m) => m > 0).length / n,
+      base_prefers_chosen: margin.base.filter((m) => m > 0).length / n,
+    },
+    logit_lens: {
+      layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)],
+      base: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.base[d]!))),
+      tuned: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.tuned[d]!))),
+    },
+    mean_diff: meanDiff,
+  };
+}
+
+/**
+ * Phase 2: the dataset-level stages from every pair's state (states[i] belongs to pairs[i]); `runners.ablate`
+ * runs the mean-ablation control elsewhere (worker threads) with the same numbers.
+ */
 export async function finishAnalysis(
   models: ModelPair,
   pairs: Pair[],
@@ -191,113 +326,41 @@ export async function finishAnalysis(
   if (states.length !== n || states.some((st, i) => st.record.index !== pairs[i]!.index))
     throw new Error("finishAnalysis: one state per pair, in the pairs' order");
   const plan = makePlan(s, L);
-  const layout = layoutOf(models, plan);
   const records = states.map((st) => st.record);
-  const timings: Record<string, number> = {};
   const margin = {
     base: Float64Array.from(records, (r) => r.margin.base),
     tuned: Float64Array.from(records, (r) => r.margin.tuned),
   };
   const gap = Float64Array.from(records, (r) => r.gap);
-  const column = (pick: (r: (typeof records)[number]) => Record<string, number[]> | null) =>
-    plan.combos.map((c) => {
-      const li = plan.combos.filter((d) => comboKey(d) === comboKey(c)).indexOf(c);
-      return Float64Array.from(records, (r) => pick(r)![comboKey(c)]![li]!);
-    });
-
-  let t0 = performance.now();
-  const meanAbl =
-    runsControls(s) && plan.combos.length
-      ? await meanAblationStage(models, pairs, batches, plan, states, layout, s, cb, runners.ablate)
-      : null;
-  timings.mean_ablation = performance.now() - t0;
+  const layout = layoutOf(models, plan);
+  const timings: Record<string, number> = {};
   const noGap = gapTooSmall(margin.base, margin.tuned);
-  const real = runsExact(s) ? column((r) => r.gains) : column((r) => r.attribution!.gains);
-  const controls = runsControls(s)
-    ? { random: column((r) => r.random_direction), meanAblation: meanAbl ?? [] }
-    : { random: null, meanAblation: null };
-  const patching = patchingEntries(
-    plan.combos,
-    { real, ...controls },
-    gap,
-    noGap,
-    s,
-    runsExact(s) ? "exact" : "attribution",
-  );
+  const p: Phase2 = { models, pairs, states, records, plan, layout, s, cb, margin, gap, noGap, timings };
+  const patching = await patchingStage(p, batches, runners.ablate);
   const attribution = attributionSummary(records, plan, gap);
-  const first = plan.combos[0]?.direction ?? s.directions[0]!;
-  const meanGap = mean(gap);
-  const headMean = s.heads
-    ? records[0]!.heads!.map((row, l) => row.map((_, h) => mean(records.map((r) => r.heads![l]![h]!))))
-    : null;
-  const heads = headMean
-    ? { direction: first, mean_gain: headMean, recovery: headMean.map((row) => row.map((v) => v / meanGap)) }
-    : null;
-  t0 = performance.now();
-  let top = 0;
-  for (let i = 1; i < n; i++) if (Math.abs(gap[i]!) > Math.abs(gap[top]!)) top = i;
-  const position_map = s.positionMap
-    ? {
-        pair: records[top]!.index,
-        direction: first,
-        gap: gap[top]!,
-        gains: positionSweep(models, pairs[top]!, first, s),
-        ids: records[top]!.ids,
-      }
-    : null;
-  timings.position_map = performance.now() - t0;
-
-  t0 = performance.now();
-  cb.onStage?.("LASSO and probes", 2 * L + 1);
-  const lasso = lassoStage(records, L, s);
-  cb.onProgress?.(1);
-  await tick();
-  const probes = await probeStage(states, layout, s, cb);
-  timings.lasso_and_probes = performance.now() - t0;
-
-  t0 = performance.now();
-  const pca =
-    n >= 2
-      ? await lowRankStage(
-          models,
-          pairs,
-          choosePcaLayer(patching, s, L),
-          s,
-          { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap },
-          cb,
-        )
-      : null;
-  timings.pca = performance.now() - t0;
-
-  const respPositions = states.reduce((a, st) => a + positionsOf(st).response, 0);
-  const meanDiff = new Float32Array(L * H);
-  for (let l = 0; l < L; l++) meanDiff.set(meanOver(states, layout.meanDiff(l), H, respPositions), l * H);
+  const finer = await finerStage(p);
+  const { lasso, probes } = await estimatorStage(p);
+  const at = choosePcaLayer(patching, s, L);
+  const lowRankMargins = { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap };
+  const pca = await timedAsync(timings, "pca", async () =>
+    n >= 2 ? await lowRankStage(models, pairs, at, s, lowRankMargins, cb) : null,
+  );
+  const { summary, logit_lens, mean_diff } = overall(p);
   return {
     n_pairs: n,
     num_layers: L,
     hidden_size: H,
     pairs: records,
-    summary: {
-      mean_margin_base: mean(margin.base),
-      mean_margin_tuned: mean(margin.tuned),
-      mean_gap: mean(gap),
-      tuned_prefers_chosen: margin.tuned.filter((m) => m > 0).length / n,
-      base_prefers_chosen: margin.base.filter((m) => m > 0).length / n,
-    },
+    summary,
     patching,
     attribution,
-    heads,
-    position_map,
+    ...finer,
     lasso,
     probes,
     pca,
     cv: cvFolds(n, s),
-    logit_lens: {
-      layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)],
-      base: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.base[d]!))),
-      tuned: Array.from({ length: L + 1 }, (_, d) => mean(records.map((r) => r.lens.tuned[d]!))),
-    },
-    mean_diff: meanDiff,
+    logit_lens,
+    mean_diff,
     timings_ms: timings,
   };
 }

@@ -6,7 +6,7 @@ import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
 import { makeBatch, positionMask } from "../data/batch.js";
 import { randomSubspace } from "../stats/pca.js";
-import { seededRandom } from "../stats/stats.js";
+import { mean, seededRandom } from "../stats/stats.js";
 import { gainOf, interpolate, subspace } from "./patches.js";
 import { margins as pairMargins, residAfter } from "../engine/margins.js";
 import { runMargins, type Run } from "../engine/runs.js";
@@ -108,9 +108,10 @@ export function steeringVectors(
 }
 
 /**
- * Gains (tuned->base: margin(edited base) − margin(base)) of every edit on the pairs at `idx`, as [edit][i]
- * in `idx` order. Each edit enters the base model after `layer`; edits run stacked so the layers above and the
- * head are read once per group. `margins` holds every pair's base and tuned margins (by position in `pairs`).
+ * Gains (tuned->base: margin(edited base) − margin(base)) of every edit on the pairs at `idx`, by edit name, each
+ * in `idx` order. Each edit is a run entering the base model after `layer`; the engine runs them stacked so the
+ * layers above and the head are read once per group. `margins` holds every pair's base and tuned margins (by
+ * position in `pairs`).
  */
 export async function layerEditGains(
   models: ModelPair,
@@ -121,36 +122,54 @@ export async function layerEditGains(
   s: RunSettings,
   margins: { marginBase: ArrayLike<number>; marginTuned: ArrayLike<number> },
   onPairs: (count: number) => void = () => {},
-): Promise<number[][]> {
-  const out = edits.map(() => [] as number[]);
+): Promise<Map<string, number[]>> {
+  const out = new Map(edits.map((e) => [e.name, [] as number[]]));
   for (let i = 0; i < idx.length; i += s.batchPairs) {
     const js = idx.slice(i, i + s.batchPairs);
     const batch = makeBatch(js.map((j) => pairs[j]!));
     const hb = residAfter(models.base, batch, layer);
     const ht = residAfter(models.tuned, batch, layer);
     const mask = positionMask(batch, s.positions);
-    const runs = edits.map((e, k): Run => ({
-      name: `edit ${k}`,
-      layer: layer + 1,
-      resid: () => e.apply(hb, ht, mask),
-    }));
-    const m = runMargins(models.base, batch, runs, {
-      limits: models.limits,
-      perToken: s.perToken,
-      maxGroup: EDIT_STACK,
-    });
-    runs.forEach((r, e) =>
-      out[e]!.push(
-        ...Array.from(m.get(r.name)!, (v, i) =>
-          gainOf("tuned->base", v, margins.marginBase[js[i]!]!, margins.marginTuned[js[i]!]!),
-        ),
-      ),
-    );
-    tf.dispose([hb, ht, mask]);
+    try {
+      const runs = edits.map((e): Run => ({ name: e.name, layer: layer + 1, resid: () => e.apply(hb, ht, mask) }));
+      const m = runMargins(models.base, batch, runs, {
+        limits: models.limits,
+        perToken: s.perToken,
+        maxGroup: EDIT_STACK,
+      });
+      for (const e of edits) {
+        const gain = (v: number, i: number) =>
+          gainOf("tuned->base", v, margins.marginBase[js[i]!]!, margins.marginTuned[js[i]!]!);
+        out.get(e.name)!.push(...Array.from(m.get(e.name)!, gain));
+      }
+    } finally {
+      tf.dispose([hb, ht, mask]);
+    }
     onPairs(js.length);
     await new Promise<void>((r) => setImmediate(r));
   }
   return out;
+}
+
+/** Each steering vector's norm and, at each strength, its mean gain and recovery (`recovery(edit name)`). */
+export function steeringSummary(
+  vectors: Array<{ name: string; values: Float32Array }>,
+  gains: Map<string, number[]>,
+  recovery: (name: string) => number,
+): Array<{
+  vector: string;
+  norm: number;
+  by_strength: Array<{ strength: number; mean_gain: number; recovery: number }>;
+}> {
+  return vectors.map((v) => ({
+    vector: v.name,
+    norm: Math.hypot(...v.values),
+    by_strength: STEERING_STRENGTHS.map((beta) => ({
+      strength: beta,
+      mean_gain: mean(gains.get(`steer ${v.name} ${beta}`)!),
+      recovery: recovery(`steer ${v.name} ${beta}`),
+    })),
+  }));
 }
 
 /** A saved subspace: principal directions (rows of `components` [k, H]) and a mean difference at one layer's resid_post. */
@@ -217,31 +236,23 @@ export async function transferStage(
     marginTuned: pairMargins(models.tuned, pairs, opts),
   };
   const idx = pairs.map((_, i) => i);
-  let g: number[][];
+  let g: Map<string, number[]>;
   try {
     g = await layerEditGains(models, pairs, idx, sub.layer, edits, s, margin, onPairs);
   } finally {
     bases.dispose();
   }
-  const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
   const gap = mean(idx.map((i) => margin.marginTuned[i]! - margin.marginBase[i]!));
-  const full = mean(g[0]!) / gap;
+  const full = mean(g.get("full layer")!) / gap;
   return {
     layer: sub.layer,
     n_pairs: pairs.length,
     mean_gap: gap,
     full_layer_recovery: full,
-    subspace: ks.map((k, ki) => {
-      const rec = mean(g[1 + 2 * ki]!) / gap;
-      return { k, recovery: rec, random_subspace: mean(g[2 + 2 * ki]!) / gap, share_of_full_layer: rec / full };
+    subspace: ks.map((k) => {
+      const rec = mean(g.get(`saved ${k}`)!) / gap;
+      return { k, recovery: rec, random_subspace: mean(g.get(`random ${k}`)!) / gap, share_of_full_layer: rec / full };
     }),
-    steering: vectors.map((v, vi) => ({
-      vector: v.name,
-      norm: Math.hypot(...v.values),
-      by_strength: STEERING_STRENGTHS.map((beta, bi) => {
-        const gains = g[1 + 2 * ks.length + vi * STEERING_STRENGTHS.length + bi]!;
-        return { strength: beta, mean_gain: mean(gains), recovery: mean(gains) / gap };
-      }),
-    })),
+    steering: steeringSummary(vectors, g, (name) => mean(g.get(name)!) / gap),
   };
 }
