@@ -19,24 +19,27 @@ import { ropeTables } from "./rope.js";
  */
 export type Matrix = tf.Tensor2D | StoredMatrix;
 
-/** One decoder layer's weights; a resident model's matrices are all tensors (LlamaLayer<tf.Tensor2D>). */
+/**
+ * One decoder layer's weights; a resident model's matrices are all tensors (LlamaLayer<tf.Tensor2D>). Shapes in
+ * the [in, out] layout with H = hidden, I = intermediate, nH/nKv = query/key-value heads, d = head_dim.
+ */
 export interface LlamaLayer<M extends Matrix = Matrix> {
-  inputNorm: tf.Tensor1D;
-  q: M;
-  k: M;
-  v: M;
-  o: M;
-  qBias?: tf.Tensor1D;
-  kBias?: tf.Tensor1D;
-  vBias?: tf.Tensor1D;
-  oBias?: tf.Tensor1D;
-  postNorm: tf.Tensor1D;
-  gate: M;
-  up: M;
-  down: M;
-  gateBias?: tf.Tensor1D;
-  upBias?: tf.Tensor1D;
-  downBias?: tf.Tensor1D;
+  inputNorm: tf.Tensor1D; // [H]: RMSNorm weight before attention
+  q: M; // [H, nH*d]
+  k: M; // [H, nKv*d]
+  v: M; // [H, nKv*d]
+  o: M; // [nH*d, H]
+  qBias?: tf.Tensor1D; // [nH*d] (config attention_bias; off in Llama 3)
+  kBias?: tf.Tensor1D; // [nKv*d]
+  vBias?: tf.Tensor1D; // [nKv*d]
+  oBias?: tf.Tensor1D; // [H]
+  postNorm: tf.Tensor1D; // [H]: RMSNorm weight before the MLP
+  gate: M; // [H, I]
+  up: M; // [H, I]
+  down: M; // [I, H]
+  gateBias?: tf.Tensor1D; // [I] (mlp_bias)
+  upBias?: tf.Tensor1D; // [I]
+  downBias?: tf.Tensor1D; // [H]
 }
 
 /** A loaded model: config plus weights kept per layer (so one layer can be moved in or out at a time). */
@@ -44,8 +47,8 @@ export interface LlamaModel {
   config: LlamaConfig;
   embed: tf.Tensor2D; // [vocab, hidden]; empty ([0, hidden]) when streamed: rows come from `source`
   layers: LlamaLayer<tf.Tensor2D>[]; // empty when streamed: layers come from `source`
-  finalNorm: tf.Tensor1D;
-  lmHead: tf.Tensor2D; // [hidden, vocab]: the embedding transposed when tied
+  finalNorm: tf.Tensor1D; // [hidden]
+  lmHead: tf.Tensor2D; // [hidden, vocab]: the embedding transposed when tied; empty when a streamed head comes in chunks
   /** Where a streamed model's layers and embedding rows come from (io/stream.ts); absent when all resident. */
   source?: WeightSource;
 }
