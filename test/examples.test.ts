@@ -126,6 +126,34 @@ describe("examples", () => {
   });
 });
 
+describe("the engine example", () => {
+  it("patch-layers.ts: each layer's recovery equals a full forward with that layer's resid_post replaced by the tuned model's", () => {
+    const out = runExample("examples/patch-layers.ts", "4");
+    const lines = out.split("\n").filter((l) => l.startsWith("layer "));
+    expect(lines).toHaveLength(base.config.numLayers);
+    const batch = makeBatch(pairs);
+    const mBase = marginsFromFullLogits(base, batch);
+    const mTuned = marginsFromFullLogits(tuned, batch);
+    const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
+    const gap = mean(mTuned) - mean(mBase);
+    expect(numbers(out.split("\n")[0]!.replace(/over \d+ pairs/, ""))[0]!).toBeCloseTo(gap, 3);
+    const tunedRun = forward(tuned, batch.ids, {
+      lengths: batch.lengths,
+      cache: (n) => n.endsWith("hook_resid_post"),
+      logitsAt: "none",
+    });
+    try {
+      lines.forEach((line, l) => {
+        const h = tunedRun.cache.get(`blocks.${l}.hook_resid_post`);
+        const patched = marginsFromFullLogits(base, batch, { [`blocks.${l}.hook_resid_post`]: () => tf.clone(h) });
+        expect(numbers(line.replace(/^layer \d+:/, ""))[0]!).toBeCloseTo((mean(patched) - mean(mBase)) / gap, 3);
+      });
+    } finally {
+      tunedRun.dispose();
+    }
+  });
+});
+
 describe("a user's own script", () => {
   it("an error it throws after the backend and a model are up exits 1 with its own message, nothing of tfjs's source", () => {
     const dir = tempDir("script");

@@ -67,6 +67,32 @@ describe("prefprobe as a library", () => {
     expect(lines[1]).toMatch(/^pairs 3 entries 5 last -?\d\.\d{3}$/);
   });
 
+  it("the README's library example type-checks under --strict and runs in the fresh project", () => {
+    const dir = userProject();
+    const readme = fs.readFileSync(path.join(repo, "README.md"), "utf8");
+    const code = /```ts\n([\s\S]*?)```/.exec(readme)![1]!;
+    expect(code).toContain('from "prefprobe"');
+    // the fixture paths are the repo's; print what the snippet computed so its run is checked, not only started
+    const abs = code.replaceAll('"fixtures/', `"${repo}/fixtures/`);
+    fs.writeFileSync(path.join(dir, "readme.ts"), `${abs}\nconsole.log(mBase.length, mTuned.length, patched.size);\n`);
+    fs.writeFileSync(
+      path.join(dir, "tsconfig.readme.json"),
+      JSON.stringify({
+        compilerOptions: { strict: true, module: "nodenext", moduleResolution: "nodenext", target: "es2022" },
+        files: ["readme.ts"],
+      }),
+    );
+    const tsc = spawnSync(
+      process.execPath,
+      [path.join(repo, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.readme.json"],
+      { cwd: dir, encoding: "utf8" },
+    );
+    expect(tsc.stdout + tsc.stderr).toBe("");
+    const run = spawnSync(process.execPath, ["readme.js"], { cwd: dir, encoding: "utf8" });
+    expect(run.status, run.stderr).toBe(0);
+    expect(run.stdout.trim().split("\n").at(-1)).toBe("8 8 5");
+  });
+
   it("a type error in user code is reported (the check above is not vacuous)", () => {
     const dir = userProject();
     fs.writeFileSync(
