@@ -1,28 +1,33 @@
 // The library names settings as its options do (memoryBudget, batchPairs); the CLI reports them by their flags.
+import { RUN_SETTINGS } from "./analysis/settings.js";
 
-/** Library setting names (RunSettings, TuneSettings, LoadOptions) and the flags that set them. */
+/** Library setting names and the flags that set them: every run setting (from its table), tune's and loading's. */
 const FLAGS: Record<string, string> = {
+  ...Object.fromEntries(
+    Object.entries(RUN_SETTINGS)
+      .filter(([, spec]) => !spec.flag.startsWith("--no-"))
+      .map(([key, spec]) => [key, spec.flag.split(" ")[0]!]),
+  ),
   memoryBudget: "--memory-budget",
-  batchPairs: "--batch",
   maxTokens: "--max-tokens",
-  pcaLayer: "--pca-layer",
-  pcaTestFrac: "--pca-test-frac",
-  stabilityReps: "--stability",
-  positionMap: "--position-map",
-  perToken: "--per-token",
   loraAlpha: "--lora-alpha",
   adamBeta1: "--adam-beta1",
   adamBeta2: "--adam-beta2",
   adamEpsilon: "--adam-eps",
   warmupSteps: "--warmup",
+  train: "--train",
+  rank: "--rank",
+  subspace: "--subspace",
 };
-/** Settings of one plain word, named by the flag only where a message starts with them ("rank 33 is more than …"). */
-const LEADING = ["alpha", "method", "positions", "window", "seed", "folds", "bootstrap", "train", "rank", "subspace"];
 
-/** A library message in the CLI's words: each setting it names becomes the flag that sets it. */
+/**
+ * A library message in the CLI's words: a camelCase setting name anywhere becomes its flag; a one-word name (alpha,
+ * rank, layers) only where the message starts with it, as it is an ordinary word elsewhere.
+ */
 export function withFlags(message: string): string {
-  let m = message.replace(new RegExp(`\\b(${Object.keys(FLAGS).join("|")})\\b`, "g"), (k) => FLAGS[k]!);
-  const lead = new RegExp(`^(${LEADING.join("|")})\\b`).exec(m);
-  if (lead) m = `--${m}`;
+  const camel = Object.keys(FLAGS).filter((k) => /[A-Z]/.test(k));
+  let m = message.replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (k) => FLAGS[k]!);
+  const lead = /^([a-zA-Z]+)\b/.exec(m)?.[1];
+  if (lead && FLAGS[lead] && !/[A-Z]/.test(lead)) m = FLAGS[lead] + m.slice(lead.length);
   return m;
 }

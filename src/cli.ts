@@ -14,15 +14,7 @@ import { loadModelSync } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
-import {
-  DEFAULT_SETTINGS,
-  METHODS,
-  SITES,
-  type Direction,
-  type Method,
-  type RunSettings,
-  type Site,
-} from "./analysis/settings.js";
+import { RUN_SETTINGS, type RunSettings, type SettingSpec } from "./analysis/settings.js";
 import { summaryTable, transferFindings } from "./analysis/findings.js";
 import { DEFAULT_TUNE, SCHEDULES, type Schedule, type TuneSettings } from "./train/dpo.js";
 
@@ -221,7 +213,34 @@ const float = (name: string, ok: (x: number) => boolean, what: string) => (v: st
   return n;
 };
 
-program
+const ALL_SETTINGS = Object.keys(RUN_SETTINGS) as Array<keyof RunSettings>;
+
+/** The options of run settings `keys`, from their table (RUN_SETTINGS): the CLI only parses. */
+function settingOptions(keys = ALL_SETTINGS): Option[] {
+  return keys
+    .map((k) => RUN_SETTINGS[k] as SettingSpec<unknown>)
+    .map((spec) => {
+      const o = new Option(spec.flag, spec.help);
+      if (spec.choices) o.choices([...spec.choices]);
+      if (spec.parse) o.argParser(spec.parse as (text: string) => unknown);
+      // a flag that takes a value shows its default (booleans and "none" defaults are off when not given)
+      if (spec.flag.includes("<") && spec.default !== null && !spec.unsetOnCli)
+        o.default(spec.default, spec.shown ?? String(spec.default));
+      return o;
+    });
+}
+
+/** The run settings the options give (an option not given leaves its setting to the default). */
+function settingsFromOptions(o: Record<string, unknown>, keys = ALL_SETTINGS): Partial<RunSettings> {
+  const entries = keys.map((key) => {
+    const spec = RUN_SETTINGS[key] as SettingSpec<unknown>;
+    const value = o[new Option(spec.flag).attributeName()];
+    return [key, spec.fromCli ? spec.fromCli(value) : value];
+  });
+  return Object.fromEntries(entries) as Partial<RunSettings>;
+}
+
+const runCommand = program
   .command("run")
   .description(
     "the causal-probe analysis: margins, layer patching with controls, LASSO, probes, low-rank PCA, logit lens",
@@ -236,79 +255,6 @@ program
   .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
   .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
   .option("--skip-bad", "count and skip malformed lines instead of stopping")
-  .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
-  .addOption(
-    new Option("--positions <which>", "positions a patch replaces")
-      .choices(["all", "response"])
-      .default(DEFAULT_SETTINGS.positions),
-  )
-  .option(
-    "--alpha <a>",
-    "patch strength: h = h_base + α (h_tuned − h_base)",
-    float("--alpha", () => true, "a number"),
-    DEFAULT_SETTINGS.alpha,
-  )
-  .option("--sites <list>", `comma-separated sites to patch (${SITES.join(", ")})`, DEFAULT_SETTINGS.sites.join(","))
-  .option("--layers <list>", "comma-separated layers to patch (default: all)")
-  .addOption(
-    new Option("--direction <d>", "patching direction")
-      .choices(["tuned->base", "base->tuned", "both"])
-      .default(DEFAULT_SETTINGS.directions.length === 2 ? "both" : DEFAULT_SETTINGS.directions[0]),
-  )
-  .addOption(
-    new Option(
-      "--method <m>",
-      "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement",
-    )
-      .choices([...METHODS])
-      .default(DEFAULT_SETTINGS.method),
-  )
-  .option(
-    "--window <n>",
-    "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects",
-    int("--window", 1),
-    DEFAULT_SETTINGS.window,
-  )
-  .option(
-    "--heads",
-    "also patch each attention head (attn.hook_z) on its own: an exact layers × heads grid (the first direction)",
-  )
-  .option(
-    "--position-map",
-    "also patch each token position on its own at resid_post, for the pair with the largest |gap|: an exact layer × token map",
-  )
-  .option("--no-controls", "skip the random-direction and mean-ablation controls")
-  .option(
-    "--pca-layer <l>",
-    "layer for low-rank reconstruction (default: first within 5% of the best recovery)",
-    int("--pca-layer", 0),
-  )
-  .option(
-    "--pca-test-frac <f>",
-    "held-out fraction of pairs for PCA recovery",
-    float("--pca-test-frac", (x) => x > 0 && x < 1, "in (0, 1)"),
-    DEFAULT_SETTINGS.pcaTestFrac,
-  )
-  .option("--folds <k>", "K for cross-validation", int("--folds", 2), DEFAULT_SETTINGS.folds)
-  .option(
-    "--C <c>",
-    "inverse L2 strength of the probes",
-    float("--C", (x) => x > 0, "positive"),
-    DEFAULT_SETTINGS.C,
-  )
-  .option("--bootstrap <n>", "bootstrap resamples for recovery CIs", int("--bootstrap", 0), DEFAULT_SETTINGS.bootstrap)
-  .option(
-    "--stability <n>",
-    "bootstrap refits for LASSO stability selection",
-    int("--stability", 0),
-    DEFAULT_SETTINGS.stabilityReps,
-  )
-  .option(
-    "--batch <n>",
-    `pairs per forward batch; when not given, 1 if a model is streamed (each pair of a batch adds its activations to every worker's heap) (default: ${DEFAULT_SETTINGS.batchPairs})`,
-    int("--batch", 1),
-  )
-  .option("--seed <s>", "random seed (controls, folds, splits)", int("--seed", 0), DEFAULT_SETTINGS.seed)
   .option("--resume", "continue the run in --out where it stopped (its inputs and settings must match)")
   .option("--force", "replace a run already in --out")
   .option(
@@ -323,39 +269,7 @@ program
     int("--workers", 1),
   )
   .action(async (o: Record<string, unknown>) => {
-    const sites = String(o.sites)
-      .split(",")
-      .map((x) => x.trim());
-    for (const x of sites)
-      if (!(SITES as readonly string[]).includes(x))
-        throw new UsageError(`--sites: unknown site "${x}" (choose from ${SITES.join(", ")})`);
-    const layers =
-      o.layers === undefined
-        ? null
-        : String(o.layers)
-            .split(",")
-            .map((x) => int("--layers", 0)(x.trim()));
-    const settings: Partial<RunSettings> = {
-      perToken: !!o.perToken,
-      positions: o.positions as "all" | "response",
-      alpha: o.alpha as number,
-      sites: sites as Site[],
-      layers,
-      directions: o.direction === "both" ? ["tuned->base", "base->tuned"] : [o.direction as Direction],
-      controls: o.controls !== false,
-      seed: o.seed as number,
-      folds: o.folds as number,
-      C: o.C as number,
-      stabilityReps: o.stability as number,
-      bootstrap: o.bootstrap as number,
-      pcaLayer: (o.pcaLayer as number | undefined) ?? null,
-      pcaTestFrac: o.pcaTestFrac as number,
-      batchPairs: o.batch as number | undefined, // not given: resolveSettings' default (1 for streamed models)
-      method: o.method as Method,
-      window: o.window as number,
-      heads: !!o.heads,
-      positionMap: !!o.positionMap,
-    };
+    const settings = settingsFromOptions(o);
     const shard = o.shard === undefined ? undefined : parseShard(String(o.shard));
     const done = await withProgress((events) =>
       runStudy(
@@ -390,6 +304,7 @@ program
     }
     printResults(done);
   });
+for (const option of settingOptions()) runCommand.addOption(option);
 
 program
   .command("merge")
@@ -445,7 +360,10 @@ function printResults(done: StudyResult): void {
   console.log(`results: ${path.join(done.out, "results.json")}`);
 }
 
-program
+/** The run settings apply-subspace takes. */
+const TRANSFER_SETTINGS: Array<keyof RunSettings> = ["positions", "alpha", "perToken", "batchPairs", "seed"];
+
+const transferCommand = program
   .command("apply-subspace")
   .description(
     "carry a run's saved subspace (subspace.safetensors) to other pairs or another model pair of the same width: how much of the layer's effect it recovers there, and steering with its mean difference",
@@ -457,20 +375,6 @@ program
   .requiredOption("--out <file>", "JSON file for the result")
   .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
   .option("--max-tokens <n>", "skip (and count) pairs longer than n tokens", int("--max-tokens", 2))
-  .addOption(
-    new Option("--positions <which>", "positions a patch replaces")
-      .choices(["all", "response"])
-      .default(DEFAULT_SETTINGS.positions),
-  )
-  .option(
-    "--alpha <a>",
-    "patch strength",
-    float("--alpha", () => true, "a number"),
-    DEFAULT_SETTINGS.alpha,
-  )
-  .option("--per-token", "score responses by mean instead of sum of token log-probabilities")
-  .option("--batch <n>", "pairs per forward batch", int("--batch", 1), DEFAULT_SETTINGS.batchPairs)
-  .option("--seed <s>", "random seed (random subspaces and directions)", int("--seed", 0), DEFAULT_SETTINGS.seed)
   .option("--force", "replace --out if it exists")
   .addOption(backendOption())
   .addOption(budgetOption("both models together", WASM_PAIR_BUDGET / 2 ** 30))
@@ -489,13 +393,7 @@ program
           memoryBudget: o.memoryBudget as number | undefined,
           force: !!o.force,
         },
-        {
-          positions: o.positions as "all" | "response",
-          alpha: o.alpha as number,
-          perToken: !!o.perToken,
-          batchPairs: o.batch as number,
-          seed: o.seed as number,
-        },
+        settingsFromOptions(o, TRANSFER_SETTINGS),
         events,
       ),
     );
@@ -503,6 +401,7 @@ program
     for (const w of transferFindings(r)) console.log(`  - ${w}`);
     console.log(`\nresult: ${String(o.out)}`);
   });
+for (const option of settingOptions(TRANSFER_SETTINGS)) transferCommand.addOption(option);
 
 program
   .command("tune")

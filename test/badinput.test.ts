@@ -220,7 +220,7 @@ describe("bad input", () => {
   });
 
   it.each([
-    ["repeated layers", ["--layers", "1,1,1"], /layer 1 is listed twice/],
+    ["repeated layers", ["--layers", "1,1,1"], /--layers lists layer 1 twice/],
     ["empty layers", ["--layers", ""], /--layers must be an integer ≥ 0, got ""/],
     ["unknown flag", ["--frobnicate"], /^prefprobe: error: unknown option '--frobnicate'$/],
     ["bad shard", ["--shard", "3"], /--shard must be i\/n/],

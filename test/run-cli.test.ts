@@ -156,7 +156,11 @@ describe("prefprobe run", () => {
     ],
     ["missing pairs file", () => ["--pairs", "/nonexistent.jsonl"], /cannot read/],
     ["unknown site", () => ["--pairs", writePairs([good(0)]), "--sites", "resid_post,foo"], /unknown site "foo"/],
-    ["layer out of range", () => ["--pairs", writePairs([good(0)]), "--layers", "1,9"], /layer 9 is outside 0..4/],
+    [
+      "layer out of range",
+      () => ["--pairs", writePairs([good(0)]), "--layers", "1,9"],
+      /--layers has layer 9, outside 0..4/,
+    ],
     ["bad number", () => ["--pairs", writePairs([good(0)]), "--folds", "x"], /--folds must be an integer/],
     ["out is a file", () => ["--pairs", writePairs([good(0)]), "--out", CLI], /exists and is not a folder/],
   ];

@@ -1,6 +1,6 @@
 // One defaults object for the CLI and the library; partial settings are filled in and every value checked.
 import { describe, expect, it } from "vitest";
-import { DEFAULT_SETTINGS, resolveSettings, SettingsError } from "../src/analysis/settings.js";
+import { DEFAULT_SETTINGS, resolveSettings, RUN_SETTINGS, SettingsError } from "../src/analysis/settings.js";
 import { runCli } from "./helpers.js";
 
 describe("settings", () => {
@@ -17,15 +17,32 @@ describe("settings", () => {
     [{ alpha: NaN }, /alpha must be a finite number/],
     [{ sites: ["resid"] as never }, /unknown site "resid"/],
     [{ directions: ["up"] as never }, /unknown direction "up"/],
-    [{ layers: [1, 1] }, /layer 1 is listed twice/],
+    [{ layers: [1, 1] }, /layers lists layer 1 twice/],
     [{ layers: [] }, /layers is empty/],
-    [{ layers: [5] }, /layer 5 is outside 0\.\.4/],
-    [{ pcaLayer: 7 }, /pcaLayer 7 is outside 0\.\.4/],
+    [{ layers: [5] }, /layers has layer 5, outside 0\.\.4/],
+    [{ pcaLayer: 7 }, /pcaLayer is outside 0\.\.4, got 7/],
+    [{ sites: ["mlp_out", "mlp_out"] as never }, /sites must not repeat/],
+    [{ windw: 2 } as never, /unknown setting "windw"/],
     [{ pcaTestFrac: 1 }, /pcaTestFrac must be in \(0, 1\)/],
     [{ batchPairs: 0 }, /batchPairs must be an integer ≥ 1/],
   ])("refuses %j with a message naming it", (partial, msg) => {
     expect(() => resolveSettings(partial, { numLayers: 5 })).toThrow(SettingsError);
     expect(() => resolveSettings(partial, { numLayers: 5 })).toThrow(msg);
+  });
+
+  it("one table gives every setting its default, its check and its flag, and run --help lists each flag", () => {
+    const help = runCli("run", "--help").out;
+    for (const [key, spec] of Object.entries(RUN_SETTINGS)) {
+      expect(DEFAULT_SETTINGS[key as keyof typeof DEFAULT_SETTINGS]).toEqual(spec.default);
+      expect(help, key).toContain(spec.flag.split(" ")[0]!);
+    }
+    expect(Object.keys(DEFAULT_SETTINGS)).toEqual(Object.keys(RUN_SETTINGS));
+  });
+
+  it("a bad value on the command line is the library's message with the flag named", () => {
+    const r = runCli("run", "--base", "x", "--tuned", "y", "--pairs", "z", "--out", "w", "--pca-test-frac", "2");
+    expect(r.code).toBe(1);
+    expect(r.err.trim().split("\n").at(-1)).toMatch(/^prefprobe: error: --pca-test-frac must be in \(0, 1\), got 2$/);
   });
 
   it("the CLI's run defaults are DEFAULT_SETTINGS", () => {

@@ -47,33 +47,210 @@ export const runsControls = (s: Pick<RunSettings, "method" | "controls">): boole
 /** Whether a run estimates patches by attribution. */
 export const runsAttribution = (s: Pick<RunSettings, "method">): boolean => s.method !== "exact";
 
-/** The defaults of `prefprobe run` and of runAnalysis. */
-export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze({
-  perToken: false,
-  positions: "all",
-  alpha: 1,
-  sites: ["resid_post"],
-  layers: null,
-  directions: ["tuned->base"],
-  controls: true,
-  seed: 0,
-  folds: 5,
-  C: 1,
-  stabilityReps: 100,
-  bootstrap: 1000,
-  pcaLayer: null,
-  pcaTestFrac: 0.5,
-  batchPairs: 4,
-  method: "exact",
-  window: 1,
-  heads: false,
-  positionMap: false,
-} satisfies RunSettings);
-
 /** A setting that cannot be used; the message names it. */
 export class SettingsError extends Error {
   override name = "SettingsError";
 }
+
+/**
+ * One setting: its default, what a value must be (`check` returns what is wrong, or null), and how the command
+ * line gives it (`flag` and `help`; `parse` turns the flag's text into a value, `fromCli` the parsed option into
+ * the setting, `shown` the default its help shows when that is not the default itself).
+ */
+export interface SettingSpec<V> {
+  default: V;
+  check?: (v: V, numLayers: number | undefined) => string | null;
+  flag: string;
+  help: string;
+  choices?: readonly string[];
+  parse?: (text: string) => unknown;
+  fromCli?: (value: unknown) => V | undefined;
+  shown?: string;
+  /** The CLI leaves the setting out when its flag is not given (the study then picks the default). */
+  unsetOnCli?: boolean;
+}
+
+/** An integer ≥ min, from the flag's text (the message names the setting; the CLI names its flag). */
+const integerText = (key: string, min: number) => (text: string) => {
+  const n = /^\s*-?\d+\s*$/.test(text) ? Number(text) : NaN; // Number("") would be 0
+  if (!Number.isInteger(n) || n < min) throw new SettingsError(`${key} must be an integer ≥ ${min}, got "${text}"`);
+  return n;
+};
+/** A number, from the flag's text; its range is the setting's check. */
+const numberText = (key: string) => (text: string) => {
+  const n = Number(text);
+  if (text.trim() === "" || !Number.isFinite(n)) throw new SettingsError(`${key} must be a number, got "${text}"`);
+  return n;
+};
+const integer = (min: number) => (v: number) =>
+  Number.isInteger(v) && v >= min ? null : `must be an integer ≥ ${min}`;
+const list = (text: string) => text.split(",").map((x) => x.trim());
+
+/** Every run setting: defaults, validation and the CLI's options come from here. */
+export const RUN_SETTINGS: { readonly [K in keyof RunSettings]: SettingSpec<RunSettings[K]> } = {
+  perToken: {
+    default: false,
+    flag: "--per-token",
+    help: "score responses by mean instead of sum of token log-probabilities",
+    fromCli: (v) => !!v,
+  },
+  positions: {
+    default: "all",
+    check: (v) => (v === "all" || v === "response" ? null : `must be "all" or "response"`),
+    flag: "--positions <which>",
+    help: "positions a patch replaces",
+    choices: ["all", "response"],
+  },
+  alpha: {
+    default: 1,
+    check: (v) => (Number.isFinite(v) ? null : "must be a finite number"),
+    flag: "--alpha <a>",
+    help: "patch strength: h = h_base + α (h_tuned − h_base)",
+    parse: numberText("alpha"),
+  },
+  sites: {
+    default: ["resid_post"],
+    check: (v) =>
+      v
+        .map((x) => (SITES.includes(x) ? null : `has an unknown site "${x}" (choose from ${SITES.join(", ")})`))
+        .find((m) => m) ?? (new Set(v).size === v.length ? null : "must not repeat"),
+    flag: "--sites <list>",
+    help: `comma-separated sites to patch (${SITES.join(", ")})`,
+    parse: list,
+    shown: "resid_post",
+  },
+  layers: {
+    default: null,
+    check: (v, L) => {
+      if (v === null) return null;
+      if (v.length === 0) return "is empty (use null for all layers)";
+      for (const [i, l] of v.entries()) {
+        if (!(Number.isInteger(l) && l >= 0 && (L === undefined || l < L)))
+          return `has layer ${l}, ${L === undefined ? "not a layer index" : `outside 0..${L - 1}`}`;
+        if (v.indexOf(l) !== i) return `lists layer ${l} twice`;
+      }
+      return null;
+    },
+    flag: "--layers <list>",
+    help: "comma-separated layers to patch (default: all)",
+    parse: (text) => list(text).map(integerText("layers", 0)),
+    fromCli: (v) => (v === undefined ? null : (v as number[])),
+  },
+  directions: {
+    default: ["tuned->base"],
+    check: (v) =>
+      v
+        .map((d) =>
+          DIRECTIONS.includes(d) ? null : `has an unknown direction "${d}" (choose from ${DIRECTIONS.join(", ")})`,
+        )
+        .find((m) => m) ?? (new Set(v).size === v.length ? null : "must not repeat"),
+    flag: "--direction <d>",
+    help: "patching direction",
+    choices: ["tuned->base", "base->tuned", "both"],
+    fromCli: (v) => (Array.isArray(v) ? v : v === "both" ? ["tuned->base", "base->tuned"] : [v as Direction]),
+    shown: "tuned->base",
+  },
+  controls: {
+    default: true,
+    flag: "--no-controls",
+    help: "skip the random-direction and mean-ablation controls",
+    fromCli: (v) => v !== false,
+  },
+  seed: {
+    default: 0,
+    check: integer(0),
+    flag: "--seed <s>",
+    help: "random seed (controls, folds, splits)",
+    parse: integerText("seed", 0),
+  },
+  folds: {
+    default: 5,
+    check: integer(2),
+    flag: "--folds <k>",
+    help: "K for cross-validation",
+    parse: integerText("folds", 2),
+  },
+  C: {
+    default: 1,
+    check: (v) => (v > 0 && Number.isFinite(v) ? null : "must be positive"),
+    flag: "--C <c>",
+    help: "inverse L2 strength of the probes",
+    parse: numberText("C"),
+  },
+  stabilityReps: {
+    default: 100,
+    check: integer(0),
+    flag: "--stability <n>",
+    help: "bootstrap refits for LASSO stability selection",
+    parse: integerText("stabilityReps", 0),
+  },
+  bootstrap: {
+    default: 1000,
+    check: integer(0),
+    flag: "--bootstrap <n>",
+    help: "bootstrap resamples for recovery CIs",
+    parse: integerText("bootstrap", 0),
+  },
+  pcaLayer: {
+    default: null,
+    check: (v, L) =>
+      v === null || (Number.isInteger(v) && v >= 0 && (L === undefined || v < L))
+        ? null
+        : L === undefined
+          ? "is not a layer index"
+          : `is outside 0..${L - 1}`,
+    flag: "--pca-layer <l>",
+    help: "layer for low-rank reconstruction (default: first within 5% of the best recovery)",
+    parse: integerText("pcaLayer", 0),
+    fromCli: (v) => (v === undefined ? null : (v as number)),
+  },
+  pcaTestFrac: {
+    default: 0.5,
+    check: (v) => (v > 0 && v < 1 ? null : "must be in (0, 1)"),
+    flag: "--pca-test-frac <f>",
+    help: "held-out fraction of pairs for PCA recovery",
+    parse: numberText("pcaTestFrac"),
+  },
+  batchPairs: {
+    default: 4,
+    check: integer(1),
+    flag: "--batch <n>",
+    help: "pairs per forward batch; when not given, 1 if a model is streamed (each pair of a batch adds its activations to every worker's heap) (default: 4)",
+    parse: integerText("batchPairs", 1),
+    unsetOnCli: true, // not given: the study's default (1 for streamed models)
+  },
+  method: {
+    default: "exact",
+    check: (v) => (METHODS.includes(v) ? null : `must be one of ${METHODS.join(", ")}`),
+    flag: "--method <m>",
+    help: "how patches are measured: exact patched forwards, attribution (gradient estimates of every patch from one backward pass per model; no controls), or both, with their agreement",
+    choices: METHODS,
+  },
+  window: {
+    default: 1,
+    check: integer(1),
+    flag: "--window <n>",
+    help: "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects",
+    parse: integerText("window", 1),
+  },
+  heads: {
+    default: false,
+    flag: "--heads",
+    help: "also patch each attention head (attn.hook_z) on its own: an exact layers × heads grid (the first direction)",
+    fromCli: (v) => !!v,
+  },
+  positionMap: {
+    default: false,
+    flag: "--position-map",
+    help: "also patch each token position on its own at resid_post, for the pair with the largest |gap|: an exact layer × token map",
+    fromCli: (v) => !!v,
+  },
+};
+
+/** The defaults of `prefprobe run` and of runAnalysis (RUN_SETTINGS' defaults). */
+export const DEFAULT_SETTINGS: Readonly<RunSettings> = Object.freeze(
+  Object.fromEntries(Object.entries(RUN_SETTINGS).map(([k, spec]) => [k, spec.default])) as unknown as RunSettings,
+);
 
 /** Defaults filled in for what `partial` leaves out, every value checked (against the model when given). */
 export function resolveSettings(
@@ -81,41 +258,12 @@ export function resolveSettings(
   config?: Pick<LlamaConfig, "numLayers">,
 ): RunSettings {
   const given = Object.fromEntries(Object.entries(partial).filter(([, v]) => v !== undefined)); // undefined: the default
+  for (const k of Object.keys(given)) if (!(k in RUN_SETTINGS)) throw new SettingsError(`unknown setting "${k}"`);
   const s: RunSettings = { ...DEFAULT_SETTINGS, ...given };
-  const fail = (msg: string): never => {
-    throw new SettingsError(msg);
-  };
-  const int = (name: keyof RunSettings, min: number) => {
-    const v = s[name] as number;
-    if (!(Number.isInteger(v) && v >= min)) fail(`${name} must be an integer ≥ ${min}, got ${v}`);
-  };
-  int("seed", 0);
-  int("folds", 2);
-  int("stabilityReps", 0);
-  int("bootstrap", 0);
-  int("batchPairs", 1);
-  int("window", 1);
-  if (!Number.isFinite(s.alpha)) fail(`alpha must be a finite number, got ${s.alpha}`);
-  if (!(s.C > 0 && Number.isFinite(s.C))) fail(`C must be positive, got ${s.C}`);
-  if (!(s.pcaTestFrac > 0 && s.pcaTestFrac < 1)) fail(`pcaTestFrac must be in (0, 1), got ${s.pcaTestFrac}`);
-  if (!METHODS.includes(s.method)) fail(`method must be one of ${METHODS.join(", ")}, got ${String(s.method)}`);
-  if (s.positions !== "all" && s.positions !== "response")
-    fail(`positions must be "all" or "response", got ${String(s.positions)}`);
-  for (const x of s.sites) if (!SITES.includes(x)) fail(`unknown site "${x}" (choose from ${SITES.join(", ")})`);
-  for (const d of s.directions)
-    if (!DIRECTIONS.includes(d)) fail(`unknown direction "${d}" (choose from ${DIRECTIONS.join(", ")})`);
-  const L = config?.numLayers;
-  const bad = (l: number) => !(Number.isInteger(l) && l >= 0 && (L === undefined || l < L));
-  const where = L === undefined ? "not a layer index" : `outside 0..${L - 1}`;
-  const seen = new Set<number>();
-  for (const l of s.layers ?? []) {
-    if (bad(l)) fail(`layer ${l} is ${where}`);
-    if (seen.has(l)) fail(`layer ${l} is listed twice`);
-    seen.add(l);
+  for (const [k, spec] of Object.entries(RUN_SETTINGS) as Array<[keyof RunSettings, SettingSpec<unknown>]>) {
+    const wrong = spec.check?.(s[k], config?.numLayers);
+    const got = typeof s[k] === "number" ? String(s[k]) : JSON.stringify(s[k]); // NaN is not JSON
+    if (wrong) throw new SettingsError(`${k} ${wrong}, got ${got}`);
   }
-  if (s.layers && s.layers.length === 0) fail("layers is empty (use null for all layers)");
-  if (new Set(s.sites).size !== s.sites.length || new Set(s.directions).size !== s.directions.length)
-    fail("sites and directions must not repeat");
-  if (s.pcaLayer !== null && bad(s.pcaLayer)) fail(`pcaLayer ${s.pcaLayer} is ${where}`);
   return s;
 }
