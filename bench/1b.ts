@@ -235,10 +235,10 @@ async function main(): Promise<void> {
     let maxErr = 0;
     lines.forEach((l, i) => {
       const rec = records[i]!;
-      const gains = rec.gains["tuned->base resid_post"]!;
+      const gain = (layer: number) => rec.gains[`tuned->base resid_post ${layer}`]!;
       const gap = Math.abs(rec.gap);
       maxErr = Math.max(maxErr, Math.abs(l.base - rec.margin.base) / gap, Math.abs(l.tuned - rec.margin.tuned) / gap);
-      l.patched.forEach((m: number, k: number) => (maxErr = Math.max(maxErr, Math.abs(m - l.base - gains[k]!) / gap)));
+      l.patched.forEach((m: number, k: number) => (maxErr = Math.max(maxErr, Math.abs(m - l.base - gain(k)) / gap)));
     });
     const mm = spawnSync(
       py,

@@ -175,7 +175,7 @@ function loadStudy(
       info(`warning: ${tp.identical} pairs have identical chosen and rejected responses (margin 0 by construction)`);
     const plan = makePlan(s, base.config.numLayers);
     const manifest: Manifest = {
-      schema: "prefprobe.manifest/1",
+      schema: "prefprobe.manifest/2",
       inputs: { base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) },
       fingerprints,
       selection: {

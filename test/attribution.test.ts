@@ -66,12 +66,10 @@ describe("attribution patching = the derivative of the exact patch", () => {
       let count = 0;
       for (let i = 0; i < demo.pairs.length; i++) {
         for (const key of Object.keys(plus[i]!)) {
-          plus[i]![key]!.forEach((gp, l) => {
-            const fd = (gp - minus[i]![key]![l]!) / (2 * eps);
-            const est = attr[i]!.gains[key]![l]!;
-            worst = Math.max(worst, Math.abs(est - fd) / (3e-3 + 1e-3 * Math.abs(fd)));
-            count++;
-          });
+          const fd = (plus[i]![key]! - minus[i]![key]!) / (2 * eps);
+          const est = attr[i]!.gains[key]!;
+          worst = Math.max(worst, Math.abs(est - fd) / (3e-3 + 1e-3 * Math.abs(fd)));
+          count++;
         }
       }
       expect(count).toBe(demo.pairs.length * 2 * 4 * demo.base.config.numLayers);
@@ -92,16 +90,17 @@ describe("attribution patching = the derivative of the exact patch", () => {
       const key = "tuned->base resid_post";
       for (const a of all) {
         expect(a.positions.key).toBe(key);
-        a.gains[key]!.forEach((g, l) => {
+        a.positions.chosen.forEach((_, l) => {
+          const g = a.gains[`${key} ${l}`]!;
           const sum = [...a.positions.chosen[l]!, ...a.positions.rejected[l]!].reduce((x, y) => x + y, 0);
           expect(Math.abs(sum - g)).toBeLessThan(1e-4 * (1 + Math.abs(g)));
         });
       }
       const p = demo.pairs[1]!;
       expect(all[1]!.positions.chosen[0]!.length).toBe(p.promptIds.length + p.chosenIds.length);
-      one[0]!.gains[key]!.forEach((g, l) =>
-        expect(Math.abs(g - all[1]!.gains[key]![l]!)).toBeLessThan(1e-4 * (1 + Math.abs(g))),
-      );
+      expect(Object.keys(one[0]!.gains).length).toBe(demo.base.config.numLayers);
+      for (const [k, g] of Object.entries(one[0]!.gains))
+        expect(Math.abs(g - all[1]!.gains[k]!)).toBeLessThan(1e-4 * (1 + Math.abs(g)));
       one[0]!.heads
         .flat()
         .forEach((h, j) => expect(Math.abs(h - all[1]!.heads.flat()[j]!)).toBeLessThan(1e-4 * (1 + Math.abs(h))));
@@ -146,12 +145,12 @@ describe("on a planted model (tuned = base except a rank-1 change of mlp.down_pr
 
   it("estimates are exactly 0 where the two models' activations agree, and the heads add up to attn_out", () => {
     for (const a of planted(0.01).attr) {
-      for (let l = 0; l < K; l++) expect(a.gains["tuned->base resid_post"]![l]).toBe(0);
-      for (let l = 0; l <= K; l++) expect(a.gains["tuned->base attn_out"]![l]).toBe(0);
+      for (let l = 0; l < K; l++) expect(a.gains[`tuned->base resid_post ${l}`]).toBe(0);
+      for (let l = 0; l <= K; l++) expect(a.gains[`tuned->base attn_out ${l}`]).toBe(0);
       for (let l = 0; l < base.config.numLayers; l++) {
         // z → attn_out is the same linear map (o_proj) in both models, so Σ_heads Δz·∂m/∂z = Δattn_out·∂m/∂attn_out
         const heads = a.heads[l]!.reduce((x, y) => x + y, 0);
-        const out = a.gains["tuned->base attn_out"]![l]!;
+        const out = a.gains[`tuned->base attn_out ${l}`]!;
         expect(Math.abs(heads - out)).toBeLessThan(1e-4 * (1 + Math.abs(out)));
       }
     }
@@ -169,9 +168,9 @@ describe("on a planted model (tuned = base except a rank-1 change of mlp.down_pr
           "base->tuned mlp_out",
         ]) {
           for (let l = K; l < base.config.numLayers; l++) {
-            const e = exact[i]![key]![l]!;
+            const e = exact[i]![`${key} ${l}`]!;
             expect(Math.abs(e)).toBeGreaterThan(1e-3);
-            w = Math.max(w, Math.abs(a.gains[key]![l]! - e) / Math.abs(e));
+            w = Math.max(w, Math.abs(a.gains[`${key} ${l}`]! - e) / Math.abs(e));
           }
         }
       });
@@ -197,8 +196,8 @@ describe("attribution in a run", () => {
     expect(a.entries).toHaveLength(demo.base.config.numLayers);
     for (const e of a.entries) {
       expect(e.exact!.correlation).toBeGreaterThan(0.9);
-      const est = both.pairs.map((r) => r.attribution!.gains["tuned->base resid_post"]![e.layer]!);
-      const ex = both.pairs.map((r) => r.gains["tuned->base resid_post"]![e.layer]!);
+      const est = both.pairs.map((r) => r.attribution!.gains[`tuned->base resid_post ${e.layer}`]!);
+      const ex = both.pairs.map((r) => r.gains[`tuned->base resid_post ${e.layer}`]!);
       expect(e.exact!.max_abs_error).toBeCloseTo(Math.max(...est.map((v, i) => Math.abs(v - ex[i]!))), 10);
     }
     expect(a.heads.mean).toHaveLength(demo.base.config.numLayers);

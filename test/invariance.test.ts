@@ -49,18 +49,18 @@ describe("a pair's numbers", () => {
     expect(maxRelDiff(seven, one)).toBeLessThan(1e-4);
     // the control is really random: it differs between layers and from the real patch
     const r = one[0]!.record;
-    expect(r.random_direction!["tuned->base resid_post"]![0]).not.toBe(
-      r.random_direction!["tuned->base resid_post"]![1],
-    );
+    expect(r.random_direction!["tuned->base resid_post 0"]).not.toBe(r.random_direction!["tuned->base resid_post 1"]);
   });
 
   it("do not depend on which other layers are swept", async () => {
     const only3 = await run({ layers: [3] });
     const with2 = await run({ layers: [2, 3] });
     only3.forEach((st, i) => {
-      for (const key of ["tuned->base resid_post", "tuned->base attn_out"]) {
-        expect(st.record.gains[key]![0]).toBe(with2[i]!.record.gains[key]![1]);
-        expect(st.record.random_direction![key]![0]).toBe(with2[i]!.record.random_direction![key]![1]);
+      // a record holds each gain under its direction, site and layer, whatever else was swept
+      expect(Object.keys(st.record.gains).sort()).toEqual(["tuned->base attn_out 3", "tuned->base resid_post 3"]);
+      for (const key of ["tuned->base resid_post 3", "tuned->base attn_out 3"]) {
+        expect(st.record.gains[key]).toBe(with2[i]!.record.gains[key]);
+        expect(st.record.random_direction![key]).toBe(with2[i]!.record.random_direction![key]);
       }
     });
   });
@@ -68,8 +68,8 @@ describe("a pair's numbers", () => {
   it("change with the seed (the key includes it)", async () => {
     const a = await run({ layers: [3], seed: 0 });
     const b = await run({ layers: [3], seed: 1 });
-    expect(a[0]!.record.random_direction!["tuned->base resid_post"]![0]).not.toBe(
-      b[0]!.record.random_direction!["tuned->base resid_post"]![0],
+    expect(a[0]!.record.random_direction!["tuned->base resid_post 3"]).not.toBe(
+      b[0]!.record.random_direction!["tuned->base resid_post 3"],
     );
     expect(a[0]!.record.gains).toEqual(b[0]!.record.gains);
   });

@@ -111,8 +111,8 @@ describe("the batch size of a streamed run", () => {
     records(out).forEach((rec, i) => {
       expect(rec.ids).toEqual(ref[i].ids);
       for (const k of ["base", "tuned"]) expectNear(rec.margin[k], ref[i].margin[k], `margin ${k}`);
-      for (const [key, gains] of Object.entries(rec.gains as Record<string, number[]>))
-        gains.forEach((g, l) => expectNear(g, ref[i].gains[key][l], `${key} ${l}`));
+      expect(Object.keys(rec.gains).length).toBeGreaterThan(0);
+      for (const [key, g] of Object.entries(rec.gains as Record<string, number>)) expectNear(g, ref[i].gains[key], key);
     });
   });
 

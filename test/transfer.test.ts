@@ -78,7 +78,7 @@ describe("apply-subspace", () => {
     }
     expect(t.subspace.length).toBeGreaterThan(2);
     // the whole-layer patch on these pairs = the run's exact resid_post gains at that layer over the same pairs
-    const gains = test.map((i) => results.pairs[i].gains["tuned->base resid_post"][t.layer]);
+    const gains = test.map((i) => results.pairs[i].gains[`tuned->base resid_post ${t.layer}`]);
     const gaps = test.map((i) => results.pairs[i].gap);
     expect(t.full_layer_recovery).toBeCloseTo(
       gains.reduce((a: number, b: number) => a + b, 0) / gaps.reduce((a: number, b: number) => a + b, 0),

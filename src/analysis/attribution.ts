@@ -12,7 +12,7 @@ import { forward, normedRows, targetLogprobGradient, type LlamaModel } from "../
 import { pearson } from "../stats/stats.js";
 import { readValues } from "../model/read.js";
 import { roles, windowLayers } from "./patches.js";
-import { comboKey, type Plan, type ScoredBatch } from "./scoring.js";
+import { comboKey, runKey, type Plan, type ScoredBatch } from "./scoring.js";
 import type { Direction, RunSettings } from "./settings.js";
 import type { AttributionSummary, PairAttribution, PairRecord } from "./schema.js";
 
@@ -174,7 +174,7 @@ function comboEstimates(
   for (const c of combos) {
     const key = comboKey(c);
     const rowSums = readValues(() => tf.sum(overWindow(c), 1));
-    for (let i = 0; i < out.length; i++) (out[i]!.gains[key] ??= []).push(rowSums[2 * i]! + rowSums[2 * i + 1]!);
+    for (let i = 0; i < out.length; i++) out[i]!.gains[runKey(c)] = rowSums[2 * i]! + rowSums[2 * i + 1]!;
     if (key !== firstKey) continue;
     const pos = readValues(() => overWindow(c));
     for (let i = 0; i < out.length; i++) {
@@ -273,13 +273,10 @@ export function attributionSummary(
 ): AttributionSummary | null {
   if (!records.length || !records[0]!.attribution) return null;
   const meanGap = Array.from(gap).reduce((a, b) => a + b, 0) / records.length;
-  const keyIndex = new Map<string, number>();
   const entries = plan.combos.map((c) => {
-    const key = comboKey(c);
-    const li = keyIndex.get(key) ?? 0;
-    keyIndex.set(key, li + 1);
-    const est = records.map((r) => r.attribution!.gains[key]![li]!);
-    const exactGains = records[0]!.gains[key] ? records.map((r) => r.gains[key]![li]!) : null;
+    const key = runKey(c);
+    const est = records.map((r) => r.attribution!.gains[key]!);
+    const exactGains = records[0]!.gains[key] !== undefined ? records.map((r) => r.gains[key]!) : null;
     const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
     return {
       direction: c.direction,

@@ -21,10 +21,10 @@ import { interpolate } from "./patches.js";
 import { gapTooSmall, patchingEntries } from "./recovery.js";
 import {
   checkCompatible,
-  comboKey,
   gainsByKey,
   makePlan,
   pairRecord,
+  runKey,
   scoreBatch,
   type ModelPair,
   type Plan,
@@ -195,16 +195,13 @@ async function timedAsync<T>(timings: Record<string, number>, stage: string, f: 
   }
 }
 
-/** Per combo of the plan, every pair's value of a per-"direction site" record field, as [combo][pair]. */
+/** Per combo of the plan, every pair's value of a "direction site layer"-keyed record field, as [combo][pair]. */
 function columns(
   plan: Plan,
   records: PairRecord[],
-  pick: (r: PairRecord) => Record<string, number[]> | null,
+  pick: (r: PairRecord) => Record<string, number> | null,
 ): Float64Array[] {
-  return plan.combos.map((c) => {
-    const li = plan.combos.filter((d) => comboKey(d) === comboKey(c)).indexOf(c);
-    return Float64Array.from(records, (r) => pick(r)![comboKey(c)]![li]!);
-  });
+  return plan.combos.map((c) => Float64Array.from(records, (r) => pick(r)![runKey(c)]!));
 }
 
 /** What every phase-2 stage reads. */

@@ -28,9 +28,9 @@ export interface PatchingEntry extends GainSummary {
   controls: { random_direction: ControlSummary; mean_ablation: ControlSummary } | null;
 }
 
-/** Per pair: "direction site" → per patched layer estimate; and, for the first combo key, per position. */
+/** Per pair: "direction site layer" → estimate; and, for the first "direction site" of the plan, per position. */
 export interface PairAttribution {
-  gains: Record<string, number[]>;
+  gains: Record<string, number>;
   /** The first "direction site" of the plan per layer and position: chosen [L][T_chosen row], rejected [L][T_rejected row]. */
   positions: { key: string; chosen: number[][]; rejected: number[][] };
   /** The first direction's attn.hook_z estimate per layer and head. */
@@ -48,12 +48,12 @@ export interface PairRecord {
   gap: number;
   distance: number[]; // per layer: mean ‖h_tuned − h_base‖ over response positions (resid_post)
   cosine_distance: number[];
-  gains: Record<string, number[]>; // "direction site" → per patched layer (real patches; empty with method "attribution")
+  gains: Record<string, number>; // "direction site layer" → gain (real patches; empty with method "attribution")
   /** Attribution estimates (methods "attribution" and "both"), else null. */
   attribution: PairAttribution | null;
   /** With `heads`: exact gains [layer][head] of patching one head's attn.hook_z (the first direction), else null. */
   heads: number[][] | null;
-  random_direction: Record<string, number[]> | null; // the same for the random-direction control
+  random_direction: Record<string, number> | null; // the same for the random-direction control
   lens: { base: number[]; tuned: number[] }; // logit-lens margin per depth (embedding, then after each block)
 }
 

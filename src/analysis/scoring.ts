@@ -35,8 +35,11 @@ export interface Plan {
   cacheSites: HookName[];
 }
 
-/** The "direction site" key under which a pair's gains are recorded. */
+/** The "direction site" of a combo: the group its layers belong to (a report chart, attribution's positions). */
 export const comboKey = (c: { direction: Direction; site: Site }): string => `${c.direction} ${c.site}`;
+
+/** The "direction site layer" name under which a pair's gain at a combo is recorded (and its engine run is named). */
+export const runKey = (c: Combo): string => `${c.direction} ${c.site} ${c.layer}`;
 
 /** Expands settings into the combos to patch (direction-major, then site, then layer) and the sites to cache. */
 export function makePlan(s: RunSettings, L: number): Plan {
@@ -119,10 +122,10 @@ export function scoreBatch(models: ModelPair, pairs: Pair[], plan: Plan, s: RunS
 export interface PairMeasures {
   distance: number[];
   cosine: number[];
-  gains: Record<string, number[]>;
+  gains: Record<string, number>;
   attribution: PairAttribution | null;
   heads: number[][] | null;
-  randomDirection: Record<string, number[]> | null;
+  randomDirection: Record<string, number> | null;
   lens: { base: number[]; tuned: number[] };
 }
 
@@ -151,11 +154,9 @@ export function pairRecord(sc: ScoredBatch, i: number, m: PairMeasures): PairRec
   };
 }
 
-/** Gains [combo][pair of the batch] regrouped per pair as "direction site" → per layer. */
-export function gainsByKey(combos: Combo[], gains: number[][], i: number): Record<string, number[]> {
-  const out: Record<string, number[]> = {};
-  combos.forEach((c, ci) => (out[comboKey(c)] ??= []).push(gains[ci]![i]!));
-  return out;
+/** Gains [combo][pair of the batch] as pair i's record: "direction site layer" → gain. */
+export function gainsByKey(combos: Combo[], gains: number[][], i: number): Record<string, number> {
+  return Object.fromEntries(combos.map((c, ci) => [runKey(c), gains[ci]![i]!]));
 }
 
 /** An upper estimate of the float32 bytes one scoring batch of the plan holds at its peak (engine/limits.ts). */

@@ -8,7 +8,7 @@ import { hookName } from "../model/hooks.js";
 import type { Hook } from "../model/llama.js";
 import { runMargins, type Run, type Strategy } from "../engine/runs.js";
 import { gainOf, roles, windowLayers, type Patch } from "./patches.js";
-import type { Combo, ModelPair, ScoredBatch } from "./scoring.js";
+import { runKey, type Combo, type ModelPair, type ScoredBatch } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 
 /** What a sweep over one batch reads: the batch, the cached activations of each model, the unpatched margins. */
@@ -53,7 +53,7 @@ export function comboRun(
   const { dst, src } = roles(c.direction);
   const dstCache = cacheOf(input, dst, c);
   const srcOf = (site: string) => input.caches[src]?.get(site) ?? dstCache.get(site);
-  const name = `${c.direction} ${c.site} ${c.layer}`;
+  const name = runKey(c);
   if (hooked) {
     const hooks: Record<string, Hook> = {};
     for (const j of windowLayers(c.layer, window, L)) {

@@ -14,7 +14,7 @@ export class RunFolderError extends Error {
 
 /** What a run is; two runs (or shards) with the same manifest but `shard` compute the same numbers. */
 export interface Manifest {
-  schema: "prefprobe.manifest/1";
+  schema: "prefprobe.manifest/2";
   inputs: { base: string; tuned: string; pairs: string };
   fingerprints: { base: string; tuned: string; pairs: string };
   selection: { limit: number | null; max_tokens: number; skip_bad: boolean; memory_budget: number | null };
@@ -90,9 +90,14 @@ export function readManifest(dir: string): Manifest {
     );
   try {
     const m = JSON.parse(fs.readFileSync(file, "utf8")) as Manifest;
-    if (m.schema !== "prefprobe.manifest/1") throw new Error("schema");
+    if ((m.schema as string) === "prefprobe.manifest/1")
+      throw new RunFolderError(
+        `${dir} was made by an older prefprobe, whose records hold gains by position (manifest/1, now /2): start it again with --force`,
+      );
+    if (m.schema !== "prefprobe.manifest/2") throw new Error("schema");
     return m;
-  } catch {
+  } catch (e) {
+    if (e instanceof RunFolderError) throw e;
     throw new RunFolderError(`${file}: not a prefprobe manifest`);
   }
 }
