@@ -51,7 +51,7 @@ export { loadPairs, readPairs, splitHH, tokenizePairs, PairsError, type RawPair 
 
 // The intervention engine: margins of named patched runs, and of plain ones
 export { runMargins, type Run, type RunOptions, type Strategy } from "./engine/runs.js";
-export { margins, residAfter, type MarginOptions } from "./engine/margins.js";
+export { margins, residAfter, responseLogprobsOf, type MarginOptions } from "./engine/margins.js";
 export { DEFAULT_LIMITS, type Limits } from "./engine/limits.js";
 
 // The analysis: settings, the whole run, its results, and each stage

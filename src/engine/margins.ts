@@ -29,22 +29,29 @@ export interface MarginOptions {
 }
 
 /**
- * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, in pair order:
- * `margins(model, loadPairs(file, tokenizerFolder))`.
+ * Per pair, log p(chosen | prompt) (entry 2i) and log p(rejected | prompt) (entry 2i + 1) under `model`, summed
+ * over the response tokens (or their mean with perToken).
  */
-export function margins(model: LlamaModel, pairs: Pair[], opts: MarginOptions = {}): Float64Array {
-  const out = new Float64Array(pairs.length);
+export function responseLogprobsOf(model: LlamaModel, pairs: Pair[], opts: MarginOptions = {}): Float64Array {
+  const out = new Float64Array(2 * pairs.length);
   const size = opts.batchPairs ?? 4;
   if (!(Number.isInteger(size) && size >= 1))
     throw new RangeError(`batchPairs must be a positive integer, got ${size}`);
   for (let i = 0; i < pairs.length; i += size) {
     const batch = makeBatch(pairs.slice(i, i + size));
     const r = forward(model, batch.ids, { ...scored(batch, opts.limits), hooks: opts.hooks });
-    out.set(marginsOfRun(r, batch, opts.perToken), i);
+    out.set(rowLogprobs(r.logprobs!, batch, opts.perToken ?? false), 2 * i);
     r.dispose();
   }
   return out;
 }
+
+/**
+ * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, in pair order:
+ * `margins(model, loadPairs(file, tokenizerFolder))`.
+ */
+export const margins = (model: LlamaModel, pairs: Pair[], opts: MarginOptions = {}): Float64Array =>
+  marginsOf(responseLogprobsOf(model, pairs, opts));
 
 /** A model's blocks.{layer}.hook_resid_post on a batch (the forward stops there); the caller owns it. */
 export function residAfter(model: LlamaModel, batch: PairBatch, layer: number): tf.Tensor {

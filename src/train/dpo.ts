@@ -9,6 +9,7 @@ import type { Pair } from "../data/pairs.js";
 import { makeBatch, marginsOf, responseLogprobs, tokenLogprobs, type PairBatch } from "../data/batch.js";
 import { enableGradients } from "../model/gradients.js";
 import { forward, type LlamaModel } from "../model/llama.js";
+import { margins, responseLogprobsOf } from "../engine/margins.js";
 import { weightRefs, withWeights, type WeightRef } from "../model/weights.js";
 import { permutation, seededRandom, tfSeed } from "../stats/stats.js";
 
@@ -265,19 +266,10 @@ export async function tuneDPO(
  * whose margin moved by more than float32 noise (noiseFloor of the base log-probabilities; null when none did).
  */
 export function evaluatePairs(base: LlamaModel, tuned: LlamaModel, pairs: Pair[], batchPairs = 8) {
-  const rowLps = (m: LlamaModel) => {
-    const out: number[] = [];
-    for (let i = 0; i < pairs.length; i += batchPairs) {
-      const batch = makeBatch(pairs.slice(i, i + batchPairs));
-      const { logits } = forward(m, batch.ids, { lengths: batch.lengths, logitsAt: batch.logitsAt });
-      out.push(...responseLogprobs(logits!, batch, false));
-      logits!.dispose();
-    }
-    return Float64Array.from(out);
-  };
-  const lb = rowLps(base);
+  // through the engine's scored path, as every analysis margin
+  const lb = responseLogprobsOf(base, pairs, { batchPairs });
   const b = Array.from(marginsOf(lb));
-  const t = Array.from(marginsOf(rowLps(tuned)));
+  const t = Array.from(margins(tuned, pairs, { batchPairs }));
   const mean = (x: number[]) => x.reduce((a, v) => a + v, 0) / x.length;
   const moved = t.map((v, i) => Math.abs(v - b[i]!) > noiseFloor(lb[2 * i]!, lb[2 * i + 1]!));
   const counted = moved.filter(Boolean).length;
