@@ -33,6 +33,19 @@ import {
 import { Interrupted } from "./analysis/schema.js";
 import { withFlags } from "./cli-flags.js";
 
+/** This package's version, from its package.json (one folder above dist/src or src). */
+const PACKAGE_VERSION = (
+  JSON.parse(
+    fs.readFileSync(
+      new URL(
+        fs.existsSync(new URL("../../package.json", import.meta.url)) ? "../../package.json" : "../package.json",
+        import.meta.url,
+      ),
+      "utf8",
+    ),
+  ) as { version: string }
+).version;
+
 /** An error in what the user asked for, reported without a stack trace. */
 export class UsageError extends Error {
   override name = "UsageError";
@@ -42,6 +55,7 @@ const program = new Command();
 program
   .name("prefprobe")
   .description("Causal probes of preference tuning on a hand-written Llama forward pass (TensorFlow.js)")
+  .version(PACKAGE_VERSION, "-V, --version", "print prefprobe's version")
   .option("--debug", "print stack traces on errors")
   .exitOverride()
   .configureOutput({ outputError: () => {} }); // main() prints every error as one line

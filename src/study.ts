@@ -38,6 +38,8 @@ import {
   ensureWritableDir,
   fileHash,
   holdsRun,
+  lockRun,
+  removeIfEmpty,
   manifestDiff,
   readManifest,
   readStates,
@@ -266,6 +268,7 @@ function runMeta(l: Loaded, backend: string, words: string[], t0: number): RunMe
     notes: {
       boundary_merged: l.tp.merged,
       identical_responses: l.tp.identical,
+      invalid_utf8: l.tp.invalidUtf8,
       same_models: l.manifest.fingerprints.base === l.manifest.fingerprints.tuned,
     },
     backend,
@@ -286,15 +289,53 @@ export async function runStudy(
   settings: Partial<RunSettings> = {},
   events: StudyEvents = {},
 ): Promise<StudyResult> {
+  resolveSettings(settings);
+  if (inputs.resume && inputs.force) throw new OutputError("--resume and --force exclude each other");
+  return inRunFolder(inputs.out, { resume: !!inputs.resume, force: !!inputs.force }, () =>
+    studyInFolder(inputs, settings, events),
+  );
+}
+
+/**
+ * Runs `work` with `out` made (if missing), checked and locked: a folder in use by another run, holding another
+ * run (without --resume or --force), no run to resume, or files that are not a run, is refused before anything is
+ * written. The lock is released at the end; on a failure the folders this call made are removed if still empty.
+ */
+export async function inRunFolder<T>(
+  out: string,
+  mode: { resume: boolean; force: boolean },
+  work: () => Promise<T>,
+): Promise<T> {
+  const made = ensureWritableDir(out);
+  let release = () => {};
+  try {
+    release = lockRun(out, { takeOver: mode.resume || mode.force || !holdsRun(out) });
+    if (holdsRun(out) && !mode.resume && !mode.force)
+      throw new OutputError(`--out ${out} holds another run (use --resume to continue it, or --force to replace it)`);
+    if (mode.resume && !holdsRun(out)) throw new OutputError(`--resume: ${out} holds no run to continue`);
+    const others = fs.readdirSync(out).filter((f) => f !== "run.lock");
+    if (!holdsRun(out) && others.length && !mode.force)
+      throw new OutputError(
+        `--out ${out} holds files that are not a prefprobe run (${others.slice(0, 3).join(", ")}${others.length > 3 ? ", …" : ""}): choose a new or empty folder, or --force to write beside them`,
+      );
+    return await work();
+  } catch (e) {
+    release();
+    release = () => {};
+    removeIfEmpty(made);
+    throw e;
+  } finally {
+    release();
+  }
+}
+
+async function studyInFolder(
+  inputs: StudyInputs,
+  settings: Partial<RunSettings>,
+  events: StudyEvents,
+): Promise<StudyResult> {
   const info = events.onInfo ?? (() => {});
   const checked = resolveSettings(settings);
-  if (inputs.resume && inputs.force) throw new OutputError("--resume and --force exclude each other");
-  ensureWritableDir(inputs.out);
-  if (holdsRun(inputs.out) && !inputs.resume && !inputs.force)
-    throw new OutputError(
-      `--out ${inputs.out} holds another run (use --resume to continue it, or --force to replace it)`,
-    );
-  if (inputs.resume && !holdsRun(inputs.out)) throw new OutputError(`--resume: ${inputs.out} holds no run to continue`);
   const backend = await initBackend(inputs.backend);
   info(`backend: ${backend}`);
   const t0 = performance.now();
@@ -306,7 +347,10 @@ export async function runStudy(
   try {
     info(
       `pairs: ${l.tp.pairs.length} used, ${l.tp.tooLong} skipped as longer than ${l.manifest.selection.max_tokens} tokens, ${l.tp.bad.length} malformed lines skipped` +
-        (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : ""),
+        (l.tp.merged ? `, ${l.tp.merged} with a token merged across the prompt/response seam` : "") +
+        (l.tp.invalidUtf8
+          ? `; warning: ${l.tp.invalidUtf8 === 1 ? "1 pair comes from a line that is" : `${l.tp.invalidUtf8} pairs come from lines that are`} not valid UTF-8, read with U+FFFD for each bad byte sequence`
+          : ""),
     );
     let done: PairState[] = [];
     if (inputs.resume) {
@@ -439,7 +483,6 @@ export async function mergeShards(
   shardDirs: string[],
   events: StudyEvents & { backend?: string; force?: boolean } = {},
 ): Promise<StudyResult> {
-  const info = events.onInfo ?? (() => {});
   if (shardDirs.length === 0) throw new OutputError("merge needs at least one shard folder");
   const manifests = shardDirs.map((d) => readManifest(d));
   const first = manifests[0]!;
@@ -451,6 +494,10 @@ export async function mergeShards(
   const count = first.shard?.count ?? 1;
   const seen = new Map<number, string>();
   manifests.forEach((m, i) => {
+    if (!m.shard)
+      throw new OutputError(
+        `${shardDirs[i]} is a whole run (made without --shard), not a shard: there is nothing to merge`,
+      );
     if ((m.shard?.count ?? 1) !== count)
       throw new OutputError(`${shardDirs[i]}: shard of ${m.shard?.count ?? 1}, others of ${count}`);
     const idx = m.shard?.index ?? 0;
@@ -463,8 +510,18 @@ export async function mergeShards(
     throw new OutputError(
       `missing shard${missing.length > 1 ? "s" : ""} ${missing.map((i) => `${i}/${count}`).join(", ")}`,
     );
-  ensureWritableDir(out);
-  if (holdsRun(out) && !events.force) throw new OutputError(`${out} holds another run (use --force to replace it)`);
+  return inRunFolder(out, { resume: false, force: !!events.force }, () => mergeInto(out, shardDirs, manifests, events));
+}
+
+/** mergeShards' work once the shards are checked and `out` is locked. */
+async function mergeInto(
+  out: string,
+  shardDirs: string[],
+  manifests: Manifest[],
+  events: StudyEvents & { backend?: string; force?: boolean },
+): Promise<StudyResult> {
+  const info = events.onInfo ?? (() => {});
+  const first = manifests[0]!;
   const backend = await initBackend(events.backend);
   info(`backend: ${backend}`);
   const t0 = performance.now();

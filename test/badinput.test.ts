@@ -208,6 +208,63 @@ describe("bad input", () => {
     expect(fs.readFileSync(path.join(out, "manifest.json"), "utf8")).toBe(manifest);
   });
 
+  it("a UTF-8 byte-order mark is read past; lines that are not valid UTF-8 are counted and said, not silently replaced", () => {
+    const dir = tmpDir();
+    const f = path.join(dir, "pairs.jsonl");
+    const text = [good(0), good(1), good(2)].map((l) => JSON.stringify(l)).join("\n") + "\n";
+    fs.writeFileSync(f, Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(text)]));
+    const withBom = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      f,
+      "--out",
+      path.join(dir, "a"),
+      ...FAST,
+    );
+    expect(withBom.code, withBom.err).toBe(0);
+    expect(withBom.err).not.toMatch(/UTF-8/);
+    const bad = Buffer.from(text.replace("cat number 1", "cat number \u0001"));
+    bad[bad.indexOf(0x01)] = 0xc3; // a lead byte with no continuation
+    fs.writeFileSync(f, bad);
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", path.join(dir, "b"), ...FAST);
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/warning: 1 pair comes from a line that is not valid UTF-8, read with U\+FFFD/);
+    const results = JSON.parse(fs.readFileSync(path.join(dir, "b", "results.json"), "utf8"));
+    expect(results.notes.invalid_utf8).toBe(1);
+  });
+
+  it("--alpha beyond ±100 and --window past the model's layers are refused before anything runs; --version prints the version", () => {
+    for (const [args, msg] of [
+      [["--alpha", "1e30"], /^prefprobe: error: --alpha must be a number in \[−100, 100\], got 1e\+30$/],
+      [["--alpha", "1e308"], /^prefprobe: error: --alpha must be a number in \[−100, 100\]/],
+      [["--window", "9"], /^prefprobe: error: --window is more than the model's 5 layers, got 9$/],
+    ] as const) {
+      const out = path.join(tmpDir(), "o");
+      const r = runCli(
+        "run",
+        "--base",
+        MODEL,
+        "--tuned",
+        TUNED,
+        "--pairs",
+        writePairs([good(0)]),
+        "--out",
+        out,
+        ...args,
+      );
+      expect(r.code).toBe(1);
+      expect(lastLine(r.err)).toMatch(msg);
+      expect(fs.existsSync(out)).toBe(false);
+    }
+    const v = runCli("--version");
+    expect(v.code).toBe(0);
+    expect(v.out.trim()).toBe(JSON.parse(fs.readFileSync("package.json", "utf8")).version);
+  });
+
   it("--limit N stops reading after N usable pairs (a bad line further on does not matter)", () => {
     const f = writePairs([good(0), good(1), good(2), "{not json"]);
     const r = runCli(

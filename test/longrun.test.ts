@@ -158,7 +158,10 @@ describe("resume", () => {
     // a run folder is not reused by accident
     const again = runCli("run", ...ARGS, "--out", out);
     expect(again.code).toBe(1);
-    expect(again.err).toMatch(/holds another run \(use --resume to continue it, or --force to replace it\)/);
+    // the killed run's lock names it, and is taken over by --resume below
+    expect(again.err).toMatch(
+      /holds a run that was stopped \(pid \d+ on .*\): continue it with --resume or replace it with --force/,
+    );
     const r = runCli("run", ...ARGS, "--out", out, "--resume");
     expect(r.code, r.err).toBe(0);
     expect(r.out).toMatch(/resumed: \d+ pairs from the earlier run/);
@@ -195,8 +198,15 @@ describe("resume", () => {
     expect(r.err.trim().split("\n").pop()).toMatch(
       /^prefprobe: error: --resume: the run in .* was made with other inputs: settings\.seed: 0 vs 4; settings\.bootstrap: 30 vs 31$/,
     );
-    const nothing = runCli("run", ...ARGS, "--out", path.join(tmpDir(), "empty"), "--resume");
+    // a list that differs is told by its lengths and first difference, not cut off mid-way
+    const batches = runCli("run", ...ARGS, "--batch", "1", "--out", out, "--resume");
+    expect(batches.err.trim().split("\n").pop()).toMatch(
+      /batches: \d+ vs \d+ entries, first different at \[\d+\]: \[\d+,\d+\] vs \[\d+,\d+\]/,
+    );
+    const empty = path.join(tmpDir(), "empty");
+    const nothing = runCli("run", ...ARGS, "--out", empty, "--resume");
     expect(nothing.err).toMatch(/--resume: .* holds no run to continue/);
+    expect(fs.existsSync(empty)).toBe(false); // the folder it made for nothing is gone
   });
 
   it("Ctrl-C stops between batches with a one-line message and exit 130; --resume finishes the run", async () => {

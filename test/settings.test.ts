@@ -14,7 +14,9 @@ describe("settings", () => {
 
   it.each([
     [{ folds: 1 }, /folds must be an integer ≥ 2/],
-    [{ alpha: NaN }, /alpha must be a finite number/],
+    [{ alpha: NaN }, /alpha must be a number in \[−100, 100\], got NaN/],
+    [{ alpha: -101 }, /alpha must be a number in/],
+    [{ window: 6 }, /window is more than the model's 5 layers, got 6/],
     [{ sites: ["resid"] as never }, /unknown site "resid"/],
     [{ directions: ["up"] as never }, /unknown direction "up"/],
     [{ layers: [1, 1] }, /layers lists layer 1 twice/],

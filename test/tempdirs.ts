@@ -1,5 +1,5 @@
-// Temporary folders made by tests: each is named prefprobe-<what>-XXXXXX in the OS temp dir and removed after its
-// test file (test/setup.ts); test/global-setup.ts fails the run if the suite leaves more such entries than it found.
+// Temporary folders made by tests: each is named prefprobe-<what>-XXXXXX in the OS temp dir (the suite's own, see
+// test/global-setup.ts, which fails the run if anything is left in it) and removed after its test file (test/setup.ts).
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -18,7 +18,3 @@ export function removeTempDirs(): void {
   for (const dir of made) fs.rmSync(dir, { recursive: true, force: true });
   made.clear();
 }
-
-/** The prefprobe-* entries of the OS temp dir now. */
-export const prefprobeTempEntries = (): string[] =>
-  fs.readdirSync(os.tmpdir()).filter((n) => n.startsWith("prefprobe-"));

@@ -86,6 +86,9 @@ const integer = (min: number) => (v: number) =>
   Number.isInteger(v) && v >= min ? null : `must be an integer ≥ ${min}`;
 const list = (text: string) => text.split(",").map((x) => x.trim());
 
+/** The largest patch strength |α| a run takes: 1 is the whole difference; beyond ~100 a patch leaves both models' range. */
+export const MAX_ALPHA = 100;
+
 /** Every run setting: defaults, validation and the CLI's options come from here. */
 export const RUN_SETTINGS: { readonly [K in keyof RunSettings]: SettingSpec<RunSettings[K]> } = {
   perToken: {
@@ -103,7 +106,9 @@ export const RUN_SETTINGS: { readonly [K in keyof RunSettings]: SettingSpec<RunS
   },
   alpha: {
     default: 1,
-    check: (v) => (Number.isFinite(v) ? null : "must be a finite number"),
+    // |α| ≫ 1 moves an activation far past both models' (α = 1e30 read −236.7% everywhere): no finding
+    check: (v) =>
+      Number.isFinite(v) && Math.abs(v) <= MAX_ALPHA ? null : `must be a number in [−${MAX_ALPHA}, ${MAX_ALPHA}]`,
     flag: "--alpha <a>",
     help: "patch strength: h = h_base + α (h_tuned − h_base)",
     parse: numberText("alpha"),
@@ -228,7 +233,7 @@ export const RUN_SETTINGS: { readonly [K in keyof RunSettings]: SettingSpec<RunS
   },
   window: {
     default: 1,
-    check: integer(1),
+    check: (v, L) => integer(1)(v) ?? (L !== undefined && v > L ? `is more than the model's ${L} layers` : null),
     flag: "--window <n>",
     help: "patch n consecutive layers together (a patch at layer l covers l … l+n−1): cross-layer effects",
     parse: integerText("window", 1),

@@ -15,6 +15,8 @@ export interface RawPair {
   promptIds?: number[];
   chosenIds?: number[];
   rejectedIds?: number[];
+  /** The line was not valid UTF-8: each bad byte sequence reads as U+FFFD. */
+  invalidUtf8?: boolean;
 }
 
 /** A problem with the pairs file, naming its line. */
@@ -69,8 +71,35 @@ function parseLine(text: string, line: number): RawPair {
   return { line, ...hh };
 }
 
-/** The text of a pairs file (gunzipped when it ends in .gz). */
-function readPairsText(file: string): string {
+/**
+ * The lines of a pairs file (gunzipped when it ends in .gz; a UTF-8 byte-order mark is dropped), and which
+ * (0-based) are not valid UTF-8: such a line is read with U+FFFD for each bad sequence, and said so.
+ */
+function readPairsLines(file: string): { lines: string[]; invalid: Set<number> } {
+  const buf = readPairsBytes(file);
+  const strict = new TextDecoder("utf-8", { fatal: true, ignoreBOM: false });
+  const invalid = new Set<number>();
+  try {
+    strict.decode(buf);
+  } catch {
+    // 0x0A never occurs inside a multi-byte sequence, so the lines can be checked one by one
+    let start = 0;
+    for (let i = 0, line = 0; i <= buf.length; i++) {
+      if (i < buf.length && buf[i] !== 0x0a) continue;
+      try {
+        new TextDecoder("utf-8", { fatal: true }).decode(buf.subarray(start, i));
+      } catch {
+        invalid.add(line);
+      }
+      start = i + 1;
+      line++;
+    }
+  }
+  return { lines: new TextDecoder("utf-8").decode(buf).split("\n"), invalid };
+}
+
+/** The bytes of a pairs file (gunzipped when it ends in .gz). */
+function readPairsBytes(file: string): Buffer {
   let buf: Buffer;
   try {
     buf = fs.readFileSync(file);
@@ -84,7 +113,7 @@ function readPairsText(file: string): string {
       throw new PairsError(`${file}: not a valid gzip file`);
     }
   }
-  return buf.toString("utf8");
+  return buf;
 }
 
 /**
@@ -92,13 +121,14 @@ function readPairsText(file: string): string {
  * the lines it needs): a RawPair, or the line's error prefixed with the file name.
  */
 export function* iterPairs(file: string): Generator<RawPair | { line: number; error: string }> {
-  const lines = readPairsText(file).split("\n");
+  const { lines, invalid } = readPairsLines(file);
   let any = false;
   for (let i = 0; i < lines.length; i++) {
     if (lines[i]!.trim() === "") continue;
     any = true;
     try {
-      yield parseLine(lines[i]!, i + 1);
+      const p = parseLine(lines[i]!, i + 1);
+      yield invalid.has(i) ? { ...p, invalidUtf8: true } : p;
     } catch (e) {
       yield { line: i + 1, error: `${file}: ${(e as Error).message}` };
     }
@@ -157,6 +187,7 @@ export interface TokenizedPairs {
   bad: Array<{ line: number; reason: string }>; // skipped with skipBad: malformed or unusable
   merged: number; // pairs whose prompt's last token(s) merged with the responses (see tokenizeTextPair)
   identical: number; // pairs whose chosen and rejected token ids are the same (margin 0 by construction)
+  invalidUtf8: number; // pairs read from lines that were not valid UTF-8 (bad sequences as U+FFFD)
 }
 
 /**
@@ -169,7 +200,7 @@ export function tokenizePairs(
   vocabSize: number,
   opts: { maxTokens?: number; limit?: number; skipBad?: boolean } = {},
 ): TokenizedPairs {
-  const out: TokenizedPairs = { pairs: [], tooLong: 0, bad: [], merged: 0, identical: 0 };
+  const out: TokenizedPairs = { pairs: [], tooLong: 0, bad: [], merged: 0, identical: 0, invalidUtf8: 0 };
   for (const r of raw) {
     if (opts.limit !== undefined && out.pairs.length >= opts.limit) break;
     try {
@@ -212,6 +243,7 @@ export function tokenizePairs(
         continue;
       }
       if (merged > 0) out.merged++;
+      if (r.invalidUtf8) out.invalidUtf8++;
       if (p.chosenIds.length === p.rejectedIds.length && p.chosenIds.every((id, i) => id === p.rejectedIds[i]))
         out.identical++;
       out.pairs.push({ index: out.pairs.length, ...p });

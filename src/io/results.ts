@@ -135,7 +135,7 @@ export interface RunMeta {
   inputs: { base: string; tuned: string; pairs: string }; // absolute paths
   fingerprints: { base: string; tuned: string; pairs: string }; // sha256 of the model folders and the pairs file
   skipped: { too_long: number; malformed: Array<{ line: number; reason: string }> };
-  notes: { boundary_merged: number; identical_responses: number; same_models: boolean };
+  notes: { boundary_merged: number; identical_responses: number; invalid_utf8: number; same_models: boolean };
   backend: string;
   versions: Record<string, string>;
   findings: string[];

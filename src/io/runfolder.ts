@@ -3,6 +3,7 @@
 // records), both appended and fsync'd as batches complete, so `--resume` continues where a run stopped.
 import * as crypto from "node:crypto";
 import * as fs from "node:fs";
+import * as os from "node:os";
 import * as path from "node:path";
 import type { PairRecord, PairState } from "../analysis/schema.js";
 import { writeFileAtomic } from "./model.js";
@@ -44,9 +45,10 @@ export function fileHash(file: string): string {
 
 /**
  * Makes sure `dir` is a folder this process can write, creating missing parents one level at a time (a plain
- * recursive mkdir never returns on some paths, e.g. under /proc). Fails with a one-line reason.
+ * recursive mkdir never returns on some paths, e.g. under /proc), and returns the folders it made. Fails with a
+ * one-line reason.
  */
-export function ensureWritableDir(dir: string, flag = "--out"): void {
+export function ensureWritableDir(dir: string, flag = "--out"): string[] {
   const abs = path.resolve(dir);
   const missing: string[] = [];
   let p = abs;
@@ -66,11 +68,85 @@ export function ensureWritableDir(dir: string, flag = "--out"): void {
   } catch (e) {
     throw new RunFolderError(`cannot write to ${flag} ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
   }
+  return missing;
+}
+
+/** Removes the folders ensureWritableDir made (`made`, outermost first) where they are still empty. */
+export function removeIfEmpty(made: string[]): void {
+  for (const d of [...made].reverse()) {
+    try {
+      fs.rmdirSync(d);
+    } catch {
+      return; // not empty (or gone): what is in it stays
+    }
+  }
 }
 
 /** Whether a folder already holds (part of) a run. */
 export const holdsRun = (dir: string): boolean =>
   [FILES.manifest, FILES.records, FILES.sums, ...FINAL_FILES].some((f) => fs.existsSync(path.join(dir, f)));
+
+/** The lock file a run holds in its folder while it runs: who holds it. */
+const LOCK = "run.lock";
+interface LockHolder {
+  pid: number;
+  host: string;
+  started: string;
+}
+
+const readHolder = (file: string): LockHolder | null => {
+  try {
+    const h = JSON.parse(fs.readFileSync(file, "utf8")) as LockHolder;
+    return Number.isInteger(h.pid) && typeof h.host === "string" ? h : null;
+  } catch {
+    return null; // gone, or written by a process killed mid-write
+  }
+};
+
+/** Whether process `pid` of this host is running (EPERM: it is, under another user). */
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/**
+ * Takes `dir`'s run lock (run.lock: pid, host, start time), so a second run into the same folder is refused at
+ * once, naming the holder. A lock left by a run that was killed (its pid is gone on this host) is taken over
+ * when `takeOver` (--resume, --force, or a folder holding no run yet), else refused with how to go on. A lock
+ * from another host cannot be checked and counts as held. Returns the release, which removes the file if it is
+ * still this process's.
+ */
+export function lockRun(dir: string, opts: { takeOver: boolean }): () => void {
+  const file = path.join(dir, LOCK);
+  const me: LockHolder = { pid: process.pid, host: os.hostname(), started: new Date().toISOString() };
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      fs.writeFileSync(file, JSON.stringify(me) + "\n", { flag: "wx" });
+      return () => {
+        if (readHolder(file)?.pid === me.pid) fs.rmSync(file, { force: true });
+      };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST")
+        throw new RunFolderError(`cannot lock ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
+    }
+    const h = readHolder(file);
+    const who = h ? `pid ${h.pid} on ${h.host}, started ${h.started}` : "an unreadable run.lock";
+    if (h && (h.host !== me.host || pidAlive(h.pid)))
+      throw new RunFolderError(
+        `--out ${dir} is in use by another prefprobe run (${who})${h.host !== me.host ? "; if that run is gone, delete its run.lock" : ""}`,
+      );
+    if (!opts.takeOver)
+      throw new RunFolderError(
+        `--out ${dir} holds a run that was stopped (${who}): continue it with --resume or replace it with --force`,
+      );
+    fs.rmSync(file, { force: true }); // a killed run's: taken over
+  }
+  throw new RunFolderError(`--out ${dir}: another prefprobe run took its lock at the same moment`);
+}
 
 /** Removes every file a run writes (for --force). */
 export function clearRun(dir: string): void {
@@ -118,8 +194,15 @@ export function manifestDiff(a: Manifest, b: Manifest, ignoreShard = false): str
       for (const k of new Set([...Object.keys(x), ...Object.keys(y)]))
         walk((x as Record<string, unknown>)[k], (y as Record<string, unknown>)[k], key ? `${key}.${k}` : k);
     } else if (JSON.stringify(x) !== JSON.stringify(y)) {
-      const show = (v: unknown) => (JSON.stringify(v) ?? "undefined").slice(0, 80);
-      out.push(`${key}: ${show(x)} vs ${show(y)}`);
+      const show = (v: unknown) => JSON.stringify(v) ?? "undefined";
+      if (Array.isArray(x) && Array.isArray(y)) {
+        // a whole list (the batches) says nothing; its lengths and first difference do
+        const at = x.findIndex((v, i) => JSON.stringify(v) !== JSON.stringify(y[i]));
+        const first = at < 0 ? x.length : at;
+        out.push(
+          `${key}: ${x.length} vs ${y.length} entries, first different at [${first}]: ${show(x[first])} vs ${show(y[first])}`,
+        );
+      } else out.push(`${key}: ${show(x)} vs ${show(y)}`);
     }
   };
   walk(a, b, "");

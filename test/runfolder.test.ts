@@ -1,0 +1,109 @@
+// A run folder is one run's: a second run into it is refused while the first holds its lock, a killed run's lock
+// is taken over only on --resume (or --force), a failing run leaves no folder it made, and a folder of other
+// files is not written into without --force.
+import { spawn, spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { describe, expect, it } from "vitest";
+import { runCli, tmpDir } from "./helpers.js";
+
+const MODEL = "fixtures/models/stories260k";
+const TUNED = "fixtures/models/stories260k-dpo";
+const PAIRS = "fixtures/data/stories/test.jsonl";
+const FAST = ["--bootstrap", "10", "--stability", "2", "--workers", "1"];
+const run = (out: string, ...more: string[]) =>
+  runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", PAIRS, "--out", out, "--limit", "6", ...FAST, ...more);
+const lastLine = (err: string) => err.trim().split("\n").at(-1)!;
+
+/** Runs the CLI without waiting; resolves with its exit code, pid and stderr. */
+function start(...args: string[]): Promise<{ code: number | null; pid: number; err: string }> {
+  const child = spawn(process.execPath, [path.resolve("dist/src/cli.js"), ...args], {
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let err = "";
+  child.stderr.on("data", (d) => (err += d));
+  return new Promise((resolve) => child.on("close", (code) => resolve({ code, pid: child.pid!, err })));
+}
+
+/** A pid that no process has now: one that ran and exited. */
+const deadPid = (): number => spawnSync(process.execPath, ["-e", ""]).pid!;
+
+const writeLock = (dir: string, pid: number) =>
+  fs.writeFileSync(path.join(dir, "run.lock"), JSON.stringify({ pid, host: os.hostname(), started: "then" }));
+
+describe("a run folder", () => {
+  it("refuses a second run started into it at the same time, naming the first; the first's records are whole", async () => {
+    const out = path.join(tmpDir(), "shared");
+    const args = ["run", "--base", MODEL, "--tuned", TUNED, "--pairs", PAIRS, "--out", out, "--limit", "40", ...FAST];
+    const [a, b] = await Promise.all([start(...args), start(...args)]);
+    const [won, lost] = a.code === 0 ? [a, b] : [b, a];
+    expect(won.code, won.err).toBe(0);
+    expect(lost.code).toBe(1);
+    expect(lastLine(lost.err)).toMatch(new RegExp(`in use by another prefprobe run \\(pid ${won.pid} on `));
+    expect(fs.readFileSync(path.join(out, "pairs.jsonl"), "utf8").trim().split("\n")).toHaveLength(40);
+    expect(fs.existsSync(path.join(out, "run.lock"))).toBe(false); // released at the end
+    expect(runCli(...args, "--resume").code).toBe(0);
+  });
+
+  it("a killed run's lock is taken over by --resume and refused otherwise; a live holder's never", () => {
+    const out = path.join(tmpDir(), "run");
+    expect(run(out).code).toBe(0);
+    writeLock(out, deadPid());
+    const plain = run(out);
+    expect(plain.code).toBe(1);
+    expect(lastLine(plain.err)).toMatch(
+      /holds a run that was stopped \(pid \d+ .*\): continue it with --resume or replace it with --force/,
+    );
+    const resumed = run(out, "--resume");
+    expect(resumed.code, resumed.err).toBe(0);
+    expect(fs.existsSync(path.join(out, "run.lock"))).toBe(false);
+    writeLock(out, process.pid); // this test's own process: alive
+    const busy = run(out, "--resume");
+    expect(busy.code).toBe(1);
+    expect(lastLine(busy.err)).toMatch(new RegExp(`in use by another prefprobe run \\(pid ${process.pid} on `));
+    expect(fs.existsSync(path.join(out, "results.json"))).toBe(true); // nothing lost
+  });
+
+  it("a run that fails before writing leaves no folder it made", () => {
+    const parent = tmpDir();
+    const out = path.join(parent, "new", "deeper");
+    const r = runCli(
+      "run",
+      "--base",
+      MODEL,
+      "--tuned",
+      TUNED,
+      "--pairs",
+      path.join(parent, "missing.jsonl"),
+      "--out",
+      out,
+    );
+    expect(r.code).toBe(1);
+    expect(fs.existsSync(path.join(parent, "new"))).toBe(false);
+  });
+
+  it("a folder of other files is not written into without --force, and --force keeps them", () => {
+    const out = tmpDir();
+    fs.writeFileSync(path.join(out, "notes.txt"), "mine");
+    const r = run(out);
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(
+      /holds files that are not a prefprobe run \(notes\.txt\): choose a new or empty folder, or --force/,
+    );
+    expect(fs.readdirSync(out)).toEqual(["notes.txt"]);
+    expect(run(out, "--force").code).toBe(0);
+    expect(fs.readFileSync(path.join(out, "notes.txt"), "utf8")).toBe("mine");
+  });
+
+  it("merge of whole runs says they are not shards", () => {
+    const [a, b] = [path.join(tmpDir(), "a"), path.join(tmpDir(), "b")];
+    expect(run(a).code).toBe(0);
+    expect(run(b).code).toBe(0);
+    const r = runCli("merge", path.join(tmpDir(), "m"), a, b);
+    expect(r.code).toBe(1);
+    expect(lastLine(r.err)).toMatch(
+      /a is a whole run \(made without --shard\), not a shard: there is nothing to merge$/,
+    );
+  });
+});
