@@ -363,6 +363,16 @@ describe("bad input", () => {
     expect(r.err).toMatch(/warning: 1 pairs have identical chosen and rejected responses/);
   });
 
+  it("five pairs whose rejected response is the chosen one: the findings say there is no gap, and localize nothing", () => {
+    const f = writePairs([0, 1, 2, 3, 4].map((i) => ({ ...good(i), rejected: good(i).chosen })));
+    const out = path.join(tmpDir(), "o");
+    const r = runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", f, "--out", out, ...FAST);
+    expect(r.code, r.err).toBe(0);
+    const words: string[] = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")).findings;
+    expect(words[0]).toMatch(/^Verdict — is the tuned model better on these pairs\? No gap: .*float32 rounding/);
+    expect(words.join(" ")).not.toMatch(/recovery peaks|patching only the top|LASSO \(|Steering|Logit lens/);
+  });
+
   it("a tokenizer.json of an unknown model type is refused", () => {
     const dir = modelCopy((d) => {
       const tok = JSON.parse(fs.readFileSync(path.join(d, "tokenizer.json"), "utf8"));

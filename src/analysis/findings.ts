@@ -1,5 +1,7 @@
 // The headline findings of a run, in plain words computed from the numbers.
+import { binomialUpperTail } from "../stats/tests.js";
 import type { Results } from "./schema.js";
+import { betterVerdict, verdict } from "./verdict.js";
 import type { TransferResult } from "./steering.js";
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -17,7 +19,11 @@ export function findings(r: Results): string[] {
     out.push(
       "The two models' margins do not differ (mean gap at rounding level), so there is no gap to recover: recovery ratios are not reported.",
     );
+  const better = r.pairs.length ? betterVerdict(r.pairs).answer : "yes";
+  // a gap of rounding alone localizes nothing: no sentence about where it is
+  if (better === "no gap") return [...verdict(r), ...out, ...probeFindings(r)];
   return [
+    ...verdict(r),
     ...out,
     ...patchingFindings(r),
     ...attributionFindings(r),
@@ -47,6 +53,8 @@ function patchingFindings(r: Results): string[] {
           ? ` in windows of ${best.window} consecutive layers (a layer l below is the window l … l+${best.window - 1})`
           : "";
       let line = `Patching ${site} (${dir})${win}${how}: recovery peaks at layer ${best.layer} with ${pct(best.recovery)} of the gap${ci}`;
+      if (site === "resid_post")
+        line = `${line} (a resid_post patch carries every change made below it, so this rises with depth by construction and localizes nothing by itself)`;
       line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
       if (best.controls) {
         const rnd = best.controls.random_direction;
@@ -96,8 +104,16 @@ function probeFindings(r: Results): string[] {
     const p = r.probes.filter((x) => x.model === model);
     if (!p.length) continue;
     const best = p.reduce((a, b) => (b.accuracy > a.accuracy ? b : a));
+    // chance is 50% (one chosen and one rejected response per pair); one-sided binomial over the 2n responses,
+    // Bonferroni over every probe fitted (models × layers)
+    const n = 2 * r.n_pairs;
+    const m = r.probes.length;
+    const pAdj = Math.min(1, m * binomialUpperTail(Math.round(best.accuracy * n), n, 0.5));
+    const test = `binomial p = ${pAdj < 1e-4 ? pAdj.toExponential(1) : pAdj.toPrecision(2)} against 50% over ${n} responses, Bonferroni over ${m} probes`;
     out.push(
-      `Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy (difference-of-means direction: ${pct(best.diff_means_accuracy)}).`,
+      pAdj < 0.05
+        ? `Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy, above chance (${test}; difference-of-means direction: ${pct(best.diff_means_accuracy)}).`
+        : `Linear probes on the ${model} model: not supported — the best layer (${best.layer}, ${pct(best.accuracy)} cross-validated accuracy) is not distinguishable from chance (${test}).`,
     );
   }
   return out;
@@ -122,7 +138,7 @@ function lowRankFindings(r: Results): string[] {
       const at = (v: typeof md, b: number) => v.by_strength.find((x) => x.strength === b) ?? v.by_strength[0]!;
       const top = md.by_strength.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       out.push(
-        `Steering the base model alone (no tuned model at inference) by adding the training pairs' mean difference at layer ${r.pca.layer} recovers ${pct(at(md, 1).recovery)} of the held-out gap at β = 1 and at most ${pct(top.recovery)} (β = ${top.strength}); a random direction of the same norm: ${pct(at(rnd, 1).recovery)} at β = 1.`,
+        `Steering the base model alone (no tuned model at inference) by adding the training pairs' mean difference at layer ${r.pca.layer} recovers ${pct(at(md, 1).recovery)} of the held-out gap at β = 1 and at most ${pct(top.recovery)} (β = ${top.strength}); a random direction of the same norm: ${pct(at(rnd, 1).recovery)} at β = 1 and ${pct(at(rnd, top.strength).recovery)} at β = ${top.strength}.`,
       );
     }
   }
@@ -136,9 +152,15 @@ function lensFindings(r: Results): string[] {
   const gaps = lens.tuned.map((t, i) => t - lens.base[i]!);
   const finalGap = gaps[gaps.length - 1]!;
   const emerge = gaps.findIndex((g) => Math.abs(finalGap) > 1e-9 && g / finalGap >= 0.5);
-  if (emerge >= 0)
+  const flips = gaps.slice(1).some((g, i) => Math.sign(g) !== Math.sign(gaps[i]!) && g !== 0 && gaps[i] !== 0);
+  const note = flips ? " (the lens gap changes sign across depths, so read it with care)" : "";
+  if (emerge === gaps.length - 1)
     out.push(
-      `Logit lens: half of the final margin gap is readable from the residual stream by ${lens.layers[emerge] === "embed" ? "the embedding" : `layer ${lens.layers[emerge]}`}.`,
+      `Logit lens: half of the final margin gap is readable only after the last layer: no earlier depth shows it${note}.`,
+    );
+  else if (emerge >= 0)
+    out.push(
+      `Logit lens: half of the final margin gap is readable from the residual stream by ${lens.layers[emerge] === "embed" ? "the embedding" : `layer ${lens.layers[emerge]}`}${note}.`,
     );
   return out;
 }
@@ -180,7 +202,11 @@ function attributionFindings(r: Results): string[] {
   let minAll = Infinity;
   let worst = a.entries[0]!;
   for (const [name, es] of groups) {
-    const rs = es.map((e) => e.exact!.correlation);
+    // a correlation is undefined where estimate and exact gain are constant over pairs: both exactly 0 (before a
+    // planted change) is agreement, anything else cannot be told
+    const rs = es.map((e) =>
+      Number.isFinite(e.exact!.correlation) ? e.exact!.correlation : e.exact!.max_abs_error === 0 ? 1 : NaN,
+    );
     const minR = rs.some((x) => !Number.isFinite(x)) ? NaN : Math.min(...rs);
     for (const e of es)
       if (Math.abs(e.recovery_estimate - e.exact!.recovery) > Math.abs(worst.recovery_estimate - worst.exact!.recovery))
@@ -189,9 +215,11 @@ function attributionFindings(r: Results): string[] {
       agree.push(name);
       minAll = Math.min(minAll, minR);
     } else {
-      const at = es.find((e) => !(e.exact!.correlation >= 0.9))!;
+      const at = es[rs.findIndex((x) => !(x >= 0.9))]!;
       out.push(
-        `Attribution patching of ${name} does NOT closely agree with the exact sweep: correlation over pairs ${num(at.exact!.correlation)} at layer ${at.layer}; use the exact numbers there.`,
+        Number.isFinite(at.exact!.correlation)
+          ? `Attribution patching of ${name} does NOT closely agree with the exact sweep: correlation over pairs ${num(at.exact!.correlation)} at layer ${at.layer}; use the exact numbers there.`
+          : `Attribution patching of ${name}: agreement with the exact sweep cannot be told at layer ${at.layer} (the gains are the same for every pair, so their correlation is undefined); use the exact numbers there.`,
       );
     }
   }

@@ -3,13 +3,34 @@
 import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
 import type { Combo } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
-import type { ControlSummary, GainSummary, PatchingEntry } from "./schema.js";
+import type { ControlSummary, GainSummary, PairRecord, PatchingEntry } from "./schema.js";
 
-/** Whether the mean gap is too small, against the margins' own scale, for a recovery ratio to mean anything. */
-export function gapTooSmall(marginBase: ArrayLike<number>, marginTuned: ArrayLike<number>): boolean {
+/**
+ * A bound on the float32 rounding of a pair's gap: each model's two response log-probabilities are float32 sums,
+ * so their margins are known to about 8·2⁻²³ of the log-probabilities' size (the bound tune's noise floor uses).
+ */
+export const gapNoise = (p: Pick<PairRecord, "logp">): number =>
+  8 *
+  2 ** -23 *
+  (Math.abs(p.logp.base.chosen) +
+    Math.abs(p.logp.base.rejected) +
+    Math.abs(p.logp.tuned.chosen) +
+    Math.abs(p.logp.tuned.rejected));
+
+/**
+ * Whether the mean gap is too small for a recovery ratio to mean anything: within the pairs' mean float32
+ * rounding bound (`noise`, gapNoise per pair; identical responses give a gap of rounding alone), or below 1e-6 of
+ * the margins' own scale.
+ */
+export function gapTooSmall(
+  marginBase: ArrayLike<number>,
+  marginTuned: ArrayLike<number>,
+  noise: ArrayLike<number> = [],
+): boolean {
   const gap = Array.from(marginTuned, (t, i) => t - marginBase[i]!);
   const scale = mean(Array.from(marginBase, Math.abs)) + mean(Array.from(marginTuned, Math.abs));
-  return !(Math.abs(mean(gap)) > 1e-6 * scale);
+  const floor = noise.length ? mean(noise) : 0;
+  return !(Math.abs(mean(gap)) > Math.max(1e-6 * scale, floor));
 }
 
 /** Recovery of per-pair gains against per-pair gaps, with a bootstrap CI of `reps` resamples. */

@@ -18,7 +18,7 @@ import { cvFolds, lassoStage, probeStage } from "./estimators.js";
 import { logitLensBatch } from "./lens.js";
 import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
-import { gapTooSmall, patchingEntries } from "./recovery.js";
+import { gapNoise, gapTooSmall, patchingEntries } from "./recovery.js";
 import {
   checkCompatible,
   gainsByKey,
@@ -331,7 +331,7 @@ export async function finishAnalysis(
   const gap = Float64Array.from(records, (r) => r.gap);
   const layout = layoutOf(models, plan);
   const timings: Record<string, number> = {};
-  const noGap = gapTooSmall(margin.base, margin.tuned);
+  const noGap = gapTooSmall(margin.base, margin.tuned, records.map(gapNoise));
   const p: Phase2 = { models, pairs, states, records, plan, layout, s, cb, margin, gap, noGap, timings };
   const patching = await patchingStage(p, batches, runners.ablate);
   const attribution = attributionSummary(records, plan, gap);

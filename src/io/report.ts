@@ -570,6 +570,21 @@ function lensSpec(r: Results): TopLevelSpec {
   });
 }
 
+/** The findings' verdict lines begin so (analysis/verdict.ts). */
+const VERDICT = "Verdict — ";
+
+/** The verdict lines as the report's first block: each question, then its answer with the evidence. */
+function verdictBlock(findings: string[]): string {
+  const lines = findings.filter((f) => f.startsWith(VERDICT));
+  if (!lines.length) return "";
+  const items = lines.map((l) => {
+    const [question, ...answer] = l.slice(VERDICT.length).split("? ");
+    const q = question!.charAt(0).toUpperCase() + question!.slice(1);
+    return `<dt>${escapeHtml(q)}?</dt><dd>${escapeHtml(answer.join("? "))}</dd>`;
+  });
+  return `<h2>Verdict</h2>\n<dl class="verdict">${items.join("\n")}</dl>`;
+}
+
 /** Renders the whole report. `meta` rows are shown as a settings table; pairs give example texts. */
 export async function renderReport(
   r: Results,
@@ -627,10 +642,15 @@ body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0
 .plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top}
 td.t{white-space:pre-wrap;max-width:28em;overflow-wrap:anywhere}li{margin:.4em 0}p.note{color:#555;font-size:.9em;max-width:60em}
+.verdict{border:2px solid #444;border-radius:6px;padding:.4em 1em;background:#f6f6f0}.verdict dt{font-weight:600;margin-top:.5em}.verdict dd{margin:.1em 0 .3em 0}
 </style></head><body>
 <h1>prefprobe: where does preference tuning live?</h1>
+${verdictBlock(findings)}
 <h2>Findings</h2>
-<ul>${findings.map((f) => `<li>${escapeHtml(f)}</li>`).join("\n")}</ul>
+<ul>${findings
+    .filter((f) => !f.startsWith(VERDICT))
+    .map((f) => `<li>${escapeHtml(f)}</li>`)
+    .join("\n")}</ul>
 ${body}
 <h2>Pairs with the largest margin gap</h2>
 <table><tr><th>line</th><th>gap</th><th>prompt</th><th>chosen</th><th>rejected</th></tr>

@@ -1,0 +1,124 @@
+// The verdict: the four questions a reader asks of a run, each answered yes, no or "cannot tell" by a stated
+// test against its null, with the evidence in the same line. Pure: a Results in, sentences out.
+import { bootstrapMeanCI, signTest } from "../stats/tests.js";
+import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
+import { gapNoise } from "./recovery.js";
+import type { PairRecord, PatchingEntry, Results } from "./schema.js";
+
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3));
+const pv = (p: number) => (p < 1e-4 ? p.toExponential(1) : p.toPrecision(2));
+/** Resamples of the verdict's own bootstrap intervals (fixed, so the verdict is a function of the results). */
+const REPS = 2000;
+
+/** How the tuned model compares with the base on these pairs. */
+export type Better = "yes" | "no" | "cannot tell" | "no gap";
+
+/** Is the tuned model better on these pairs? Mean gap against 0 (bootstrap CI) and against rounding, with the sign test. */
+export function betterVerdict(pairs: PairRecord[]): { answer: Better; line: string } {
+  const gaps = pairs.map((p) => p.gap);
+  const n = gaps.length;
+  const g = mean(gaps);
+  const noise = mean(pairs.map(gapNoise));
+  const q = "Verdict — is the tuned model better on these pairs?";
+  if (!(Math.abs(g) > noise))
+    return {
+      answer: "no gap",
+      line: `${q} No gap: the two models' margins differ by no more than float32 rounding (mean gap ${num(g)}, rounding bound ${num(noise)}), so nothing below measures a preference.`,
+    };
+  const [lo, hi] = bootstrapMeanCI(gaps, REPS, seededRandom(0));
+  const up = gaps.filter((x) => x > 0).length;
+  const moved = gaps.filter((x) => x !== 0).length;
+  const sign = `higher on ${up} of ${n} pairs, sign test p = ${pv(signTest(up, moved))}`;
+  const ci = `mean gap ${num(g)}, 95% bootstrap CI ${num(lo)} to ${num(hi)}`;
+  if (lo > 0) return { answer: "yes", line: `${q} Yes: the tuned model's margin is higher (${ci}; ${sign}).` };
+  if (hi < 0)
+    return {
+      answer: "no",
+      line: `${q} No: the tuned model's margin is lower (${ci}; ${sign}). It does not prefer the chosen responses more than the base here, so a "recovery" below is how much of a loss a patch brings back, not where a preference lives.`,
+    };
+  return { answer: "cannot tell", line: `${q} Cannot tell with ${n} pairs: the ${ci} includes 0 (${sign}).` };
+}
+
+/** Recovery CI of an entry at `level`, from its per-pair gains and the pairs' gaps (the verdict's own resamples). */
+const ciAt = (gains: number[], gaps: number[], level: number) =>
+  bootstrapRatioCI(gains, gaps, REPS, seededRandom(1), level);
+
+/**
+ * Where does the change enter? Only per-component patches (attn_out, mlp_out; tuned→base) can say: a layer
+ * counts when its recovery's CI, Bonferroni-corrected over the m component patches looked at, is above 0 and the
+ * corrected CI of (real − random direction) is too. resid_post recovery rises with depth by construction.
+ */
+export function whereVerdict(r: Results): string {
+  const q = "Verdict — where does the change enter?";
+  const parts = r.patching.filter(
+    (e) =>
+      e.direction === "tuned->base" && (e.site === "attn_out" || e.site === "mlp_out") && Number.isFinite(e.recovery),
+  );
+  if (!parts.length)
+    return `${q} Cannot tell: only residual-stream sites were patched, and a resid_post patch carries every change made below it, so its recovery rises with depth by construction; patch attn_out and mlp_out to see where the change enters.`;
+  const gaps = r.pairs.map((p) => p.gap);
+  const m = parts.length;
+  const level = 1 - 0.05 / m;
+  const hits = parts.filter((e) => {
+    const [lo] = ciAt(e.gains, gaps, level);
+    const rnd = e.controls?.random_direction;
+    const beats =
+      !rnd ||
+      ciAt(
+        e.gains.map((v, i) => v - rnd.gains[i]!),
+        gaps,
+        level,
+      )[0]! > 0;
+    return lo > 0 && beats;
+  });
+  const corr = `${pct(level)} CIs, Bonferroni over the ${m} component patches`;
+  if (!hits.length)
+    return `${q} Not supported: no single attn_out or mlp_out patch recovers a share of the gap above 0 and above a random direction (${corr}).`;
+  const best = hits.reduce((a, b) => (b.recovery > a.recovery ? b : a));
+  const list = (xs: PatchingEntry[]) => xs.map((e) => `${e.site} ${e.layer}`).join(", ");
+  const each = `each alone recovers a share of the gap above 0 and above a random direction (${corr}); the largest is ${best.site} at layer ${best.layer}, ${pct(best.recovery)}`;
+  if (hits.length > m / 2) return `${q} Not localized: ${hits.length} of ${m} component patches ${each}.`;
+  return `${q} At ${list(hits)} (${hits.length} of ${m} component patches): ${each}.`;
+}
+
+/** Is the effect sparse over layers? LASSO's selection, its bootstrap stability and its stability over CV seeds. */
+export function sparseVerdict(r: Results): string | null {
+  const l = r.lasso;
+  if (!l) return null;
+  const q = "Verdict — is it sparse over layers?";
+  const nz = l.nonzero_layers;
+  if (!l.stable_across_seeds)
+    return `${q} Cannot tell: LASSO's selection changes with the cross-validation seed alone.`;
+  if (!nz.length)
+    return `${q} No layer's activation distance predicts the per-pair gap better than its mean (LASSO keeps none).`;
+  const stable = l.stability.map((v, i) => [i, v] as const).filter(([, v]) => v >= 0.8);
+  if (nz.length > r.num_layers / 2)
+    return `${q} No: LASSO keeps ${nz.length} of ${r.num_layers} layers (${nz.join(", ")}).`;
+  if (!stable.length)
+    return `${q} Cannot tell: LASSO keeps layers ${nz.join(", ")}, but none is selected in ≥ 80% of bootstrap refits.`;
+  return `${q} Yes: LASSO keeps ${nz.length} of ${r.num_layers} layers (${nz.join(", ")}); ${stable.map(([i]) => i).join(", ")} selected in ≥ 80% of bootstrap refits, the same at every CV seed.`;
+}
+
+/** Is it low-rank? The fewest principal directions recovering 90% of the held-out gap, against a random subspace of that size. */
+export function lowRankVerdict(r: Results): string | null {
+  const p = r.pca;
+  if (!p) return null;
+  const q = `Verdict — is it low-rank (layer ${p.layer})?`;
+  if (p.explained_variance_ratio.every((v) => !(v > 0)))
+    return `${q} Cannot tell: the two models' activations at layer ${p.layer} do not differ on the training pairs.`;
+  if (!p.recovery.every((x) => Number.isFinite(x.recovery))) return `${q} Cannot tell: there is no gap to recover.`;
+  const first = p.recovery.find((x) => x.k < r.hidden_size && x.recovery >= 0.9 && x.recovery > x.random_subspace);
+  const nTest = p.test_pairs.length;
+  if (first)
+    return `${q} Yes: the top ${first.k} of ${r.hidden_size} directions recover ${pct(first.recovery)} of the held-out gap (${nTest} pairs), a random ${first.k}-dimensional subspace ${pct(first.random_subspace)}.`;
+  return `${q} No: no subspace below the full width (${r.hidden_size}) recovers 90% of the held-out gap (${nTest} pairs).`;
+}
+
+/** The verdict block: one line per question, most basic first; the later questions only when there is a gap to explain. */
+export function verdict(r: Results): string[] {
+  if (!r.pairs.length) return [];
+  const better = betterVerdict(r.pairs);
+  if (better.answer !== "yes") return [better.line];
+  return [better.line, whereVerdict(r), sparseVerdict(r), lowRankVerdict(r)].filter((x): x is string => x !== null);
+}

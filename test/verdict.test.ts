@@ -1,0 +1,194 @@
+// Every verdict and headline sentence comes from a test with a null, and constructed cases get the honest
+// sentence: identical responses (a gap of rounding alone), a negative mean gap, too few pairs, resid_post only,
+// a single planted component, a change everywhere, probes at chance, gains that are 0 for every pair.
+import { describe, expect, it } from "vitest";
+import { findings } from "../src/analysis/findings.js";
+import { patchingEntries } from "../src/analysis/recovery.js";
+import type { PairRecord, ProbeResult, Results } from "../src/analysis/schema.js";
+import { resolveSettings } from "../src/analysis/settings.js";
+import { betterVerdict, verdict, whereVerdict } from "../src/analysis/verdict.js";
+import { binomialUpperTail, bootstrapMeanCI, signTest } from "../src/stats/tests.js";
+import { gaussian, seededRandom } from "../src/stats/stats.js";
+
+const s = resolveSettings({ bootstrap: 400 });
+const L = 4;
+
+/** Pair records with these gaps; log-probabilities of size ~`scale` nats (what the rounding bound scales with). */
+function pairs(gaps: number[], scale = 30): PairRecord[] {
+  return gaps.map((gap, i) => ({
+    index: i,
+    line: i + 1,
+    tokens: { prompt: 5, chosen: 5, rejected: 5 },
+    ids: { prompt: [], chosen: [], rejected: [] },
+    logp: { base: { chosen: -scale, rejected: -scale }, tuned: { chosen: -scale + gap, rejected: -scale } },
+    margin: { base: 0, tuned: gap },
+    gap,
+    distance: [],
+    cosine_distance: [],
+    gains: {},
+    attribution: null,
+    heads: null,
+    random_direction: null,
+    lens: { base: [], tuned: [] },
+  }));
+}
+
+/** Results for `recs` with the patches `gains[site][layer]` (per pair) and a random control of noise. */
+function results(
+  recs: PairRecord[],
+  gains: Partial<Record<"resid_post" | "attn_out" | "mlp_out", number[][]>>,
+  probes: ProbeResult[] = [],
+): Results {
+  const rand = seededRandom(3);
+  const combos = Object.entries(gains).flatMap(([site, perLayer]) =>
+    perLayer.map((_, layer) => ({ direction: "tuned->base" as const, site: site as "attn_out", layer })),
+  );
+  const real = Object.values(gains).flatMap((perLayer) => perLayer);
+  const random = real.map((g) => g.map(() => 0.02 * gaussian(rand)));
+  const gap = recs.map((r) => r.gap);
+  const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
+  return {
+    n_pairs: recs.length,
+    num_layers: L,
+    hidden_size: 8,
+    pairs: recs,
+    summary: {
+      mean_margin_base: 0,
+      mean_margin_tuned: mean(gap),
+      mean_gap: mean(gap),
+      tuned_prefers_chosen: 0.5,
+      base_prefers_chosen: 0.5,
+    },
+    patching: patchingEntries(combos, { real, random, meanAblation: random }, gap, false, s),
+    attribution: null,
+    heads: null,
+    position_map: null,
+    lasso: null,
+    probes,
+    pca: null,
+    cv: { folds: 5, fold_of_pair: [] },
+    logit_lens: { layers: ["embed", "0", "1", "2", "3"], base: [0, 0, 0, 0, 0], tuned: [0, 0, 0, 0, 0] },
+    mean_diff: new Float32Array(L * 8),
+    timings_ms: {},
+  };
+}
+
+const rand = seededRandom(11);
+const around = (m: number, sd: number, n: number) => Array.from({ length: n }, () => m + sd * gaussian(rand));
+
+describe("the statistics the claims rest on", () => {
+  it("the binomial tail and the sign test against exact small cases", () => {
+    expect(binomialUpperTail(3, 3)).toBeCloseTo(1 / 8, 12);
+    expect(binomialUpperTail(2, 3)).toBeCloseTo(4 / 8, 12);
+    expect(binomialUpperTail(0, 5)).toBe(1);
+    expect(signTest(10, 10)).toBeCloseTo(2 / 1024, 12);
+    expect(signTest(5, 10)).toBe(1);
+    expect(binomialUpperTail(140, 240)).toBeGreaterThan(0.004); // 58.3% of 240 is not far from chance
+    expect(binomialUpperTail(140, 240)).toBeLessThan(0.006);
+  });
+
+  it("the bootstrap interval of a mean covers the mean, and shrinks with n", () => {
+    const x = around(1, 1, 400);
+    const [lo, hi] = bootstrapMeanCI(x, 2000, seededRandom(1));
+    const m = x.reduce((a, b) => a + b, 0) / x.length;
+    expect(lo).toBeLessThan(m);
+    expect(hi).toBeGreaterThan(m);
+    expect(hi - lo).toBeGreaterThan(0.15); // ±1.96/20
+    expect(hi - lo).toBeLessThan(0.25);
+  });
+});
+
+describe("the verdict", () => {
+  it("identical responses: a gap of rounding alone is 'no gap', and nothing about where it is is said", () => {
+    const recs = pairs(Array.from({ length: 5 }, (_, i) => (i % 2 ? 1.3e-6 : -0.9e-6) + 1.3e-6));
+    const r = results(recs, { resid_post: Array.from({ length: L }, () => recs.map(() => 5e-6)) });
+    expect(betterVerdict(recs).answer).toBe("no gap");
+    const f = findings(r);
+    expect(f[0]).toMatch(/No gap: the two models' margins differ by no more than float32 rounding/);
+    expect(f.join(" ")).not.toMatch(/recovery peaks|beats a random|LASSO keeps|Low-rank patching/);
+  });
+
+  it("a negative mean gap says the tuned model is not better, and why recovery then means a loss brought back", () => {
+    const recs = pairs(around(-2.8, 1, 30));
+    const [line] = verdict(results(recs, {}));
+    expect(line).toMatch(
+      /^Verdict — is the tuned model better on these pairs\? No: the tuned model's margin is lower \(mean gap -2\.\d+, 95% bootstrap CI/,
+    );
+    expect(line).toMatch(/not where a preference lives/);
+    expect(verdict(results(recs, {}))).toHaveLength(1); // the other questions are not asked of a loss
+  });
+
+  it("too few pairs to tell", () => {
+    const recs = pairs([1.5, -1.2, 0.4]);
+    expect(betterVerdict(recs).answer).toBe("cannot tell");
+    expect(betterVerdict(recs).line).toMatch(/Cannot tell with 3 pairs: the mean gap .* includes 0/);
+  });
+
+  it("resid_post alone cannot say where the change enters (its recovery rises with depth by construction)", () => {
+    const recs = pairs(around(2, 0.3, 40));
+    const rising = [0.2, 0.5, 0.8, 1].map((f) => recs.map((p) => f * p.gap));
+    expect(whereVerdict(results(recs, { resid_post: rising }))).toMatch(
+      /Cannot tell: only residual-stream sites were patched.*by construction/,
+    );
+    expect(findings(results(recs, { resid_post: rising })).join(" ")).toMatch(
+      /rises with depth by construction and localizes nothing/,
+    );
+  });
+
+  it("a change planted in one MLP is found there and nowhere else; a change everywhere is 'not localized'", () => {
+    const recs = pairs(around(2, 0.3, 40));
+    const zero = () => recs.map(() => 0.01 * gaussian(rand));
+    const mlp = [zero(), zero(), recs.map((p) => 0.9 * p.gap + 0.05 * gaussian(rand)), zero()];
+    const attn = [zero(), zero(), zero(), zero()];
+    expect(whereVerdict(results(recs, { attn_out: attn, mlp_out: mlp }))).toMatch(
+      /^Verdict — where does the change enter\? At mlp_out 2 \(1 of 8 component patches\)/,
+    );
+    const all = Array.from({ length: L }, () => recs.map((p) => 0.3 * p.gap + 0.02 * gaussian(rand)));
+    expect(whereVerdict(results(recs, { attn_out: all, mlp_out: all }))).toMatch(
+      /Not localized: 8 of 8 component patches/,
+    );
+    expect(whereVerdict(results(recs, { attn_out: attn, mlp_out: attn }))).toMatch(
+      /Not supported: no single attn_out or mlp_out patch/,
+    );
+  });
+
+  it("probes at chance are 'not supported', well above it are reported with their test", () => {
+    const recs = pairs(around(2, 0.3, 30));
+    const at = (acc: number): ProbeResult[] =>
+      Array.from({ length: L }, (_, l) => ({
+        model: "base",
+        layer: l,
+        accuracy: l === 0 ? acc : 0.5,
+        diff_means_accuracy: 0.5,
+      }));
+    const chance = findings(results(recs, {}, at(35 / 60))).find((l) => l.startsWith("Linear probes"))!;
+    expect(chance).toMatch(
+      /not supported — the best layer \(0, 58\.3% cross-validated accuracy\) is not distinguishable from chance \(binomial p = .* Bonferroni over 4 probes\)/,
+    );
+    const strong = findings(results(recs, {}, at(0.95))).find((l) => l.startsWith("Linear probes"))!;
+    expect(strong).toMatch(/95\.0% cross-validated accuracy, above chance \(binomial p = /);
+  });
+
+  it("attribution gains that are exactly 0 for every pair agree with an exact 0, not 'do NOT agree … NaN'", () => {
+    const recs = pairs(around(2, 0.3, 10));
+    const r = results(recs, {});
+    const entry = (layer: number, correlation: number, max_abs_error: number) => ({
+      direction: "tuned->base" as const,
+      site: "resid_post" as const,
+      layer,
+      mean_estimate: 0,
+      recovery_estimate: 0,
+      exact: { recovery: 0, correlation, max_abs_error },
+    });
+    r.attribution = {
+      entries: [entry(0, NaN, 0), entry(1, 0.99, 0.01)],
+      heads: { direction: "tuned->base", mean: [], recovery: [] },
+      heatmap: null,
+    };
+    const f = findings(r).join(" ");
+    expect(f).toMatch(/Attribution patching agrees with the exact sweep for resid_post/);
+    expect(f).not.toMatch(/NaN/);
+    r.attribution.entries[0] = entry(0, NaN, 0.5);
+    expect(findings(r).join(" ")).toMatch(/agreement with the exact sweep cannot be told at layer 0/);
+  });
+});
