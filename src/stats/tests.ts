@@ -1,5 +1,6 @@
 // The tests the findings' claims rest on, each with its null: a binomial tail (chance accuracy, the sign test),
 // and a percentile bootstrap of a mean.
+import { bootstrapRatioCI } from "./stats.js";
 
 /** log C(n, k). */
 function logChoose(n: number, k: number): number {
@@ -24,22 +25,10 @@ export function signTest(pos: number, n: number): number {
   return Math.min(1, 2 * binomialUpperTail(Math.max(pos, n - pos), n, 0.5));
 }
 
-/** Percentile bootstrap interval of mean(x) (95% by default). */
-export function bootstrapMeanCI(
+/** Percentile bootstrap interval of mean(x) (95% by default): mean(x)/mean(1) resampled. */
+export const bootstrapMeanCI = (
   x: ArrayLike<number>,
   reps: number,
   rand: () => number,
   level = 0.95,
-): [number, number] {
-  const n = x.length;
-  if (n === 0 || reps <= 0) return [NaN, NaN];
-  const stats = new Float64Array(reps);
-  for (let r = 0; r < reps; r++) {
-    let s = 0;
-    for (let i = 0; i < n; i++) s += x[Math.floor(rand() * n)]!;
-    stats[r] = s / n;
-  }
-  stats.sort();
-  const q = (f: number) => stats[Math.min(reps - 1, Math.max(0, Math.floor(f * reps)))]!;
-  return [q((1 - level) / 2), q(1 - (1 - level) / 2)];
-}
+): [number, number] => bootstrapRatioCI(x, new Float64Array(x.length).fill(1), reps, rand, level);
