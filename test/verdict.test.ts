@@ -3,6 +3,7 @@
 // a single planted component, a change everywhere, probes at chance, gains that are 0 for every pair.
 import { describe, expect, it } from "vitest";
 import { findings } from "../src/analysis/findings.js";
+import { choosePcaLayer } from "../src/analysis/lowrank.js";
 import { patchingEntries } from "../src/analysis/recovery.js";
 import type { PairRecord, ProbeResult, Results } from "../src/analysis/schema.js";
 import { resolveSettings } from "../src/analysis/settings.js";
@@ -190,5 +191,32 @@ describe("the verdict", () => {
     expect(f).not.toMatch(/NaN/);
     r.attribution.entries[0] = entry(0, NaN, 0.5);
     expect(findings(r).join(" ")).toMatch(/agreement with the exact sweep cannot be told at layer 0/);
+  });
+
+  it("the low-rank layer is never one where the two models' activations are identical, and such a PCA is 'not supported'", () => {
+    const recs = pairs(around(2, 0.3, 20));
+    const r = results(recs, { resid_post: [0.2, 0.97, 1, 0.4].map((f) => recs.map((p) => f * p.gap)) });
+    expect(choosePcaLayer(r.patching, s, L).layer).toBe(1); // within 5% of the best (layer 2)
+    expect(choosePcaLayer(r.patching, s, L, (l) => l !== 1 && l !== 2).layer).toBe(3);
+    r.pca = {
+      layer: 3,
+      site: "resid_post",
+      chosen_by: "test",
+      train_pairs: [],
+      test_pairs: [0, 1],
+      n_rows: 10,
+      explained_variance_ratio: [0, 0],
+      recovery: [{ k: 1, k_used: 1, recovery: 0, random_subspace: 0 }],
+      components: new Float32Array(8),
+      k_90: 0,
+      steering_vector: new Float32Array(8),
+      steering: [],
+    };
+    expect(findings(r).join(" ")).toMatch(
+      /Low-rank patching at layer 3: not supported — the two models' activations there do not differ/,
+    );
+    expect(findings(r).join(" ")).toMatch(
+      /is it low-rank \(layer 3\)\? Cannot tell: the two models' activations at layer 3 do not differ/,
+    );
   });
 });

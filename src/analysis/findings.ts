@@ -67,7 +67,12 @@ function patchingFindings(r: Results): string[] {
         line += beats
           ? ` It beats a random direction of the same norm at that layer (random recovers ${pct(rnd.recovery)}; ${diff}).`
           : ` This is NOT distinguishable from a random direction of the same norm, which recovers ${pct(rnd.recovery)} at that layer (${diff}): the patching result does not show a preference-specific direction.`;
-        line += ` Mean-ablation recovers ${pct(best.controls.mean_ablation.recovery)}; the largest random-direction |recovery| over layers is ${pct(rndMax)}.`;
+        const abl = best.controls.mean_ablation.recovery;
+        const damage =
+          Math.abs(abl) > 1
+            ? " (more than the whole gap: replacing the site by its dataset mean damages the model, which says nothing of where the preference is)"
+            : "";
+        line += ` Mean-ablation recovers ${pct(abl)}${damage}; the largest random-direction |recovery| over layers is ${pct(rndMax)}.`;
       }
       out.push(line);
     }
@@ -122,6 +127,10 @@ function probeFindings(r: Results): string[] {
 /** Low-rank sufficiency and steering. */
 function lowRankFindings(r: Results): string[] {
   const out: string[] = [];
+  if (r.pca && r.pca.explained_variance_ratio.every((v) => !(v > 0)))
+    return [
+      `Low-rank patching at layer ${r.pca.layer}: not supported — the two models' activations there do not differ on the training pairs, so there is no direction to find.`,
+    ];
   if (r.pca && r.pca.recovery.every((x) => Number.isFinite(x.recovery))) {
     const cum: number[] = [];
     r.pca.explained_variance_ratio.reduce((a, v) => (cum.push(a + v), a + v), 0);
@@ -165,18 +174,25 @@ function lensFindings(r: Results): string[] {
   return out;
 }
 
-/** A per-layer table of the main numbers for the terminal. */
+/**
+ * A per-layer table of the main numbers for the terminal: the recovery of every (site, direction) patched, the
+ * first one's CI and controls, LASSO, the probes and the lens; its first line says which series each column is.
+ */
 export function summaryTable(r: Results): string {
   const f = (x: number | undefined, d = 3) => (x === undefined || Number.isNaN(x) ? "-" : x.toFixed(d));
-  const head = ["layer", "recovery", "95% CI", "random", "mean-abl", "lasso", "probe b", "probe t", "lens gap"];
+  const short = (dir: string) => (dir === "tuned->base" ? "t→b" : "b→t");
+  const series = [...new Map(r.patching.map((p) => [`${p.site} ${p.direction}`, p])).values()];
+  const first = series[0];
+  const at = (l: number, s?: { site: string; direction: string }) =>
+    s && r.patching.find((x) => x.layer === l && x.site === s.site && x.direction === s.direction);
+  const head = ["layer", ...series.map((s) => `${s.site} ${short(s.direction)}`), "95% CI", "random", "mean-abl"];
+  head.push("lasso", "probe b", "probe t", "lens gap");
   const rows = [head];
   for (let l = 0; l < r.num_layers; l++) {
-    const p =
-      r.patching.find((x) => x.layer === l && x.site === "resid_post" && x.direction === "tuned->base") ??
-      r.patching.find((x) => x.layer === l);
+    const p = at(l, first);
     rows.push([
       String(l),
-      f(p?.recovery),
+      ...series.map((s) => f(at(l, s)?.recovery)),
       p ? `${f(p.recovery_ci[0], 2)}..${f(p.recovery_ci[1], 2)}` : "-",
       f(p?.controls?.random_direction.recovery),
       f(p?.controls?.mean_ablation.recovery),
@@ -187,7 +203,10 @@ export function summaryTable(r: Results): string {
     ]);
   }
   const w = head.map((_, c) => Math.max(...rows.map((row) => row[c]!.length)));
-  return rows.map((row) => row.map((x, c) => x.padStart(w[c]!)).join("  ")).join("\n");
+  const what = first
+    ? `recovery (mean gain / mean gap) of each site and direction patched; 95% CI, random and mean-abl are ${first.site} ${short(first.direction)}'s`
+    : "no patches were run";
+  return [`per layer: ${what}`, ...rows.map((row) => row.map((x, c) => x.padStart(w[c]!)).join("  "))].join("\n");
 }
 
 /** How far attribution estimates can be trusted here: their agreement with the exact sweep per direction and site. */

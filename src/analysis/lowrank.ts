@@ -25,18 +25,23 @@ import type { ModelPair } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 import type { LowRankResult, PatchingEntry, RunCallbacks } from "./schema.js";
 
-/** The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best. */
+/**
+ * The low-rank layer: the one asked for, else the first whose resid_post recovery is within 5% of the best,
+ * among the layers where the two models' activations differ (`differs`; a window's recovery can peak at a layer
+ * whose own activations are identical, where a PCA has nothing to find).
+ */
 export function choosePcaLayer(
   patching: PatchingEntry[],
   s: RunSettings,
   L: number,
+  differs: (layer: number) => boolean = () => true,
 ): { layer: number; chosenBy: string } {
   if (s.pcaLayer !== null) {
     if (!(s.pcaLayer >= 0 && s.pcaLayer < L)) throw new Error(`pcaLayer ${s.pcaLayer} is outside 0..${L - 1}`);
     return { layer: s.pcaLayer, chosenBy: "--pca-layer" };
   }
   const rp = patching.filter(
-    (p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery),
+    (p) => p.direction === "tuned->base" && p.site === "resid_post" && Number.isFinite(p.recovery) && differs(p.layer),
   );
   if (!rp.length)
     return {

@@ -337,7 +337,7 @@ export async function finishAnalysis(
   const attribution = attributionSummary(records, plan, gap);
   const finer = await finerStage(p);
   const { lasso, probes } = await estimatorStage(p);
-  const at = choosePcaLayer(patching, s, L);
+  const at = choosePcaLayer(patching, s, L, (l) => records.some((r) => r.distance[l]! > 0));
   const lowRankMargins = { marginBase: margin.base, marginTuned: margin.tuned, gapTooSmall: noGap };
   const pca = await timedAsync(timings, "pca", async () =>
     n >= 2 ? await lowRankStage(models, pairs, at, s, lowRankMargins, cb) : null,
