@@ -527,7 +527,9 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
             {
               layer: [
                 {
-                  mark: { type: "line", point: true },
+                  // series that coincide (the mean difference and its top-k projection when k spans it) stay
+                  // visible: each has its own dash and point shape, drawn translucent
+                  mark: { type: "line", point: { filled: false, size: 60 }, opacity: 0.8 },
                   encoding: {
                     x: {
                       field: "strength",
@@ -542,6 +544,8 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
                       title: null,
                       legend: { orient: "bottom", direction: "vertical" },
                     },
+                    strokeDash: { field: "vector", type: "nominal", legend: null },
+                    shape: { field: "vector", type: "nominal", legend: null },
                   },
                 },
                 referenceLines([0, 1]),
@@ -596,7 +600,7 @@ export async function renderReport(
     [
       "Layer-wide causal patching",
       recoverySpecs(r),
-      "Recovery = mean gain / mean gap per patched layer, one chart per site and direction, with 95% bootstrap CIs. The y axis is clipped to [−50%, 150%]; a value off that scale is named under the chart's title. Mean ablation, often on a 10x larger scale, is charted on its own below.",
+      "Recovery = mean gain / mean gap per patched layer, one chart per site and direction, with 95% bootstrap CIs. The y axis, in fractions of the gap, is clipped to [−0.5, 1.5] (−50% to 150%); a value off that scale is named under the chart's title. Mean ablation, often on a 10x larger scale, is charted on its own below.",
     ],
     [
       "Controls: mean ablation",
@@ -642,7 +646,7 @@ body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0
 .plots{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top}
 td.t{white-space:pre-wrap;max-width:28em;overflow-wrap:anywhere}li{margin:.4em 0}p.note{color:#555;font-size:.9em;max-width:60em}
-.verdict{border:2px solid #444;border-radius:6px;padding:.4em 1em;background:#f6f6f0}.verdict dt{font-weight:600;margin-top:.5em}.verdict dd{margin:.1em 0 .3em 0}
+td.wide{max-width:60em}.verdict{border:2px solid #444;border-radius:6px;padding:.4em 1em;background:#f6f6f0}.verdict dt{font-weight:600;margin-top:.5em}.verdict dd{margin:.1em 0 .3em 0}
 </style></head><body>
 <h1>prefprobe: where does preference tuning live?</h1>
 ${verdictBlock(findings)}
@@ -663,7 +667,7 @@ ${lowest.map(example).join("\n")}
 </table>
 <h2>Run</h2>
 <table>${Object.entries(meta)
-    .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(v)}</td></tr>`)
+    .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td class="t wide">${escapeHtml(v)}</td></tr>`)
     .join("\n")}</table>
 </body></html>
 `;
