@@ -117,12 +117,18 @@ describe("the verdict", () => {
     );
     expect(line).toMatch(/not where a preference lives/);
     expect(verdict(results(recs, {}))).toHaveLength(1); // the other questions are not asked of a loss
+    expect(findings(results(recs, {})).join(" ")).toMatch(
+      /none of the lines below is evidence of where a preference lives/,
+    );
   });
 
   it("too few pairs to tell", () => {
     const recs = pairs([1.5, -1.2, 0.4]);
     expect(betterVerdict(recs).answer).toBe("cannot tell");
     expect(betterVerdict(recs).line).toMatch(/Cannot tell with 3 pairs: the mean gap .* includes 0/);
+    expect(findings(results(recs, {})).join(" ")).toMatch(
+      /The gap is not established on these pairs \(verdict above\)/,
+    );
   });
 
   it("resid_post alone cannot say where the change enters (its recovery rises with depth by construction)", () => {

@@ -22,6 +22,13 @@ export function findings(r: Results): string[] {
   const better = r.pairs.length ? betterVerdict(r.pairs).answer : "yes";
   // a gap of rounding alone localizes nothing: no sentence about where it is
   if (better === "no gap") return [...verdict(r), ...out, ...probeFindings(r)];
+  // without an established gap the lines below describe numbers; they are no evidence of where a preference lives
+  if (better !== "yes")
+    out.push(
+      better === "no"
+        ? "The tuned model is worse on these pairs (verdict above): every recovery below is how much of a loss a patch brings back, and none of the lines below is evidence of where a preference lives."
+        : "The gap is not established on these pairs (verdict above): the lines below describe the numbers, and none of them is evidence of where a preference lives.",
+    );
   return [
     ...verdict(r),
     ...out,
