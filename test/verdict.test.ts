@@ -10,6 +10,9 @@ import { resolveSettings } from "../src/analysis/settings.js";
 import { betterVerdict, verdict, whereVerdict } from "../src/analysis/verdict.js";
 import { binomialUpperTail, bootstrapMeanCI, signTest } from "../src/stats/tests.js";
 import { gaussian, seededRandom } from "../src/stats/stats.js";
+import { disposeDemo, loadDemo, useBackend } from "./helpers.js";
+
+useBackend();
 
 const s = resolveSettings({ bootstrap: 400 });
 const L = 4;
@@ -224,5 +227,34 @@ describe("the verdict", () => {
     expect(findings(r).join(" ")).toMatch(
       /is it low-rank \(layer 3\)\? Cannot tell: the two models' activations at layer 3 do not differ/,
     );
+  });
+});
+
+describe("the verdict on the demo pair", () => {
+  it("with chosen and rejected swapped in every other pair, it is not a 'yes', and no component is said to carry the change", async () => {
+    const { runAnalysis } = await import("../src/analysis/run.js");
+    const demo = loadDemo(24);
+    try {
+      const shuffled = demo.pairs.map((p, i) =>
+        i % 2 ? { ...p, chosenIds: p.rejectedIds, rejectedIds: p.chosenIds } : p,
+      );
+      const r = await runAnalysis(demo.base, demo.tuned, shuffled, {
+        bootstrap: 100,
+        stabilityReps: 2,
+        controls: false,
+      });
+      const [line] = verdict(r);
+      expect(line).toMatch(/^Verdict — is the tuned model better on these pairs\? (Cannot tell|No)/);
+      expect(findings(r).join(" ")).toMatch(/none of (the lines below|them) is evidence of where a preference lives/);
+      // the same pairs unshuffled: a clear yes
+      const plain = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
+        bootstrap: 100,
+        stabilityReps: 2,
+        controls: false,
+      });
+      expect(verdict(plain)[0]).toMatch(/\? Yes: the tuned model's margin is higher/);
+    } finally {
+      disposeDemo(demo);
+    }
   });
 });
