@@ -2,12 +2,12 @@
 // a time. Each is a named run (one head, or one position, patched) resumed from the patched model's cached
 // residual; the engine runs them stacked or layer-major.
 import * as tf from "@tensorflow/tfjs-core";
-import { makeBatch, marginsOf, pairedInput, rowLogprobs } from "../data/batch.js";
+import { makeBatch, pairedInput } from "../data/batch.js";
 import type { Pair } from "../data/pairs.js";
 import { hookName } from "../model/hooks.js";
 import { forward } from "../model/llama.js";
 import { runMargins, type Run } from "../engine/runs.js";
-import { scored } from "../engine/margins.js";
+import { marginsOfRun, scored } from "../engine/margins.js";
 import { gainOf, roles } from "./patches.js";
 import type { ModelPair } from "./scoring.js";
 import type { Direction, RunSettings } from "./settings.js";
@@ -84,7 +84,7 @@ export function positionSweep(models: ModelPair, pair: Pair, direction: Directio
   const names = ["hook_embed", ...Array.from({ length: L }, (_, l) => hookName("resid_post", l))];
   const opts = { ...scored(batch, models.limits), cache: names };
   const runs = { base: forward(models.base, batch.ids, opts), tuned: forward(models.tuned, batch.ids, opts) };
-  const score = (m: "base" | "tuned") => marginsOf(rowLogprobs(runs[m].logprobs!, batch, s.perToken))[0]!;
+  const score = (m: "base" | "tuned") => marginsOfRun(runs[m], batch, s.perToken)[0]!;
   const margin = { base: [score("base")], tuned: [score("tuned")] };
   const T = batch.T;
   const valid = tf.tensor3d(

@@ -5,10 +5,11 @@
 // so each layer and head chunk is read once for all of them). Every strategy gives the same margins (to the
 // float32 rounding of another row count on a row-position-dependent kernel); tests run all three.
 import * as tf from "@tensorflow/tfjs-core";
-import { marginsOf, pairedInput, repeatBatch, rowLogprobs, type PairBatch } from "../data/batch.js";
+import { pairedInput, repeatBatch, type PairBatch } from "../data/batch.js";
 import { hookName } from "../model/hooks.js";
 import { forward, type Hook, type Hooks, type LlamaModel } from "../model/llama.js";
 import { DEFAULT_LIMITS, headGroup, stackGroup, type Limits } from "./limits.js";
+import { marginsOfRun, scored } from "./margins.js";
 
 /** One patched run of a model on a batch. */
 export interface Run {
@@ -136,14 +137,11 @@ function finish(model: LlamaModel, batch: PairBatch, group: Run[], layer: number
   const rows = repeatBatch(batch, group.length);
   const start = { layer, resid };
   const r = forward(model, rows.ids, {
-    ...pairedInput(rows),
-    logitsAt: rows.logitsAt,
-    targets: rows.targets,
+    ...scored(rows, o.limits),
     start,
     hooks: stackedHooks(group, batch.ids.length),
-    headBlock: o.limits.head,
   });
-  const m = marginsOf(rowLogprobs(r.logprobs!, rows, o.perToken));
+  const m = marginsOfRun(r, rows, o.perToken);
   r.dispose();
   const P = batch.pairs.length;
   group.forEach((run, k) => o.out.set(run.name, m.slice(k * P, (k + 1) * P)));
