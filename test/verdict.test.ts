@@ -114,12 +114,12 @@ describe("the verdict", () => {
 
   it("a negative mean gap says the tuned model is not better, and why recovery then means a loss brought back", () => {
     const recs = pairs(around(-2.8, 1, 30));
-    const [line] = verdict(results(recs, {}));
+    const [line] = verdict(results(recs, {})).lines;
     expect(line).toMatch(
       /^Verdict — is the tuned model better on these pairs\? No: the tuned model's margin is lower \(mean gap -2\.\d+, 95% bootstrap CI/,
     );
     expect(line).toMatch(/not where a preference lives/);
-    expect(verdict(results(recs, {}))).toHaveLength(1); // the other questions are not asked of a loss
+    expect(verdict(results(recs, {})).lines).toHaveLength(1); // the other questions are not asked of a loss
     expect(findings(results(recs, {})).join(" ")).toMatch(
       /none of the lines below is evidence of where a preference lives/,
     );
@@ -243,7 +243,7 @@ describe("the verdict on the demo pair", () => {
         stabilityReps: 2,
         controls: false,
       });
-      const [line] = verdict(r);
+      const [line] = verdict(r).lines;
       expect(line).toMatch(/^Verdict — is the tuned model better on these pairs\? (Cannot tell|No)/);
       expect(findings(r).join(" ")).toMatch(/none of (the lines below|them) is evidence of where a preference lives/);
       // the same pairs unshuffled: a clear yes
@@ -252,7 +252,7 @@ describe("the verdict on the demo pair", () => {
         stabilityReps: 2,
         controls: false,
       });
-      expect(verdict(plain)[0]).toMatch(/\? Yes: the tuned model's margin is higher/);
+      expect(verdict(plain).lines[0]).toMatch(/\? Yes: the tuned model's margin is higher/);
     } finally {
       disposeDemo(demo);
     }

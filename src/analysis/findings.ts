@@ -1,11 +1,9 @@
 // The headline findings of a run, in plain words computed from the numbers.
 import { binomialUpperTail } from "../stats/tests.js";
 import type { Results } from "./schema.js";
-import { betterVerdict, verdict } from "./verdict.js";
+import { verdict } from "./verdict.js";
+import { num, pct, pValue } from "./words.js";
 import type { TransferResult } from "./steering.js";
-
-const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
-const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3));
 
 /** Sentences summarizing a run, most important first. */
 export function findings(r: Results): string[] {
@@ -19,9 +17,9 @@ export function findings(r: Results): string[] {
     out.push(
       "The two models' margins do not differ (mean gap at rounding level), so there is no gap to recover: recovery ratios are not reported.",
     );
-  const better = r.pairs.length ? betterVerdict(r.pairs).answer : "yes";
+  const { better, lines } = verdict(r);
   // a gap of rounding alone localizes nothing: no sentence about where it is
-  if (better === "no gap") return [...verdict(r), ...out, ...probeFindings(r)];
+  if (better === "no gap") return [...lines, ...out, ...probeFindings(r)];
   // without an established gap the lines below describe numbers; they are no evidence of where a preference lives
   if (better !== "yes")
     out.push(
@@ -30,7 +28,7 @@ export function findings(r: Results): string[] {
         : "The gap is not established on these pairs (verdict above): the lines below describe the numbers, and none of them is evidence of where a preference lives.",
     );
   return [
-    ...verdict(r),
+    ...lines,
     ...out,
     ...patchingFindings(r),
     ...attributionFindings(r),
@@ -121,7 +119,7 @@ function probeFindings(r: Results): string[] {
     const n = 2 * r.n_pairs;
     const m = r.probes.length;
     const pAdj = Math.min(1, m * binomialUpperTail(Math.round(best.accuracy * n), n, 0.5));
-    const test = `binomial p = ${pAdj < 1e-4 ? pAdj.toExponential(1) : pAdj.toPrecision(2)} against 50% over ${n} responses, Bonferroni over ${m} probes`;
+    const test = `binomial p = ${pValue(pAdj)} against 50% over ${n} responses, Bonferroni over ${m} probes`;
     out.push(
       pAdj < 0.05
         ? `Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy, above chance (${test}; difference-of-means direction: ${pct(best.diff_means_accuracy)}).`

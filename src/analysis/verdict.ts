@@ -2,12 +2,10 @@
 // test against its null, with the evidence in the same line. Pure: a Results in, sentences out.
 import { bootstrapMeanCI, signTest } from "../stats/tests.js";
 import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
-import { gapNoise } from "./recovery.js";
+import { gapNoise, gapTooSmall } from "./recovery.js";
+import { num, pct, pValue } from "./words.js";
 import type { PairRecord, PatchingEntry, Results } from "./schema.js";
 
-const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
-const num = (x: number) => (Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3));
-const pv = (p: number) => (p < 1e-4 ? p.toExponential(1) : p.toPrecision(2));
 /** Resamples of the verdict's own bootstrap intervals (fixed, so the verdict is a function of the results). */
 const REPS = 2000;
 
@@ -19,17 +17,19 @@ export function betterVerdict(pairs: PairRecord[]): { answer: Better; line: stri
   const gaps = pairs.map((p) => p.gap);
   const n = gaps.length;
   const g = mean(gaps);
-  const noise = mean(pairs.map(gapNoise));
+  const noise = pairs.map(gapNoise);
   const q = "Verdict — is the tuned model better on these pairs?";
-  if (!(Math.abs(g) > noise))
+  // the rule that makes every recovery ratio undefined: the same "no gap" everywhere
+  const margin = (m: "base" | "tuned") => pairs.map((p) => p.margin[m]);
+  if (gapTooSmall(margin("base"), margin("tuned"), noise))
     return {
       answer: "no gap",
-      line: `${q} No gap: the two models' margins differ by no more than float32 rounding (mean gap ${num(g)}, rounding bound ${num(noise)}), so nothing below measures a preference.`,
+      line: `${q} No gap: the two models' margins differ by no more than float32 rounding (mean gap ${num(g)}, rounding bound ${num(mean(noise))}), so nothing below measures a preference.`,
     };
   const [lo, hi] = bootstrapMeanCI(gaps, REPS, seededRandom(0));
   const up = gaps.filter((x) => x > 0).length;
   const moved = gaps.filter((x) => x !== 0).length;
-  const sign = `higher on ${up} of ${n} pairs, sign test p = ${pv(signTest(up, moved))}`;
+  const sign = `higher on ${up} of ${n} pairs, sign test p = ${pValue(signTest(up, moved))}`;
   const ci = `mean gap ${num(g)}, 95% bootstrap CI ${num(lo)} to ${num(hi)}`;
   if (lo > 0) return { answer: "yes", line: `${q} Yes: the tuned model's margin is higher (${ci}; ${sign}).` };
   if (hi < 0)
@@ -115,10 +115,14 @@ export function lowRankVerdict(r: Results): string | null {
   return `${q} No: no subspace below the full width (${r.hidden_size}) recovers 90% of the held-out gap (${nTest} pairs).`;
 }
 
-/** The verdict block: one line per question, most basic first; the later questions only when there is a gap to explain. */
-export function verdict(r: Results): string[] {
-  if (!r.pairs.length) return [];
+/**
+ * The verdict block: one line per question, most basic first, the later questions only when there is a gap to
+ * explain; `better` is the first question's answer ("yes" when there are no pairs to ask it of).
+ */
+export function verdict(r: Results): { better: Better; lines: string[] } {
+  if (!r.pairs.length) return { better: "yes", lines: [] };
   const better = betterVerdict(r.pairs);
-  if (better.answer !== "yes") return [better.line];
-  return [better.line, whereVerdict(r), sparseVerdict(r), lowRankVerdict(r)].filter((x): x is string => x !== null);
+  if (better.answer !== "yes") return { better: better.answer, lines: [better.line] };
+  const lines = [better.line, whereVerdict(r), sparseVerdict(r), lowRankVerdict(r)];
+  return { better: "yes", lines: lines.filter((x): x is string => x !== null) };
 }
