@@ -14,7 +14,7 @@ import { loadModelSync } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
 import { convertLlama2c } from "./io/llama2c.js";
-import { RUN_SETTINGS, type RunSettings, type SettingSpec } from "./analysis/settings.js";
+import { integerText, RUN_SETTINGS, type RunSettings, type SettingSpec } from "./analysis/settings.js";
 import { summaryTable, transferFindings } from "./analysis/findings.js";
 import { DEFAULT_TUNE, SCHEDULES, type Schedule, type TuneSettings } from "./train/dpo.js";
 
@@ -216,11 +216,8 @@ program
     );
   });
 
-const int = (name: string, min: number) => (v: string) => {
-  const n = /^\s*-?\d+\s*$/.test(v) ? Number(v) : NaN; // Number("") would be 0
-  if (!Number.isInteger(n) || n < min) throw new UsageError(`${name} must be an integer ≥ ${min}, got "${v}"`);
-  return n;
-};
+/** An integer flag's parser: the settings table's, named by the flag. */
+const int = integerText;
 const float = (name: string, ok: (x: number) => boolean, what: string) => (v: string) => {
   const n = Number(v);
   if (v.trim() === "" || !Number.isFinite(n) || !ok(n)) throw new UsageError(`${name} must be ${what}, got "${v}"`);

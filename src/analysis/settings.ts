@@ -70,8 +70,8 @@ export interface SettingSpec<V> {
   unsetOnCli?: boolean;
 }
 
-/** An integer ≥ min, from the flag's text (the message names the setting; the CLI names its flag). */
-const integerText = (key: string, min: number) => (text: string) => {
+/** An integer ≥ min, from a flag's text (the message names `key`: a setting, or the CLI's own flag). */
+export const integerText = (key: string, min: number) => (text: string) => {
   const n = /^\s*-?\d+\s*$/.test(text) ? Number(text) : NaN; // Number("") would be 0
   if (!Number.isInteger(n) || n < min) throw new SettingsError(`${key} must be an integer ≥ ${min}, got "${text}"`);
   return n;
