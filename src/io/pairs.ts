@@ -87,7 +87,7 @@ function readPairsLines(file: string): { lines: string[]; invalid: Set<number> }
     for (let i = 0, line = 0; i <= buf.length; i++) {
       if (i < buf.length && buf[i] !== 0x0a) continue;
       try {
-        new TextDecoder("utf-8", { fatal: true }).decode(buf.subarray(start, i));
+        strict.decode(buf.subarray(start, i));
       } catch {
         invalid.add(line);
       }
