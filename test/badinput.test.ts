@@ -341,7 +341,8 @@ describe("bad input", () => {
     expect(res.cv.fold_of_pair).toHaveLength(4);
     expect(res.lasso.folds).toBe(4);
     expect(r.out).not.toMatch(/NaN/);
-    expect(r.out).toMatch(/no CI: --bootstrap 0/);
+    expect(r.out).toMatch(/^ +0 +-?\d\.\d{3} +-\.\.- /m); // no per-layer interval in the table
+    expect(res.patching[0].recovery_ci).toEqual([null, null]);
   });
 
   it("identical responses and identical models are warned about", () => {

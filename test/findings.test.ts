@@ -4,6 +4,8 @@
 import { describe, expect, it } from "vitest";
 import type { AttributionEntry } from "../src/analysis/schema.js";
 import { findings } from "../src/analysis/findings.js";
+import { ciAt, sparseVerdict } from "../src/analysis/verdict.js";
+import { pct } from "../src/analysis/words.js";
 import { lassoStage } from "../src/analysis/estimators.js";
 import { patchingEntries } from "../src/analysis/recovery.js";
 import { resolveSettings } from "../src/analysis/settings.js";
@@ -16,12 +18,19 @@ useBackend();
 const s = resolveSettings({ bootstrap: 200 });
 
 /** A Results with only what findings reads about patching and LASSO. */
-function resultsWith(patching: Results["patching"], lasso: Results["lasso"] = null): Results {
+function resultsWith(patching: Results["patching"], lasso: Results["lasso"] = null, gaps: number[] = []): Results {
   return {
     n_pairs: 40,
     num_layers: 2,
     hidden_size: 4,
-    pairs: [],
+    pairs: gaps.map(
+      (gap) =>
+        ({
+          gap,
+          margin: { base: 0, tuned: gap },
+          logp: { base: { chosen: -10, rejected: -10 }, tuned: { chosen: gap - 10, rejected: -10 } },
+        }) as PairRecord,
+    ),
     summary: {
       mean_margin_base: 0,
       mean_margin_tuned: 1,
@@ -53,17 +62,32 @@ describe("findings and the random-direction control", () => {
     const random = gap.map(() => 0.05 * gaussian(rand));
     const e = patchingEntries(combos, { real: [real], random: [random], meanAblation: [random] }, gap, false, s);
     expect(e[0]!.controls!.random_direction.real_minus_control_ci[0]).toBeGreaterThan(0.5);
-    const line = findings(resultsWith(e)).find((l) => l.startsWith("Patching"))!;
+    const line = findings(resultsWith(e, null, gap)).find((l) => l.startsWith("Patching"))!;
     expect(line).toMatch(
       /It beats a random direction of the same norm at that layer \(random recovers -?\d+\.\d%; real − random recovery 95% CI/,
     );
+  });
+
+  it("the peak's intervals are Bonferroni-corrected over every patch looked at, and say so", () => {
+    const many = [0, 1, 2, 3, 4].flatMap((layer) =>
+      (["resid_post", "mlp_out"] as const).map((site) => ({ direction: "tuned->base" as const, site, layer })),
+    );
+    const real = many.map((_, k) => gap.map((g) => (0.1 + 0.08 * k) * g + 0.4 * gaussian(rand)));
+    const random = many.map(() => gap.map(() => 0.05 * gaussian(rand)));
+    const e = patchingEntries(many, { real, random, meanAblation: random }, gap, false, s);
+    const best = e.filter((x) => x.site === "mlp_out").reduce((a, b) => (b.recovery > a.recovery ? b : a));
+    const [lo, hi] = ciAt(best.gains, gap, 1 - 0.05 / 10);
+    const [lo95, hi95] = ciAt(best.gains, gap, 0.95);
+    expect(hi - lo).toBeGreaterThan(hi95 - lo95);
+    const line = findings(resultsWith(e, null, gap)).find((l) => l.startsWith("Patching mlp_out"))!;
+    expect(line).toContain(`(99.5% CI, Bonferroni over the 10 patches ${pct(lo)}–${pct(hi)})`);
   });
 
   it("when the random direction recovers as much (real 86.9%-like, random 133.8%-like), the headline says not distinguishable", () => {
     const real = gap.map((g) => 0.87 * g + 0.3 * gaussian(rand));
     const random = gap.map((g) => 1.34 * g + 1.5 * gaussian(rand));
     const e = patchingEntries(combos, { real: [real], random: [random], meanAblation: [random] }, gap, false, s);
-    const line = findings(resultsWith(e)).find((l) => l.startsWith("Patching"))!;
+    const line = findings(resultsWith(e, null, gap)).find((l) => l.startsWith("Patching"))!;
     expect(line).toMatch(/NOT distinguishable from a random direction of the same norm/);
     expect(line).not.toMatch(/It beats/);
   });
@@ -101,6 +125,42 @@ describe("LASSO findings", () => {
     expect(line).toMatch(
       /The selection is unstable: it changes with the CV fold seed alone \(\{[\d, ]*\} at seed 0, \{[\d, ]*\} at seed \d\), so no layer set is a finding\./,
     );
+  });
+});
+
+describe("LASSO's permutation null", () => {
+  const record = (distance: number[], gap: number): PairRecord => ({ distance, gap }) as unknown as PairRecord;
+  const noise = (seed: number) => {
+    const rand = seededRandom(300 + seed);
+    return Array.from({ length: 30 }, () =>
+      record([gaussian(rand), gaussian(rand), gaussian(rand), gaussian(rand)], gaussian(rand)),
+    );
+  };
+
+  it("a planted column passes the permutation test and the findings say so", () => {
+    const rand = seededRandom(9);
+    const recs = Array.from({ length: 40 }, () => {
+      const d = [gaussian(rand), gaussian(rand), gaussian(rand)];
+      return record(d, d[1]! + 0.3 * gaussian(rand));
+    });
+    const l = lassoStage(recs, 3, s)!;
+    expect(l.nonzero_layers).toContain(1);
+    expect(l.permutation!.p_value).toBeLessThan(0.01);
+    expect(l.permutation!.cv_mse).toBeLessThan(l.permutation!.null_median_mse);
+    const line = findings(resultsWith([], l)).find((x) => x.startsWith("LASSO"))!;
+    expect(line).toContain("The fit predicts the gaps better than with them shuffled across pairs (CV MSE");
+  });
+
+  it("on pure noise p is roughly uniform (few below 0.05), and a noise selection is 'not supported'", () => {
+    const fits = Array.from({ length: 20 }, (_, k) => lassoStage(noise(k), 4, s)!);
+    const ps = fits.map((l) => l.permutation!.p_value);
+    expect(ps.filter((p) => p < 0.05).length).toBeLessThanOrEqual(3);
+    expect(ps.filter((p) => p > 0.5).length).toBeGreaterThanOrEqual(5);
+    const picked = fits.find((l) => l.nonzero_layers.length > 0 && l.permutation!.p_value >= 0.05);
+    expect(picked).toBeDefined();
+    const line = findings(resultsWith([], picked!)).find((x) => x.startsWith("LASSO"))!;
+    expect(line).toMatch(/Not supported as a finding: the fit predicts the gaps no better than with them shuffled/);
+    expect(sparseVerdict(resultsWith([], picked!))).toMatch(/^Verdict — is it sparse over layers\? Not supported/);
   });
 });
 

@@ -7,7 +7,7 @@ import { choosePcaLayer } from "../src/analysis/lowrank.js";
 import { patchingEntries } from "../src/analysis/recovery.js";
 import type { PairRecord, ProbeResult, Results } from "../src/analysis/schema.js";
 import { resolveSettings } from "../src/analysis/settings.js";
-import { betterVerdict, verdict, whereVerdict } from "../src/analysis/verdict.js";
+import { betterVerdict, lowRankVerdict, subspaceVsRandom, verdict, whereVerdict } from "../src/analysis/verdict.js";
 import { binomialUpperTail, bootstrapMeanCI, signTest } from "../src/stats/tests.js";
 import { gaussian, seededRandom } from "../src/stats/stats.js";
 import { disposeDemo, loadDemo, useBackend } from "./helpers.js";
@@ -227,6 +227,80 @@ describe("the verdict", () => {
     expect(findings(r).join(" ")).toMatch(
       /is it low-rank \(layer 3\)\? Cannot tell: the two models' activations at layer 3 do not differ/,
     );
+  });
+});
+
+describe("low-rank and steering against their random controls", () => {
+  /** Results whose PCA holds per-pair gains: top-k recovers `top` of each held-out gap, random `rnd` ± noise. */
+  function withPca(top: number, rnd: number, noise: number, n = 30): Results {
+    const recs = pairs(around(2, 0.3, n));
+    const r = results(recs, { resid_post: [0.2, 0.5, 0.9, 1].map((f) => recs.map((p) => f * p.gap)) });
+    const test = recs.map((_, i) => i).filter((i) => i % 2 === 1);
+    const gains = (f: number) => test.map((j) => f * recs[j]!.gap + noise * gaussian(rand));
+    const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
+    const gapMean = mean(test.map((j) => recs[j]!.gap));
+    const row = (k: number, f: number, fr: number) => {
+      const [g, gr] = [gains(f), gains(fr)];
+      return {
+        k,
+        k_used: k,
+        recovery: mean(g) / gapMean,
+        random_subspace: mean(gr) / gapMean,
+        gains: g,
+        random_gains: gr,
+      };
+    };
+    const steer = (name: string, f: number) => ({
+      vector: name,
+      norm: 1,
+      by_strength: [1, 2].map((strength) => {
+        const g = gains(f * strength);
+        return { strength, mean_gain: mean(g), recovery: mean(g) / gapMean, gains: g };
+      }),
+    });
+    r.pca = {
+      layer: 2,
+      site: "resid_post",
+      chosen_by: "test",
+      train_pairs: recs.map((_, i) => i).filter((i) => i % 2 === 0),
+      test_pairs: test,
+      n_rows: 30,
+      explained_variance_ratio: [0.95, 0.05],
+      recovery: [row(1, top, rnd), row(2, 1, 1), row(8, 1, 1)],
+      components: new Float32Array(16),
+      k_90: 1,
+      steering_vector: new Float32Array(8),
+      steering: [steer("mean difference", top), steer("top-1", top), steer("random direction", rnd)],
+    };
+    return r;
+  }
+
+  it("a planted rank-1 change that a random direction does not carry is low-rank, with its test", () => {
+    const r = withPca(0.95, 0.02, 0.05);
+    expect(lowRankVerdict(r)).toMatch(
+      /^Verdict — is it low-rank \(layer 2\)\? Yes: the top 1 of 8 directions recover .*; top-k − random recovery 98\.3% CI .* \(Bonferroni over 3 values of k\) is above 0\.$/,
+    );
+    const f = findings(r).join(" ");
+    expect(f).toMatch(
+      /for a random 1-dimensional subspace \(top-k − random 98\.3% CI [\d.]+%–[\d.]+% \(Bonferroni over 3 values of k\): above 0\)/,
+    );
+    expect(f).toMatch(/At β = 2 it beats the random direction \(difference 97\.5% CI/);
+  });
+
+  it("when a random subspace recovers as much, within noise, it is 'cannot tell', and steering is not preference-specific", () => {
+    const r = withPca(0.95, 0.9, 1.5, 12);
+    const t = subspaceVsRandom(r, r.pca!.recovery[0]!)!;
+    expect(t.beats).toBe(false);
+    expect(lowRankVerdict(r)).toMatch(/Cannot tell with 6 held-out pairs: .* includes 0\.$/);
+    const f = findings(r).join(" ");
+    expect(f).toMatch(/not distinguishable from the random subspace/);
+    expect(f).toMatch(/it is not distinguishable from the random direction .*not shown to be preference-specific/);
+  });
+
+  it("results written before per-pair gains were kept still get a verdict, named as point estimates", () => {
+    const r = withPca(0.95, 0.02, 0.05);
+    for (const x of r.pca!.recovery) delete x.gains;
+    expect(lowRankVerdict(r)).toMatch(/Yes \(point estimates only/);
   });
 });
 

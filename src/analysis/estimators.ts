@@ -1,6 +1,6 @@
 // Stage 6, the estimators over pairs: LASSO of the per-pair gap on per-layer activation distances, and
 // linear probes (chosen vs rejected) on each model's mean response activation per layer.
-import { lassoCV } from "../stats/lasso.js";
+import { lassoCV, lassoPermutationTest } from "../stats/lasso.js";
 import { probeCV } from "../stats/logistic.js";
 import { kFolds, seededRandom } from "../stats/stats.js";
 import type { RunSettings } from "./settings.js";
@@ -9,6 +9,9 @@ import type { SumsLayout } from "./sums.js";
 
 /** How many CV fold seeds the LASSO selection is checked over. */
 export const LASSO_SEEDS = 5;
+
+/** Shuffles of the per-pair gaps in LASSO's permutation test (p resolves down to 1/201). */
+export const LASSO_PERMUTATIONS = 200;
 
 /** The K-fold assignment of n pairs that LASSO and the probes use (K = folds capped at n, at least 2). */
 export function cvFolds(n: number, s: RunSettings): { folds: number; fold_of_pair: number[] } {
@@ -37,6 +40,7 @@ export function lassoStage(records: PairRecord[], L: number, s: RunSettings): La
     nonzero_layers: fit.nonzero,
     seed_sets,
     stable_across_seeds: seed_sets.every((x) => x.nonzero_layers.join() === fit.nonzero.join()),
+    permutation: lassoPermutationTest(X, n, L, y, { folds: s.folds, seed: s.seed, reps: LASSO_PERMUTATIONS }),
   };
 }
 

@@ -1,7 +1,7 @@
 // The headline findings of a run, in plain words computed from the numbers.
 import { binomialUpperTail } from "../stats/tests.js";
 import type { Results } from "./schema.js";
-import { verdict } from "./verdict.js";
+import { ciAt, permutationWords, steeringVsRandom, subspaceVsRandom, verdict } from "./verdict.js";
 import { num, pct, pValue } from "./words.js";
 import type { TransferResult } from "./steering.js";
 
@@ -42,15 +42,19 @@ export function findings(r: Results): string[] {
 /** Per site and direction: where recovery peaks, the first layer at 90%, and the controls. */
 function patchingFindings(r: Results): string[] {
   const out: string[] = [];
+  // the peak is picked among every exact patch looked at, so its CIs are Bonferroni-corrected over all of them
+  const looked = r.patching.filter((p) => Number.isFinite(p.recovery)).length;
+  const level = 1 - 0.05 / Math.max(1, looked);
+  const gaps = r.pairs.map((p) => p.gap);
+  const named = looked > 1 ? `${pct(level)} CI, Bonferroni over the ${looked} patches` : "95% CI";
   for (const dir of ["tuned->base", "base->tuned"] as const) {
     for (const site of ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const) {
       const e = r.patching.filter((p) => p.direction === dir && p.site === site && Number.isFinite(p.recovery));
       if (!e.length) continue;
       const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const first90 = e.find((p) => p.recovery >= 0.9);
-      const ci = Number.isFinite(best.recovery_ci[0])
-        ? ` (95% CI ${pct(best.recovery_ci[0])}–${pct(best.recovery_ci[1])})`
-        : " (no CI: --bootstrap 0)";
+      const [lo, hi] = ciAt(best.gains, gaps, level);
+      const ci = ` (${named} ${pct(lo)}–${pct(hi)})`;
       const how =
         best.method === "attribution" ? " [attribution estimates: first-order, no exact patches and no controls]" : "";
       const win =
@@ -63,11 +67,13 @@ function patchingFindings(r: Results): string[] {
       line += first90 ? `; layer ${first90.layer} is the first to recover ≥ 90%.` : "; no single layer recovers 90%.";
       if (best.controls) {
         const rnd = best.controls.random_direction;
-        const [lo, hi] = rnd.real_minus_control_ci;
-        const beats = Number.isFinite(lo) ? lo > 0 : best.recovery > Math.abs(rnd.recovery);
-        const diff = Number.isFinite(lo)
-          ? `real − random recovery 95% CI ${pct(lo)}–${pct(hi)}`
-          : "point estimates only: --bootstrap 0";
+        const [dLo, dHi] = ciAt(
+          best.gains.map((v, i) => v - rnd.gains[i]!),
+          gaps,
+          level,
+        );
+        const beats = dLo > 0;
+        const diff = `real − random recovery ${named} ${pct(dLo)}–${pct(dHi)}`;
         const rndMax = Math.max(...e.map((p) => Math.abs(p.controls!.random_direction.recovery)));
         line += beats
           ? ` It beats a random direction of the same norm at that layer (random recovers ${pct(rnd.recovery)}; ${diff}).`
@@ -98,6 +104,12 @@ function lassoFindings(r: Results): string[] {
     let line = nz.length
       ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${stable.length ? stable.join(", ") : "none"}.`
       : `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) keeps no layer: per-layer activation distances do not predict the per-pair gap better than its mean.`;
+    const perm = r.lasso.permutation;
+    if (perm && nz.length)
+      line +=
+        perm.p_value < 0.05
+          ? ` The fit predicts the gaps better than with them shuffled across pairs (${permutationWords(perm)}).`
+          : ` Not supported as a finding: the fit predicts the gaps no better than with them shuffled across pairs (${permutationWords(perm)}; shuffled gaps keep ${num(perm.null_mean_selected)} layers on average).`;
     if (!r.lasso.stable_across_seeds) {
       const other = r.lasso.seed_sets.find((x) => x.nonzero_layers.join() !== nz.join())!;
       line += ` The selection is unstable: it changes with the CV fold seed alone (${set(nz)} at seed ${r.lasso.seed_sets[0]!.seed}, ${set(other.nonzero_layers)} at seed ${other.seed}), so no layer set is a finding.`;
@@ -144,19 +156,34 @@ function lowRankFindings(r: Results): string[] {
     out.push(
       `Low-rank patching at layer ${r.pca.layer} (${r.pca.chosen_by}): ${k90} principal direction${k90 === 1 ? " explains" : "s explain"} 90% of the activation difference; ` +
         (first
-          ? `patching only the top ${first.k} recover${first.k === 1 ? "s" : ""} ${pct(first.recovery)} of the held-out gap, vs ${pct(first.random_subspace)} for a random ${first.k}-dimensional subspace.`
+          ? `patching only the top ${first.k} recover${first.k === 1 ? "s" : ""} ${pct(first.recovery)} of the held-out gap, vs ${pct(first.random_subspace)} for a random ${first.k}-dimensional subspace${lowRankTest(r, first)}.`
           : `no k below the full width (${r.hidden_size}) recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}, k = ${r.pca.recovery[r.pca.recovery.length - 2]?.k ?? 1}: ${pct(r.pca.recovery[r.pca.recovery.length - 2]?.recovery ?? NaN)}).`),
     );
     const [md, , rnd] = r.pca.steering;
     if (md && rnd) {
       const at = (v: typeof md, b: number) => v.by_strength.find((x) => x.strength === b) ?? v.by_strength[0]!;
       const top = md.by_strength.reduce((a, b) => (b.recovery > a.recovery ? b : a));
+      const t = steeringVsRandom(r, top.strength);
+      const test = !t
+        ? ""
+        : t.beats
+          ? ` At β = ${top.strength} it beats the random direction (difference ${t.words}).`
+          : ` At β = ${top.strength} it is not distinguishable from the random direction (difference ${t.words}): steering with it is not shown to be preference-specific.`;
       out.push(
-        `Steering the base model alone (no tuned model at inference) by adding the training pairs' mean difference at layer ${r.pca.layer} recovers ${pct(at(md, 1).recovery)} of the held-out gap at β = 1 and at most ${pct(top.recovery)} (β = ${top.strength}); a random direction of the same norm: ${pct(at(rnd, 1).recovery)} at β = 1 and ${pct(at(rnd, top.strength).recovery)} at β = ${top.strength}.`,
+        `Steering the base model alone (no tuned model at inference) by adding the training pairs' mean difference at layer ${r.pca.layer} recovers ${pct(at(md, 1).recovery)} of the held-out gap at β = 1 and at most ${pct(top.recovery)} (β = ${top.strength}); a random direction of the same norm: ${pct(at(rnd, 1).recovery)} at β = 1 and ${pct(at(rnd, top.strength).recovery)} at β = ${top.strength}.${test}`,
       );
     }
   }
   return out;
+}
+
+/** The low-rank line's test against a random subspace, as a clause ("" when the results hold no per-pair gains). */
+function lowRankTest(r: Results, at: NonNullable<Results["pca"]>["recovery"][number]): string {
+  const t = subspaceVsRandom(r, at);
+  if (!t) return "";
+  return t.beats
+    ? ` (top-k − random ${t.words}: above 0)`
+    : ` — not distinguishable from the random subspace (top-k − random ${t.words} includes 0)`;
 }
 
 /** Where the logit lens reads half of the final gap. */

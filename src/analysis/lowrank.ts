@@ -188,6 +188,8 @@ export async function lowRankStage(
       k_used: k_used(k),
       recovery: recovery(`real ${k_used(k)}`),
       random_subspace: recovery(`random ${k}`),
+      gains: g.get(`real ${k_used(k)}`)!,
+      random_gains: g.get(`random ${k}`)!,
     })),
     components: p.components.slice(0, Math.min(p.rank, H) * H),
     k_90: k90,

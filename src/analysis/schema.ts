@@ -1,6 +1,6 @@
 // The result schema: what a run records per pair (records.jsonl, results.json's pairs) and over all pairs
 // (results.json), the per-pair state phase 1 hands to phase 2, and the callbacks and interruption of a run.
-import type { LassoCVResult } from "../stats/lasso.js";
+import type { LassoCVResult, LassoPermutation } from "../stats/lasso.js";
 import type { Direction, Site } from "./settings.js";
 
 /** Gains of one kind of patch with their recovery (mean gain / mean gap) and bootstrap CI. */
@@ -75,7 +75,15 @@ export interface LowRankResult {
   test_pairs: number[];
   n_rows: number;
   explained_variance_ratio: number[];
-  recovery: Array<{ k: number; k_used: number; recovery: number; random_subspace: number }>;
+  /** Per k: held-out recovery of the top-k subspace and a random k-dim one, with their per-pair gains (test_pairs' order). */
+  recovery: Array<{
+    k: number;
+    k_used: number;
+    recovery: number;
+    random_subspace: number;
+    gains?: number[];
+    random_gains?: number[];
+  }>;
   components: Float32Array;
   /** Components that explain 90% of the training differences (at most the rank). */
   k_90: number;
@@ -85,7 +93,7 @@ export interface LowRankResult {
   steering: Array<{
     vector: string;
     norm: number;
-    by_strength: Array<{ strength: number; mean_gain: number; recovery: number }>;
+    by_strength: Array<{ strength: number; mean_gain: number; recovery: number; gains?: number[] }>;
   }>;
 }
 
@@ -99,6 +107,8 @@ export type LassoResult = LassoCVResult & {
   seed_sets: Array<{ seed: number; nonzero_layers: number[] }>;
   /** Whether every seed in seed_sets selects the same layers. */
   stable_across_seeds: boolean;
+  /** The CV error against the gaps shuffled across pairs (absent in results written before it existed). */
+  permutation?: LassoPermutation;
 };
 
 /** Cross-validated probe accuracy of one model at one layer. */

@@ -4,6 +4,9 @@
 // saved subspace to other pairs or another model pair of the same width.
 import * as tf from "@tensorflow/tfjs-core";
 import type { Pair } from "../data/pairs.js";
+import type { LlamaConfig } from "../model/config.js";
+import { hookName } from "../model/hooks.js";
+import type { Hooks } from "../model/llama.js";
 import { makeBatch, positionMask } from "../data/batch.js";
 import { randomSubspace } from "../stats/pca.js";
 import { mean, seededRandom } from "../stats/stats.js";
@@ -57,11 +60,35 @@ export const randomBasis = (bases: BasisCache, k: number, H: number, seed: numbe
     k >= H ? (tf.eye(H) as tf.Tensor2D) : randomSubspace(k, H, seededRandom(seed * 31 + k)),
   );
 
+/** β v [H], what steering adds at a position (freed by the caller's tidy). */
+const steeringStep = (v: Float32Array, beta: number): tf.Tensor => tf.mul(tf.tensor1d(v), beta);
+
 /** The steering edit h + β m v (v [H]). */
 export const steer =
   (v: Float32Array, beta: number) =>
   (hb: tf.Tensor, _ht: tf.Tensor, mask: tf.Tensor): tf.Tensor =>
-    tf.tidy(() => tf.add(hb, tf.mul(mask, tf.mul(tf.tensor1d(v), beta))));
+    tf.tidy(() => tf.add(hb, tf.mul(mask, steeringStep(v, beta))));
+
+/**
+ * Hooks that steer a model as the analysis's steering edits do: h + β v at blocks.{layer}.hook_resid_post, at
+ * every position (the edits' mask under the default --positions all, where m = 1 leaves β v's float32 values
+ * as they are). So `greedy(model, ids, n, { hooks })` generates under the very intervention whose margins a run
+ * reports for that vector and β; a run's vector is its subspace.safetensors's mean_diff at its layer.
+ */
+export function steeringHooks(
+  config: Pick<LlamaConfig, "hiddenSize" | "numLayers">,
+  s: { layer: number; direction: ArrayLike<number>; beta: number },
+): Hooks {
+  const { hiddenSize: H, numLayers: L } = config;
+  if (!(Number.isInteger(s.layer) && s.layer >= 0 && s.layer < L))
+    throw new RangeError(`steering layer ${s.layer} is outside the model's layers 0..${L - 1}`);
+  if (s.direction.length !== H)
+    throw new RangeError(`the steering direction has ${s.direction.length} entries; the model's hidden size is ${H}`);
+  if (!Number.isFinite(s.beta)) throw new RangeError(`the steering strength β must be a finite number, got ${s.beta}`);
+  const v = Float32Array.from(s.direction);
+  if (!v.every(Number.isFinite)) throw new RangeError("the steering direction has non-finite entries");
+  return { [hookName("resid_post", s.layer)]: (h: tf.Tensor) => tf.tidy(() => tf.add(h, steeringStep(v, s.beta))) };
+}
 
 /** The mean of row vectors of length H. */
 export function meanRow(rows: Float32Array[], H: number): Float32Array {
@@ -159,7 +186,7 @@ export function steeringSummary(
 ): Array<{
   vector: string;
   norm: number;
-  by_strength: Array<{ strength: number; mean_gain: number; recovery: number }>;
+  by_strength: Array<{ strength: number; mean_gain: number; recovery: number; gains: number[] }>;
 }> {
   return vectors.map((v) => ({
     vector: v.name,
@@ -168,6 +195,7 @@ export function steeringSummary(
       strength: beta,
       mean_gain: mean(gains.get(`steer ${v.name} ${beta}`)!),
       recovery: recovery(`steer ${v.name} ${beta}`),
+      gains: gains.get(`steer ${v.name} ${beta}`)!,
     })),
   }));
 }

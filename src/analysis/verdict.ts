@@ -4,6 +4,7 @@ import { bootstrapMeanCI, signTest } from "../stats/tests.js";
 import { bootstrapRatioCI, mean, seededRandom } from "../stats/stats.js";
 import { gapNoise, gapTooSmall } from "./recovery.js";
 import { num, pct, pValue } from "./words.js";
+import type { LassoPermutation } from "../stats/lasso.js";
 import type { PairRecord, PatchingEntry, Results } from "./schema.js";
 
 /** Resamples of the verdict's own bootstrap intervals (fixed, so the verdict is a function of the results). */
@@ -40,9 +41,12 @@ export function betterVerdict(pairs: PairRecord[]): { answer: Better; line: stri
   return { answer: "cannot tell", line: `${q} Cannot tell with ${n} pairs: the ${ci} includes 0 (${sign}).` };
 }
 
-/** Recovery CI of an entry at `level`, from its per-pair gains and the pairs' gaps (the verdict's own resamples). */
-const ciAt = (gains: number[], gaps: number[], level: number) =>
-  bootstrapRatioCI(gains, gaps, REPS, seededRandom(1), level);
+/**
+ * Recovery CI at `level` from per-pair gains and the pairs' gaps (the verdict's own resamples: at least 20 in
+ * each tail, so a Bonferroni level over many patches still has its quantile resolved).
+ */
+export const ciAt = (gains: number[], gaps: number[], level: number): [number, number] =>
+  bootstrapRatioCI(gains, gaps, Math.max(REPS, Math.ceil(40 / (1 - level))), seededRandom(1), level);
 
 /**
  * Where does the change enter? Only per-component patches (attn_out, mlp_out; tuned→base) can say: a layer
@@ -82,12 +86,19 @@ export function whereVerdict(r: Results): string {
   return `${q} At ${list(hits)} (${hits.length} of ${m} component patches): ${each}.`;
 }
 
+/** The permutation test's evidence in words: the real and shuffled CV errors and p. */
+export const permutationWords = (p: LassoPermutation): string =>
+  `CV MSE ${num(p.cv_mse)} vs a median ${num(p.null_median_mse)} over ${p.reps} shuffles, permutation p = ${pValue(p.p_value)}`;
+
 /** Is the effect sparse over layers? LASSO's selection, its bootstrap stability and its stability over CV seeds. */
 export function sparseVerdict(r: Results): string | null {
   const l = r.lasso;
   if (!l) return null;
   const q = "Verdict — is it sparse over layers?";
   const nz = l.nonzero_layers;
+  const perm = l.permutation;
+  if (nz.length && perm && !(perm.p_value < 0.05))
+    return `${q} Not supported: LASSO keeps layers ${nz.join(", ")}, but its cross-validated error is no lower than with the gaps shuffled across pairs (${permutationWords(perm)}).`;
   if (!l.stable_across_seeds)
     return `${q} Cannot tell: LASSO's selection changes with the cross-validation seed alone.`;
   if (!nz.length)
@@ -97,7 +108,8 @@ export function sparseVerdict(r: Results): string | null {
     return `${q} No: LASSO keeps ${nz.length} of ${r.num_layers} layers (${nz.join(", ")}).`;
   if (!stable.length)
     return `${q} Cannot tell: LASSO keeps layers ${nz.join(", ")}, but none is selected in ≥ 80% of bootstrap refits.`;
-  return `${q} Yes: LASSO keeps ${nz.length} of ${r.num_layers} layers (${nz.join(", ")}); ${stable.map(([i]) => i).join(", ")} selected in ≥ 80% of bootstrap refits, the same at every CV seed.`;
+  const beatsShuffled = perm ? `, and it predicts the gaps better than shuffled ones (${permutationWords(perm)})` : "";
+  return `${q} Yes: LASSO keeps ${nz.length} of ${r.num_layers} layers (${nz.join(", ")}); ${stable.map(([i]) => i).join(", ")} selected in ≥ 80% of bootstrap refits, the same at every CV seed${beatsShuffled}.`;
 }
 
 /** Is it low-rank? The fewest principal directions recovering 90% of the held-out gap, against a random subspace of that size. */
@@ -108,11 +120,61 @@ export function lowRankVerdict(r: Results): string | null {
   if (p.explained_variance_ratio.every((v) => !(v > 0)))
     return `${q} Cannot tell: the two models' activations at layer ${p.layer} do not differ on the training pairs.`;
   if (!p.recovery.every((x) => Number.isFinite(x.recovery))) return `${q} Cannot tell: there is no gap to recover.`;
-  const first = p.recovery.find((x) => x.k < r.hidden_size && x.recovery >= 0.9 && x.recovery > x.random_subspace);
   const nTest = p.test_pairs.length;
-  if (first)
-    return `${q} Yes: the top ${first.k} of ${r.hidden_size} directions recover ${pct(first.recovery)} of the held-out gap (${nTest} pairs), a random ${first.k}-dimensional subspace ${pct(first.random_subspace)}.`;
-  return `${q} No: no subspace below the full width (${r.hidden_size}) recovers 90% of the held-out gap (${nTest} pairs).`;
+  const first = p.recovery.find((x) => x.k < r.hidden_size && x.recovery >= 0.9);
+  if (!first)
+    return `${q} No: no subspace below the full width (${r.hidden_size}) recovers 90% of the held-out gap (${nTest} pairs).`;
+  const test = subspaceVsRandom(r, first);
+  const what = `the top ${first.k} of ${r.hidden_size} directions recover ${pct(first.recovery)} of the held-out gap (${nTest} pairs), a random ${first.k}-dimensional subspace ${pct(first.random_subspace)}`;
+  if (test === null)
+    return first.recovery > first.random_subspace
+      ? `${q} Yes (point estimates only, no per-pair gains in these results): ${what}.`
+      : `${q} Cannot tell: ${what}.`;
+  return test.beats
+    ? `${q} Yes: ${what}; top-k − random recovery ${test.words} is above 0.`
+    : `${q} Cannot tell with ${nTest} held-out pairs: ${what}, but top-k − random recovery ${test.words} includes 0.`;
+}
+
+/**
+ * The low-rank test: the CI of (top-k − random k-dim subspace) recovery over the held-out pairs, Bonferroni over
+ * the ks tried (the first k reaching 90% is picked among them); null when the results hold no per-pair gains.
+ */
+export function subspaceVsRandom(
+  r: Results,
+  at: NonNullable<Results["pca"]>["recovery"][number],
+): { beats: boolean; words: string } | null {
+  const p = r.pca!;
+  if (!at.gains || !at.random_gains) return null;
+  const gaps = p.test_pairs.map((j) => r.pairs[j]!.gap);
+  const m = p.recovery.length;
+  const level = 1 - 0.05 / m;
+  const [lo, hi] = ciAt(
+    at.gains.map((g, i) => g - at.random_gains![i]!),
+    gaps,
+    level,
+  );
+  return { beats: lo > 0, words: `${pct(level)} CI ${pct(lo)}–${pct(hi)} (Bonferroni over ${m} values of k)` };
+}
+
+/**
+ * Steering's test at one strength: the CI of (mean difference − random direction of its norm) recovery over
+ * the held-out pairs, Bonferroni over the strengths tried; null without per-pair gains.
+ */
+export function steeringVsRandom(r: Results, strength: number): { beats: boolean; words: string } | null {
+  const p = r.pca!;
+  const [md, , rnd] = p.steering;
+  const a = md?.by_strength.find((x) => x.strength === strength);
+  const b = rnd?.by_strength.find((x) => x.strength === strength);
+  if (!a?.gains || !b?.gains) return null;
+  const gaps = p.test_pairs.map((j) => r.pairs[j]!.gap);
+  const m = md!.by_strength.length;
+  const level = 1 - 0.05 / m;
+  const [lo, hi] = ciAt(
+    a.gains.map((g, i) => g - b.gains![i]!),
+    gaps,
+    level,
+  );
+  return { beats: lo > 0, words: `${pct(level)} CI ${pct(lo)}–${pct(hi)}, Bonferroni over ${m} strengths` };
 }
 
 /**

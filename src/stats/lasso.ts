@@ -177,3 +177,56 @@ export function lassoCV(
     folds: K,
   };
 }
+
+/** The permutation null of a LASSO fit: its CV error against the same procedure on shuffled targets. */
+export interface LassoPermutation {
+  /** Shuffles run. */
+  reps: number;
+  /** The real fit's cross-validated MSE at its chosen α. */
+  cv_mse: number;
+  /** The median of the shuffled fits' CV MSE (each at its own CV-chosen α). */
+  null_median_mse: number;
+  /** (1 + shuffles whose CV MSE is ≤ the real one) / (1 + reps): small when the features predict y. */
+  p_value: number;
+  /** The mean number of columns the shuffled fits keep: how many a selection of noise alone makes. */
+  null_mean_selected: number;
+}
+
+/**
+ * Whether the columns predict y at all: the whole CV procedure (α path, same folds) re-run on y shuffled across
+ * rows `reps` times. Shuffling breaks any link between a row's features and its target while keeping both
+ * marginal distributions, so under "no link" the real CV error is exchangeable with the shuffled ones.
+ */
+export function lassoPermutationTest(
+  X: Float64Array,
+  n: number,
+  p: number,
+  y: Float64Array,
+  opts: { folds?: number; seed?: number; reps?: number } = {},
+): LassoPermutation {
+  const minMse = (f: LassoCVResult) => f.path.find((pt) => pt.alpha === f.alpha)!.cvMse;
+  const cvOpts = { folds: opts.folds, seed: opts.seed, stabilityReps: 0 };
+  const real = minMse(lassoCV(X, n, p, y, cvOpts));
+  const reps = opts.reps ?? 200;
+  const rand = seededRandom((opts.seed ?? 0) + 7919);
+  const nulls: number[] = [];
+  let selected = 0;
+  for (let r = 0; r < reps; r++) {
+    const ys = Float64Array.from(y);
+    for (let i = n - 1; i > 0; i--) {
+      const j = Math.floor(rand() * (i + 1));
+      [ys[i], ys[j]] = [ys[j]!, ys[i]!];
+    }
+    const f = lassoCV(X, n, p, ys, cvOpts);
+    nulls.push(minMse(f));
+    selected += f.nonzero.length;
+  }
+  const sorted = [...nulls].sort((a, b) => a - b);
+  return {
+    reps,
+    cv_mse: real,
+    null_median_mse: reps ? sorted[Math.floor((reps - 1) / 2)]! : NaN,
+    p_value: (1 + nulls.filter((v) => v <= real).length) / (1 + reps),
+    null_mean_selected: reps ? selected / reps : NaN,
+  };
+}
