@@ -173,24 +173,33 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
     .filter((e) => e.exact && Number.isFinite(e.exact.correlation))
     .map((e) => ({ layer: e.layer, correlation: e.exact!.correlation, series: `${e.site} (${e.direction})` }));
   if (agree.length) {
+    // many series near r = 1 would draw over each other on [-1, 1]: the y axis starts just below the lowest r,
+    // and each layer's series stand side by side
+    const low = Math.min(...agree.map((x) => x.correlation));
+    const lo = Math.max(-1, low - Math.max(0.01, 0.1 * (1 - low)));
     out.push(
       chart(
-        "Attribution vs exact: correlation over pairs per layer",
+        { text: "Attribution vs exact: correlation over pairs per layer", subtitle: `y axis from ${lo.toFixed(3)}` },
         agree,
         {
           layer: [
             {
-              mark: { type: "line", point: true },
+              mark: { type: "point", filled: true, size: 60 },
               encoding: {
                 x: { field: "layer", type: "ordinal" },
-                y: { field: "correlation", type: "quantitative", scale: { domain: [-1, 1] }, title: "Pearson r" },
+                xOffset: { field: "series", type: "nominal" },
+                y: { field: "correlation", type: "quantitative", scale: { domain: [lo, 1] }, title: "Pearson r" },
                 color: { field: "series", type: "nominal", title: "site (direction)" },
+                tooltip: [{ field: "series" }, { field: "layer" }, { field: "correlation", format: ".4f" }],
               },
             },
-            referenceLines([0, 0.9], [4, 4]),
+            referenceLines(
+              [0, 0.9].filter((y) => y >= lo),
+              [4, 4],
+            ),
           ],
         },
-        W / 2 - 20,
+        W / 2 + 40,
         H * 0.8,
       ),
     );
@@ -224,10 +233,11 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
         gridChart(
           `Attribution per token and layer (${h.key}), pair line ${line} (gap ${h.gap.toFixed(2)}), ${row} row`,
           cells,
-          "position and token (+/− response)",
+          "position and token (+/− response; the line marks the first response token)",
           "estimate",
-          Math.min(1100, Math.max(W, 9 * (h[row][0]?.length ?? 0))),
+          Math.min(MAP_WIDTH, Math.max(W, 9 * (h[row][0]?.length ?? 0))),
           Math.min(H, 18 * h.layers.length),
+          label(row, h.ids.prompt.length),
         ),
       );
     }
@@ -235,7 +245,24 @@ function attributionSpecs(r: Results): TopLevelSpec[] {
   return out;
 }
 
-/** A layer × column heatmap with a diverging scale centred on 0. */
+/**
+ * Which of a map's columns get an axis label at `width` px: every n-th (about one per 14 px), and always the
+ * `boundary` column, whose neighbours within n/2 are left out so that two labels never overlap.
+ */
+export function labelledColumns<C>(cols: C[], width: number, boundary?: C): { every: number; shown: C[] } {
+  const every = Math.max(1, Math.ceil(cols.length / Math.max(1, Math.floor(width / 14))));
+  const at = boundary === undefined ? -every : cols.indexOf(boundary);
+  return { every, shown: cols.filter((_, i) => i === at || (i % every === 0 && Math.abs(i - at) >= every / 2)) };
+}
+
+/** The widest token map, so that its legend still fits beside it on a page. */
+const MAP_WIDTH = 960;
+
+/**
+ * A layer × column heatmap with a diverging scale centred on 0. With more columns than fit as labels (about
+ * one per 14 px), only every n-th column is labelled, and the prompt/response boundary column always is; a
+ * `boundary` column gets a vertical line at its left edge.
+ */
 function gridChart(
   title: string,
   cells: Array<{ layer: number; col: string | number; value: number }>,
@@ -243,27 +270,36 @@ function gridChart(
   valueTitle: string,
   width: number,
   height: number,
+  boundary?: string,
 ): TopLevelSpec {
-  return chart(
-    title,
-    cells,
-    {
-      mark: "rect",
-      encoding: {
-        x: { field: "col", type: "ordinal", title: colTitle, sort: null, axis: { labelAngle: -60, labelFontSize: 8 } },
-        y: { field: "layer", type: "ordinal" },
-        color: {
-          field: "value",
-          type: "quantitative",
-          scale: { scheme: "redblue", domainMid: 0, reverse: true },
-          title: valueTitle,
-        },
-        tooltip: [{ field: "col" }, { field: "layer" }, { field: "value", format: ".4f" }],
+  const cols = [...new Set(cells.map((c) => c.col))];
+  const { every, shown } = labelledColumns(cols, width, boundary);
+  const axis = { labelAngle: -60, labelFontSize: 8, ...(every > 1 ? { values: shown } : {}) };
+  const rect = {
+    mark: "rect",
+    encoding: {
+      x: {
+        field: "col",
+        type: "ordinal",
+        title: every > 1 ? `${colTitle}; one in ${every} labelled` : colTitle,
+        sort: null,
+        axis,
       },
+      y: { field: "layer", type: "ordinal" },
+      color: {
+        field: "value",
+        type: "quantitative",
+        scale: { scheme: "redblue", domainMid: 0, reverse: true },
+        title: valueTitle,
+      },
+      tooltip: [{ field: "col" }, { field: "layer" }, { field: "value", format: ".4f" }],
     },
-    width,
-    height,
-  );
+  };
+  const edge = {
+    mark: { type: "rule", color: "#000", strokeWidth: 1.5 },
+    encoding: { x: { datum: boundary, type: "ordinal", bandPosition: 0 } },
+  };
+  return chart(title, cells, boundary === undefined ? rect : { layer: [rect, edge] }, width, height);
 }
 
 /** The exact per-head grid and the exact per-position map, when the run made them. */
@@ -294,7 +330,7 @@ function fineSpecs(r: Results): TopLevelSpec[] {
         cells,
         "position and token (chosen | rejected where they differ)",
         "share of gap",
-        Math.min(1100, Math.max(W, 9 * (p.gains[0]?.length ?? 0))),
+        Math.min(MAP_WIDTH, Math.max(W, 9 * (p.gains[0]?.length ?? 0))),
         Math.min(H, 18 * p.gains.length),
       ),
     );
@@ -383,7 +419,22 @@ function probeSpec(r: Results): TopLevelSpec | null {
           x: { field: "layer", type: "ordinal" },
           y: { field: "accuracy", type: "quantitative", title: "cross-validated accuracy", scale: { domain: [0, 1] } },
           color: { field: "model", type: "nominal" },
-          strokeDash: { field: "method", type: "nominal" },
+          strokeDash: {
+            field: "method",
+            type: "nominal",
+            scale: {
+              domain: ["logistic regression", "difference of means"],
+              range: [
+                [1, 0],
+                [6, 3],
+              ],
+            },
+            legend: {
+              symbolType: "stroke",
+              symbolSize: 400,
+              encode: { symbols: { update: { stroke: { value: "#444" }, strokeWidth: { value: 2 } } } },
+            },
+          },
         },
       },
       referenceLines([0.5], [2, 2]),
