@@ -1,5 +1,6 @@
 // The tfjs forward pass against the naive float64 oracle on random configurations and inputs, loaded from
-// freshly written HF folders (F32/F16/BF16, single file or sharded), batched with right padding.
+// freshly written HF folders (F32/F16/BF16, single file or sharded), batched with right padding: logits and every
+// hook site, TransformerLens's inner ones (q/k/v before and after RoPE, scores, pattern, the MLP's) included.
 import * as tf from "@tensorflow/tfjs-core";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
@@ -11,14 +12,14 @@ import { useBackend } from "./helpers.js";
 useBackend();
 
 describe("forward pass vs float64 oracle", () => {
-  it("agrees on logits and every residual site for random configs, dtypes, shards and padded batches", () => {
+  it("agrees on logits and every site for random configs (grouped-query too), dtypes, shards and padded batches", () => {
     fc.assert(
       fc.property(arbCase, ({ cfg, seed, dtype, shards, rows }) => checkAgainstOracle(cfg, seed, dtype, shards, rows)),
       { numRuns: 40, seed: 20261125 },
     );
   });
 
-  it("attention by one 2-D matmul per (row, kv head) agrees too, and so does the batched form", () => {
+  it("attention by one 2-D matmul per (row, kv head) agrees too, and so does the batched form (which holds the patterns)", () => {
     fc.assert(
       fc.property(
         arbCase,
@@ -28,6 +29,26 @@ describe("forward pass vs float64 oracle", () => {
       ),
       { numRuns: 30, seed: 20261126 },
     );
+  });
+
+  it("grouped-query attention (6 query heads on 2 kv heads, biases on) on both paths, a short row padded far", () => {
+    const cfg: OracleConfig = {
+      hidden: 12,
+      inter: 10,
+      layers: 2,
+      heads: 6,
+      kvHeads: 2,
+      headDim: 4,
+      vocab: 20,
+      eps: 1e-5,
+      theta: 10000,
+      rope: { kind: "default" },
+      tied: false,
+      attnBias: true,
+      mlpBias: true,
+    };
+    const rows = [Array.from({ length: 11 }, (_, i) => (i * 3 + 1) % 20), [4, 9]];
+    for (const attention of ["grouped", "batched"] as const) checkAgainstOracle(cfg, 11, "F32", 1, rows, attention);
   });
 
   it("agrees with llama3 RoPE scaling well past the original context (T = 70 > 16)", () => {

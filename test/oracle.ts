@@ -25,7 +25,13 @@ export type Weights = Record<string, Float64Array>;
 
 export interface OracleOutput {
   logits: number[][]; // [T][V]
-  sites: Record<string, number[][]>; // every hook site as [T][H] (resid_pre/mid/post, attn_out, mlp_out, embed)
+  /**
+   * Every per-position hook site as [T][width]: embed, resid_pre/mid/post, attn_out, mlp_out ([T][H]); attn q,
+   * rot_q, z ([T][heads·d], head-major) and k, rot_k, v ([T][kvHeads·d]); mlp pre, pre_linear, post ([T][I]).
+   */
+  sites: Record<string, number[][]>;
+  /** attn.hook_attn_scores and attn.hook_pattern as [heads][Tq][Tk]; a masked score (key after query) is −Infinity. */
+  matrices: Record<string, number[][][]>;
 }
 
 function matVec(w: Float64Array, rows: number, cols: number, x: number[], bias?: Float64Array): number[] {
@@ -88,6 +94,7 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
   const T = ids.length;
   const freqs = oracleFrequencies(cfg);
   const sites: Record<string, number[][]> = {};
+  const matrices: Record<string, number[][][]> = {};
   const emb = w["model.embed_tokens.weight"]!;
   let x: number[][] = ids.map((id) => Array.from(emb.subarray(id * H, (id + 1) * H)));
   sites["hook_embed"] = x;
@@ -123,15 +130,30 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
         cfg.attnBias ? pb("self_attn.v_proj.bias") : undefined,
       ),
     );
+    // every head of a row rotated at its own position
+    const rotRows = (X: number[][], n: number) =>
+      X.map((row, t) => Array.from({ length: n }, (_, h) => rotate(row.slice(h * d, h * d + d), t, freqs)).flat());
+    const [rQ, rK] = [rotRows(Q, cfg.heads), rotRows(K, cfg.kvHeads)];
+    Object.assign(sites, {
+      [`blocks.${l}.attn.hook_q`]: Q,
+      [`blocks.${l}.attn.hook_k`]: K,
+      [`blocks.${l}.attn.hook_v`]: V,
+      [`blocks.${l}.attn.hook_rot_q`]: rQ,
+      [`blocks.${l}.attn.hook_rot_k`]: rK,
+    });
     const perKv = cfg.heads / cfg.kvHeads;
     const z: number[][] = Array.from({ length: T }, () => new Array(cfg.heads * d).fill(0));
+    const scoreRows: number[][][] = [];
+    const patternRows: number[][][] = [];
     for (let h = 0; h < cfg.heads; h++) {
       const kvh = Math.floor(h / perKv);
+      scoreRows.push([]);
+      patternRows.push([]);
       for (let t = 0; t < T; t++) {
-        const q = rotate(Q[t]!.slice(h * d, h * d + d), t, freqs);
+        const q = rQ[t]!.slice(h * d, h * d + d);
         const scores: number[] = [];
         for (let s = 0; s <= t; s++) {
-          const k = rotate(K[s]!.slice(kvh * d, kvh * d + d), s, freqs);
+          const k = rK[s]!.slice(kvh * d, kvh * d + d);
           let dot = 0;
           for (let j = 0; j < d; j++) dot += q[j]! * k[j]!;
           scores.push(dot / Math.sqrt(d));
@@ -141,8 +163,14 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
         const sum = e.reduce((a, b) => a + b, 0);
         for (let s = 0; s <= t; s++)
           for (let j = 0; j < d; j++) z[t]![h * d + j]! += (e[s]! / sum) * V[s]![kvh * d + j]!;
+        const later = T - t - 1; // keys after the query: masked
+        scoreRows[h]!.push([...scores, ...new Array<number>(later).fill(-Infinity)]);
+        patternRows[h]!.push([...e.map((v) => v / sum), ...new Array<number>(later).fill(0)]);
       }
     }
+    sites[`blocks.${l}.attn.hook_z`] = z;
+    matrices[`blocks.${l}.attn.hook_attn_scores`] = scoreRows;
+    matrices[`blocks.${l}.attn.hook_pattern`] = patternRows;
     const attnOut = z.map((row) =>
       matVec(
         p("self_attn.o_proj.weight"),
@@ -156,18 +184,19 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
     const mid = x.map((row, t) => row.map((v, i) => v + attnOut[t]![i]!));
     sites[`blocks.${l}.hook_resid_mid`] = mid;
     const mn = mid.map((row) => rmsnorm(row, p("post_attention_layernorm.weight"), cfg.eps));
-    const mlpOut = mn.map((row) => {
-      const g = matVec(
-        p("mlp.gate_proj.weight"),
-        cfg.inter,
-        H,
-        row,
-        cfg.mlpBias ? pb("mlp.gate_proj.bias") : undefined,
-      );
-      const u = matVec(p("mlp.up_proj.weight"), cfg.inter, H, row, cfg.mlpBias ? pb("mlp.up_proj.bias") : undefined);
-      const act = g.map((gv, i) => (gv / (1 + Math.exp(-gv))) * u[i]!);
-      return matVec(p("mlp.down_proj.weight"), H, cfg.inter, act, cfg.mlpBias ? pb("mlp.down_proj.bias") : undefined);
-    });
+    const gate = mn.map((row) =>
+      matVec(p("mlp.gate_proj.weight"), cfg.inter, H, row, cfg.mlpBias ? pb("mlp.gate_proj.bias") : undefined),
+    );
+    const up = mn.map((row) =>
+      matVec(p("mlp.up_proj.weight"), cfg.inter, H, row, cfg.mlpBias ? pb("mlp.up_proj.bias") : undefined),
+    );
+    const act = gate.map((g, t) => g.map((gv, i) => (gv / (1 + Math.exp(-gv))) * up[t]![i]!)); // SiLU(gate) · up
+    sites[`blocks.${l}.mlp.hook_pre`] = gate;
+    sites[`blocks.${l}.mlp.hook_pre_linear`] = up;
+    sites[`blocks.${l}.mlp.hook_post`] = act;
+    const mlpOut = act.map((row) =>
+      matVec(p("mlp.down_proj.weight"), H, cfg.inter, row, cfg.mlpBias ? pb("mlp.down_proj.bias") : undefined),
+    );
     sites[`blocks.${l}.hook_mlp_out`] = mlpOut;
     x = mid.map((row, t) => row.map((v, i) => v + mlpOut[t]![i]!));
     sites[`blocks.${l}.hook_resid_post`] = x;
@@ -175,5 +204,5 @@ export function oracleForward(cfg: OracleConfig, w: Weights, ids: number[]): Ora
   const fn = x.map((row) => rmsnorm(row, w["model.norm.weight"]!, cfg.eps));
   const head = cfg.tied ? emb : w["lm_head.weight"]!;
   const logits = fn.map((row) => matVec(head, cfg.vocab, H, row));
-  return { logits, sites };
+  return { logits, sites, matrices };
 }

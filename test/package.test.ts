@@ -63,7 +63,7 @@ describe("prefprobe as a library", () => {
     const run = spawnSync(process.execPath, ["main.js"], { cwd: dir, encoding: "utf8" });
     expect(run.stderr).toBe("");
     const lines = run.stdout.trim().split("\n");
-    expect(lines[0]).toBe("sites 32 cached 5 logits 1x3x512"); // 5 layers × 6 sites + embed + ln_final
+    expect(lines[0]).toBe("sites 82 cached 5 logits 1x3x512"); // 5 layers × 16 sites + embed + ln_final
     expect(lines[1]).toMatch(/^pairs 3 entries 5 last -?\d\.\d{3}$/);
   });
 

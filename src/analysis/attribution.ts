@@ -231,7 +231,8 @@ export function attributionBatch(
   for (const [di, direction] of directions.entries()) {
     const { dst } = roles(direction);
     const combos = plan.combos.filter((c) => c.direction === direction);
-    const windowOf = (c: (typeof combos)[number]) => windowLayers(c.layer, s.window, L).map((j) => hookName(c.site, j));
+    const windowOf = (c: (typeof combos)[number]) =>
+      windowLayers(c.layer, s.window, L).map((j): HookName => hookName(c.site, j));
     const siteNames = [...new Set(combos.flatMap(windowOf))];
     const names = di === 0 ? [...siteNames, ...zNames.filter((z) => !siteNames.includes(z))] : siteNames;
     // the residuals entering each layer, and z, from the scoring pass's cache (makePlan caches z for attribution;

@@ -3,17 +3,9 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 
-/** Text ⇄ ids for one model. `encode` adds special tokens (BOS) exactly as the tokenizer's own settings say. */
-export interface TextTokenizer {
-  encode(text: string, opts?: { addSpecialTokens?: boolean }): number[];
-  decode(ids: number[], opts?: { skipSpecialTokens?: boolean }): string;
-  /** The token's own string, for display (e.g. "▁the", "<0x0A>"). */
-  idToToken(id: number): string | undefined;
-  /** Id of the beginning-of-sequence token, when the tokenizer has one. */
-  bosId: number | null;
-  /** Whether `encode` with special tokens puts BOS first. */
-  addsBos: boolean;
-}
+import type { TextTokenizer } from "../model/text.js";
+
+export type { TextTokenizer };
 
 /** A tokenizer folder that cannot be read. */
 export class TokenizerError extends Error {

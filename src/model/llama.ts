@@ -1,12 +1,11 @@
 // The Llama forward pass, by hand on tfjs-core ops. Read it top to bottom:
 //   embed → for each layer: x + attention(rmsnorm(x)), then + mlp(rmsnorm(x)) → final rmsnorm → head.
-// Every intermediate that matters passes through `site(name, value)`, which can cache it or replace it.
-// Site names follow TransformerLens: hook_embed, blocks.{l}.hook_resid_pre, blocks.{l}.attn.hook_z,
-// blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid, blocks.{l}.hook_mlp_out, blocks.{l}.hook_resid_post,
-// ln_final.hook_normalized.
+// Every intermediate that matters passes through `site(name, value)`, which can cache it or replace it; an
+// unwatched site costs nothing. Site names and shapes follow TransformerLens (model/hooks.ts lists them).
 import * as tf from "@tensorflow/tfjs-core";
 import type { LlamaConfig } from "./config.js";
-import { ActivationCache, isHookName, type HookName } from "./hooks.js";
+import type { TextTokenizer } from "./text.js";
+import { ActivationCache, hookName, isHookName, type HookName, type LayerSite } from "./hooks.js";
 import { takeBackendFault } from "./backend.js";
 import { nativeMatMulActive, rowLogSumExp, StoredMatrix, storedMatMul } from "./native.js";
 import { packPairs, type Packing } from "./packing.js";
@@ -51,6 +50,8 @@ export interface LlamaModel {
   lmHead: tf.Tensor2D; // [hidden, vocab]: the embedding transposed when tied; empty when a streamed head comes in chunks
   /** Where a streamed model's layers and embedding rows come from (io/stream.ts); absent when all resident. */
   source?: WeightSource;
+  /** The folder's tokenizer (tokenizer.json), read on first use by a loaded model; null when it has none. */
+  readonly tokenizer?: TextTokenizer | null;
 }
 
 /** Weights kept outside the backend and brought in on demand. */
@@ -80,8 +81,11 @@ function embedTokens(model: LlamaModel, ids: number[][]): tf.Tensor {
 /** A hook sees a site's value and returns the value to use instead (return the input to only observe). */
 export type Hook = (value: tf.Tensor, site: HookName) => tf.Tensor;
 
-/** Hooks by site name (hookName(site, layer)); a name that is not a site of the model is an error at run time. */
-export type Hooks = { readonly [site: string]: Hook };
+/**
+ * Hooks by site name (hookName(site, layer)): a literal key that is not a hook name does not compile; a
+ * computed one that is not a site of the model is an error at run time.
+ */
+export type Hooks = { readonly [K in HookName]?: Hook };
 
 /** What one forward call should do besides computing logits. */
 export interface ForwardOptions {
@@ -97,7 +101,9 @@ export interface ForwardOptions {
   /**
    * Rows 2i and 2i+1 are pair i's chosen and rejected sequences, sharing their first pairedPrompts[i] tokens:
    * each pair runs as one packed row so its prompt is computed once (model/packing.ts). Hooks, caches, `start`
-   * and logit positions still use the [B, T] rows; a hook must treat both rows' prompt alike.
+   * and logit positions still use the [B, T] rows; a hook must treat both rows' prompt alike. A pass that
+   * watches any attn.hook_attn_scores or attn.hook_pattern runs the rows apart instead: a packed row's
+   * attention matrix is both rows' at once.
    */
   pairedPrompts?: number[];
   /** Start at `blocks.{layer}.hook_resid_pre` with this residual [B, T, H], skipping the layers before. */
@@ -113,7 +119,8 @@ export interface ForwardOptions {
   targets?: number[];
   /**
    * How attention multiplies: "grouped" (one 2-D matmul per row and kv head, fast on wasm at long T),
-   * "batched", or "auto" (default: groupedAttention's choice for the kernel that runs).
+   * "batched", or "auto" (default: groupedAttention's choice for the kernel that runs). A layer whose
+   * attn_scores or pattern is watched runs batched: those sites are whole [B, heads, T, T] tensors.
    */
   attention?: "auto" | "grouped" | "batched";
   /** How `targets` go through the vocabulary (HEAD_BLOCK by default; its size changes the float32 rounding). */
@@ -233,28 +240,55 @@ function rope(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor {
   return tf.add(tf.mul(x, cos), tf.mul(rotated, sin));
 }
 
+/** Whether layer l's attention scores or pattern is watched (each a [B, heads, T, T] tensor). */
+const watchesMatrices = (watched: (name: HookName) => boolean, l: number): boolean =>
+  watched(hookName("attn_scores", l)) || watched(hookName("pattern", l));
+
 /** Grouped-query causal self-attention; consecutive query heads share one kv head. Returns [B, T, H]. */
 function attention(p: LlamaLayer, x: tf.Tensor, l: number, ctx: Ctx): tf.Tensor {
   const { numHeads: nH, numKvHeads: nKv, headDim: d } = ctx.cfg;
   const [B, T] = x.shape as [number, number, number];
-  const heads = (w: Matrix, b: tf.Tensor1D | undefined, n: number, perm: number[]) =>
-    tf.transpose(tf.reshape(linear(x, w, b), [B, T, n, d]), perm);
-  const q = rope(heads(p.q, p.qBias, nH, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nH, T, d]
-  const k = rope(heads(p.k, p.kBias, nKv, [0, 2, 1, 3]), ctx.cos, ctx.sin); // [B, nKv, T, d]
-  const v = heads(p.v, p.vBias, nKv, [0, 2, 1, 3]);
-  // Query heads kv·g … kv·g+g−1 read kv head kv: view q as [B, nKv, g·T, d] and attend per kv head.
-  const z = ctx.grouped ? attendPerGroup(q, k, v, ctx) : attendBatched(q, k, v, ctx);
+  // the sites see [B, T, heads, d] (TransformerLens's layout); attention runs on [B, heads, T, d]
+  const heads = (w: Matrix, b: tf.Tensor1D | undefined, n: number, s: LayerSite) =>
+    tf.transpose(ctx.site(hookName(s, l), tf.reshape(linear(x, w, b), [B, T, n, d])), [0, 2, 1, 3]);
+  const rotary = (y: tf.Tensor, s: LayerSite) => {
+    const r = rope(y, ctx.cos, ctx.sin);
+    if (!ctx.watched(hookName(s, l))) return r;
+    return tf.transpose(ctx.site(hookName(s, l), tf.transpose(r, [0, 2, 1, 3])), [0, 2, 1, 3]);
+  };
+  const [q0, k0, v] = [heads(p.q, p.qBias, nH, "q"), heads(p.k, p.kBias, nKv, "k"), heads(p.v, p.vBias, nKv, "v")];
+  const q = rotary(q0, "rot_q"); // [B, nH, T, d]
+  const k = rotary(k0, "rot_k"); // [B, nKv, T, d]
+  // Query heads kv·g … kv·g+g−1 read kv head kv: view q as [B, nKv, g·T, d] and attend per kv head. A watched
+  // score or pattern is every head's matrix at once, which only the batched form holds.
+  const grouped = ctx.grouped && !watchesMatrices(ctx.watched, l);
+  const z = grouped ? attendPerGroup(q, k, v, ctx) : attendBatched(q, k, v, l, ctx);
   const zHooked = ctx.site(`blocks.${l}.attn.hook_z`, tf.transpose(tf.reshape(z, [B, nH, T, d]), [0, 2, 1, 3])); // [B, T, heads, head_dim]
   return linear(tf.reshape(zHooked, [B, T, nH * d]), p.o, p.oBias);
 }
 
-/** softmax(q kᵀ/√d + mask) v for all (row, kv head) at once with batched matmuls → [B, nKv, g·T, d]. */
-function attendBatched(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, ctx: Ctx): tf.Tensor {
+/**
+ * softmax(q kᵀ/√d + mask) v for all (row, kv head) at once with batched matmuls → [B, nKv, g·T, d]; the masked
+ * scores and their softmax pass the attn_scores and pattern sites.
+ */
+function attendBatched(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, l: number, ctx: Ctx): tf.Tensor {
   const [B, nKv, T, d] = k.shape as [number, number, number, number];
   const g = q.shape[1]! / nKv;
   const scores = tf.mul(tf.matMul(tf.reshape(q, [B, nKv, g * T, d]), tf.transpose(k, [0, 1, 3, 2])), 1 / Math.sqrt(d));
-  const probs = tf.softmax(tf.add(tf.reshape(scores, [B, nKv, g, T, T]), ctx.maskBias), -1);
+  const masked = matrixSite(
+    `blocks.${l}.attn.hook_attn_scores`,
+    tf.add(tf.reshape(scores, [B, nKv, g, T, T]), ctx.maskBias),
+    ctx,
+  );
+  const probs = matrixSite(`blocks.${l}.attn.hook_pattern`, tf.softmax(masked, -1), ctx);
   return tf.matMul(tf.reshape(probs, [B, nKv, g * T, T]), v);
+}
+
+/** A site of attention matrices [B, nKv, g, T, T], seen as [B, heads, Tq, Tk] (head kv·g + i is [kv, i]). */
+function matrixSite(name: HookName, x: tf.Tensor, ctx: Ctx): tf.Tensor {
+  if (!ctx.watched(name)) return x;
+  const [B, nKv, g, T] = x.shape as [number, number, number, number, number];
+  return tf.reshape(ctx.site(name, tf.reshape(x, [B, nKv * g, T, T])), [B, nKv, g, T, T]);
 }
 
 /**
@@ -279,15 +313,15 @@ function attendPerGroup(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, ctx: Ctx): tf.
 }
 
 /** SwiGLU MLP: down(silu(gate(x)) · up(x)); each [.., intermediate] product is freed once used. */
-function mlp(p: LlamaLayer, x: tf.Tensor): tf.Tensor {
+function mlp(p: LlamaLayer, x: tf.Tensor, l: number, ctx: Ctx): tf.Tensor {
   const silu = (g: tf.Tensor) => tf.mul(g, tf.sigmoid(g));
   const h = tf.tidy(() =>
     tf.mul(
-      tf.tidy(() => silu(linear(x, p.gate, p.gateBias))),
-      linear(x, p.up, p.upBias),
+      tf.tidy(() => silu(ctx.site(`blocks.${l}.mlp.hook_pre`, linear(x, p.gate, p.gateBias)))),
+      ctx.site(`blocks.${l}.mlp.hook_pre_linear`, linear(x, p.up, p.upBias)),
     ),
   );
-  return linear(h, p.down, p.downBias);
+  return linear(ctx.site(`blocks.${l}.mlp.hook_post`, h), p.down, p.downBias); // h [B, T, I]: the neurons
 }
 
 /** One decoder layer, pre-norm residual: returns the residual stream after the layer. */
@@ -302,7 +336,7 @@ function block(p: LlamaLayer, l: number, resid: tf.Tensor, ctx: Ctx): tf.Tensor 
   const mid = ctx.site(`blocks.${l}.hook_resid_mid`, tf.add(x, attnOut));
   const mlpOut = ctx.site(
     `blocks.${l}.hook_mlp_out`,
-    tf.tidy(() => mlp(p, rmsNorm(mid, p.postNorm, eps))),
+    tf.tidy(() => mlp(p, rmsNorm(mid, p.postNorm, eps), l, ctx)),
   );
   return ctx.site(`blocks.${l}.hook_resid_post`, tf.add(mid, mlpOut));
 }
@@ -600,9 +634,12 @@ export function forward(model: LlamaModel, ids: number[][], opts: ForwardOptions
             (s) => (n: string) =>
               s.has(n)
           )(new Set<string>(opts.cache));
-  const packing = opts.pairedPrompts ? packPairs(ids, lengths, opts.pairedPrompts) : null;
-  const rows = packing ? packedRows(packing, B, T) : sameRows(B, T);
   const watched = (name: HookName) => !!opts.hooks?.[name] || wanted(name);
+  // a packed row's attention matrix is both rows' at once, not the [B, T] view a hook sees: run them apart
+  const matrices = Array.from({ length: cfg.numLayers }, (_, l) => watchesMatrices(watched, l)).some((w) => w);
+  const paired = opts.pairedPrompts ? packPairs(ids, lengths, opts.pairedPrompts) : null; // checked either way
+  const packing = matrices ? null : paired;
+  const rows = packing ? packedRows(packing, B, T) : sameRows(B, T);
   const site = (name: HookName, value: tf.Tensor): tf.Tensor => {
     if (!watched(name)) return value;
     const hook = opts.hooks?.[name];
