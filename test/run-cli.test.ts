@@ -3,6 +3,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import { readSafetensors } from "../src/io/safetensors.js";
+import { readResults } from "../src/io/results.js";
 import { readPairs, splitHH } from "../src/io/pairs.js";
 import { runCli, tmpDir } from "./helpers.js";
 
@@ -106,6 +107,15 @@ describe("prefprobe run", () => {
     expect(html).not.toMatch(/src="http|href="http/);
     expect(res.out).toMatch(/Findings:/);
     expect(res.out).toMatch(/report: .*report\.html/);
+    // the typed reader gives the same file, findings included (the sentences the CLI printed)
+    const typed = readResults(o);
+    expect(typed.pairs).toEqual(results.pairs);
+    expect(typed.findings.length).toBeGreaterThan(0);
+    for (const f of typed.findings) expect(res.out).toContain(`  - ${f}`);
+    expect(() => readResults(path.join(o, "pairs.jsonl"))).toThrow(/pairs\.jsonl: not valid JSON/);
+    expect(() => readResults(path.join(o, "manifest.json"))).toThrow(
+      /not a prefprobe results file \(schema "prefprobe\.manifest\/2"\)/,
+    );
   });
 
   it("splits real HH-RLHF dialogues at the last Assistant turn and names malformed lines", () => {

@@ -7,6 +7,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 import { runCli, tmpDir } from "./helpers.js";
+import { tempDir } from "./tempdirs.js";
 
 const MODEL = "fixtures/models/stories260k";
 const TUNED = "fixtures/models/stories260k-dpo";
@@ -105,5 +106,32 @@ describe("a run folder", () => {
     expect(lastLine(r.err)).toMatch(
       /a is a whole run \(made without --shard\), not a shard: there is nothing to merge$/,
     );
+  });
+});
+
+describe("manifests from before a setting existed", () => {
+  it("read a missing setting as its default, so --resume does not refuse the folder over it", async () => {
+    const { DEFAULT_SETTINGS } = await import("../src/analysis/settings.js");
+    const { manifestDiff, readManifest, writeManifest } = await import("../src/io/runfolder.js");
+    const dir = tempDir("old-manifest");
+    const now = {
+      schema: "prefprobe.manifest/2" as const,
+      inputs: { base: "b", tuned: "t", pairs: "p" },
+      fingerprints: { base: "1", tuned: "2", pairs: "3" },
+      selection: { limit: null, max_tokens: 512, skip_bad: false, memory_budget: null },
+      settings: { ...DEFAULT_SETTINGS } as Record<string, unknown>,
+      n_pairs: 3,
+      batches: [[0, 3]] as Array<[number, number]>,
+      sums_size: 4,
+      shard: null,
+    };
+    const [newest, ...rest] = Object.keys(DEFAULT_SETTINGS).reverse();
+    const old = { ...now, settings: Object.fromEntries(rest.map((k) => [k, now.settings[k]])) };
+    writeManifest(dir, old);
+    expect(readManifest(dir).settings[newest!]).toEqual(now.settings[newest!]);
+    expect(manifestDiff(readManifest(dir), now)).toEqual([]);
+    // a setting that was recorded and differs is still a mismatch
+    writeManifest(dir, { ...now, settings: { ...now.settings, seed: 9 } });
+    expect(manifestDiff(readManifest(dir), now)).toEqual(["settings.seed: 9 vs 0"]);
   });
 });

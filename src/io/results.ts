@@ -5,10 +5,11 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import type { RunSettings } from "../analysis/settings.js";
-import type { Results } from "../analysis/schema.js";
+import type { LowRankResult, Results } from "../analysis/schema.js";
 import type { SavedSubspace } from "../analysis/steering.js";
 import { FINAL_FILES } from "./runfolder.js";
 import type { Pair } from "../data/pairs.js";
+import type { HubSource } from "./hub.js";
 import { renderReport } from "./report.js";
 import { readHeader, readSafetensors, writeSafetensors, type TensorToWrite } from "./safetensors.js";
 import * as tf from "@tensorflow/tfjs-core";
@@ -34,11 +35,36 @@ export function modelFingerprint(dir: string): string {
   return h.digest("hex");
 }
 
+/**
+ * What results.json holds, as a type: the run's Results without the large float arrays (mean_diff, the PCA's
+ * components and steering vector: those are in activations.safetensors), plus what the run records about itself
+ * (RunMeta: settings, inputs, findings, …). JSON has no NaN: a number that was NaN (no gap, no CI) reads as null.
+ */
+export type ResultsFile = { schema: "prefprobe.results/1" } & RunMeta &
+  Omit<Results, "mean_diff" | "pca"> & { pca: Omit<LowRankResult, "components" | "steering_vector"> | null };
+
 /** results.json content: everything but the large float arrays, which go to activations.safetensors. */
-export function resultsJson(r: Results, meta: Record<string, unknown>): Record<string, unknown> {
+export function resultsJson(r: Results, meta: RunMeta): ResultsFile {
   const { mean_diff: _md, pca, ...rest } = r;
   const pcaOut = pca ? (({ components: _c, steering_vector: _v, ...p }) => p)(pca) : null;
   return { schema: "prefprobe.results/1", ...meta, ...rest, pca: pcaOut };
+}
+
+/** Reads a run's results.json (a file, or the run folder holding it); a file that is not one is a one-line error. */
+export function readResults(fileOrDir: string): ResultsFile {
+  const file =
+    fs.existsSync(fileOrDir) && fs.statSync(fileOrDir).isDirectory() ? path.join(fileOrDir, "results.json") : fileOrDir;
+  let json: unknown;
+  try {
+    json = JSON.parse(fs.readFileSync(file, "utf8"));
+  } catch (e) {
+    const why = (e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : "not valid JSON";
+    throw new OutputError(`${file}: ${why} (a finished run writes results.json last)`);
+  }
+  const schema = (json as { schema?: unknown } | null)?.schema;
+  if (schema !== "prefprobe.results/1")
+    throw new OutputError(`${file}: not a prefprobe results file (schema ${JSON.stringify(schema ?? null)})`);
+  return json as ResultsFile;
 }
 
 /** The activation summaries as tensors readable from Python (safetensors.numpy.load_file). */
@@ -104,12 +130,7 @@ export function subspaceTensors(
 }
 
 /** Writes results.json, activations.safetensors, subspace.safetensors (when there is a low-rank stage) and report.html into outDir. */
-export function writeRunOutputs(
-  outDir: string,
-  r: Results,
-  meta: Record<string, unknown>,
-  reportHtml: string,
-): string[] {
+export function writeRunOutputs(outDir: string, r: Results, meta: RunMeta, reportHtml: string): string[] {
   const finals = FINAL_FILES.map((f) => path.join(outDir, f));
   const temps = finals.map((f) => `${f}.final-${process.pid}`);
   const [acts, sub, report, results] = temps as [string, string, string, string];
@@ -117,8 +138,7 @@ export function writeRunOutputs(
     // everything is written under temporary names first, then renamed back to back (results.json last, so
     // its presence marks a finished run): the three files appear together or not at all
     writeSafetensors(acts, activationTensors(r), { producer: "prefprobe run", layers: String(r.num_layers) });
-    const from = (meta as { inputs?: { base?: string; tuned?: string; pairs?: string } }).inputs ?? {};
-    const subspace = subspaceTensors(r, { base: from.base ?? "", tuned: from.tuned ?? "", pairs: from.pairs ?? "" });
+    const subspace = subspaceTensors(r, { ...meta.inputs });
     if (subspace) writeSafetensors(sub, subspace.tensors, subspace.metadata);
     writeFileAtomic(report, reportHtml);
     writeFileAtomic(results, JSON.stringify(resultsJson(r, meta), null, 1) + "\n");
@@ -133,6 +153,7 @@ export function writeRunOutputs(
 export interface RunMeta {
   settings: RunSettings;
   inputs: { base: string; tuned: string; pairs: string }; // absolute paths
+  hub?: Record<string, HubSource>; // inputs from a Hugging Face cache: repo and commit
   fingerprints: { base: string; tuned: string; pairs: string }; // sha256 of the model folders and the pairs file
   skipped: { too_long: number; malformed: Array<{ line: number; reason: string }> };
   notes: { boundary_merged: number; identical_responses: number; invalid_utf8: number; same_models: boolean };
@@ -157,7 +178,7 @@ export async function writeRun(outDir: string, r: Results, meta: RunMeta, pairs:
     },
     pairs,
   );
-  writeRunOutputs(outDir, r, { ...meta }, html);
+  writeRunOutputs(outDir, r, meta, html);
 }
 
 /** Versions recorded with every output: prefprobe's (from its package.json), tfjs-core's, node's. */

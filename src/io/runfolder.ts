@@ -6,6 +6,8 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import type { PairRecord, PairState } from "../analysis/schema.js";
+import { DEFAULT_SETTINGS } from "../analysis/settings.js";
+import type { HubSource } from "./hub.js";
 import { writeFileAtomic } from "./model.js";
 
 /** A run folder that cannot be used as asked. */
@@ -17,6 +19,7 @@ export class RunFolderError extends Error {
 export interface Manifest {
   schema: "prefprobe.manifest/2";
   inputs: { base: string; tuned: string; pairs: string };
+  hub?: Record<string, HubSource>; // the inputs that came from a Hugging Face cache: repo and commit (absent when none did)
   fingerprints: { base: string; tuned: string; pairs: string };
   selection: { limit: number | null; max_tokens: number; skip_bad: boolean; memory_budget: number | null };
   settings: Record<string, unknown>;
@@ -171,7 +174,8 @@ export function readManifest(dir: string): Manifest {
         `${dir} was made by an older prefprobe, whose records hold gains by position (manifest/1, now /2): start it again with --force`,
       );
     if (m.schema !== "prefprobe.manifest/2") throw new Error("schema");
-    return m;
+    // a setting added after this folder was made ran at its default: a new setting's default keeps the old behaviour
+    return { ...m, settings: { ...DEFAULT_SETTINGS, ...m.settings } };
   } catch (e) {
     if (e instanceof RunFolderError) throw e;
     throw new RunFolderError(`${file}: not a prefprobe manifest`);
