@@ -21,6 +21,7 @@ import {
   runsAttribution,
   runsControls,
   SettingsError,
+  type PairFormat,
   type RunSettings,
 } from "./analysis/settings.js";
 import { addTimes, type PairState, type Results, type RunCallbacks, type StageTimes } from "./analysis/schema.js";
@@ -32,6 +33,8 @@ import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { backendCopies, loadModelSync, residentBytes, saveModelFolder, writeFileAtomic } from "./io/model.js";
 import { shareResidency, type StreamedWeights } from "./io/stream.js";
 import { readUsablePairs, type TokenizedPairs } from "./io/pairs.js";
+import { requireChatTemplate, sharedChatTemplate } from "./io/chat.js";
+import { hubSources } from "./io/hub.js";
 import { modelFingerprint, OutputError, readSubspace, versions, writeRun, type RunMeta } from "./io/results.js";
 import {
   clearRun,
@@ -165,6 +168,7 @@ function loadStudy(
       maxTokens,
       limit: inputs.limit,
       skipBad: inputs.skipBad,
+      chat: s.format === "chat" ? sharedChatTemplate(inputs.base, inputs.tuned) : undefined,
     });
     const fingerprints = {
       base: modelFingerprint(inputs.base),
@@ -176,9 +180,11 @@ function loadStudy(
     if (tp.identical)
       info(`warning: ${tp.identical} pairs have identical chosen and rejected responses (margin 0 by construction)`);
     const plan = makePlan(s, base.config.numLayers);
+    const hub = hubSources({ base: inputs.base, tuned: inputs.tuned, pairs: inputs.pairs }); // repo and commit
     const manifest: Manifest = {
       schema: "prefprobe.manifest/2",
       inputs: { base: path.resolve(inputs.base), tuned: path.resolve(inputs.tuned), pairs: path.resolve(inputs.pairs) },
+      ...(hub && { hub }),
       fingerprints,
       selection: {
         limit: inputs.limit ?? null,
@@ -263,6 +269,7 @@ function runMeta(l: Loaded, backend: string, words: string[], t0: number): RunMe
   return {
     settings: l.settings,
     inputs: l.manifest.inputs,
+    ...(l.manifest.hub && { hub: l.manifest.hub }),
     fingerprints: l.manifest.fingerprints,
     skipped: { too_long: l.tp.tooLong, malformed: l.tp.bad },
     notes: {
@@ -594,6 +601,7 @@ export interface TuneInputs {
   force?: boolean;
   backend?: string;
   command?: string; // recorded in tune.json
+  format?: PairFormat; // how text pairs are read (default raw); chat uses the model's chat template
 }
 
 /** What DPO returns besides the folder it wrote. */
@@ -623,8 +631,9 @@ export async function runTune(
   const model = loadModelSync(inputs.model);
   try {
     const tok = loadTokenizer(inputs.model);
+    const chat = inputs.format === "chat" ? requireChatTemplate(inputs.model) : undefined;
     const load = (file: string, limit?: number) =>
-      readUsablePairs(file, tok, model.config.vocabSize, { maxTokens: inputs.maxTokens, limit });
+      readUsablePairs(file, tok, model.config.vocabSize, { maxTokens: inputs.maxTokens, limit, chat });
     const train = load(inputs.pairs, inputs.limit);
     const evalSet = inputs.eval ? load(inputs.eval) : null;
     events.onInfo?.(`training pairs: ${train.pairs.length} (${train.tooLong} skipped as too long)`);
@@ -638,6 +647,8 @@ export async function runTune(
       command: inputs.command ?? "",
       base_model: inputs.model,
       pairs: inputs.pairs,
+      hub: hubSources({ base_model: inputs.model, pairs: inputs.pairs, eval: inputs.eval }) ?? null,
+      format: inputs.format ?? "raw",
       n_pairs: train.pairs.length,
       settings: s,
       trained: res.trained,
@@ -711,6 +722,7 @@ export async function runTransfer(
       const tp = readUsablePairs(inputs.pairs, loadTokenizer(inputs.base), base.config.vocabSize, {
         maxTokens: inputs.maxTokens ?? base.config.maxPositionEmbeddings,
         limit: inputs.limit,
+        chat: s.format === "chat" ? sharedChatTemplate(inputs.base, inputs.tuned) : undefined,
       });
       events.onInfo?.(`pairs: ${tp.pairs.length} used, ${tp.tooLong} skipped as too long`);
       events.onStage?.(`subspace at layer ${sub.layer}`, tp.pairs.length);
@@ -727,6 +739,7 @@ export async function runTransfer(
               tuned: path.resolve(inputs.tuned),
               pairs: path.resolve(inputs.pairs),
             },
+            hub: hubSources({ base: inputs.base, tuned: inputs.tuned, pairs: inputs.pairs }) ?? null,
             settings: s,
             backend,
             versions: versions(),

@@ -1,10 +1,14 @@
 // What a run can be asked to do (RunSettings, with one defaults object shared by the CLI and the library) and
 // what it returns (Results and its parts).
 import type { LlamaConfig } from "../model/config.js";
+import type { BlockSite } from "../model/hooks.js";
 
-/** Where to patch: a per-layer hook site carrying a [B, T, hidden] activation. */
-export type Site = "resid_post" | "resid_pre" | "attn_out" | "mlp_out";
-export const SITES: readonly Site[] = ["resid_post", "resid_pre", "attn_out", "mlp_out"];
+/**
+ * Where to patch: a per-layer site carrying a [B, T, hidden] activation, named as in the hook vocabulary
+ * (model/hooks.ts; hookName(site, l) is its hook). Per-head z is patched by `heads`. The order keys random draws.
+ */
+export const SITES = ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const satisfies readonly BlockSite[];
+export type Site = (typeof SITES)[number];
 
 /** tuned->base: run the base model with the tuned model's activations patched in; base->tuned the reverse. */
 export type Direction = "tuned->base" | "base->tuned";
@@ -34,7 +38,16 @@ export interface RunSettings {
   heads: boolean;
   /** Exact per-position patching (resid_post, the first direction) of the pair with the largest |gap|: a layer × token map. */
   positionMap: boolean;
+  /** How text pairs are read (by the study, before tokenizing; pairs given already tokenized keep it for the record). */
+  format: PairFormat;
 }
+
+/**
+ * How text pairs become text to score: "raw", prompt + response as written (BOS as the tokenizer's settings say);
+ * "chat", conversations rendered through the model's chat template (src/io/chat.ts).
+ */
+export const PAIR_FORMATS = ["raw", "chat"] as const;
+export type PairFormat = (typeof PAIR_FORMATS)[number];
 
 /** Ways to measure the patch sweep. */
 export const METHODS = ["exact", "attribution", "both"] as const;
@@ -249,6 +262,13 @@ export const RUN_SETTINGS: { readonly [K in keyof RunSettings]: SettingSpec<RunS
     flag: "--position-map",
     help: "also patch each token position on its own at resid_post, for the pair with the largest |gap|: an exact layer × token map",
     fromCli: (v) => !!v,
+  },
+  format: {
+    default: "raw",
+    check: (v) => (PAIR_FORMATS.includes(v) ? null : `must be one of ${PAIR_FORMATS.join(", ")}`),
+    flag: "--format <f>",
+    help: "how text pairs are read: raw (prompt + response as written) or chat (turns rendered through the model's chat_template; the response is what the final assistant turn adds)",
+    choices: PAIR_FORMATS,
   },
 };
 

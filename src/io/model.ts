@@ -20,6 +20,7 @@ import {
 import { layerBytesOf, StoredWeights, StreamedWeights } from "./stream.js";
 import { nativeMatMulActive, nativeStatus } from "../model/native.js";
 import type { LlamaLayer, LlamaModel } from "../model/llama.js";
+import { loadTokenizer, type TextTokenizer } from "./tokenizer.js";
 import {
   LAYER_NAMES,
   expectedTensors,
@@ -133,14 +134,34 @@ const tiedHeadOf = (data: Float32Array, shape: number[]) =>
  */
 export const backendCopies = (): number => (tf.getBackend() === "wasm" && !nativeMatMulActive() ? 2 : 1);
 
-/** Loads a Hugging Face Llama folder onto the current tfjs backend (streamed when it exceeds the memory budget). */
+/**
+ * Loads a Hugging Face Llama folder onto the current tfjs backend (streamed when it exceeds the memory budget).
+ * The model carries the folder's tokenizer as `model.tokenizer`, read on first use.
+ */
 export function loadModelSync(dir: string, opts: LoadOptions = {}): LlamaModel {
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new ModelError(`${dir}: not a folder`);
   const cfg = loadConfig(dir);
   const budget = (opts.memoryBudget ?? (tf.getBackend() === "wasm" ? WASM_WEIGHT_LIMIT : Infinity)) / backendCopies();
   if (opts.stored && residentBytes(cfg) <= budget)
     throw new ModelError(`${dir}: stored weights are only for a streamed model`);
-  return residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget, opts);
+  return withTokenizer(
+    residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget, opts),
+    dir,
+  );
+}
+
+/**
+ * Gives a model its folder's tokenizer as a lazy property: read on first use (a model used on ids never reads
+ * it, and a tokenizer this project cannot load fails where text is tokenized, not at load), and not enumerable,
+ * so copying or serializing a model does not read it.
+ */
+function withTokenizer(model: LlamaModel, dir: string): LlamaModel {
+  let tok: TextTokenizer | null | undefined;
+  Object.defineProperty(model, "tokenizer", {
+    get: () => (tok === undefined ? (tok = loadTokenizer(dir)) : tok),
+    enumerable: false,
+  });
+  return model;
 }
 
 function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
@@ -304,6 +325,7 @@ export function saveModelFolder(
     for (const f of [
       "tokenizer.json",
       "tokenizer_config.json",
+      "chat_template.jinja",
       "special_tokens_map.json",
       "generation_config.json",
       "LICENSE",

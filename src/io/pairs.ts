@@ -1,8 +1,18 @@
 // Preference pairs from JSONL (optionally .gz): {prompt, chosen, rejected} (TRL), HH-RLHF {chosen, rejected}
-// whole dialogues split at the last "\n\nAssistant:", or pre-tokenized {prompt_ids, chosen_ids, rejected_ids}.
+// whole dialogues split at the last "\n\nAssistant:", or pre-tokenized {prompt_ids, chosen_ids, rejected_ids}; with
+// a chat template (format chat), text pairs and TRL's message lists are read as conversations and rendered (chat.ts).
 import * as fs from "node:fs";
 import * as zlib from "node:zlib";
 import type { Pair } from "../data/pairs.js";
+import type { PairFormat } from "../analysis/settings.js";
+import {
+  ChatTemplateError,
+  conversationOf,
+  renderChatPair,
+  requireChatTemplate,
+  type ChatPair,
+  type ChatTemplate,
+} from "./chat.js";
 import { loadConfig } from "./config.js";
 import { loadTokenizer, type TextTokenizer } from "./tokenizer.js";
 
@@ -17,6 +27,11 @@ export interface RawPair {
   rejectedIds?: number[];
   /** The line was not valid UTF-8: each bad byte sequence reads as U+FFFD. */
   invalidUtf8?: boolean;
+  /**
+   * Read as a conversation and rendered through a chat template: the texts above are the renderings, which hold
+   * their special tokens (BOS included) as text, so they are tokenized without adding any.
+   */
+  messages?: ChatPair;
 }
 
 /** A problem with the pairs file, naming its line. */
@@ -35,7 +50,7 @@ export function splitHH(chosen: string, rejected: string): { prompt: string; cho
   return { prompt, chosen: chosen.slice(prompt.length), rejected: rejected.slice(prompt.length) };
 }
 
-function parseLine(text: string, line: number): RawPair {
+function parseLine(text: string, line: number, chat?: ChatTemplate): RawPair {
   let o: unknown;
   try {
     o = JSON.parse(text);
@@ -55,6 +70,11 @@ function parseLine(text: string, line: number): RawPair {
       rejectedIds: r.rejected_ids as number[],
     };
   }
+  if (chat) return chatLine(r, line, chat);
+  if (Array.isArray(r.chosen) || Array.isArray(r.rejected))
+    throw new PairsError(
+      `line ${line}: "chosen" and "rejected" are lists of messages: conversations need --format chat`,
+    );
   if (typeof r.chosen !== "string" || typeof r.rejected !== "string")
     throw new PairsError(
       `line ${line}: needs string fields "chosen" and "rejected" (or prompt_ids/chosen_ids/rejected_ids)`,
@@ -69,6 +89,17 @@ function parseLine(text: string, line: number): RawPair {
       `line ${line}: chosen and rejected share no prefix ending in "\\n\\nAssistant:" (HH-RLHF format) and there is no "prompt"`,
     );
   return { line, ...hh };
+}
+
+/** A text pair read as a conversation and rendered through the chat template (errors name the line). */
+function chatLine(r: Record<string, unknown>, line: number, chat: ChatTemplate): RawPair {
+  try {
+    const messages = conversationOf(r);
+    return { line, ...renderChatPair(chat, messages), messages };
+  } catch (e) {
+    if (e instanceof ChatTemplateError) throw new PairsError(`line ${line}: ${e.message}`);
+    throw e;
+  }
 }
 
 /**
@@ -118,16 +149,20 @@ function readPairsBytes(file: string): Buffer {
 
 /**
  * The pairs of a file, one per non-blank line, parsed only when asked for (so `--limit` never reads past
- * the lines it needs): a RawPair, or the line's error prefixed with the file name.
+ * the lines it needs): a RawPair, or the line's error prefixed with the file name. With `chat`, text pairs are
+ * conversations rendered through it.
  */
-export function* iterPairs(file: string): Generator<RawPair | { line: number; error: string }> {
+export function* iterPairs(
+  file: string,
+  opts: { chat?: ChatTemplate } = {},
+): Generator<RawPair | { line: number; error: string }> {
   const { lines, invalid } = readPairsLines(file);
   let any = false;
   for (let i = 0; i < lines.length; i++) {
     if (lines[i]!.trim() === "") continue;
     any = true;
     try {
-      const p = parseLine(lines[i]!, i + 1);
+      const p = parseLine(lines[i]!, i + 1, opts.chat);
       yield invalid.has(i) ? { ...p, invalidUtf8: true } : p;
     } catch (e) {
       yield { line: i + 1, error: `${file}: ${(e as Error).message}` };
@@ -136,14 +171,17 @@ export function* iterPairs(file: string): Generator<RawPair | { line: number; er
   if (!any) throw new PairsError(`${file}: no pairs`);
 }
 
-/** Reads the whole pairs file; with skipBad, malformed lines are counted and skipped instead of failing. */
+/**
+ * Reads the whole pairs file; with skipBad, malformed lines are counted and skipped instead of failing. With
+ * `chat`, text pairs are conversations rendered through it.
+ */
 export function readPairs(
   file: string,
-  opts: { skipBad?: boolean } = {},
+  opts: { skipBad?: boolean; chat?: ChatTemplate } = {},
 ): { pairs: RawPair[]; bad: Array<{ line: number; reason: string }> } {
   const pairs: RawPair[] = [];
   const bad: Array<{ line: number; reason: string }> = [];
-  for (const r of iterPairs(file)) {
+  for (const r of iterPairs(file, { chat: opts.chat })) {
     if (!("error" in r)) pairs.push(r);
     else if (!opts.skipBad) throw new PairsError(r.error);
     else bad.push({ line: r.line, reason: r.error });
@@ -165,17 +203,19 @@ function commonPrefix(a: number[], b: number[]): number {
  * the tokenizer's settings say), split where both joint texts stop agreeing with the prompt's own ids. So a
  * response is tokenized exactly as it appears after its prompt (no SentencePiece dummy prefix at the seam),
  * prompt ids + response ids = the joint tokenization, and both responses share the prompt ids. `merged`
- * counts prompt tokens that a merge across the seam moved into the responses.
+ * counts prompt tokens that a merge across the seam moved into the responses. `addSpecialTokens: false` for texts
+ * that already hold them (chat renderings: a second BOS would be scored as part of the prompt).
  */
 export function tokenizeTextPair(
   tok: TextTokenizer,
   prompt: string,
   chosen: string,
   rejected: string,
+  opts: { addSpecialTokens?: boolean } = {},
 ): { promptIds: number[]; chosenIds: number[]; rejectedIds: number[]; merged: number } {
-  const own = tok.encode(prompt);
-  const jc = tok.encode(prompt + chosen);
-  const jr = tok.encode(prompt + rejected);
+  const own = tok.encode(prompt, opts);
+  const jc = tok.encode(prompt + chosen, opts);
+  const jr = tok.encode(prompt + rejected, opts);
   const k = Math.min(commonPrefix(own, jc), commonPrefix(own, jr));
   return { promptIds: jc.slice(0, k), chosenIds: jc.slice(k), rejectedIds: jr.slice(k), merged: own.length - k };
 }
@@ -214,7 +254,7 @@ export function tokenizePairs(
           throw new PairsError(
             `line ${r.line}: text pairs need a tokenizer.json in the base model folder (or use prompt_ids/chosen_ids/rejected_ids)`,
           );
-        const t = tokenizeTextPair(tok, r.prompt!, r.chosen!, r.rejected!);
+        const t = tokenizeTextPair(tok, r.prompt!, r.chosen!, r.rejected!, { addSpecialTokens: !r.messages });
         merged = t.merged;
         p = {
           line: r.line,
@@ -263,9 +303,9 @@ export function readUsablePairs(
   file: string,
   tok: TextTokenizer | null,
   vocabSize: number,
-  opts: { maxTokens?: number; limit?: number; skipBad?: boolean } = {},
+  opts: { maxTokens?: number; limit?: number; skipBad?: boolean; chat?: ChatTemplate } = {},
 ): TokenizedPairs {
-  const tp = tokenizePairs(iterPairs(file), tok, vocabSize, opts);
+  const tp = tokenizePairs(iterPairs(file, { chat: opts.chat }), tok, vocabSize, opts);
   const why = [
     ...(opts.maxTokens === undefined ? [] : [`${tp.tooLong} longer than ${opts.maxTokens} tokens`]),
     `${tp.bad.length} malformed`,
@@ -276,12 +316,14 @@ export function readUsablePairs(
 
 /**
  * Reads a pairs file and tokenizes it with a model folder's tokenizer: the pairs ready for runAnalysis.
- * Malformed lines fail (or, with skipBad, are skipped); pairs longer than maxTokens are skipped.
+ * Malformed lines fail (or, with skipBad, are skipped); pairs longer than maxTokens are skipped. Format "chat"
+ * renders conversations through the folder's chat template (an error when it has none).
  */
 export function loadPairs(
   file: string,
   modelDir: string,
-  opts: { limit?: number; maxTokens?: number; skipBad?: boolean } = {},
+  opts: { limit?: number; maxTokens?: number; skipBad?: boolean; format?: PairFormat } = {},
 ): Pair[] {
-  return readUsablePairs(file, loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, opts).pairs;
+  const chat = opts.format === "chat" ? requireChatTemplate(modelDir) : undefined;
+  return readUsablePairs(file, loadTokenizer(modelDir), loadConfig(modelDir).vocabSize, { ...opts, chat }).pairs;
 }
