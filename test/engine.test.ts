@@ -9,6 +9,8 @@ import { DEFAULT_LIMITS, layerActivationBytes } from "../src/engine/limits.js";
 import { margins, marginsOfRun, residAfter, scored } from "../src/engine/margins.js";
 import { runMargins, type Run, type Strategy } from "../src/engine/runs.js";
 import { loadModelSync } from "../src/io/model.js";
+import { margins as textMargins } from "../src/io/margins.js";
+import { loadTokenizer } from "../src/io/tokenizer.js";
 import { hookName } from "../src/model/hooks.js";
 import { disposeModel, forward, type Hook, type LlamaModel } from "../src/model/llama.js";
 import { budgetFor, DEMO, disposeDemo, expectClose, loadDemo, useBackend } from "./helpers.js";
@@ -119,6 +121,22 @@ describe("the intervention engine", () => {
       Math.abs(margins(demo.base, demo.pairs, { hooks })[0]! - margins(demo.base, demo.pairs)[0]!),
     ).toBeGreaterThan(1e-4);
     expect(() => margins(demo.base, demo.pairs, { batchPairs: 0 })).toThrow(/batchPairs/);
+  });
+
+  it("the package's margins() takes text pairs (with a tokenizer, or the model's own), a batch, or pairs alike", () => {
+    const tok = loadTokenizer(DEMO.base)!;
+    const text = demo.pairs.map((p) => ({ prompt: p.prompt!, chosen: p.chosen!, rejected: p.rejected! }));
+    const want = margins(demo.base, demo.pairs);
+    expect(textMargins(demo.base, text, { tokenizer: tok })).toEqual(want); // tokenized as loadPairs does
+    expect(textMargins({ ...demo.base, tokenizer: tok } as LlamaModel, text)).toEqual(want);
+    expect(textMargins(demo.base, batch)).toEqual(want);
+    expect(textMargins(demo.base, demo.pairs)).toEqual(want);
+    expect(() => textMargins({ ...demo.base, tokenizer: null } as LlamaModel, text)).toThrow(
+      /text pairs need a tokenizer/,
+    );
+    expect(() => textMargins(demo.base, [{ ...text[0]!, chosen: "" }], { tokenizer: tok })).toThrow(
+      /^pairs\[0\]: a response has no tokens/,
+    );
   });
 
   it("refuses two runs of one name and an entry outside the model; a failing hook leaves no tensor behind", () => {

@@ -3,7 +3,12 @@
 //  - zero-ablating mlp_out by a hook = zeroing that layer's down_proj weight (no MLP bias), margins from full
 //    logits through a float64 log-softmax written here;
 //  - patching one head's z = adding that head's slice of o_proj (read from the safetensors file) times the
-//    z difference to attn_out.
+//    z difference to attn_out;
+//  - a head's printed attention pattern = the float64 oracle's (test/oracle.ts) on the printed token ids;
+//  - patch-custom-metric.ts's table = full forwards with the clean run's values put in by a hook written here,
+//    the metric from the full logits;
+//  - steer-generate.ts's continuations = greedy decoding with a hand-written steering hook along a mean
+//    difference computed here from cached residuals.
 import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -14,7 +19,12 @@ import type { Pair } from "../src/data/pairs.js";
 import { makeBatch, type PairBatch } from "../src/data/batch.js";
 import { forward, type ForwardOptions, type LlamaModel } from "../src/model/llama.js";
 import { withWeights } from "../src/model/weights.js";
+import { greedy } from "../src/model/generate.js";
+import { hookName } from "../src/model/hooks.js";
+import { loadTokenizer } from "../src/io/tokenizer.js";
+import { loadPairs } from "../src/io/pairs.js";
 import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
+import { oracleForward, type OracleConfig } from "./oracle.js";
 import { tempDir } from "./tempdirs.js";
 
 useBackend();
@@ -126,6 +136,48 @@ describe("examples", () => {
   });
 });
 
+describe("the attention example", () => {
+  it("attention-pattern.ts: every printed weight is the float64 oracle's pattern of that head, and each most-attended position its row's largest", () => {
+    const [layer, head] = [1, 3];
+    const out = runExample("examples/attention-pattern.ts", String(layer), String(head));
+    const lines = out.split("\n").filter((l) => l.startsWith("position "));
+    const ids = lines.map((l) => Number(/^position \d+ \(id (\d+)/.exec(l)![1]));
+    expect(ids.length).toBeGreaterThan(10);
+    // the demo model (config.json: no biases, tied, default RoPE) through test/oracle.ts, in float64
+    const cfg: OracleConfig = {
+      hidden: 64,
+      inter: 172,
+      layers: 5,
+      heads: 8,
+      kvHeads: 4,
+      headDim: 8,
+      vocab: 512,
+      eps: 1e-5,
+      theta: 10000,
+      rope: { kind: "default" },
+      tied: true,
+      attnBias: false,
+      mlpBias: false,
+    };
+    const weights = Object.fromEntries(
+      [...readSafetensors(path.join(BASE, "model.safetensors"))].map(([n, t]) => [
+        n,
+        Float64Array.from(t.data as Float32Array),
+      ]),
+    );
+    const want = oracleForward(cfg, weights, ids).matrices[`blocks.${layer}.attn.hook_pattern`]![head]!;
+    lines.forEach((line, q) => {
+      const [, top, weight, row] = /attends most to position (\d+) .* with (\S+); pattern (.*)$/.exec(line)!;
+      const printed = row!.split(" ").map(Number);
+      expect(printed).toHaveLength(q + 1); // the keys up to the query: the rest are masked
+      printed.forEach((p, k) => expect(Math.abs(p - want[q]![k]!), `[${q}, ${k}]`).toBeLessThan(1e-5));
+      const best = Math.max(...want[q]!.slice(0, q + 1));
+      expect(want[q]![Number(top)]!, `position ${q}`).toBeGreaterThan(best - 1e-5);
+      expect(Number(weight)).toBe(printed[Number(top)]);
+    });
+  });
+});
+
 describe("the engine example", () => {
   it("patch-layers.ts: each layer's recovery equals a full forward with that layer's resid_post replaced by the tuned model's", () => {
     const out = runExample("examples/patch-layers.ts", "4");
@@ -151,6 +203,81 @@ describe("the engine example", () => {
     } finally {
       tunedRun.dispose();
     }
+  });
+});
+
+describe("the patching and steering examples", () => {
+  it("patch-custom-metric.ts: each layer's number is a full forward with the word's clean attn_out put in by hand", () => {
+    const out = runExample("examples/patch-custom-metric.ts", "attn_out");
+    const tok = loadTokenizer(BASE)!;
+    const clean = tok.encode("Once upon a time, there was a little girl named Lily.");
+    const corrupt = tok.encode("Once upon a time, there was a little boy named Lily.");
+    const [she, he] = [tok.encode("She").at(-1)!, tok.encode("He").at(-1)!];
+    const word = [10, 11, 12]; // "▁g ir l" / "▁b o y"
+    expect(out).toContain(`at positions ${word.join(", ")} from`);
+    const share = (hooks?: ForwardOptions["hooks"], ids = corrupt) => {
+      const r = forward(base, [ids], { hooks });
+      const z = (r.logits!.arraySync() as number[][][])[0]!.at(-1)!;
+      r.dispose();
+      return 1 / (1 + Math.exp(z[he]! - z[she]!));
+    };
+    const [source, dest] = [share(undefined, clean), share()];
+    const line = (start: string) => numbers(out.split("\n").find((l) => l.startsWith(start))!);
+    expect(line("clean (girl):")[0]!).toBeCloseTo(source, 5);
+    expect(line("corrupted (boy):")[0]!).toBeCloseTo(dest, 5);
+    const L = base.config.numLayers;
+    const cleanRun = forward(base, [clean], { cache: (n) => n.endsWith("hook_attn_out"), logitsAt: "none" });
+    try {
+      for (let l = 0; l < L; l++) {
+        const site = hookName("attn_out", l);
+        const src = (cleanRun.cache.get(site).arraySync() as number[][][])[0]!;
+        const put = (v: tf.Tensor) => {
+          const row = (v.arraySync() as number[][][])[0]!.map((vec, t) => (word.includes(t) ? src[t]! : vec));
+          return tf.tensor([row]);
+        };
+        const want = share({ [site]: put });
+        const [got, recovers] = line(`layer ${l}:`);
+        expect(got!).toBeCloseTo(want, 5);
+        expect(recovers!).toBeCloseTo((want - dest) / (source - dest), 3);
+      }
+    } finally {
+      cleanRun.dispose();
+    }
+  });
+
+  it("steer-generate.ts: the steered continuation is greedy decoding with β times the mean difference added by hand", () => {
+    const [layer, beta, steps] = [3, 8, 30];
+    const out = runExample("examples/steer-generate.ts", String(layer), String(beta), String(steps));
+    const lines = out.split("\n");
+    const printed = (label: string) => JSON.parse(lines.find((l) => l.startsWith(label))!.slice(label.length));
+    // the mean over the 16 pairs' response tokens of h_tuned − h_base at resid_post, from full forwards' caches
+    const batch = makeBatch(loadPairs(DEMO.pairs, BASE, { limit: 16 }));
+    const site = hookName("resid_post", layer);
+    const resid = (m: LlamaModel) => {
+      const r = forward(m, batch.ids, { lengths: batch.lengths, cache: [site], logitsAt: "none" });
+      const h = r.cache.get(site).arraySync() as number[][][];
+      r.dispose();
+      return h;
+    };
+    const [hb, ht] = [resid(base), resid(tuned)];
+    const H = base.config.hiddenSize;
+    const mean = new Float64Array(H);
+    let n = 0;
+    batch.ids.forEach((_, r) => {
+      for (let t = batch.respStart[r]!; t < batch.lengths[r]!; t++, n++)
+        for (let j = 0; j < H; j++) mean[j]! += ht[r]![t]![j]! - hb[r]![t]![j]!;
+    });
+    const d = Array.from(mean, (x) => x / n);
+    expect(numbers(lines[0]!)[0]!).toBeCloseTo(Math.hypot(...d), 4);
+    const tok = loadTokenizer(BASE)!;
+    const prompt = tok.encode("Once upon a time, Tom saw his sister crying in the garden.");
+    const text = (ids: number[]) => tok.decode([...prompt, ...ids], { skipSpecialTokens: true });
+    const hooks = { [site]: (h: tf.Tensor) => tf.add(h, tf.mul(tf.tensor1d(d), beta)) };
+    const steered = text(greedy(base, prompt, steps, { stopAt: [2], hooks }));
+    expect(printed(`steered (beta ${beta}): `)).toBe(steered);
+    expect(printed("unsteered: ")).toBe(text(greedy(base, prompt, steps, [2])));
+    expect(printed("tuned model: ")).toBe(text(greedy(tuned, prompt, steps, [2])));
+    expect(steered).not.toBe(printed("unsteered: "));
   });
 });
 

@@ -28,11 +28,19 @@ export interface MarginOptions {
   limits?: Limits;
 }
 
+/** The pairs of a list or of a batch (a batch is scored again in batches of batchPairs, to the same numbers). */
+const pairsOf = (pairs: Pair[] | PairBatch): Pair[] => (Array.isArray(pairs) ? pairs : pairs.pairs);
+
 /**
  * Per pair, log p(chosen | prompt) (entry 2i) and log p(rejected | prompt) (entry 2i + 1) under `model`, summed
  * over the response tokens (or their mean with perToken).
  */
-export function responseLogprobsOf(model: LlamaModel, pairs: Pair[], opts: MarginOptions = {}): Float64Array {
+export function responseLogprobsOf(
+  model: LlamaModel,
+  batchOrPairs: Pair[] | PairBatch,
+  opts: MarginOptions = {},
+): Float64Array {
+  const pairs = pairsOf(batchOrPairs);
   const out = new Float64Array(2 * pairs.length);
   const size = opts.batchPairs ?? 4;
   if (!(Number.isInteger(size) && size >= 1))
@@ -47,10 +55,10 @@ export function responseLogprobsOf(model: LlamaModel, pairs: Pair[], opts: Margi
 }
 
 /**
- * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair under `model`, in pair order:
- * `margins(model, loadPairs(file, tokenizerFolder))`.
+ * Margins log p(chosen | prompt) − log p(rejected | prompt) of each pair (or each pair of a batch) under `model`,
+ * in pair order: `margins(model, loadPairs(file, tokenizerFolder))`. (Text pairs: io/margins.ts.)
  */
-export const margins = (model: LlamaModel, pairs: Pair[], opts: MarginOptions = {}): Float64Array =>
+export const margins = (model: LlamaModel, pairs: Pair[] | PairBatch, opts: MarginOptions = {}): Float64Array =>
   marginsOf(responseLogprobsOf(model, pairs, opts));
 
 /** A model's blocks.{layer}.hook_resid_post on a batch (the forward stops there); the caller owns it. */

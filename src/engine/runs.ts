@@ -1,15 +1,24 @@
-// The intervention engine: margins of named patched runs of one model on one batch of pairs. A run says where
-// it enters (a residual at a layer) and what it changes on the way (hooks on its own rows); the engine decides
-// how to execute them: runs entering at the same layer stacked along the rows a few at a time on a resident
-// model, or layer-major on a streamed one (every run goes through a layer before the next layer is brought in,
-// so each layer and head chunk is read once for all of them). Every strategy gives the same margins (to the
-// float32 rounding of another row count on a row-position-dependent kernel); tests run all three.
+// The intervention engine: named patched runs of one model on one set of rows, each read out as a value — the
+// margins of a batch of pairs (runMargins, what the analysis uses) or a caller's metric of the logits at chosen
+// positions (engine/patch.ts). A run says where it enters (a residual at a layer) and what it changes on the way
+// (hooks on its own rows); the engine decides how to execute them: runs entering at the same layer stacked along
+// the rows a few at a time on a resident model, or layer-major on a streamed one (every run goes through a layer
+// before the next layer is brought in, so each layer and head chunk is read once for all of them). Every strategy
+// gives the same values (to the float32 rounding of another row count on a row-position-dependent kernel); tests
+// run all three.
 import * as tf from "@tensorflow/tfjs-core";
 import { pairedInput, repeatBatch, type PairBatch } from "../data/batch.js";
-import { hookName } from "../model/hooks.js";
-import { forward, type Hook, type Hooks, type LlamaModel } from "../model/llama.js";
+import { hookName, type HookName } from "../model/hooks.js";
+import {
+  forward,
+  type ForwardOptions,
+  type ForwardResult,
+  type Hook,
+  type Hooks,
+  type LlamaModel,
+} from "../model/llama.js";
 import { DEFAULT_LIMITS, headGroup, stackGroup, type Limits } from "./limits.js";
-import { marginsOfRun, scored } from "./margins.js";
+import { marginsOfRun } from "./margins.js";
 
 /** One patched run of a model on a batch. */
 export interface Run {
@@ -39,6 +48,50 @@ export interface RunOptions {
   strategy?: Strategy;
 }
 
+/**
+ * What runs run on and what each one is read out as. The engine stacks one copy of the rows per run (copy k's
+ * rows after copy k − 1's) and asks for the copies' values from the head pass of the stack.
+ */
+export interface RunInput<V> {
+  /** Rows one run has, and their padded length. */
+  rows: number;
+  T: number;
+  /** `copies` copies of the rows stacked. */
+  stack(copies: number): StackedInput<V>;
+}
+
+/** A stack of copies of a RunInput's rows: forward's input and head options, and each copy's value. */
+export interface StackedInput<V> {
+  ids: number[][];
+  /** forward's row options: lengths, and pairedPrompts for packed pairs. */
+  rows: Pick<ForwardOptions, "lengths" | "pairedPrompts">;
+  /** forward's head options: where logits are taken and (for log-probabilities only) which tokens are scored. */
+  head: Pick<ForwardOptions, "logitsAt" | "targets">;
+  /** Each copy's value, in copy order, from the stack's forward result (which the engine frees). */
+  read(r: ForwardResult): V[];
+}
+
+/** A batch of pairs read out as each pair's margin: scored response positions, packed prompts. */
+export function marginInput(batch: PairBatch, perToken: boolean): RunInput<Float64Array> {
+  const P = batch.pairs.length;
+  return {
+    rows: batch.ids.length,
+    T: batch.T,
+    stack: (copies) => {
+      const rows = repeatBatch(batch, copies);
+      return {
+        ids: rows.ids,
+        rows: pairedInput(rows),
+        head: { logitsAt: rows.logitsAt, targets: rows.targets },
+        read: (r) => {
+          const m = marginsOfRun(r, rows, perToken);
+          return Array.from({ length: copies }, (_, k) => m.slice(k * P, (k + 1) * P));
+        },
+      };
+    },
+  };
+}
+
 /** A started run: its residual before the layer it is at. */
 interface Live {
   run: Run;
@@ -55,6 +108,19 @@ export function runMargins(
   runs: Run[],
   opts: RunOptions = {},
 ): Map<string, Float64Array> {
+  return runValues(model, marginInput(batch, opts.perToken ?? false), runs, opts);
+}
+
+/**
+ * Each run's value on `input`, by name: runMargins for any read-out. The values do not depend on the strategy,
+ * the limits or which other runs share the call (to float32 rounding on a row-position-dependent kernel).
+ */
+export function runValues<V>(
+  model: LlamaModel,
+  input: RunInput<V>,
+  runs: Run[],
+  opts: Omit<RunOptions, "perToken"> = {},
+): Map<string, V> {
   const L = model.config.numLayers;
   const names = new Set<string>();
   for (const r of runs) {
@@ -63,24 +129,19 @@ export function runMargins(
     if (!(Number.isInteger(r.layer) && r.layer >= 0 && r.layer <= L))
       throw new RangeError(`run "${r.name}" enters layer ${r.layer}, outside 0..${L}`);
   }
-  const out = new Map<string, Float64Array>();
+  const out = new Map<string, V>();
   const strategy = opts.strategy && opts.strategy !== "auto" ? opts.strategy : model.source ? "layer-major" : "stacked";
-  const o = {
-    limits: opts.limits ?? DEFAULT_LIMITS,
-    perToken: opts.perToken ?? false,
-    maxGroup: opts.maxGroup ?? Infinity,
-    out,
-  };
-  if (strategy === "layer-major") layerMajor(model, batch, runs, o);
-  else stacked(model, batch, runs, strategy === "per-run" ? 1 : Infinity, o);
+  const o: Ctx<V> = { input, limits: opts.limits ?? DEFAULT_LIMITS, maxGroup: opts.maxGroup ?? Infinity, out };
+  if (strategy === "layer-major") layerMajor(model, runs, o);
+  else stacked(model, runs, strategy === "per-run" ? 1 : Infinity, o);
   return out;
 }
 
-interface Ctx {
+interface Ctx<V> {
+  input: RunInput<V>;
   limits: Limits;
-  perToken: boolean;
   maxGroup: number;
-  out: Map<string, Float64Array>;
+  out: Map<string, V>;
 }
 
 /** A run's entry residual, the engine's own (a caller's tensor is cloned: its data is shared, not copied). */
@@ -115,7 +176,7 @@ function join(live: Live[]): tf.Tensor {
 function stackedHooks(runs: Run[], rows: number): Record<string, Hook> {
   if (runs.length === 1) return { ...runs[0]!.hooks } as Record<string, Hook>;
   const out: Record<string, Hook> = {};
-  for (const site of new Set(runs.flatMap((r) => Object.keys(r.hooks ?? {})))) {
+  for (const site of new Set(runs.flatMap((r) => Object.keys(r.hooks ?? {}) as HookName[]))) {
     out[site] = (v, name) => {
       const parts = runs.map((r, k) => {
         const mine = tf.slice(v, [k * rows], [rows]);
@@ -132,28 +193,31 @@ function stackedHooks(runs: Run[], rows: number): Record<string, Hook> {
   return out;
 }
 
-/** Runs `group` (stacked, entering `layer` with `resid`) to the end and records each one's margins. */
-function finish(model: LlamaModel, batch: PairBatch, group: Run[], layer: number, resid: tf.Tensor, o: Ctx): void {
-  const rows = repeatBatch(batch, group.length);
-  const start = { layer, resid };
-  const r = forward(model, rows.ids, {
-    ...scored(rows, o.limits),
-    start,
-    hooks: stackedHooks(group, batch.ids.length),
+/** Runs `group` (stacked, entering `layer` with `resid`) to the end and records each one's value. */
+function finish<V>(model: LlamaModel, group: Run[], layer: number, resid: tf.Tensor, o: Ctx<V>): void {
+  const s = o.input.stack(group.length);
+  const r = forward(model, s.ids, {
+    ...s.rows,
+    ...s.head,
+    headBlock: o.limits.head,
+    start: { layer, resid },
+    hooks: stackedHooks(group, o.input.rows),
   });
-  const m = marginsOfRun(r, rows, o.perToken);
-  r.dispose();
-  const P = batch.pairs.length;
-  group.forEach((run, k) => o.out.set(run.name, m.slice(k * P, (k + 1) * P)));
+  try {
+    const values = s.read(r);
+    group.forEach((run, k) => o.out.set(run.name, values[k]!));
+  } finally {
+    r.dispose(); // a read-out that throws (a caller's metric) frees the logits too
+  }
 }
 
 /**
  * Runs entering the same layer go through it and every layer above stacked, as many per forward as one layer
  * call's activations and the head pass allow (and at most `cap`): one forward per group, resumed at its layer.
  */
-function stacked(model: LlamaModel, batch: PairBatch, runs: Run[], cap: number, o: Ctx): void {
+function stacked<V>(model: LlamaModel, runs: Run[], cap: number, o: Ctx<V>): void {
   const { numLayers: L } = model.config;
-  const [R, T] = [batch.ids.length, batch.T];
+  const { rows: R, T } = o.input;
   const byLayer = new Map<number, Run[]>();
   for (const r of runs) byLayer.set(r.layer, [...(byLayer.get(r.layer) ?? []), r]);
   for (const [layer, group] of byLayer) {
@@ -163,7 +227,7 @@ function stacked(model: LlamaModel, batch: PairBatch, runs: Run[], cap: number, 
       const part = group.slice(g, g + G);
       const resid = join(start(part));
       try {
-        finish(model, batch, part, layer, resid, o);
+        finish(model, part, layer, resid, o);
       } finally {
         resid.dispose();
       }
@@ -176,9 +240,9 @@ function stacked(model: LlamaModel, batch: PairBatch, runs: Run[], cap: number, 
  * layer, every layer is run for all the wave's runs (a stackGroup of them per call), then the head (a headGroup
  * at a time). Each run's residual is its own tensor, freed once its layer call has used it.
  */
-function layerMajor(model: LlamaModel, batch: PairBatch, runs: Run[], o: Ctx): void {
+function layerMajor<V>(model: LlamaModel, runs: Run[], o: Ctx<V>): void {
   const { numLayers: L, hiddenSize: H } = model.config;
-  const [R, T] = [batch.ids.length, batch.T];
+  const { rows: R, T } = o.input;
   const G = Math.min(o.maxGroup, stackGroup(model.config, R, T, o.limits));
   const Gh = Math.min(o.maxGroup, headGroup(model.config, R, T, o.limits));
   const wave = Math.max(G, Gh, Math.floor(o.limits.stackBytes / (4 * R * T * H)));
@@ -190,7 +254,7 @@ function layerMajor(model: LlamaModel, batch: PairBatch, runs: Run[], o: Ctx): v
       for (let l = order[0]!.layer; l < L; l++) {
         while (next < order.length && order[next]!.layer === l)
           live.push({ run: order[next]!, resid: enter(order[next++]!) });
-        throughLayer(model, batch, l, live, G, o);
+        throughLayer(model, l, live, G, o);
       }
       while (next < order.length) live.push({ run: order[next]!, resid: enter(order[next++]!) });
       for (let g = 0; g < live.length; g += Gh) {
@@ -199,7 +263,6 @@ function layerMajor(model: LlamaModel, batch: PairBatch, runs: Run[], o: Ctx): v
         try {
           finish(
             model,
-            batch,
             part.map((x) => x.run),
             L,
             resid,
@@ -216,12 +279,12 @@ function layerMajor(model: LlamaModel, batch: PairBatch, runs: Run[], o: Ctx): v
 }
 
 /** Every live run's residual through layer l, G runs per call; each input is freed once its call has used it. */
-function throughLayer(model: LlamaModel, batch: PairBatch, l: number, live: Live[], G: number, o: Ctx): void {
-  const R = batch.ids.length;
+function throughLayer<V>(model: LlamaModel, l: number, live: Live[], G: number, o: Ctx<V>): void {
+  const R = o.input.rows;
   const site = hookName("resid_post", l);
   for (let g = 0; g < live.length; g += G) {
     const part = live.slice(g, g + G);
-    const rows = repeatBatch(batch, part.length);
+    const rows = o.input.stack(part.length);
     const hooks = stackedHooks(
       part.map((x) => x.run),
       R,
@@ -230,7 +293,7 @@ function throughLayer(model: LlamaModel, batch: PairBatch, l: number, live: Live
     let h: tf.Tensor;
     try {
       const r = forward(model, rows.ids, {
-        ...pairedInput(rows),
+        ...rows.rows,
         start: { layer: l, resid },
         stopAfter: l,
         cache: [site],
