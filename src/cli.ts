@@ -7,15 +7,18 @@ import * as tf from "@tensorflow/tfjs-core";
 import { readValues } from "./model/read.js";
 import cliProgress from "cli-progress";
 import { explainBackendError, initBackend, BACKENDS } from "./model/backend.js";
-import { disposeModel } from "./model/llama.js";
+import { disposeModel, type Hooks, type LlamaModel } from "./model/llama.js";
 import { logitsAndResid } from "./model/resid.js";
 import { greedy } from "./model/generate.js";
 import { loadModelSync } from "./io/model.js";
 import { loadTokenizer, type TextTokenizer } from "./io/tokenizer.js";
 import { writeSafetensors } from "./io/safetensors.js";
+import { OutputError, readSubspace } from "./io/results.js";
 import { convertLlama2c } from "./io/llama2c.js";
-import { integerText, RUN_SETTINGS, type RunSettings, type SettingSpec } from "./analysis/settings.js";
+import { resolveHubFile, resolveModel, type HubOptions } from "./io/hub.js";
+import { integerText, RUN_SETTINGS, type PairFormat, type RunSettings, type SettingSpec } from "./analysis/settings.js";
 import { summaryTable, transferFindings } from "./analysis/findings.js";
+import { steeringHooks, type SavedSubspace } from "./analysis/steering.js";
 import { DEFAULT_TUNE, SCHEDULES, type Schedule, type TuneSettings } from "./train/dpo.js";
 
 /** A reward accuracy for printing: two decimals, or "n/a" when every pair was within float32 noise. */
@@ -73,6 +76,63 @@ const budgetOption = (what: string, wasmDefault: number) =>
     return n * 2 ** 30;
   });
 
+const revisionOption = () =>
+  new Option(
+    "--revision <rev>",
+    "branch, tag or commit of Hugging Face model ids (default main; org/name@rev gives one id its own)",
+  );
+
+/**
+ * Runs a Hub lookup with its notes and download progress on stderr, so stdout stays the command's output: a
+ * progress bar on a terminal, else one line per file.
+ */
+async function fromHub<T>(resolve: (opts: HubOptions) => Promise<T>, revision?: string): Promise<T> {
+  const bar = new cliProgress.SingleBar(
+    { format: "{repo} [{bar}] {got}/{size} MB | {file}", hideCursor: true },
+    cliProgress.Presets.shades_classic,
+  );
+  const tty = process.stderr.isTTY;
+  const mb = (n: number) => (n / 1e6).toFixed(1);
+  let file = "";
+  let started = false;
+  const stopBar = () => {
+    if (started) bar.stop();
+    started = false;
+  };
+  try {
+    return await resolve({
+      revision,
+      env: process.env,
+      onInfo: (line) => {
+        stopBar(); // a note ends the bar's line rather than writing into it
+        process.stderr.write(line + "\n");
+      },
+      onDownload: (p) => {
+        const values = { repo: p.repo, file: p.file, got: mb(p.done), size: mb(p.total) };
+        if (!tty) {
+          if (p.file !== file) process.stderr.write(`  ${p.repo}: ${p.file}\n`);
+        } else if (started) bar.update(p.done, values);
+        else {
+          bar.start(p.total, p.done, values);
+          started = true;
+        }
+        file = p.file;
+      },
+    });
+  } finally {
+    stopBar();
+  }
+}
+
+/** A model flag's folder: the path as given, or a Hugging Face id (org/name[@rev]) resolved into the local cache. */
+const modelDir = (spec: string, revision?: string) => fromHub((opts) => resolveModel(spec, opts), revision);
+
+/** Replaces parsed model flags with local folders and pairs-file flags (when given) with local files (hf:// ones fetched). */
+async function localInputs(o: Record<string, unknown>, models: string[], files: string[]): Promise<void> {
+  for (const k of models) o[k] = await modelDir(String(o[k]), o.revision as string | undefined);
+  for (const k of files) if (o[k] !== undefined) o[k] = await fromHub((opts) => resolveHubFile(String(o[k]), opts));
+}
+
 async function startBackend(force?: string): Promise<string> {
   const name = await initBackend(force);
   process.stderr.write(`backend: ${name}\n`);
@@ -105,7 +165,8 @@ const show = (tok: TextTokenizer | null, ids: number[], id: number) => {
 program
   .command("logits")
   .description("run a model on text or token ids; print the top next tokens and optionally save logits and residuals")
-  .requiredOption("--model <dir>", "Hugging Face Llama folder (config.json + safetensors)")
+  .requiredOption("--model <dir>", "Hugging Face Llama folder (config.json + safetensors), or a Hub id org/name[@rev]")
+  .addOption(revisionOption())
   .option("--text <text>", "text to tokenize (the tokenizer's settings decide BOS)")
   .option("--ids <ids>", "comma-separated token ids, used as-is (no BOS added)")
   .option("--out <file>", "write logits F32 [T, V] (and resid) to this safetensors file")
@@ -123,12 +184,14 @@ program
       top: string;
       backend?: string;
       memoryBudget?: number;
+      revision?: string;
     }) => {
       if ((o.text === undefined) === (o.ids === undefined)) throw new UsageError("give exactly one of --text or --ids");
       if (o.resid && !o.out) throw new UsageError("--resid needs --out");
       const top = Number(o.top);
       if (!Number.isInteger(top) || top < 1) throw new UsageError(`--top must be a positive integer, got "${o.top}"`);
       if (o.out) checkWritable(o.out);
+      o.model = await modelDir(o.model, o.revision);
       await startBackend(o.backend);
       const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
       const tok = loadTokenizer(o.model);
@@ -159,13 +222,56 @@ program
     },
   );
 
+/** What generate steers with: the run's subspace file, what it holds, and β. */
+type Steering = { file: string; sub: SavedSubspace; beta: number };
+
+/** generate's --steer and --beta, or null without them. */
+function steeringFlags(o: { steer?: string; beta?: string }): Steering | null {
+  if (o.steer === undefined && o.beta === undefined) return null;
+  if (o.steer === undefined) throw new UsageError("--beta needs --steer (a run's subspace.safetensors)");
+  if (o.beta === undefined) throw new UsageError("--steer needs --beta (the steering strength)");
+  const beta = Number(o.beta);
+  if (o.beta.trim() === "" || !Number.isFinite(beta))
+    throw new UsageError(`--beta must be a finite number, got "${o.beta}"`);
+  try {
+    return { file: o.steer, sub: readSubspace(o.steer), beta };
+  } catch (e) {
+    // readSubspace names the file as apply-subspace's --subspace; here it came from --steer
+    if (e instanceof OutputError) throw new UsageError(e.message.replace(/^subspace /, "--steer "));
+    throw e;
+  }
+}
+
+/**
+ * Prints the unsteered and the steered continuation, labelled, after saying what steers it: the run's mean
+ * difference h_tuned − h_base at its layer, times β, added to that layer's resid_post at every position (the
+ * intervention whose margins the run's steering rows report). `generate(hooks)` decodes with those hooks.
+ */
+function printSteered(model: LlamaModel, modelName: string, s: Steering, generate: (hooks?: Hooks) => string): void {
+  const { hiddenSize: H, numLayers: L } = model.config;
+  if (s.sub.meanDiff.length !== H)
+    throw new UsageError(`--steer ${s.file} is for hidden size ${s.sub.meanDiff.length}; ${modelName} has ${H}`);
+  if (s.sub.layer >= L)
+    throw new UsageError(`--steer ${s.file} is for layer ${s.sub.layer}; ${modelName} has ${L} layers`);
+  const hooks = steeringHooks(model.config, { layer: s.sub.layer, direction: s.sub.meanDiff, beta: s.beta });
+  const norm = Math.hypot(...s.sub.meanDiff);
+  console.log(
+    `steering: β = ${s.beta} × the mean difference h_tuned − h_base at layer ${s.sub.layer} (norm ${norm.toFixed(4)}, from ${s.file}), added to ${Object.keys(hooks)[0]} at every position`,
+  );
+  console.log(`unsteered:\n${generate()}`);
+  console.log(`steered (layer ${s.sub.layer}, β = ${s.beta}):\n${generate(hooks)}`);
+}
+
 program
   .command("generate")
   .description("greedy decoding from text (or from BOS when --text is empty)")
-  .requiredOption("--model <dir>", "Hugging Face Llama folder")
+  .requiredOption("--model <dir>", "Hugging Face Llama folder, or a Hub id org/name[@rev]")
+  .addOption(revisionOption())
   .option("--text <text>", "prompt text (the tokenizer's settings decide BOS)", "")
   .option("--ids <ids>", "comma-separated prompt token ids, used as-is (instead of --text)")
   .option("--steps <n>", "tokens to generate (at most up to the model's context)", "50")
+  .option("--steer <file>", "also generate steered by a run's subspace.safetensors: its mean difference at its layer")
+  .option("--beta <β>", "with --steer: add β × the mean difference to that layer's resid_post, at every position")
   .addOption(backendOption())
   .addOption(budgetOption("the model", 3))
   .action(
@@ -174,13 +280,18 @@ program
       text: string;
       ids?: string;
       steps: string;
+      steer?: string;
+      beta?: string;
       backend?: string;
       memoryBudget?: number;
+      revision?: string;
     }) => {
       const steps = Number(o.steps);
       if (!Number.isInteger(steps) || steps < 1)
         throw new UsageError(`--steps must be a positive integer, got "${o.steps}"`);
       if (o.ids !== undefined && o.text !== "") throw new UsageError("give --text or --ids, not both");
+      const steering = steeringFlags(o);
+      o.model = await modelDir(o.model, o.revision);
       await startBackend(o.backend);
       const model = loadModelSync(o.model, { memoryBudget: o.memoryBudget });
       const tok = o.ids !== undefined ? loadTokenizer(o.model) : needTokenizer(loadTokenizer(o.model), o.model);
@@ -197,8 +308,12 @@ program
           `--steps ${steps} after a ${prompt.length}-token prompt would run past the model's context of ${context} tokens (use at most --steps ${Math.max(0, context - prompt.length)})`,
         );
       const eos = model.config.eosTokenId;
-      const out = greedy(model, prompt, steps, eos === null ? [] : Array.isArray(eos) ? eos : [eos]);
-      console.log(tok ? tok.decode([...prompt, ...out], { skipSpecialTokens: true }) : [...prompt, ...out].join(" "));
+      const stopAt = eos === null ? [] : Array.isArray(eos) ? eos : [eos];
+      const text = (out: number[]) =>
+        tok ? tok.decode([...prompt, ...out], { skipSpecialTokens: true }) : [...prompt, ...out].join(" ");
+      if (steering)
+        printSteered(model, o.model, steering, (hooks) => text(greedy(model, prompt, steps, { stopAt, hooks })));
+      else console.log(text(greedy(model, prompt, steps, { stopAt })));
       disposeModel(model);
     },
   );
@@ -256,11 +371,12 @@ const runCommand = program
   .description(
     "the causal-probe analysis: margins, layer patching with controls, LASSO, probes, low-rank PCA, logit lens",
   )
-  .requiredOption("--base <dir>", "base model (Hugging Face Llama folder)")
+  .requiredOption("--base <dir>", "base model (Hugging Face Llama folder, or a Hub id org/name[@rev])")
   .requiredOption("--tuned <dir>", "preference-tuned model with the same architecture and vocabulary")
+  .addOption(revisionOption())
   .requiredOption(
     "--pairs <file>",
-    "JSONL(.gz): {prompt,chosen,rejected}, HH-RLHF {chosen,rejected}, or {prompt_ids,chosen_ids,rejected_ids}",
+    "JSONL(.gz): {prompt,chosen,rejected}, HH-RLHF {chosen,rejected}, or {prompt_ids,chosen_ids,rejected_ids}; with --format chat also TRL's lists of {role,content} messages",
   )
   .requiredOption("--out <dir>", "output folder for results.json, report.html, pairs.jsonl, activations.safetensors")
   .option("--limit <n>", "use the first n usable pairs", int("--limit", 1))
@@ -281,6 +397,7 @@ const runCommand = program
   )
   .action(async (o: Record<string, unknown>) => {
     const settings = settingsFromOptions(o);
+    await localInputs(o, ["base", "tuned"], ["pairs"]);
     const shard = o.shard === undefined ? undefined : parseShard(String(o.shard));
     const done = await withProgress((events) =>
       runStudy(
@@ -372,7 +489,7 @@ function printResults(done: StudyResult): void {
 }
 
 /** The run settings apply-subspace takes. */
-const TRANSFER_SETTINGS: Array<keyof RunSettings> = ["positions", "alpha", "perToken", "batchPairs", "seed"];
+const TRANSFER_SETTINGS: Array<keyof RunSettings> = ["positions", "alpha", "perToken", "batchPairs", "seed", "format"];
 
 const transferCommand = program
   .command("apply-subspace")
@@ -381,6 +498,7 @@ const transferCommand = program
   )
   .requiredOption("--subspace <file>", "subspace.safetensors from a run's output folder")
   .requiredOption("--base <dir>", "base model")
+  .addOption(revisionOption())
   .requiredOption("--tuned <dir>", "tuned model (same width as the run that saved the subspace)")
   .requiredOption("--pairs <file>", "pairs (same formats as run)")
   .requiredOption("--out <file>", "JSON file for the result")
@@ -390,6 +508,7 @@ const transferCommand = program
   .addOption(backendOption())
   .addOption(budgetOption("both models together", WASM_PAIR_BUDGET / 2 ** 30))
   .action(async (o: Record<string, unknown>) => {
+    await localInputs(o, ["base", "tuned"], ["pairs"]);
     const r = await withProgress((events) =>
       runTransfer(
         {
@@ -419,7 +538,8 @@ program
   .description(
     "DPO-tune a model on preference pairs (reference = the starting model) and save an HF folder; exactly what runs: docs/tune.md",
   )
-  .requiredOption("--model <dir>", "starting model (Hugging Face Llama folder); also the DPO reference")
+  .requiredOption("--model <dir>", "starting model (Hugging Face Llama folder or Hub id); also the DPO reference")
+  .addOption(revisionOption())
   .requiredOption("--pairs <file>", "training pairs (same formats as run)")
   .requiredOption("--out <dir>", "folder to write the tuned model into (must not exist, or use --force)")
   .option(
@@ -485,8 +605,10 @@ program
   .option("--limit <n>", "use the first n pairs", int("--limit", 1))
   .option("--max-tokens <n>", "skip pairs longer than n tokens", int("--max-tokens", 2))
   .option("--force", "replace --out if it exists")
+  .addOption(settingOptions(["format"])[0]!)
   .addOption(backendOption())
   .action(async (o: Record<string, unknown>) => {
+    await localInputs(o, ["model"], ["pairs", "eval"]);
     const settings: TuneSettings = {
       beta: o.beta as number,
       lr: o.lr as number,
@@ -529,6 +651,7 @@ program
         force: !!o.force,
         backend: o.backend as string | undefined,
         command: `prefprobe ${process.argv.slice(2).join(" ")}`,
+        format: o.format as PairFormat,
       },
       settings,
       {

@@ -23,6 +23,19 @@ export { loadModel, loadModelSync, saveModelFolder, ModelError, type LoadOptions
 export { disposeModel, type LlamaModel } from "./model/llama.js";
 export { loadTokenizer, TokenizerError, type TextTokenizer } from "./io/tokenizer.js";
 export { convertLlama2c } from "./io/llama2c.js";
+export {
+  resolveModel,
+  resolveHubFile,
+  hubCacheDir,
+  hubToken,
+  hubSourceOf,
+  parseHubId,
+  parseHfUrl,
+  HubError,
+  type HubOptions,
+  type HubSource,
+  type DownloadProgress,
+} from "./io/hub.js";
 
 // Forward pass, hooks and caches
 export {
@@ -36,34 +49,70 @@ export {
 export {
   ActivationCache,
   BLOCK_SITES,
+  INNER_SITES,
   hookName,
   hookNames,
   isHookName,
   type BlockSite,
   type HookName,
+  type InnerSite,
+  type LayerSite,
 } from "./model/hooks.js";
-export { greedy } from "./model/generate.js";
+export { greedy, type GenerateOptions } from "./model/generate.js";
 
 // Preference pairs, batches and margins
 export type { Pair } from "./data/pairs.js";
 export { makeBatch, marginsOf, responseLogprobs, rowLogprobs, type PairBatch } from "./data/batch.js";
 export { loadPairs, readPairs, splitHH, tokenizePairs, PairsError, type RawPair } from "./io/pairs.js";
+export {
+  compileChatTemplate,
+  conversationOf,
+  hhMessages,
+  loadChatTemplate,
+  renderChatPair,
+  sharedChatTemplate,
+  ChatTemplateError,
+  type ChatMessage,
+  type ChatPair,
+  type ChatTemplate,
+} from "./io/chat.js";
 
 // The intervention engine: margins of named patched runs, and of plain ones
 export { runMargins, type Run, type RunOptions, type Strategy } from "./engine/runs.js";
-export { margins, residAfter, responseLogprobsOf, type MarginOptions } from "./engine/margins.js";
+export { residAfter, responseLogprobsOf, type MarginOptions } from "./engine/margins.js";
+export { margins } from "./io/margins.js";
 export { DEFAULT_LIMITS, type Limits } from "./engine/limits.js";
+export {
+  logitDiff,
+  pairMargin,
+  patch,
+  patchSweep,
+  tokenLogprob,
+  type Metric,
+  type MetricInput,
+  type PatchResult,
+  type PatchSite,
+  type PatchSource,
+  type PatchSpec,
+  type Position,
+  type SweepSite,
+  type SweepSpec,
+  type SweepTable,
+  type Tokens,
+} from "./engine/patch.js";
 
 // The analysis: settings, the whole run, its results, and each stage
 export {
   DEFAULT_SETTINGS,
   DIRECTIONS,
   METHODS,
+  PAIR_FORMATS,
   SITES,
   SettingsError,
   resolveSettings,
   type Direction,
   type Method,
+  type PairFormat,
   type RunSettings,
   type Site,
 } from "./analysis/settings.js";
@@ -87,7 +136,7 @@ export { attributionBatch } from "./analysis/attribution.js";
 export { headSweep, positionSweep } from "./analysis/fine.js";
 export { logitLensBatch } from "./analysis/lens.js";
 export { lowRankStage } from "./analysis/lowrank.js";
-export { transferStage, type SavedSubspace, type TransferResult } from "./analysis/steering.js";
+export { steeringHooks, transferStage, type SavedSubspace, type TransferResult } from "./analysis/steering.js";
 export { findings, summaryTable } from "./analysis/findings.js";
 
 // Estimators and statistics
@@ -110,7 +159,7 @@ export {
 
 // Files and whole studies (what the CLI's run, merge, transfer and tune do)
 export { readSafetensors, writeSafetensors, SafetensorsError, type DType } from "./io/safetensors.js";
-export { readSubspace, writeRun, OutputError } from "./io/results.js";
+export { readResults, readSubspace, writeRun, OutputError, type ResultsFile } from "./io/results.js";
 export { renderReport } from "./io/report.js";
 export {
   mergeShards,
