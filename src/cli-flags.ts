@@ -22,12 +22,13 @@ const FLAGS: Record<string, string> = {
 
 /**
  * A library message in the CLI's words: a camelCase setting name anywhere becomes its flag; a one-word name (alpha,
- * rank, layers) only where the message starts with it, as it is an ordinary word elsewhere.
+ * rank, layers) only where the message starts with it as a word, as it is an ordinary word elsewhere. A name
+ * inside a dotted path (a manifest's "settings.stabilityReps", a file "subspace.safetensors") is left as it is.
  */
 export function withFlags(message: string): string {
   const camel = Object.keys(FLAGS).filter((k) => /[A-Z]/.test(k));
-  let m = message.replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (k) => FLAGS[k]!);
-  const lead = /^([a-zA-Z]+)\b/.exec(m)?.[1];
+  let m = message.replace(new RegExp(`(?<!\\w\\.|\\w)(${camel.join("|")})(?!\\.\\w|\\w)`, "g"), (k) => FLAGS[k]!);
+  const lead = /^([a-zA-Z]+)(?=[ :,])/.exec(m)?.[1];
   if (lead && FLAGS[lead] && !/[A-Z]/.test(lead)) m = FLAGS[lead] + m.slice(lead.length);
   return m;
 }

@@ -12,5 +12,10 @@ describe("withFlags", () => {
     expect(withFlags("the rank of a matrix, trained weights")).toBe("the rank of a matrix, trained weights");
     expect(withFlags("pcaLayer 9 is outside 0..4")).toBe("--pca-layer 9 is outside 0..4");
     expect(withFlags("maxTokensX is not a setting")).toBe("maxTokensX is not a setting");
+    // names inside a dotted path are keys and files, not flags
+    expect(withFlags("settings.stabilityReps: 2 vs 5")).toBe("settings.stabilityReps: 2 vs 5");
+    expect(withFlags("use a smaller memoryBudget.")).toBe("use a smaller --memory-budget.");
+    expect(withFlags("subspace.safetensors: not found")).toBe("subspace.safetensors: not found");
+    expect(withFlags("subspace has width 64, the model 32")).toBe("--subspace has width 64, the model 32");
   });
 });
