@@ -40,6 +40,7 @@ import {
   clearRun,
   ensureWritableDir,
   fileHash,
+  tokenizerHash,
   holdsRun,
   lockRun,
   removeIfEmpty,
@@ -174,6 +175,7 @@ function loadStudy(
       base: modelFingerprint(inputs.base),
       tuned: modelFingerprint(inputs.tuned),
       pairs: fileHash(inputs.pairs),
+      tokenizer: tokenizerHash(inputs.base),
     };
     if (fingerprints.base === fingerprints.tuned)
       info("warning: base and tuned are the same weights: every gap is 0 and no recovery can be measured");
@@ -361,7 +363,10 @@ async function studyInFolder(
     );
     let done: PairState[] = [];
     if (inputs.resume) {
-      const diff = manifestDiff(readManifest(inputs.out), l.manifest);
+      const before = readManifest(inputs.out);
+      // a folder from before tokenizer fingerprints were recorded resumes without that check
+      before.fingerprints.tokenizer ??= l.manifest.fingerprints.tokenizer;
+      const diff = manifestDiff(before, l.manifest);
       if (diff.length)
         throw new OutputError(`--resume: the run in ${inputs.out} was made with other inputs: ${diff.join("; ")}`);
       done = readStates(inputs.out, l.manifest, { truncate: true });

@@ -135,3 +135,32 @@ describe("manifests from before a setting existed", () => {
     expect(manifestDiff(readManifest(dir), now)).toEqual(["settings.seed: 9 vs 0"]);
   });
 });
+
+describe("the tokenizer a run's pairs were tokenized with", () => {
+  it("a changed tokenizer file refuses --resume, naming it; a folder from before it was recorded resumes", () => {
+    const dir = tempDir("tok-resume");
+    const base = path.join(dir, "base");
+    fs.cpSync(MODEL, base, { recursive: true });
+    const out = path.join(dir, "out");
+    const go = (...more: string[]) =>
+      runCli("run", "--base", base, "--tuned", TUNED, "--pairs", PAIRS, "--out", out, "--limit", "2", ...FAST, ...more);
+    expect(go().code).toBe(0);
+    const manifest = JSON.parse(fs.readFileSync(path.join(out, "manifest.json"), "utf8"));
+    expect(manifest.fingerprints.tokenizer).toMatch(/^[0-9a-f]{64}$/);
+    // the same bytes resume; an edited tokenizer_config.json (a chat template, say) does not
+    fs.rmSync(path.join(out, "results.json"));
+    expect(go("--resume").code).toBe(0);
+    const cfgFile = path.join(base, "tokenizer_config.json");
+    fs.writeFileSync(cfgFile, JSON.stringify({ ...JSON.parse(fs.readFileSync(cfgFile, "utf8")), chat_template: "x" }));
+    fs.rmSync(path.join(out, "results.json"));
+    const refused = go("--resume");
+    expect(refused.code).not.toBe(0);
+    expect(lastLine(refused.err)).toMatch(
+      /--resume: the run in .* was made with other inputs: fingerprints\.tokenizer: /,
+    );
+    // a manifest without the field (written before it existed) is not refused over it
+    delete manifest.fingerprints.tokenizer;
+    fs.writeFileSync(path.join(out, "manifest.json"), JSON.stringify(manifest));
+    expect(go("--resume").code).toBe(0);
+  });
+});

@@ -154,7 +154,7 @@ export interface RunMeta {
   settings: RunSettings;
   inputs: { base: string; tuned: string; pairs: string }; // absolute paths
   hub?: Record<string, HubSource>; // inputs from a Hugging Face cache: repo and commit
-  fingerprints: { base: string; tuned: string; pairs: string }; // sha256 of the model folders and the pairs file
+  fingerprints: { base: string; tuned: string; pairs: string; tokenizer?: string }; // sha256 of the model folders, the pairs file and the tokenizer files
   skipped: { too_long: number; malformed: Array<{ line: number; reason: string }> };
   notes: { boundary_merged: number; identical_responses: number; invalid_utf8: number; same_models: boolean };
   backend: string;

@@ -20,7 +20,8 @@ export interface Manifest {
   schema: "prefprobe.manifest/2";
   inputs: { base: string; tuned: string; pairs: string };
   hub?: Record<string, HubSource>; // the inputs that came from a Hugging Face cache: repo and commit (absent when none did)
-  fingerprints: { base: string; tuned: string; pairs: string };
+  /** sha256 of each model folder's config and weights, of the pairs file, and of the tokenizer files the pairs were tokenized with (the base's; absent in folders from before it was recorded). */
+  fingerprints: { base: string; tuned: string; pairs: string; tokenizer?: string };
   selection: { limit: number | null; max_tokens: number; skip_bad: boolean; memory_budget: number | null };
   settings: Record<string, unknown>;
   n_pairs: number;
@@ -43,6 +44,18 @@ export function fileHash(file: string): string {
   } finally {
     fs.closeSync(fd);
   }
+  return h.digest("hex");
+}
+
+/** The files a model folder's text is tokenized and templated with (the pairs' ids depend on them). */
+export const TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] as const;
+
+/** sha256 over the tokenizer files a folder has (names and bytes); "" when it has none. */
+export function tokenizerHash(dir: string): string {
+  const present = TOKENIZER_FILES.filter((f) => fs.existsSync(path.join(dir, f)));
+  if (!present.length) return "";
+  const h = crypto.createHash("sha256");
+  for (const f of present) h.update(`${f}\0${fileHash(path.join(dir, f))}\0`);
   return h.digest("hex");
 }
 
