@@ -128,7 +128,18 @@ describe("the verdict", () => {
   it("too few pairs to tell", () => {
     const recs = pairs([1.5, -1.2, 0.4]);
     expect(betterVerdict(recs).answer).toBe("cannot tell");
-    expect(betterVerdict(recs).line).toMatch(/Cannot tell with 3 pairs: the mean gap .* includes 0/);
+    expect(betterVerdict(recs).line).toMatch(/Cannot tell with 3 pairs: fewer than 10 pairs decide nothing here/);
+    // one pair, or three that all agree, give a zero-width or tiny interval: still nothing decided
+    for (const few of [[21.48], [2, 2.1, 1.9]]) {
+      expect(betterVerdict(pairs(few)).answer).toBe("cannot tell");
+      expect(
+        verdict(results(pairs(few), { mlp_out: [0, 1, 0, 0].map((f) => few.map((g) => f * g)) })).lines,
+      ).toHaveLength(1);
+    }
+    // ten pairs, eight higher: the interval is above 0 but the sign test (p = 0.11) does not reject
+    const ten = pairs([3, 2.5, 2, 2.2, 3.1, 2.8, 2.4, 2.6, -0.2, -0.1]);
+    expect(betterVerdict(ten).line).toMatch(/Cannot tell with 10 pairs: the sign test does not reject/);
+    expect(betterVerdict(pairs(around(2, 0.3, 10))).answer).toBe("yes");
     expect(findings(results(recs, {})).join(" ")).toMatch(
       /The gap is not established on these pairs \(verdict above\)/,
     );
@@ -160,6 +171,13 @@ describe("the verdict", () => {
     expect(whereVerdict(results(recs, { attn_out: attn, mlp_out: attn }))).toMatch(
       /Not supported: no single attn_out or mlp_out patch/,
     );
+    // small contributions everywhere are significant with enough pairs, but none carries 10% of the gap: they
+    // locate nothing, and the one that does is named alone
+    const small = Array.from({ length: L }, () => recs.map((p) => 0.04 * p.gap + 0.002 * gaussian(rand)));
+    const withOne = [...small.slice(0, 3), mlp[2]!];
+    expect(whereVerdict(results(recs, { attn_out: small, mlp_out: withOne }))).toMatch(
+      /At mlp_out 3 \(1 of 8 component patches\): each alone recovers at least 10\.0% of the gap and more than a random direction/,
+    );
   });
 
   it("probes at chance are 'not supported', well above it are reported with their test", () => {
@@ -177,6 +195,23 @@ describe("the verdict", () => {
     );
     const strong = findings(results(recs, {}, at(0.95))).find((l) => l.startsWith("Linear probes"))!;
     expect(strong).toMatch(/95\.0% cross-validated accuracy, above chance \(binomial p = /);
+    // both models separating them says something of the responses, not of the tuning
+    const both = [...at(0.95), ...at(0.9).map((p) => ({ ...p, model: "tuned" as const }))];
+    expect(findings(results(recs, {}, both)).join(" ")).toMatch(
+      /Both models' activations separate chosen from rejected \(best base 95\.0%, tuned 90\.0%\): .* no evidence of what the tuning changed/,
+    );
+    expect(findings(results(recs, {}, at(0.95))).join(" ")).not.toMatch(/Both models/);
+  });
+
+  it("the logit lens flags a sign change only between depths where the gap is more than noise around 0", () => {
+    const recs = pairs(around(2, 0.3, 20));
+    const lensLine = (tuned: number[]) => {
+      const r = results(recs, {});
+      r.logit_lens = { layers: ["embed", "0", "1", "2", "3"], base: [0, 0, 0, 0, 0], tuned };
+      return findings(r).find((l) => l.startsWith("Logit lens"))!;
+    };
+    expect(lensLine([-0.23, 2, 8, 12, 16.5])).not.toMatch(/changes sign/); // −0.23 of 16.5: noise
+    expect(lensLine([-3, 2, 8, 12, 16.5])).toMatch(/changes sign across depths/);
   });
 
   it("attribution gains that are exactly 0 for every pair agree with an exact 0, not 'do NOT agree … NaN'", () => {
@@ -236,11 +271,11 @@ describe("low-rank and steering against their random controls", () => {
     const recs = pairs(around(2, 0.3, n));
     const r = results(recs, { resid_post: [0.2, 0.5, 0.9, 1].map((f) => recs.map((p) => f * p.gap)) });
     const test = recs.map((_, i) => i).filter((i) => i % 2 === 1);
-    const gains = (f: number) => test.map((j) => f * recs[j]!.gap + noise * gaussian(rand));
+    const gains = (f: number, sd = noise) => test.map((j) => f * recs[j]!.gap + sd * gaussian(rand));
     const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
     const gapMean = mean(test.map((j) => recs[j]!.gap));
-    const row = (k: number, f: number, fr: number) => {
-      const [g, gr] = [gains(f), gains(fr)];
+    const row = (k: number, f: number, fr: number, sd = noise) => {
+      const [g, gr] = [gains(f, sd), gains(fr, sd)];
       return {
         k,
         k_used: k,
@@ -266,7 +301,7 @@ describe("low-rank and steering against their random controls", () => {
       test_pairs: test,
       n_rows: 30,
       explained_variance_ratio: [0.95, 0.05],
-      recovery: [row(1, top, rnd), row(2, 1, 1), row(8, 1, 1)],
+      recovery: [row(1, top, rnd), row(2, 1, 1), row(8, 1, 1, 0.01)],
       components: new Float32Array(16),
       k_90: 1,
       steering_vector: new Float32Array(8),
@@ -288,13 +323,25 @@ describe("low-rank and steering against their random controls", () => {
   });
 
   it("when a random subspace recovers as much, within noise, it is 'cannot tell', and steering is not preference-specific", () => {
-    const r = withPca(0.95, 0.9, 1.5, 12);
+    const r = withPca(0.95, 0.9, 1.5, 24);
     const t = subspaceVsRandom(r, r.pca!.recovery[0]!)!;
     expect(t.beats).toBe(false);
-    expect(lowRankVerdict(r)).toMatch(/Cannot tell with 6 held-out pairs: .* includes 0\.$/);
+    expect(lowRankVerdict(r)).toMatch(/Cannot tell with 12 held-out pairs: .* includes 0\.$/);
     const f = findings(r).join(" ");
     expect(f).toMatch(/not distinguishable from the random subspace/);
     expect(f).toMatch(/it is not distinguishable from the random direction .*not shown to be preference-specific/);
+  });
+
+  it("says which k were tried, and 'cannot tell' when even the whole layer does not reach 90%", () => {
+    const r = withPca(0.5, 0.02, 0.05);
+    r.pca!.recovery[1] = { ...r.pca!.recovery[1]!, recovery: 0.6 };
+    expect(lowRankVerdict(r)).toMatch(
+      /No: none of the subspace sizes tried below the full width \(k = 1, 2\) recovers 90% of the held-out gap \(15 pairs\); the full width \(8\) recovers \d+\.\d%\.$/,
+    );
+    r.pca!.recovery[2] = { ...r.pca!.recovery[2]!, recovery: 0.471 };
+    expect(lowRankVerdict(r)).toMatch(
+      /Cannot tell: the whole layer's difference recovers only 47\.1% of the held-out gap here/,
+    );
   });
 
   it("results written before per-pair gains were kept still get a verdict, named as point estimates", () => {

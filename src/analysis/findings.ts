@@ -1,7 +1,7 @@
 // The headline findings of a run, in plain words computed from the numbers.
 import { binomialUpperTail } from "../stats/tests.js";
 import type { Results } from "./schema.js";
-import { ciAt, permutationWords, steeringVsRandom, subspaceVsRandom, verdict } from "./verdict.js";
+import { ciAt, MIN_PAIRS, permutationWords, steeringVsRandom, subspaceVsRandom, tried, verdict } from "./verdict.js";
 import { num, pct, pValue } from "./words.js";
 import type { TransferResult } from "./steering.js";
 
@@ -47,6 +47,7 @@ function patchingFindings(r: Results): string[] {
   const level = 1 - 0.05 / Math.max(1, looked);
   const gaps = r.pairs.map((p) => p.gap);
   const named = looked > 1 ? `${pct(level)} CI, Bonferroni over the ${looked} patches` : "95% CI";
+  const few = gaps.length < MIN_PAIRS;
   for (const dir of ["tuned->base", "base->tuned"] as const) {
     for (const site of ["resid_post", "resid_pre", "attn_out", "mlp_out"] as const) {
       const e = r.patching.filter((p) => p.direction === dir && p.site === site && Number.isFinite(p.recovery));
@@ -54,7 +55,7 @@ function patchingFindings(r: Results): string[] {
       const best = e.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const first90 = e.find((p) => p.recovery >= 0.9);
       const [lo, hi] = ciAt(best.gains, gaps, level);
-      const ci = ` (${named} ${pct(lo)}–${pct(hi)})`;
+      const ci = few ? ` (no interval: ${gaps.length} pairs)` : ` (${named} ${pct(lo)}–${pct(hi)})`;
       const how =
         best.method === "attribution" ? " [attribution estimates: first-order, no exact patches and no controls]" : "";
       const win =
@@ -75,9 +76,11 @@ function patchingFindings(r: Results): string[] {
         const beats = dLo > 0;
         const diff = `real − random recovery ${named} ${pct(dLo)}–${pct(dHi)}`;
         const rndMax = Math.max(...e.map((p) => Math.abs(p.controls!.random_direction.recovery)));
-        line += beats
-          ? ` It beats a random direction of the same norm at that layer (random recovers ${pct(rnd.recovery)}; ${diff}).`
-          : ` This is NOT distinguishable from a random direction of the same norm, which recovers ${pct(rnd.recovery)} at that layer (${diff}): the patching result does not show a preference-specific direction.`;
+        line += few
+          ? ` A random direction of the same norm recovers ${pct(rnd.recovery)} at that layer; with ${gaps.length} pairs (fewer than ${MIN_PAIRS}) the two cannot be told apart.`
+          : beats
+            ? ` It beats a random direction of the same norm at that layer (random recovers ${pct(rnd.recovery)}; ${diff}).`
+            : ` This is NOT distinguishable from a random direction of the same norm, which recovers ${pct(rnd.recovery)} at that layer (${diff}): the patching result does not show a preference-specific direction.`;
         const abl = best.controls.mean_ablation.recovery;
         const damage =
           Math.abs(abl) > 1
@@ -122,6 +125,7 @@ function lassoFindings(r: Results): string[] {
 /** The best probe layer of each model. */
 function probeFindings(r: Results): string[] {
   const out: string[] = [];
+  const above: string[] = [];
   for (const model of ["base", "tuned"] as const) {
     const p = r.probes.filter((x) => x.model === model);
     if (!p.length) continue;
@@ -132,12 +136,17 @@ function probeFindings(r: Results): string[] {
     const m = r.probes.length;
     const pAdj = Math.min(1, m * binomialUpperTail(Math.round(best.accuracy * n), n, 0.5));
     const test = `binomial p = ${pValue(pAdj)} against 50% over ${n} responses, Bonferroni over ${m} probes`;
+    if (pAdj < 0.05) above.push(`${model} ${pct(best.accuracy)}`);
     out.push(
       pAdj < 0.05
         ? `Linear probes on the ${model} model separate chosen from rejected responses best at layer ${best.layer}: ${pct(best.accuracy)} cross-validated accuracy, above chance (${test}; difference-of-means direction: ${pct(best.diff_means_accuracy)}).`
         : `Linear probes on the ${model} model: not supported — the best layer (${best.layer}, ${pct(best.accuracy)} cross-validated accuracy) is not distinguishable from chance (${test}).`,
     );
   }
+  if (above.length === 2)
+    out.push(
+      `Both models' activations separate chosen from rejected (best ${above.join(", ")}): the separation is in the responses as either model reads them, so it is no evidence of what the tuning changed.`,
+    );
   return out;
 }
 
@@ -157,7 +166,7 @@ function lowRankFindings(r: Results): string[] {
       `Low-rank patching at layer ${r.pca.layer} (${r.pca.chosen_by}): ${k90} principal direction${k90 === 1 ? " explains" : "s explain"} 90% of the activation difference; ` +
         (first
           ? `patching only the top ${first.k} recover${first.k === 1 ? "s" : ""} ${pct(first.recovery)} of the held-out gap, vs ${pct(first.random_subspace)} for a random ${first.k}-dimensional subspace${lowRankTest(r, first)}.`
-          : `no k below the full width (${r.hidden_size}) recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}, k = ${r.pca.recovery[r.pca.recovery.length - 2]?.k ?? 1}: ${pct(r.pca.recovery[r.pca.recovery.length - 2]?.recovery ?? NaN)}).`),
+          : `none of the subspace sizes tried below the full width (k = ${tried(r)}) recovers 90% of the held-out gap (k = 1: ${pct(r.pca.recovery[0]!.recovery)}, k = ${r.pca.recovery[r.pca.recovery.length - 2]?.k ?? 1}: ${pct(r.pca.recovery[r.pca.recovery.length - 2]?.recovery ?? NaN)}; the full width ${r.hidden_size}: ${pct(r.pca.recovery[r.pca.recovery.length - 1]!.recovery)}).`),
     );
     const [md, , rnd] = r.pca.steering;
     if (md && rnd) {
@@ -165,7 +174,9 @@ function lowRankFindings(r: Results): string[] {
       const top = md.by_strength.reduce((a, b) => (b.recovery > a.recovery ? b : a));
       const t = steeringVsRandom(r, top.strength);
       const test = !t
-        ? ""
+        ? r.pca.test_pairs.length < MIN_PAIRS
+          ? ` With ${r.pca.test_pairs.length} held-out pairs (fewer than ${MIN_PAIRS}) the two are not tested against each other.`
+          : ""
         : t.beats
           ? ` At β = ${top.strength} it beats the random direction (difference ${t.words}).`
           : ` At β = ${top.strength} it is not distinguishable from the random direction (difference ${t.words}): steering with it is not shown to be preference-specific.`;
@@ -193,7 +204,9 @@ function lensFindings(r: Results): string[] {
   const gaps = lens.tuned.map((t, i) => t - lens.base[i]!);
   const finalGap = gaps[gaps.length - 1]!;
   const emerge = gaps.findIndex((g) => Math.abs(finalGap) > 1e-9 && g / finalGap >= 0.5);
-  const flips = gaps.slice(1).some((g, i) => Math.sign(g) !== Math.sign(gaps[i]!) && g !== 0 && gaps[i] !== 0);
+  // a sign change between depths where the gap is at least 5% of the final one (smaller ones are noise around 0)
+  const big = gaps.filter((g) => Math.abs(g) >= 0.05 * Math.abs(finalGap));
+  const flips = big.slice(1).some((g, i) => Math.sign(g) !== Math.sign(big[i]!));
   const note = flips ? " (the lens gap changes sign across depths, so read it with care)" : "";
   if (emerge === gaps.length - 1)
     out.push(
@@ -276,7 +289,7 @@ function attributionFindings(r: Results): string[] {
   }
   if (agree.length)
     out.unshift(
-      `Attribution patching agrees with the exact sweep for ${agree.join(", ")}: correlation over pairs ≥ ${num(minAll)} at every layer.`,
+      `Attribution patching agrees with the exact sweep for ${agree.join(", ")}: correlation over pairs ≥ ${(Math.floor(minAll * 1000) / 1000).toFixed(3)} at every layer.`,
     );
   out.push(
     `The largest gap between estimated and exact recovery is ${worst.site} (${worst.direction}) at layer ${worst.layer}: ${pct(worst.recovery_estimate)} estimated vs ${pct(worst.exact!.recovery)} exact.`,
@@ -286,11 +299,18 @@ function attributionFindings(r: Results): string[] {
 
 /** Sentences about a transfer (apply-subspace): how much of the layer's effect the saved subspace carries here. */
 export function transferFindings(r: TransferResult): string[] {
-  const best = r.subspace.reduce((a, b) => (b.recovery > a.recovery ? b : a));
   const all = r.subspace[r.subspace.length - 1]!;
+  // the best of the smaller subspaces: all of the saved directions is the largest, so naming it "best" says nothing
+  const smaller = r.subspace.filter((x) => x.k < all.k);
+  const best = smaller.length ? smaller.reduce((a, b) => (b.recovery > a.recovery ? b : a)) : null;
+  const few =
+    r.n_pairs < MIN_PAIRS
+      ? ` With ${r.n_pairs} pairs (fewer than ${MIN_PAIRS}) these are point estimates: none of them is tested.`
+      : "";
   const out = [
-    `Over ${r.n_pairs} pairs (mean gap ${num(r.mean_gap)}), patching the whole layer ${r.layer} (resid_post, tuned->base) recovers ${pct(r.full_layer_recovery)} of the gap.`,
-    `Patching only the saved subspace's ${all.k} directions recovers ${pct(all.recovery)} (${pct(all.share_of_full_layer)} of the whole layer's effect; a random ${all.k}-dim subspace: ${pct(all.random_subspace)}); the best k is ${best.k} with ${pct(best.recovery)}.`,
+    `Over ${r.n_pairs} pairs (mean gap ${num(r.mean_gap)}), patching the whole layer ${r.layer} (resid_post, tuned->base) recovers ${pct(r.full_layer_recovery)} of the gap.${few}`,
+    `Patching only the saved subspace's ${all.k} directions recovers ${pct(all.recovery)} (${pct(all.share_of_full_layer)} of the whole layer's effect; a random ${all.k}-dim subspace: ${pct(all.random_subspace)})` +
+      (best ? `; of fewer directions, the top ${best.k} recover the most, ${pct(best.recovery)}.` : "."),
   ];
   for (const v of r.steering) {
     const at1 = v.by_strength.find((x) => x.strength === 1) ?? v.by_strength[0]!;

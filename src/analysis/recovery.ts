@@ -5,6 +5,10 @@ import type { Combo } from "./scoring.js";
 import type { RunSettings } from "./settings.js";
 import type { ControlSummary, GainSummary, PairRecord, PatchingEntry } from "./schema.js";
 
+/** A bound on the float32 rounding of one model's margin of a pair (its two response log-probabilities' sums). */
+export const marginNoise = (p: Pick<PairRecord, "logp">, m: "base" | "tuned"): number =>
+  8 * 2 ** -23 * (Math.abs(p.logp[m].chosen) + Math.abs(p.logp[m].rejected));
+
 /**
  * A bound on the float32 rounding of a pair's gap: each model's two response log-probabilities are float32 sums,
  * so their margins are known to about 8·2⁻²³ of the log-probabilities' size (the bound tune's noise floor uses).

@@ -18,7 +18,7 @@ import { cvFolds, lassoStage, probeStage } from "./estimators.js";
 import { logitLensBatch } from "./lens.js";
 import { choosePcaLayer, lowRankStage } from "./lowrank.js";
 import { interpolate } from "./patches.js";
-import { gapNoise, gapTooSmall, patchingEntries } from "./recovery.js";
+import { gapNoise, gapTooSmall, marginNoise, patchingEntries } from "./recovery.js";
 import {
   checkCompatible,
   gainsByKey,
@@ -293,8 +293,9 @@ function overall(p: Phase2): Pick<Results, "summary" | "logit_lens" | "mean_diff
       mean_margin_base: mean(margin.base),
       mean_margin_tuned: mean(margin.tuned),
       mean_gap: mean(p.gap),
-      tuned_prefers_chosen: margin.tuned.filter((m) => m > 0).length / n,
-      base_prefers_chosen: margin.base.filter((m) => m > 0).length / n,
+      // a margin within its float32 rounding of 0 (identical responses) prefers neither
+      tuned_prefers_chosen: records.filter((r) => r.margin.tuned > marginNoise(r, "tuned")).length / n,
+      base_prefers_chosen: records.filter((r) => r.margin.base > marginNoise(r, "base")).length / n,
     },
     logit_lens: {
       layers: ["embed", ...Array.from({ length: L }, (_, l) => `${l}`)],

@@ -10,6 +10,19 @@ import type { PairRecord, PatchingEntry, Results } from "./schema.js";
 /** Resamples of the verdict's own bootstrap intervals (fixed, so the verdict is a function of the results). */
 const REPS = 2000;
 
+/**
+ * The fewest pairs a bootstrap interval may decide anything on: over fewer, resampling sees too few distinct
+ * sets (one pair gives a zero-width interval), so every answer resting on one is "cannot tell with n pairs".
+ */
+export const MIN_PAIRS = 10;
+
+/**
+ * The least share of the gap a single component must carry, at its CI's lower bound, to count as a place where
+ * the change enters: with many pairs every non-zero effect is significant, and "above 0" alone would call a
+ * 2% contribution a location.
+ */
+export const MIN_SHARE = 0.1;
+
 /** How the tuned model compares with the base on these pairs. */
 export type Better = "yes" | "no" | "cannot tell" | "no gap";
 
@@ -32,6 +45,13 @@ export function betterVerdict(pairs: PairRecord[]): { answer: Better; line: stri
   const moved = gaps.filter((x) => x !== 0).length;
   const sign = `higher on ${up} of ${n} pairs, sign test p = ${pValue(signTest(up, moved))}`;
   const ci = `mean gap ${num(g)}, 95% bootstrap CI ${num(lo)} to ${num(hi)}`;
+  // both the interval and the sign test must say so, and on enough pairs for the interval to mean anything
+  const decided = n >= MIN_PAIRS && signTest(up, moved) < 0.05;
+  if (!decided || (lo <= 0 && hi >= 0))
+    return {
+      answer: "cannot tell",
+      line: `${q} Cannot tell with ${n} pairs: ${n < MIN_PAIRS ? `fewer than ${MIN_PAIRS} pairs decide nothing here (${ci}; ${sign})` : lo <= 0 && hi >= 0 ? `the ${ci} includes 0 (${sign})` : `the sign test does not reject (${ci}; ${sign})`}.`,
+    };
   if (lo > 0) return { answer: "yes", line: `${q} Yes: the tuned model's margin is higher (${ci}; ${sign}).` };
   if (hi < 0)
     return {
@@ -50,8 +70,9 @@ export const ciAt = (gains: number[], gaps: number[], level: number): [number, n
 
 /**
  * Where does the change enter? Only per-component patches (attn_out, mlp_out; tuned→base) can say: a layer
- * counts when its recovery's CI, Bonferroni-corrected over the m component patches looked at, is above 0 and the
- * corrected CI of (real − random direction) is too. resid_post recovery rises with depth by construction.
+ * counts when its recovery's CI, Bonferroni-corrected over the m component patches looked at, is above MIN_SHARE
+ * and the corrected CI of (real − random direction) is above 0. resid_post recovery rises with depth by
+ * construction.
  */
 export function whereVerdict(r: Results): string {
   const q = "Verdict — where does the change enter?";
@@ -64,6 +85,8 @@ export function whereVerdict(r: Results): string {
   const gaps = r.pairs.map((p) => p.gap);
   const m = parts.length;
   const level = 1 - 0.05 / m;
+  if (gaps.length < MIN_PAIRS)
+    return `${q} Cannot tell with ${gaps.length} pairs: fewer than ${MIN_PAIRS} decide nothing here.`;
   const hits = parts.filter((e) => {
     const [lo] = ciAt(e.gains, gaps, level);
     const rnd = e.controls?.random_direction;
@@ -74,14 +97,14 @@ export function whereVerdict(r: Results): string {
         gaps,
         level,
       )[0]! > 0;
-    return lo > 0 && beats;
+    return lo >= MIN_SHARE && beats;
   });
   const corr = `${pct(level)} CIs, Bonferroni over the ${m} component patches`;
-  if (!hits.length)
-    return `${q} Not supported: no single attn_out or mlp_out patch recovers a share of the gap above 0 and above a random direction (${corr}).`;
+  const share = `at least ${pct(MIN_SHARE)} of the gap and more than a random direction`;
+  if (!hits.length) return `${q} Not supported: no single attn_out or mlp_out patch recovers ${share} (${corr}).`;
   const best = hits.reduce((a, b) => (b.recovery > a.recovery ? b : a));
   const list = (xs: PatchingEntry[]) => xs.map((e) => `${e.site} ${e.layer}`).join(", ");
-  const each = `each alone recovers a share of the gap above 0 and above a random direction (${corr}); the largest is ${best.site} at layer ${best.layer}, ${pct(best.recovery)}`;
+  const each = `each alone recovers ${share} (${corr}); the largest is ${best.site} at layer ${best.layer}, ${pct(best.recovery)}`;
   if (hits.length > m / 2) return `${q} Not localized: ${hits.length} of ${m} component patches ${each}.`;
   return `${q} At ${list(hits)} (${hits.length} of ${m} component patches): ${each}.`;
 }
@@ -121,9 +144,14 @@ export function lowRankVerdict(r: Results): string | null {
     return `${q} Cannot tell: the two models' activations at layer ${p.layer} do not differ on the training pairs.`;
   if (!p.recovery.every((x) => Number.isFinite(x.recovery))) return `${q} Cannot tell: there is no gap to recover.`;
   const nTest = p.test_pairs.length;
+  const full = p.recovery.find((x) => x.k >= r.hidden_size);
+  if (full && full.recovery < 0.9)
+    return `${q} Cannot tell: the whole layer's difference recovers only ${pct(full.recovery)} of the held-out gap here, so no subspace of it can reach 90%.`;
   const first = p.recovery.find((x) => x.k < r.hidden_size && x.recovery >= 0.9);
   if (!first)
-    return `${q} No: no subspace below the full width (${r.hidden_size}) recovers 90% of the held-out gap (${nTest} pairs).`;
+    return `${q} No: none of the subspace sizes tried below the full width (k = ${tried(r)}) recovers 90% of the held-out gap (${nTest} pairs)${full ? `; the full width (${r.hidden_size}) recovers ${pct(full.recovery)}` : ""}.`;
+  if (nTest < MIN_PAIRS)
+    return `${q} Cannot tell with ${nTest} held-out pairs: the top ${first.k} directions recover ${pct(first.recovery)}, but fewer than ${MIN_PAIRS} pairs decide nothing here.`;
   const test = subspaceVsRandom(r, first);
   const what = `the top ${first.k} of ${r.hidden_size} directions recover ${pct(first.recovery)} of the held-out gap (${nTest} pairs), a random ${first.k}-dimensional subspace ${pct(first.random_subspace)}`;
   if (test === null)
@@ -135,6 +163,13 @@ export function lowRankVerdict(r: Results): string | null {
     : `${q} Cannot tell with ${nTest} held-out pairs: ${what}, but top-k − random recovery ${test.words} includes 0.`;
 }
 
+/** The subspace sizes the low-rank stage tried below the full width, as "1, 2, 4, …, 32". */
+export const tried = (r: Results): string =>
+  r
+    .pca!.recovery.filter((x) => x.k < r.hidden_size)
+    .map((x) => x.k)
+    .join(", ");
+
 /**
  * The low-rank test: the CI of (top-k − random k-dim subspace) recovery over the held-out pairs, Bonferroni over
  * the ks tried (the first k reaching 90% is picked among them); null when the results hold no per-pair gains.
@@ -144,7 +179,7 @@ export function subspaceVsRandom(
   at: NonNullable<Results["pca"]>["recovery"][number],
 ): { beats: boolean; words: string } | null {
   const p = r.pca!;
-  if (!at.gains || !at.random_gains) return null;
+  if (!at.gains || !at.random_gains || p.test_pairs.length < MIN_PAIRS) return null;
   const gaps = p.test_pairs.map((j) => r.pairs[j]!.gap);
   const m = p.recovery.length;
   const level = 1 - 0.05 / m;
@@ -165,7 +200,7 @@ export function steeringVsRandom(r: Results, strength: number): { beats: boolean
   const [md, , rnd] = p.steering;
   const a = md?.by_strength.find((x) => x.strength === strength);
   const b = rnd?.by_strength.find((x) => x.strength === strength);
-  if (!a?.gains || !b?.gains) return null;
+  if (!a?.gains || !b?.gains || p.test_pairs.length < MIN_PAIRS) return null;
   const gaps = p.test_pairs.map((j) => r.pairs[j]!.gap);
   const m = md!.by_strength.length;
   const level = 1 - 0.05 / m;
