@@ -27,7 +27,7 @@ import {
 import { addTimes, type PairState, type Results, type RunCallbacks, type StageTimes } from "./analysis/schema.js";
 import { transferStage, type TransferResult } from "./analysis/steering.js";
 import { enableGradients } from "./model/gradients.js";
-import { backendKind, initBackend, usesWasmHeap } from "./model/backend.js";
+import { backendKind, initBackend, maxTensorBytes, usesWasmHeap } from "./model/backend.js";
 import type { LlamaConfig } from "./model/config.js";
 import { disposeModel, type LlamaModel } from "./model/llama.js";
 import { backendCopies, loadModelSync, residentBytes, saveModelFolder, writeFileAtomic } from "./io/model.js";
@@ -139,9 +139,14 @@ function loadStudy(
     shareResidency([base.source, tuned.source]);
     for (const m of [base, tuned]) {
       const need = backendCopies() * residentBytes(m.config);
-      if (m.source)
+      const name = m === base ? inputs.base : inputs.tuned;
+      if (m.source && need <= perModel)
         info(
-          `${m === base ? inputs.base : inputs.tuned}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`,
+          `${name}: streamed (its head is larger than one GPU buffer may be, ${(maxTensorBytes() / 2 ** 20).toFixed(0)} MiB): the head goes in vocabulary chunks, embedding rows come from the stored weights`,
+        );
+      else if (m.source)
+        info(
+          `${name}: streamed (on the backend its weights take ${(need / 2 ** 30).toFixed(2)} GiB, more than its ${(perModel / 2 ** 30).toFixed(2)} GiB share of the memory budget): layers are brought in as needed`,
         );
     }
     checkCompatible(base, tuned);

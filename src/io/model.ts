@@ -4,7 +4,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import * as tf from "@tensorflow/tfjs-core";
 import { configToJson, type LlamaConfig } from "../model/config.js";
-import { ensureBackend } from "../model/backend.js";
+import { ensureBackend, maxTensorBytes } from "../model/backend.js";
 import { loadConfig } from "./config.js";
 import {
   DTYPE_BYTES,
@@ -69,6 +69,13 @@ export interface LoadOptions {
    * backend as needed, as many kept as the budget holds (the default elsewhere).
    */
   stream?: "in-place" | "bring-in";
+  /**
+   * The most bytes one weight tensor may take on the backend. Default: maxTensorBytes(), on webgpu the device's
+   * buffer binding limit (128 MiB on llvmpipe), elsewhere no limit. A model whose embedding or head is larger is
+   * streamed, its head in vocabulary chunks within the limit, its embedding rows decoded from the stored bytes;
+   * its layers stay on the backend when the budget holds them.
+   */
+  tensorLimit?: number;
 }
 
 /** Loads a Hugging Face Llama folder (config.json + safetensors), starting the best tfjs backend if none is running. */
@@ -142,12 +149,10 @@ export function loadModelSync(dir: string, opts: LoadOptions = {}): LlamaModel {
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new ModelError(`${dir}: not a folder`);
   const cfg = loadConfig(dir);
   const budget = (opts.memoryBudget ?? (tf.getBackend() === "wasm" ? WASM_WEIGHT_LIMIT : Infinity)) / backendCopies();
-  if (opts.stored && residentBytes(cfg) <= budget)
-    throw new ModelError(`${dir}: stored weights are only for a streamed model`);
-  return withTokenizer(
-    residentBytes(cfg) <= budget ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget, opts),
-    dir,
-  );
+  const limit = tensorLimitFor(dir, cfg, opts);
+  const resident = residentBytes(cfg) <= budget && 4 * cfg.vocabSize * cfg.hiddenSize <= limit;
+  if (opts.stored && resident) throw new ModelError(`${dir}: stored weights are only for a streamed model`);
+  return withTokenizer(resident ? loadResident(dir, cfg) : loadStreamed(dir, cfg, budget, opts, limit), dir);
 }
 
 /**
@@ -162,6 +167,27 @@ function withTokenizer(model: LlamaModel, dir: string): LlamaModel {
     enumerable: false,
   });
   return model;
+}
+
+const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(bytes < 2 ** 24 ? 2 : 0);
+
+/**
+ * opts.tensorLimit, else maxTensorBytes(); checked against the layers' matrices, which are never split (at
+ * Llama-3.2-1B width the largest is 64 MiB, at 8B 224 MiB).
+ */
+
+function tensorLimitFor(dir: string, cfg: LlamaConfig, opts: LoadOptions): number {
+  const limit = opts.tensorLimit ?? maxTensorBytes();
+  const largest = 4 * cfg.hiddenSize * Math.max(cfg.intermediateSize, cfg.numHeads * cfg.headDim);
+  if (largest > limit)
+    throw new ModelError(
+      `${dir}: a layer's largest matrix takes ${mib(largest)} MiB as float32, more than one tensor may take on this backend (${mib(limit)} MiB: on webgpu the GPU's buffer binding limit)`,
+    );
+  if (4 * cfg.hiddenSize > limit)
+    throw new ModelError(
+      `${dir}: one embedding row is larger than one tensor may take on this backend (${limit} bytes)`,
+    );
+  return limit;
 }
 
 function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
@@ -202,7 +228,7 @@ function loadResident(dir: string, cfg: LlamaConfig): LlamaModel {
  * matmul every matrix is read where it lies (StoredWeights); else layers and head chunks are brought in
  * (StreamedWeights), and the head stays resident when the budget holds it.
  */
-function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadOptions): LlamaModel {
+function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadOptions, limit: number): LlamaModel {
   const H = cfg.hiddenSize;
   const inPlace = (opts.stream ?? (nativeMatMulActive() ? "in-place" : "bring-in")) === "in-place";
   if (inPlace && tf.getBackend() !== "wasm")
@@ -219,12 +245,15 @@ function loadStreamed(dir: string, cfg: LlamaConfig, budget: number, opts: LoadO
   }
   const headBytes = 4 * cfg.vocabSize * H;
   const layerBytes = layerBytesOf(cfg);
-  // the head stays resident when it fits beside one layer; else it is streamed in the fewest vocabulary chunks
-  // of which one fits beside one layer
+  // the head stays resident when it fits beside one layer and within one tensor; else it is streamed in the
+  // fewest vocabulary chunks of which one fits beside one layer, and within one tensor
+  const least = Math.max(1, Math.ceil(cfg.vocabSize / Math.floor(limit / (4 * H)))); // chunks of at most `limit` bytes
   const chunks =
-    budget - headBytes - 4 * H >= layerBytes
+    least <= 1 && budget - headBytes - 4 * H >= layerBytes
       ? 0
-      : [8, 16, 32, 64, 128].find((c) => budget - 4 * H - Math.ceil(cfg.vocabSize / c) * 4 * H >= layerBytes);
+      : [8, 16, 32, 64, 128, least]
+          .filter((c) => c >= least)
+          .find((c) => budget - 4 * H - Math.ceil(cfg.vocabSize / c) * 4 * H >= layerBytes);
   if (chunks === undefined) {
     const k = backendCopies();
     const copies = k > 1 ? ` (each counted ${k}x: the backend keeps a packed copy)` : "";

@@ -203,9 +203,12 @@ export class StreamedWeights implements WeightSource {
   /**
    * Head chunk c, the only one of this model on the backend: a pass reads the chunks in order, so holding a few
    * of them never saves a read, and at 1B width the 14 a layer's room held took 0.43 GiB with their packed copies.
+   * When the budget holds every layer and the whole head (a model streamed only because its head is larger than
+   * one tensor may be, on webgpu) every chunk stays.
    */
   headChunk(c: number): tf.Tensor2D {
-    this.pool.release(`${this.id}H`, `${this.id}H${c}`);
+    const everything = this.cfg.numLayers * this.layerBytes + 4 * this.cfg.vocabSize * this.cfg.hiddenSize;
+    if (this.budget < everything) this.pool.release(`${this.id}H`, `${this.id}H${c}`);
     return this.unit(`H${c}`, this.chunkBytes(c), () => {
       const { raw } = this.head!;
       const [a, b] = this.chunkRange(c);

@@ -1,14 +1,23 @@
-// Picks the tfjs backend: tfjs-node-gpu, then tfjs-node when the user has installed them, else native (wasm with
-// the BLAS matmul of native/, when it is built), else wasm, else cpu.
+// Picks the tfjs backend: tfjs-node-gpu when the user has installed it, then webgpu on a hardware GPU (Dawn's
+// Node bindings; never a software renderer unless asked for), then tfjs-node when installed, else native (wasm
+// with the BLAS matmul of native/, when it is built), else wasm, else cpu.
 import * as tf from "@tensorflow/tfjs-core";
 import { nativeMatMulActive, nativeStatus, nativeThreads, useNativeKernels } from "./native.js";
+import type { AdapterChoice } from "./webgpu.js";
 
 /** Backend names a user can ask for, best first. */
-export const BACKENDS = ["tensorflow-gpu", "tensorflow", "native", "wasm", "cpu"] as const;
+export const BACKENDS = ["tensorflow-gpu", "webgpu", "tensorflow", "native", "wasm", "cpu"] as const;
 export type BackendName = (typeof BACKENDS)[number];
 
 /** The environment variable that picks the backend when none is asked for (as --backend does). */
 export const BACKEND_ENV = "PREFPROBE_BACKEND";
+
+/**
+ * The environment variable that lets an asked-for webgpu backend take a software adapter: "software" starts it on
+ * Dawn's OpenGL ES backend, which without a GPU is Mesa's llvmpipe (CI's GPU path); "hardware" (the default)
+ * takes only a real GPU. Auto-detection takes only a real GPU whatever it says.
+ */
+export const WEBGPU_ENV = "PREFPROBE_WEBGPU";
 
 /** A backend that was asked for but cannot be used here. */
 export class BackendError extends Error {
@@ -17,6 +26,7 @@ export class BackendError extends Error {
 
 const PACKAGES: Record<BackendName, string> = {
   "tensorflow-gpu": "@tensorflow/tfjs-node-gpu",
+  webgpu: "@tensorflow/tfjs-backend-webgpu",
   tensorflow: "@tensorflow/tfjs-node",
   native: "@tensorflow/tfjs-backend-wasm",
   wasm: "@tensorflow/tfjs-backend-wasm",
@@ -60,7 +70,7 @@ export function backendKind(): BackendName | null {
   const current = (tf.engine() as unknown as { backendName: string | null }).backendName;
   if (!current) return null;
   if (current === "wasm") return nativeMatMulActive() ? "native" : "wasm";
-  return current === "tensorflow" || current === "cpu" ? current : null;
+  return current === "tensorflow" || current === "cpu" || current === "webgpu" ? current : null;
 }
 
 /**
@@ -82,6 +92,13 @@ export function wasmHeapBytes(): number | null {
  */
 export function explainBackendError(e: unknown): unknown {
   const msg = e instanceof Error ? e.message : String(e);
+  // on webgpu the heap is the GPU's, and its own errors say what failed
+  if (backendKind() === "webgpu")
+    return /out of ?memory/i.test(msg)
+      ? new BackendError(
+          `the GPU ran out of memory: a smaller memoryBudget, batchPairs or maxTokens needs less (${msg.split("\n")[0]})`,
+        )
+      : e;
   if (!/memory access out of bounds|^Aborted|Out of memory|Cannot enlarge memory|XNN status 6/i.test(msg)) return e;
   const heap = wasmHeapBytes();
   const used = heap === null ? "" : ` (${(heap / 2 ** 30).toFixed(2)} GiB in use)`;
@@ -115,16 +132,20 @@ async function withoutProcessHandlers<T>(start: () => Promise<T>): Promise<T> {
   }
 }
 
-async function tryBackend(name: BackendName, opts: BackendOptions = {}): Promise<string | null> {
-  return withoutProcessHandlers(() => startBackend(name, opts));
+/** How a start went: a webgpu start's description of its adapter, or why a backend cannot start (when known). */
+type Started = { ok: true; description?: string } | { ok: false; why?: string };
+
+async function tryBackend(name: BackendName, opts: BackendOptions, auto: boolean): Promise<Started> {
+  return withoutProcessHandlers(() => startBackend(name, opts, auto));
 }
 
-async function startBackend(name: BackendName, opts: BackendOptions): Promise<string | null> {
-  if (name === "native" && !nativeStatus().ok) return null;
+async function startBackend(name: BackendName, opts: BackendOptions, auto: boolean): Promise<Started> {
+  if (name === "webgpu") return startWebgpuBackend(opts, auto);
+  if (name === "native" && !nativeStatus().ok) return { ok: false };
   try {
     await import(PACKAGES[name]);
   } catch {
-    return null;
+    return { ok: false };
   }
   const registered = name === "tensorflow-gpu" ? "tensorflow" : name === "native" ? "wasm" : name;
   try {
@@ -133,12 +154,41 @@ async function startBackend(name: BackendName, opts: BackendOptions): Promise<st
       await tf.ready();
       return true;
     });
-    if (!started) return null;
+    if (!started) return { ok: false };
   } catch {
-    return null;
+    return { ok: false };
   }
   if (registered === "wasm") useNativeKernels(name === "native", opts.threads);
-  return registered;
+  return { ok: true };
+}
+
+/** The adapters an asked-for webgpu backend may take: opts.webgpuAdapter, else PREFPROBE_WEBGPU, else "hardware". */
+function webgpuChoice(opts: BackendOptions): AdapterChoice {
+  if (opts.webgpuAdapter) return opts.webgpuAdapter;
+  const v = process.env[WEBGPU_ENV] || "hardware";
+  if (v !== "hardware" && v !== "software")
+    throw new BackendError(`unknown ${WEBGPU_ENV} "${v}" (choose hardware or software)`);
+  return v;
+}
+
+/**
+ * webgpu (src/model/webgpu.ts, loaded only here). Auto-detection takes a hardware GPU only, and probes only where
+ * the event-loop addon that every webgpu read needs is built (it also keeps Dawn's probing off stderr).
+ */
+async function startWebgpuBackend(opts: BackendOptions, auto: boolean): Promise<Started> {
+  const adapter = auto ? "hardware" : webgpuChoice(opts);
+  const gpu = await import("./webgpu.js");
+  if (auto && !gpu.loopAvailable()) return { ok: false };
+  const r = await gpu.startWebgpu({
+    adapter,
+    noteFault: (m) => void (fault ??= m),
+    takeFault: takeBackendFault,
+  });
+  if (r.ok) return { ok: true, description: r.description };
+  const hint = r.softwareMightDo
+    ? `; ${WEBGPU_ENV}=software takes a software adapter (Mesa's llvmpipe where there is no GPU)`
+    : "";
+  return { ok: false, why: r.why + hint };
 }
 
 /** How a backend is started. */
@@ -148,12 +198,19 @@ export interface BackendOptions {
    * a run on several worker threads gives each its share of the cores.
    */
   threads?: number;
+  /**
+   * The adapters an asked-for webgpu backend may take: "hardware" (a real GPU) or "software" (Dawn's OpenGL ES
+   * backend, Mesa's llvmpipe where there is no GPU). Default: PREFPROBE_WEBGPU, else "hardware". Auto-detection
+   * never takes a software adapter. A run's worker threads read PREFPROBE_WEBGPU.
+   */
+  webgpuAdapter?: AdapterChoice;
 }
 
 /**
  * Sets the backend asked for (else the one PREFPROBE_BACKEND names, else the best available) and returns a
- * description like "native (OpenBLAS …, 2 threads)". A wasm backend picked because the native matmul is not
- * built says why and how to get it. Throws BackendError when a backend asked for cannot be started.
+ * description like "native (OpenBLAS …, 2 threads)" or "webgpu (the adapter's name, …)". A wasm backend picked
+ * because the native matmul is not built says why and how to get it. Throws BackendError when a backend asked
+ * for cannot be started.
  */
 export async function initBackend(force?: string, opts: BackendOptions = {}): Promise<string> {
   // Production mode silences tfjs's own console advice (we report the backend ourselves).
@@ -164,21 +221,27 @@ export async function initBackend(force?: string, opts: BackendOptions = {}): Pr
     if (!(BACKENDS as readonly string[]).includes(asked))
       throw new BackendError(`unknown backend "${asked}"${from} (choose from ${BACKENDS.join(", ")})`);
     const name = asked as BackendName;
-    if (!(await tryBackend(name, opts))) {
+    const started = await tryBackend(name, opts, false);
+    if (!started.ok) {
       const status = nativeStatus();
       const why =
-        name === "native" && !status.ok
+        started.why ??
+        (name === "native" && !status.ok
           ? `the native matmul is not available here: ${status.why}`
-          : `install ${PACKAGES[name]}`;
+          : `install ${PACKAGES[name]}`);
       throw new BackendError(`backend "${name}"${from} is not available: ${why}`);
     }
-    return await describeBackend(name, opts, false);
+    return await describeBackend(name, started, false);
   }
-  for (const name of BACKENDS) if (await tryBackend(name, opts)) return await describeBackend(name, opts, true);
+  for (const name of BACKENDS) {
+    const started = await tryBackend(name, opts, true);
+    if (started.ok) return await describeBackend(name, started, true);
+  }
   throw new BackendError("no tfjs backend could be started");
 }
 
-async function describeBackend(name: BackendName, opts: BackendOptions, auto: boolean): Promise<string> {
+async function describeBackend(name: BackendName, started: Started, auto: boolean): Promise<string> {
+  if (name === "webgpu") return (started.ok && started.description) || name;
   if (name === "native") {
     const threads = nativeThreads() ?? 1;
     const status = nativeStatus();
@@ -193,6 +256,17 @@ async function describeBackend(name: BackendName, opts: BackendOptions, auto: bo
   const status = nativeStatus();
   const why = auto && !status.ok ? `; the faster native matmul is not used: ${status.why}` : "";
   return (simd ? "wasm (SIMD)" : "wasm (no SIMD)") + why;
+}
+
+/**
+ * The most bytes one tensor may take on the current backend: on webgpu a buffer larger than the device's
+ * maxStorageBufferBindingSize cannot be bound to a kernel (128 MiB on llvmpipe; a 128k-vocabulary head at
+ * hidden 2048 is 1 GiB), nor one above maxBufferSize made; elsewhere no limit.
+ */
+export function maxTensorBytes(): number {
+  if (tf.getBackend() !== "webgpu") return Infinity;
+  const limits = (tf.backend() as unknown as { device?: { limits?: Record<string, number> } }).device?.limits ?? {};
+  return Math.min(limits.maxStorageBufferBindingSize ?? Infinity, limits.maxBufferSize ?? Infinity);
 }
 
 /** The backend in use, starting the best available one (as initBackend) when none has been started yet. */

@@ -58,7 +58,7 @@ const ADDON = "native/build/Release/prefprobe_blas.node";
 const BUILD_NOTE = "native/build-failed.txt";
 
 /** The package root (holds native/): two folders above src/model, three above dist/src/model. */
-function packageRoot(): string {
+export function packageRoot(): string {
   const here = fileURLToPath(new URL(".", import.meta.url));
   for (const up of ["../..", "../../.."]) {
     const root = fileURLToPath(new URL(up + "/", `file://${here}`));
