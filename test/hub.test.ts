@@ -212,7 +212,15 @@ describe("a cache laid out as huggingface_hub writes it", () => {
       ],
       [`org/tiny@${"f".repeat(40)}`, /\(snapshot f{40} lacks config\.json\)$/],
       ["org/tiny@../../x", /^revision "\.\.\/\.\.\/x" is not a branch, tag or commit name$/],
+      // a ref file that holds no commit is named with what it holds, not taken for a missing one
+      [
+        "org/badref",
+        /^HF_HUB_OFFLINE is set and org\/badref@main is not in the cache \S+ \(refs\/main holds "garbage", not a commit hash\)$/,
+      ],
+      ["org/tiny@", /^org\/tiny@: not a folder, nor a Hub id \(no revision after "@"\)$/],
+      ["@main", /^@main: not a folder, nor a Hub id \(no org\/name before "@"\)$/],
     ];
+    setRef(path.join(cache, "models--org--badref"), "main", "garbage\n");
     for (const [id, msg] of cases) {
       const e = await resolveModel(id, { env }).catch((x: unknown) => x);
       expect(e, id).toBeInstanceOf(HubError);
@@ -644,6 +652,26 @@ describe("the CLI with Hub ids", () => {
     expect(offline.err).toContain(`org/tiny@main: commit ${T1}, from the cache`);
   });
 
+  it("a ref holding no commit, and an id with nothing on one side of its @: one line each, naming it", async () => {
+    const cache = path.join(tempDir("hub"), "hub");
+    setRef(path.join(cache, "models--org--badref"), "main", "garbage");
+    const offline = { HF_HUB_CACHE: cache, HF_HUB_OFFLINE: "1" };
+    const cases: Array<[string, RegExp]> = [
+      ["org/badref", /org\/badref@main is not in the cache \S+ \(refs\/main holds "garbage", not a commit hash\)$/],
+      ["org/name@", /^prefprobe: error: org\/name@: not a folder, nor a Hub id \(no revision after "@"\)$/],
+      ["@main", /^prefprobe: error: @main: not a folder, nor a Hub id \(no org\/name before "@"\)$/],
+    ];
+    for (const [id, msg] of cases) {
+      const r = await cli(["generate", "--model", id, "--steps", "2"], offline);
+      expect(r.code, id).toBe(1);
+      const lines = r.err
+        .trim()
+        .split("\n")
+        .filter((l) => !l.startsWith("backend:"));
+      expect(lines, id).toEqual([expect.stringMatching(msg)]);
+    }
+  });
+
   it("an id the Hub does not know: one line and exit 1", async () => {
     const r = await cli(["generate", "--model", "org/missing", "--revision", "v1", "--steps", "2"], vars);
     expect(r.code).toBe(1);
@@ -671,7 +699,7 @@ describe("the CLI with Hub ids", () => {
       "--out",
       out,
       "--bootstrap",
-      "10",
+      "100",
       "--stability",
       "2",
     ];

@@ -64,7 +64,7 @@ describe("prefprobe run", () => {
       "--direction",
       "both",
       "--bootstrap",
-      "50",
+      "100",
       "--stability",
       "5",
     );
@@ -138,11 +138,16 @@ describe("prefprobe run", () => {
   });
 
   const badCases: Array<[string, () => string[], RegExp]> = [
-    ["malformed JSON line", () => ["--pairs", writePairs([good(0), "{oops"])], /line 2: not valid JSON/],
+    ["malformed JSON line", () => ["--pairs", writePairs([good(0), "{oops"])], /pairs\.jsonl: line 2: not valid JSON/],
+    [
+      "a prompt that is not a string",
+      () => ["--pairs", writePairs([{ ...good(0), prompt: 5 }])],
+      /pairs\.jsonl: line 1: "prompt" must be a string, got a number$/,
+    ],
     [
       "missing fields",
       () => ["--pairs", writePairs([good(0), { prompt: "x", chosen: "y" }])],
-      /line 2: needs string fields/,
+      /pairs\.jsonl: line 2: "rejected" is missing \(a pair needs strings "chosen" and "rejected", or prompt_ids\/chosen_ids\/rejected_ids\)$/,
     ],
     [
       "no shared prefix",
@@ -152,12 +157,12 @@ describe("prefprobe run", () => {
     [
       "ids outside the vocabulary",
       () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [9999], rejected_ids: [3] }])],
-      /line 1: token id 9999 is outside the vocabulary/,
+      /: error: \S+\/pairs\.jsonl: line 1: token id 9999 is outside the vocabulary \(size 512\)$/, // the file, as every pair error
     ],
     [
       "empty response",
       () => ["--pairs", writePairs([{ prompt_ids: [1], chosen_ids: [], rejected_ids: [3] }])],
-      /line 1: a response has no tokens/,
+      /: error: \S+\/pairs\.jsonl: line 1: a response has no tokens$/,
     ],
     [
       "every pair too long",
@@ -206,7 +211,7 @@ describe("prefprobe run", () => {
       "--max-tokens",
       "70",
       "--bootstrap",
-      "10",
+      "100",
       "--stability",
       "2",
     );

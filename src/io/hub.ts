@@ -150,8 +150,9 @@ export function parseHfUrl(
  * network call.
  */
 export async function resolveModel(spec: string, opts: HubOptions = {}): Promise<string> {
-  const id = fs.existsSync(spec) ? null : parseHubId(spec);
-  if (!id) return spec;
+  if (fs.existsSync(spec)) return spec;
+  const id = parseHubId(spec);
+  if (!id) return refuseEmptyPart(spec);
   const ref: HubRef = {
     type: "model",
     repo: id.repo,
@@ -175,6 +176,18 @@ export async function resolveHubFile(spec: string, opts: HubOptions = {}): Promi
   const missing = (dir: string) => (fs.existsSync(path.join(dir, u.file)) ? null : u.file);
   const dir = await snapshotFor(ref, hubOf(opts), missing, fileOnly);
   return path.join(dir, u.file);
+}
+
+/**
+ * `spec`, which is neither a folder nor a Hub id, for the loader to say it is missing; unless it is an id with
+ * nothing on one side of its "@" ("org/name@", "@main"), which is said here.
+ */
+function refuseEmptyPart(spec: string): string {
+  const at = spec.indexOf("@");
+  if (at === 0) throw new HubError(`${spec}: not a folder, nor a Hub id (no org/name before "@")`);
+  if (at === spec.length - 1 && parseHubId(spec.slice(0, at)))
+    throw new HubError(`${spec}: not a folder, nor a Hub id (no revision after "@")`);
+  return spec;
 }
 
 /** A revision that is safe to join onto refs/: git refs cannot hold empty, "." or ".." parts either. */
@@ -214,16 +227,23 @@ const repoFolder = (hub: Hub, ref: HubRef) =>
   path.join(hub.cache, getRepoFolderName({ type: ref.type, name: ref.repo }));
 const snapshotDir = (hub: Hub, ref: HubRef, commit: string) => path.join(repoFolder(hub, ref), "snapshots", commit);
 
-/** The commit a revision names in the cache: a commit hash is itself; a branch or tag is what refs/<revision> holds. */
-function cachedCommit(folder: string, revision: string): string | null {
+/**
+ * The commit a revision names in the cache: a commit hash is itself; a branch or tag is what refs/<revision>
+ * holds. null when there is no such ref; `notCommit` the ref's text when it holds something else.
+ */
+function cachedCommit(folder: string, revision: string): string | { notCommit: string } | null {
   if (REGEX_COMMIT_HASH.test(revision)) return revision;
+  let text: string;
   try {
-    const commit = fs.readFileSync(path.join(folder, "refs", revision), "utf8").trim();
-    return REGEX_COMMIT_HASH.test(commit) ? commit : null;
+    text = fs.readFileSync(path.join(folder, "refs", revision), "utf8").trim();
   } catch {
     return null; // never resolved into this cache
   }
+  return REGEX_COMMIT_HASH.test(text) ? text : { notCommit: text };
 }
+
+/** What a ref file that holds no commit holds, quoted and cut to a line's worth. */
+const quoted = (text: string) => JSON.stringify(text.length > 60 ? `${text.slice(0, 60)}…` : text);
 
 /** A file of a repo at a commit: its size and the name its blob has in the cache. */
 interface RemoteFile {
@@ -242,14 +262,19 @@ async function snapshotFor(
   plan: (ref: HubRef, commit: string, hub: Hub) => Promise<Map<string, RemoteFile>>,
 ): Promise<string> {
   const folder = repoFolder(hub, ref);
-  const cached = cachedCommit(folder, ref.revision);
+  const held = cachedCommit(folder, ref.revision);
+  const cached = typeof held === "string" ? held : null;
   const lacks = cached ? missing(snapshotDir(hub, ref, cached)) : null;
   if (cached && !lacks) {
     hub.opts.onInfo?.(`${label(ref)}: commit ${cached}, from the cache (${folder})`);
     return snapshotDir(hub, ref, cached);
   }
   if (hub.offline) {
-    const what = cached ? `snapshot ${cached} lacks ${lacks}` : `no refs/${ref.revision}`;
+    const what = cached
+      ? `snapshot ${cached} lacks ${lacks}`
+      : held !== null && typeof held === "object"
+        ? `refs/${ref.revision} holds ${quoted(held.notCommit)}, not a commit hash`
+        : `no refs/${ref.revision}`;
     throw new HubError(`HF_HUB_OFFLINE is set and ${label(ref)} is not in the cache ${hub.cache} (${what})`);
   }
   const commit = await remoteCommit(ref, hub);

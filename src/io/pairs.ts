@@ -59,37 +59,56 @@ function parseLine(text: string, line: number, chat?: ChatTemplate): RawPair {
   }
   if (o === null || typeof o !== "object" || Array.isArray(o)) throw new PairsError(`line ${line}: not a JSON object`);
   const r = o as Record<string, unknown>;
+  const ids = ["prompt_ids", "chosen_ids", "rejected_ids"] as const;
+  if (chat && !ids.some((k) => k in r)) return chatLine(r, line, chat);
+  return { line, ...pairFields(r, `line ${line}`, ids) };
+}
+
+/** The names of a pair's id fields: a file's, or a pair given in code (RawPair's). */
+type IdKeys = readonly [prompt: string, chosen: string, rejected: string];
+
+/**
+ * A pair's fields as a pairs file's line gives them, checked: pre-tokenized when any of the `ids` fields is there
+ * (then all three must be arrays of non-negative integers), else strings "chosen" and "rejected" with a string
+ * "prompt", or without one an HH-RLHF pair of whole dialogues split at its last Assistant turn (splitHH). An
+ * absent field is one that is undefined. A PairsError names `where` ("line 3", "pairs[2]") and the field.
+ */
+export function pairFields(
+  r: Record<string, unknown>,
+  where: string,
+  ids: IdKeys = ["promptIds", "chosenIds", "rejectedIds"],
+): Omit<RawPair, "line"> {
   const isIds = (v: unknown) => Array.isArray(v) && v.every((x) => Number.isInteger(x) && x >= 0);
-  if ("prompt_ids" in r || "chosen_ids" in r || "rejected_ids" in r) {
-    for (const k of ["prompt_ids", "chosen_ids", "rejected_ids"])
-      if (!isIds(r[k])) throw new PairsError(`line ${line}: ${k} must be an array of non-negative integers`);
-    return {
-      line,
-      promptIds: r.prompt_ids as number[],
-      chosenIds: r.chosen_ids as number[],
-      rejectedIds: r.rejected_ids as number[],
-    };
+  if (ids.some((k) => r[k] !== undefined)) {
+    for (const k of ids)
+      if (!isIds(r[k])) throw new PairsError(`${where}: ${k} must be an array of non-negative integers`);
+    return { promptIds: r[ids[0]] as number[], chosenIds: r[ids[1]] as number[], rejectedIds: r[ids[2]] as number[] };
   }
-  if (chat) return chatLine(r, line, chat);
   if (Array.isArray(r.chosen) || Array.isArray(r.rejected))
-    throw new PairsError(
-      `line ${line}: "chosen" and "rejected" are lists of messages: conversations need --format chat`,
-    );
-  if (typeof r.chosen !== "string" || typeof r.rejected !== "string")
-    throw new PairsError(
-      `line ${line}: needs string fields "chosen" and "rejected" (or prompt_ids/chosen_ids/rejected_ids)`,
-    );
-  if ("prompt" in r) {
-    if (typeof r.prompt !== "string") throw new PairsError(`line ${line}: "prompt" must be a string`);
-    return { line, prompt: r.prompt, chosen: r.chosen, rejected: r.rejected };
+    throw new PairsError(`${where}: "chosen" and "rejected" are lists of messages: conversations need --format chat`);
+  for (const k of ["chosen", "rejected"])
+    if (typeof r[k] !== "string")
+      throw new PairsError(
+        `${where}: ${notString(k, r[k])} (a pair needs strings "chosen" and "rejected", or ${ids.join("/")})`,
+      );
+  const [chosen, rejected] = [r.chosen as string, r.rejected as string];
+  if (r.prompt !== undefined) {
+    if (typeof r.prompt !== "string") throw new PairsError(`${where}: ${notString("prompt", r.prompt)}`);
+    return { prompt: r.prompt, chosen, rejected };
   }
-  const hh = splitHH(r.chosen, r.rejected);
+  const hh = splitHH(chosen, rejected);
   if (!hh)
     throw new PairsError(
-      `line ${line}: chosen and rejected share no prefix ending in "\\n\\nAssistant:" (HH-RLHF format) and there is no "prompt"`,
+      `${where}: chosen and rejected share no prefix ending in "\\n\\nAssistant:" (HH-RLHF format) and there is no "prompt"`,
     );
-  return { line, ...hh };
+  return hh;
 }
+
+/** What is wrong with field `k`, which should have been a string. */
+const notString = (k: string, v: unknown) =>
+  v === undefined
+    ? `"${k}" is missing`
+    : `"${k}" must be a string, got ${v === null ? "null" : Array.isArray(v) ? "an array" : `a ${typeof v}`}`;
 
 /** A text pair read as a conversation and rendered through the chat template (errors name the line). */
 function chatLine(r: Record<string, unknown>, line: number, chat: ChatTemplate): RawPair {
@@ -232,14 +251,16 @@ export interface TokenizedPairs {
 
 /**
  * Tokenizes pairs (text pairs by tokenizeTextPair; pre-tokenized pairs as they are) until `limit` usable ones.
- * Pairs longer than maxTokens are skipped and counted; invalid ones fail (or are counted with skipBad).
+ * Pairs longer than maxTokens are skipped and counted; invalid ones fail (or are counted with skipBad), their
+ * errors naming the pair by `at(line)` ("line 3" unless given; a file's reader gives "file: line 3").
  */
 export function tokenizePairs(
   raw: Iterable<RawPair | { line: number; error: string }>,
   tok: TextTokenizer | null,
   vocabSize: number,
-  opts: { maxTokens?: number; limit?: number; skipBad?: boolean } = {},
+  opts: { maxTokens?: number; limit?: number; skipBad?: boolean; at?: (line: number) => string } = {},
 ): TokenizedPairs {
+  const at = opts.at ?? ((line: number) => `line ${line}`);
   const out: TokenizedPairs = { pairs: [], tooLong: 0, bad: [], merged: 0, identical: 0, invalidUtf8: 0 };
   for (const r of raw) {
     if (opts.limit !== undefined && out.pairs.length >= opts.limit) break;
@@ -252,7 +273,7 @@ export function tokenizePairs(
       else {
         if (!tok)
           throw new PairsError(
-            `line ${r.line}: text pairs need a tokenizer.json in the base model folder (or use prompt_ids/chosen_ids/rejected_ids)`,
+            `${at(r.line)}: text pairs need a tokenizer.json in the base model folder (or use prompt_ids/chosen_ids/rejected_ids)`,
           );
         const t = tokenizeTextPair(tok, r.prompt!, r.chosen!, r.rejected!, { addSpecialTokens: !r.messages });
         merged = t.merged;
@@ -268,13 +289,13 @@ export function tokenizePairs(
       }
       if (p.promptIds.length === 0)
         throw new PairsError(
-          `line ${r.line}: the prompt has no tokens (nothing to predict the first response token from)`,
+          `${at(r.line)}: the prompt has no tokens (nothing to predict the first response token from)`,
         );
       if (p.chosenIds.length === 0 || p.rejectedIds.length === 0)
-        throw new PairsError(`line ${r.line}: a response has no tokens`);
+        throw new PairsError(`${at(r.line)}: a response has no tokens`);
       const big = [...p.promptIds, ...p.chosenIds, ...p.rejectedIds].find((id) => id >= vocabSize);
       if (big !== undefined)
-        throw new PairsError(`line ${r.line}: token id ${big} is outside the vocabulary (size ${vocabSize})`);
+        throw new PairsError(`${at(r.line)}: token id ${big} is outside the vocabulary (size ${vocabSize})`);
       if (
         opts.maxTokens !== undefined &&
         p.promptIds.length + Math.max(p.chosenIds.length, p.rejectedIds.length) > opts.maxTokens
@@ -305,7 +326,8 @@ export function readUsablePairs(
   vocabSize: number,
   opts: { maxTokens?: number; limit?: number; skipBad?: boolean; chat?: ChatTemplate } = {},
 ): TokenizedPairs {
-  const tp = tokenizePairs(iterPairs(file, { chat: opts.chat }), tok, vocabSize, opts);
+  const at = (line: number) => `${file}: line ${line}`; // as iterPairs names a line it cannot read
+  const tp = tokenizePairs(iterPairs(file, { chat: opts.chat }), tok, vocabSize, { ...opts, at });
   const why = [
     ...(opts.maxTokens === undefined ? [] : [`${tp.tooLong} longer than ${opts.maxTokens} tokens`]),
     `${tp.bad.length} malformed`,
