@@ -447,7 +447,10 @@ program
     );
   });
 
-/** Runs a study with a progress bar on a terminal (stage lines otherwise) and Ctrl-C stopping between batches. */
+/**
+ * Runs a study with a progress bar on a terminal (stage lines otherwise) and Ctrl-C stopping between batches.
+ * SIGTERM (what Slurm and Kubernetes send) stops the same way; a second signal of either kind stops at once.
+ */
 async function withProgress<T>(work: (events: StudyEvents) => Promise<T>): Promise<T> {
   const bar = new cliProgress.SingleBar(
     { format: "{stage} [{bar}] {value}/{total} | ETA {eta_formatted}", hideCursor: true, clearOnComplete: false },
@@ -456,12 +459,13 @@ async function withProgress<T>(work: (events: StudyEvents) => Promise<T>): Promi
   const tty = process.stderr.isTTY;
   let started = false;
   let stop = false;
-  const onSigint = () => {
-    if (stop) process.exit(130); // a second Ctrl-C: stop now (the pairs already scored are on disk)
+  const onSignal = () => {
+    if (stop) process.exit(130); // a second signal: stop now (the pairs already scored are on disk)
     stop = true;
     process.stderr.write("\nstopping after the current batch… (Ctrl-C again to stop now)\n");
   };
-  process.on("SIGINT", onSigint);
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
   try {
     return await work({
       onInfo: (line) => process.stderr.write(line + "\n"),
@@ -476,7 +480,8 @@ async function withProgress<T>(work: (events: StudyEvents) => Promise<T>): Promi
     });
   } finally {
     if (started) bar.stop();
-    process.off("SIGINT", onSigint);
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
   }
 }
 
@@ -696,7 +701,20 @@ function checkWritable(file: string): void {
     throw new UsageError(`cannot write ${file}: it is a folder`);
 }
 
+/**
+ * A reader that went away (`prefprobe run … | head`) makes writes to stdout or stderr fail with EPIPE; that
+ * stream is then left alone, and the command runs on to write its outputs.
+ */
+function survivePipeClose(): void {
+  for (const stream of [process.stdout, process.stderr])
+    stream.on("error", (e: NodeJS.ErrnoException) => {
+      if (e.code !== "EPIPE" && e.code !== "ERR_STREAM_DESTROYED") throw e;
+      stream.write = (() => true) as typeof stream.write;
+    });
+}
+
 async function main(): Promise<void> {
+  survivePipeClose();
   try {
     await program.parseAsync(process.argv);
   } catch (e) {

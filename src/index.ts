@@ -1,7 +1,16 @@
 // prefprobe's public surface: `import { ... } from "prefprobe"`, each name listed with a line in docs/api.md
-// (a test keeps the two equal). Re-exports only; importing it runs nothing.
+// (a test keeps the two equal). Re-exports, and one side effect: tensors get tfjs's chained ops.
 /// <reference types="long" preserve="true" />
 // tfjs-core is re-exported as `tf`: use it (not a second copy of @tensorflow/tfjs-core) for tensors you hand in.
+import { createRequire } from "node:module";
+
+// Chained ops (`v.mul(mask)`, `x.sum(-1)` in a hook), which tfjs-core alone leaves out: tfjs-core's own
+// register_all_chained_ops is an ES module whose imports lack file extensions, so Node cannot load it; the
+// @tensorflow/tfjs bundle registers the same ops on the shared Tensor class. Their types are tfjs-core's (the
+// type-only export below); the bundle is required, not imported, so that the declarations do not pull in
+// tfjs-layers' types, which fail under --strict.
+createRequire(import.meta.url)("@tensorflow/tfjs");
+export type {} from "@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops.js";
 
 export * as tf from "@tensorflow/tfjs-core";
 

@@ -25,7 +25,7 @@ const ARGS = [
   "--sites",
   "resid_post",
   "--bootstrap",
-  "30",
+  "100",
   "--stability",
   "3",
   "--workers",
@@ -43,10 +43,55 @@ function results(dir: string): Record<string, unknown> {
 const lineCount = (f: string) => (fs.existsSync(f) ? fs.readFileSync(f, "utf8").split("\n").length - 1 : 0);
 
 let reference: string;
+let referenceErr: string;
 beforeAll(() => {
   reference = path.join(tmpDir(), "ref");
   const r = runCli("run", ...ARGS, "--out", reference);
   if (r.code !== 0) throw new Error(r.err);
+  referenceErr = r.err;
+});
+
+/** Starts a run; resolves with its exit code and stderr. `onRecords` is called once pairs.jsonl has `lines` lines. */
+function startRun(
+  out: string,
+  lines: number,
+  onRecords: (child: ReturnType<typeof spawn>) => void,
+): Promise<{ code: number | null; err: string }> {
+  const child = spawn(process.execPath, [CLI, "run", ...ARGS, "--out", out], { stdio: ["ignore", "ignore", "pipe"] });
+  let err = "";
+  child.stderr!.on("data", (d) => (err += d));
+  const log = path.join(out, "pairs.jsonl");
+  const t = setInterval(() => lineCount(log) >= lines && (clearInterval(t), onRecords(child)), 5);
+  return new Promise((resolve) => child.on("close", (code) => (clearInterval(t), resolve({ code, err }))));
+}
+
+describe("what a run prints", () => {
+  it("no vega-lite warning: the report's charts, the steering chart's shared legend included, compile cleanly", () => {
+    expect(results(reference).pca).toMatchObject({ steering: expect.arrayContaining([expect.anything()]) });
+    expect(fs.readFileSync(path.join(reference, "report.html"), "utf8")).toContain("Steering the base model alone");
+    expect(referenceErr).toMatch(/^scoring and patching \(8\)…$/m); // the stderr checked is the run's
+    expect(referenceErr).not.toMatch(/WARN|Conflicting legend/);
+  });
+
+  it("a reader that goes away (| head) does not stop the run: it finishes and writes its outputs", async () => {
+    const out = path.join(tmpDir(), "o");
+    const child = spawn(process.execPath, [CLI, "run", ...ARGS, "--out", out], { stdio: ["ignore", "pipe", "pipe"] });
+    let got = 0;
+    const close = () => {
+      got++;
+      child.stdout!.destroy();
+      child.stderr!.destroy();
+    };
+    child.stdout!.once("data", close);
+    child.stderr!.once("data", close);
+    const code = await new Promise((r) => child.on("exit", (c) => r(c)));
+    expect(got).toBeGreaterThan(0); // the pipes were closed while it ran, not after
+    expect(code).toBe(0);
+    expect(fs.existsSync(path.join(out, "results.json"))).toBe(true);
+    expect(fs.existsSync(path.join(out, "report.html"))).toBe(true);
+    expect(fs.existsSync(path.join(out, "run.lock"))).toBe(false);
+    expect(results(out)).toEqual(results(reference));
+  });
 });
 
 describe("worker threads on streamed models", () => {
@@ -193,10 +238,10 @@ describe("resume", () => {
     fs.mkdirSync(out);
     for (const f of ["manifest.json", "pairs.jsonl", "pairs.bin"])
       fs.copyFileSync(path.join(reference, f), path.join(out, f));
-    const r = runCli("run", ...ARGS.map((a) => (a === "30" ? "31" : a)), "--seed", "4", "--out", out, "--resume");
+    const r = runCli("run", ...ARGS.map((a) => (a === "100" ? "101" : a)), "--seed", "4", "--out", out, "--resume");
     expect(r.code).toBe(1);
     expect(r.err.trim().split("\n").pop()).toMatch(
-      /^prefprobe: error: --resume: the run in .* was made with other inputs: settings\.seed: 0 vs 4; settings\.bootstrap: 30 vs 31$/,
+      /^prefprobe: error: --resume: the run in .* was made with other inputs: settings\.seed: 0 vs 4; settings\.bootstrap: 100 vs 101$/,
     );
     // a list that differs is told by its lengths and first difference, not cut off mid-way
     const batches = runCli("run", ...ARGS, "--batch", "1", "--out", out, "--resume");
@@ -227,6 +272,28 @@ describe("resume", () => {
     expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
     const r = runCli("run", ...ARGS, "--out", out, "--resume");
     expect(r.code, r.err).toBe(0);
+    expect(results(out)).toEqual(results(reference));
+  });
+});
+
+describe("SIGTERM (Slurm, Kubernetes)", () => {
+  it("stops after the current batch as Ctrl-C does (exit 130, lock released); --resume gives the uninterrupted run's margins", async () => {
+    const out = path.join(tmpDir(), "o");
+    const r = await startRun(out, 2, (child) => child.kill("SIGTERM"));
+    expect(r.code, r.err).toBe(130);
+    expect(r.err).toMatch(/stopping after the current batch/);
+    const done = Number(/interrupted after (\d+) of 8 pairs; rerun with --resume/.exec(r.err)?.[1]);
+    expect(done).toBeGreaterThanOrEqual(2);
+    expect(done).toBeLessThan(8);
+    expect(lineCount(path.join(out, "pairs.jsonl"))).toBe(done); // the records of every finished batch, whole
+    expect(fs.existsSync(path.join(out, "run.lock"))).toBe(false);
+    expect(fs.existsSync(path.join(out, "results.json"))).toBe(false);
+    const again = runCli("run", ...ARGS, "--out", out, "--resume");
+    expect(again.code, again.err).toBe(0);
+    expect(again.out).toMatch(new RegExp(`resumed: ${done} pairs from the earlier run`));
+    const margins = (dir: string) => (results(dir).pairs as Array<{ margin: unknown }>).map((p) => p.margin);
+    expect(margins(out)).toHaveLength(8);
+    expect(margins(out)).toEqual(margins(reference));
     expect(results(out)).toEqual(results(reference));
   });
 });

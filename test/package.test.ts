@@ -18,13 +18,15 @@ const tuned = await loadModel(${JSON.stringify(path.join(repo, "fixtures/models/
 const names: HookName[] = hookNames(base.config);
 const { logits, cache, dispose } = forward(base, [[1, 2, 3]], {
   cache: (n) => n.endsWith("hook_resid_post"),
-  hooks: { [hookName("mlp_out", 3)]: (v) => tf.zerosLike(v) },
+  hooks: { [hookName("mlp_out", 3)]: (v) => v.mul(0) }, // a chained op, as TransformerLens-style hooks are written
 });
 console.log(\`sites \${names.length} cached \${cache.size} logits \${logits!.shape.join("x")}\`);
 dispose();
 const pairs = loadPairs(${JSON.stringify(path.join(repo, "fixtures/data/stories/test.jsonl"))}, ${JSON.stringify(path.join(repo, "fixtures/models/stories260k"))}, { limit: 3 });
-const results: Results = await runAnalysis(base, tuned, pairs, { seed: 1, sites: ["resid_post"], bootstrap: 20, stabilityReps: 2 });
+const results: Results = await runAnalysis(base, tuned, pairs, { seed: 1, sites: ["resid_post"], bootstrap: 100, stabilityReps: 2 });
 console.log(\`pairs \${results.n_pairs} entries \${results.patching.length} last \${results.patching.at(-1)!.recovery.toFixed(3)}\`);
+const pattern = tf.tensor2d([[1, 2], [3, 4]]);
+console.log(\`chained \${pattern.mul(2).sum(-1).arraySync()} \${pattern.transpose().reshape([4]).arraySync()}\`);
 `;
 
 /** A fresh project with prefprobe installed from the repo's path (made once, for the first two tests). */
@@ -65,6 +67,7 @@ describe("prefprobe as a library", () => {
     const lines = run.stdout.trim().split("\n");
     expect(lines[0]).toBe("sites 82 cached 5 logits 1x3x512"); // 5 layers × 16 sites + embed + ln_final
     expect(lines[1]).toMatch(/^pairs 3 entries 5 last -?\d\.\d{3}$/);
+    expect(lines[2]).toBe("chained 6,14 1,3,2,4"); // tfjs's chained ops, typed and registered by the import
   });
 
   it("the README's library example type-checks under --strict and runs in the fresh project", () => {
@@ -127,12 +130,12 @@ describe("prefprobe as a library", () => {
       [
         "--input-type=module",
         "-e",
-        `import * as p from "prefprobe"; console.log(typeof p.runAnalysis, typeof p.forward, typeof p.tf.tensor);`,
+        `import * as p from "prefprobe"; console.log(typeof p.runAnalysis, typeof p.forward, typeof p.tf.tensor, typeof p.tf.Tensor.prototype.sum);`,
       ],
       { cwd: repo, encoding: "utf8" },
     );
     expect(r.status).toBe(0);
     expect(r.stderr).toBe("");
-    expect(r.stdout.trim()).toBe("function function function");
+    expect(r.stdout.trim()).toBe("function function function function"); // chained ops are there
   });
 });

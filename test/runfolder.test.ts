@@ -5,6 +5,7 @@ import { spawn, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
+import { pathToFileURL } from "node:url";
 import { describe, expect, it } from "vitest";
 import { runCli, tmpDir } from "./helpers.js";
 import { tempDir } from "./tempdirs.js";
@@ -12,7 +13,7 @@ import { tempDir } from "./tempdirs.js";
 const MODEL = "fixtures/models/stories260k";
 const TUNED = "fixtures/models/stories260k-dpo";
 const PAIRS = "fixtures/data/stories/test.jsonl";
-const FAST = ["--bootstrap", "10", "--stability", "2", "--workers", "1"];
+const FAST = ["--bootstrap", "100", "--stability", "2", "--workers", "1"];
 const run = (out: string, ...more: string[]) =>
   runCli("run", "--base", MODEL, "--tuned", TUNED, "--pairs", PAIRS, "--out", out, "--limit", "6", ...FAST, ...more);
 const lastLine = (err: string) => err.trim().split("\n").at(-1)!;
@@ -64,6 +65,31 @@ describe("a run folder", () => {
     expect(busy.code).toBe(1);
     expect(lastLine(busy.err)).toMatch(new RegExp(`in use by another prefprobe run \\(pid ${process.pid} on `));
     expect(fs.existsSync(path.join(out, "results.json"))).toBe(true); // nothing lost
+  });
+
+  it("a process that exits holding a lock (a second Ctrl-C or SIGTERM stops at once) removes it on its way out", () => {
+    const dir = tmpDir();
+    const lib = JSON.stringify(pathToFileURL(path.resolve("dist/src/io/runfolder.js")).href);
+    const code = `import { lockRun } from ${lib};
+      lockRun(process.argv[1], { takeOver: false });
+      console.log(JSON.parse(readFileSync(process.argv[1] + "/run.lock", "utf8")).pid === process.pid);
+      process.exit(130);`;
+    const r = spawnSync(
+      process.execPath,
+      ["--input-type=module", "-e", `import { readFileSync } from "node:fs"; ${code}`, dir],
+      { encoding: "utf8" },
+    );
+    expect(r.status, r.stderr).toBe(130);
+    expect(r.stdout.trim()).toBe("true"); // it held the lock
+    expect(fs.existsSync(path.join(dir, "run.lock"))).toBe(false);
+    // a lock released before the exit is not touched again: another holder's lock stays
+    const other = `import { lockRun } from ${lib};
+      import { writeFileSync } from "node:fs";
+      lockRun(process.argv[1], { takeOver: false })();
+      writeFileSync(process.argv[1] + "/run.lock", JSON.stringify({ pid: 1, host: "elsewhere", started: "then" }));
+      process.exit(0);`;
+    expect(spawnSync(process.execPath, ["--input-type=module", "-e", other, dir]).status).toBe(0);
+    expect(JSON.parse(fs.readFileSync(path.join(dir, "run.lock"), "utf8")).host).toBe("elsewhere");
   });
 
   it("a run that fails before writing leaves no folder it made", () => {

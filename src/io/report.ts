@@ -40,6 +40,9 @@ function chart(
   } as TopLevelSpec;
 }
 
+/** The legend of the steering chart's series, for both their color and their dash. */
+const VECTOR_LEGEND = { orient: "bottom", direction: "vertical" } as const;
+
 /** A layer of grey horizontal reference lines at the given y values. */
 const referenceLines = (ys: number[], dash?: number[]) => ({
   mark: { type: "rule", color: "#888", ...(dash ? { strokeDash: dash } : {}) },
@@ -589,13 +592,11 @@ function pcaSpecs(r: Results): TopLevelSpec[] {
                       scale: { type: "log", base: 2 },
                     },
                     y: { field: "recovery", type: "quantitative", title: "recovery" },
-                    color: {
-                      field: "vector",
-                      type: "nominal",
-                      title: null,
-                      legend: { orient: "bottom", direction: "vertical" },
-                    },
-                    strokeDash: { field: "vector", type: "nominal", legend: null },
+                    // color and dash share one legend (vega-lite merges the legends of one field, and warned
+                    // when one of the two was hidden); the points' shapes would be a second legend of the same
+                    // names, so theirs is hidden
+                    color: { field: "vector", type: "nominal", title: null, legend: VECTOR_LEGEND },
+                    strokeDash: { field: "vector", type: "nominal", title: null, legend: VECTOR_LEGEND },
                     shape: { field: "vector", type: "nominal", legend: null },
                   },
                 },

@@ -134,7 +134,7 @@ function pidAlive(pid: number): boolean {
  * once, naming the holder. A lock left by a run that was killed (its pid is gone on this host) is taken over
  * when `takeOver` (--resume, --force, or a folder holding no run yet), else refused with how to go on. A lock
  * from another host cannot be checked and counts as held. Returns the release, which removes the file if it is
- * still this process's.
+ * still this process's; a process that exits first (a second Ctrl-C stops at once) releases it on its way out.
  */
 export function lockRun(dir: string, opts: { takeOver: boolean }): () => void {
   const file = path.join(dir, LOCK);
@@ -142,9 +142,12 @@ export function lockRun(dir: string, opts: { takeOver: boolean }): () => void {
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       fs.writeFileSync(file, JSON.stringify(me) + "\n", { flag: "wx" });
-      return () => {
+      const release = () => {
+        process.off("exit", release);
         if (readHolder(file)?.pid === me.pid) fs.rmSync(file, { force: true });
       };
+      process.on("exit", release);
+      return release;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "EEXIST")
         throw new RunFolderError(`cannot lock ${dir} (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
