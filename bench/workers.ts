@@ -26,7 +26,7 @@ const scoring = (workers: number) => {
     "--workers",
     String(workers),
     "--bootstrap",
-    "10",
+    "100",
     "--stability",
     "2",
   ];

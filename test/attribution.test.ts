@@ -188,7 +188,7 @@ describe("attribution in a run", () => {
   it("--method both records estimates beside exact gains and summarizes their agreement; --method attribution makes no exact patches and no controls", async () => {
     const both = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
       method: "both",
-      bootstrap: 20,
+      bootstrap: 100,
       stabilityReps: 2,
     });
     expect(both.patching.every((p) => p.method === "exact" && p.controls)).toBe(true);
@@ -207,7 +207,7 @@ describe("attribution in a run", () => {
 
     const only = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
       method: "attribution",
-      bootstrap: 20,
+      bootstrap: 100,
       stabilityReps: 2,
     });
     expect(only.patching.every((p) => p.method === "attribution" && p.controls === null)).toBe(true);

@@ -8,7 +8,7 @@ import { expectClose, runCli, tmpDir } from "./helpers.js";
 
 const MODEL = "fixtures/models/stories260k";
 const TUNED = "fixtures/models/stories260k-dpo";
-const FAST = ["--bootstrap", "10", "--stability", "2"];
+const FAST = ["--bootstrap", "100", "--stability", "2"];
 
 function writePairs(lines: unknown[]): string {
   const f = path.join(tmpDir(), "pairs.jsonl");

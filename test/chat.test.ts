@@ -251,7 +251,7 @@ describe("prefprobe run --format chat", () => {
 
   it("scores the rendered text: results.json records the format, and the token counts are those of the renderings by hand", () => {
     const out = path.join(tempDir("chat"), "run");
-    const fast = ["--bootstrap", "20", "--stability", "2"];
+    const fast = ["--bootstrap", "100", "--stability", "2"];
     const r = run(base, tuned, pairs, out, "--format", "chat", ...fast);
     expect(r.code, r.err).toBe(0);
     const results = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8"));

@@ -166,7 +166,7 @@ describe("DPO", () => {
     });
     const r = await runAnalysis(base, res.model, test, {
       ...DEFAULT_SETTINGS,
-      bootstrap: 20,
+      bootstrap: 100,
       stabilityReps: 2,
       batchPairs: 6,
       controls: false,

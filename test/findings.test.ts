@@ -128,6 +128,23 @@ describe("LASSO findings", () => {
   });
 });
 
+describe("LASSO without stability refits", () => {
+  it("says the selection was not checked, rather than 'none selected in 80% of refits'", () => {
+    const rand = seededRandom(4);
+    const recs = Array.from({ length: 40 }, () => {
+      const d = [gaussian(rand), gaussian(rand), gaussian(rand), gaussian(rand)];
+      return { distance: d, gap: d[1]! + 0.2 * gaussian(rand) } as unknown as PairRecord;
+    });
+    const l = lassoStage(recs, 4, resolveSettings({ stabilityReps: 0 }))!;
+    expect(l.nonzero_layers).toContain(1);
+    expect(l.permutation!.p_value).toBeLessThan(0.05);
+    // the selection as if it were the same at every CV seed: only the missing refits stand in the way
+    const r = { ...resultsWith([], { ...l, nonzero_layers: [1], stable_across_seeds: true }), num_layers: 4 };
+    expect(findings(r).find((x) => x.startsWith("LASSO"))).toContain("bootstrap refits: not checked (no refits)");
+    expect(sparseVerdict(r)).toMatch(/Cannot tell: LASSO keeps layers 1, but no bootstrap refits were run/);
+  });
+});
+
 describe("LASSO's permutation null", () => {
   const record = (distance: number[], gap: number): PairRecord => ({ distance, gap }) as unknown as PairRecord;
   const noise = (seed: number) => {

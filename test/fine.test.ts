@@ -112,7 +112,7 @@ describe("exact per-position patching", () => {
     const r = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
       heads: true,
       positionMap: true,
-      bootstrap: 10,
+      bootstrap: 100,
       stabilityReps: 2,
       controls: false,
     });

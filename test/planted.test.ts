@@ -143,14 +143,14 @@ describe("planted rank-r change at one layer", () => {
   it("is deterministic for a seed", async () => {
     const again = await runAnalysis(base, tuned, pairs.slice(0, 6), {
       ...DEFAULT_SETTINGS,
-      bootstrap: 50,
+      bootstrap: 100,
       stabilityReps: 5,
       batchPairs: 4,
       seed: 3,
     });
     const twice = await runAnalysis(base, tuned, pairs.slice(0, 6), {
       ...DEFAULT_SETTINGS,
-      bootstrap: 50,
+      bootstrap: 100,
       stabilityReps: 5,
       batchPairs: 2,
       seed: 3,
@@ -164,7 +164,7 @@ describe("planted rank-r change at one layer", () => {
     expect(twice.lasso!.stability).toEqual(again.lasso!.stability);
     expect(twice.pca!.test_pairs).toEqual(again.pca!.test_pairs);
     // with the same batching, the random controls repeat too (seed 0 included: tfjs reads seed 0 as "none")
-    const s0 = { ...DEFAULT_SETTINGS, bootstrap: 5, stabilityReps: 2, batchPairs: 3, seed: 0, layers: [K, K + 1] }; // where h_tuned ≠ h_base
+    const s0 = { ...DEFAULT_SETTINGS, bootstrap: 100, stabilityReps: 2, batchPairs: 3, seed: 0, layers: [K, K + 1] }; // where h_tuned ≠ h_base
     const [r1, r2] = [
       await runAnalysis(base, tuned, pairs.slice(0, 6), s0),
       await runAnalysis(base, tuned, pairs.slice(0, 6), s0),
@@ -180,7 +180,7 @@ describe("planted rank-r change at one layer", () => {
       ...DEFAULT_SETTINGS,
       sites: ["resid_post", "resid_pre", "attn_out", "mlp_out"],
       directions: ["tuned->base", "base->tuned"],
-      bootstrap: 10,
+      bootstrap: 100,
       stabilityReps: 2,
     });
     const gaps = r.pairs.map((p) => p.gap);
@@ -202,7 +202,7 @@ describe("planted rank-r change at one layer", () => {
   it("works on any slice of the pairs (indices need not start at 0)", async () => {
     const r = await runAnalysis(base, tuned, pairs.slice(5, 13), {
       ...DEFAULT_SETTINGS,
-      bootstrap: 20,
+      bootstrap: 100,
       stabilityReps: 2,
     });
     expect(r.pca!.layer).toBe(K);
@@ -214,7 +214,7 @@ describe("planted rank-r change at one layer", () => {
     const before = tf.memory().numTensors;
     await runAnalysis(base, tuned, pairs.slice(0, 4), {
       ...DEFAULT_SETTINGS,
-      bootstrap: 10,
+      bootstrap: 100,
       stabilityReps: 2,
       sites: ["resid_post", "attn_out", "mlp_out", "resid_pre"],
       directions: ["tuned->base", "base->tuned"],
@@ -222,7 +222,7 @@ describe("planted rank-r change at one layer", () => {
     expect(tf.memory().numTensors).toBe(before);
     await runAnalysis(base, tuned, pairs.slice(0, 4), {
       ...DEFAULT_SETTINGS,
-      bootstrap: 10,
+      bootstrap: 100,
       stabilityReps: 2,
       controls: false,
       pcaLayer: base.config.numLayers - 1,

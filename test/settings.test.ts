@@ -1,7 +1,9 @@
 // One defaults object for the CLI and the library; partial settings are filled in and every value checked.
 import { describe, expect, it } from "vitest";
 import { DEFAULT_SETTINGS, resolveSettings, RUN_SETTINGS, SettingsError } from "../src/analysis/settings.js";
-import { runCli } from "./helpers.js";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { runCli, tmpDir } from "./helpers.js";
 
 describe("settings", () => {
   it("fills what a partial object leaves out from DEFAULT_SETTINGS, which cannot be changed by accident", () => {
@@ -27,9 +29,45 @@ describe("settings", () => {
     [{ windw: 2 } as never, /unknown setting "windw"/],
     [{ pcaTestFrac: 1 }, /pcaTestFrac must be in \(0, 1\)/],
     [{ batchPairs: 0 }, /batchPairs must be an integer ≥ 1/],
+    // a resample count too small to give an interval or a selection frequency
+    [{ bootstrap: 1 }, /^bootstrap must be 0 \(no intervals\) or at least 100 resamples, got 1$/],
+    [{ bootstrap: 99 }, /^bootstrap must be 0 \(no intervals\) or at least 100 resamples, got 99$/],
+    [{ bootstrap: 150.5 }, /^bootstrap must be 0/],
+    [{ stabilityReps: 1 }, /^stabilityReps must be 0 \(no stability selection\) or at least 2 refits, got 1$/],
   ])("refuses %j with a message naming it", (partial, msg) => {
     expect(() => resolveSettings(partial, { numLayers: 5 })).toThrow(SettingsError);
     expect(() => resolveSettings(partial, { numLayers: 5 })).toThrow(msg);
+  });
+
+  it("bootstrap and stability take 0 (none) and counts from 100 and 2 resamples", () => {
+    for (const bootstrap of [0, 100, 1000]) expect(resolveSettings({ bootstrap }).bootstrap).toBe(bootstrap);
+    for (const stabilityReps of [0, 2, 100])
+      expect(resolveSettings({ stabilityReps }).stabilityReps).toBe(stabilityReps);
+  });
+
+  it("--bootstrap 1 and --stability 1 are one-line errors naming the flag, before anything is made", () => {
+    for (const [flag, msg] of [
+      ["--bootstrap", "--bootstrap must be 0 (no intervals) or at least 100 resamples, got 1"],
+      ["--stability", "--stability must be 0 (no stability selection) or at least 2 refits, got 1"],
+    ] as const) {
+      const out = path.join(tmpDir(), "o");
+      const r = runCli(
+        "run",
+        "--base",
+        "fixtures/models/stories260k",
+        "--tuned",
+        "fixtures/models/stories260k",
+        "--pairs",
+        "fixtures/data/stories/test.jsonl",
+        "--out",
+        out,
+        flag,
+        "1",
+      );
+      expect(r.code, flag).toBe(1);
+      expect(r.err.trim().split("\n"), flag).toEqual([`prefprobe: error: ${msg}`]);
+      expect(fs.existsSync(out), flag).toBe(false);
+    }
   });
 
   it("one table gives every setting its default, its check and its flag, and run --help lists each flag", () => {

@@ -130,7 +130,7 @@ describe("streamed = resident", () => {
   it("the whole analysis on the demo pair is the same with both models streamed two layers at a time, with the head in chunks, or sharing one layer's room", async () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 3 });
-    const settings = { sites: ["resid_post" as const], bootstrap: 20, stabilityReps: 2 };
+    const settings = { sites: ["resid_post" as const], bootstrap: 100, stabilityReps: 2 };
     const load = (dir: string, budget?: number) =>
       loadModelSync(dir, budget ? { stream: "bring-in", memoryBudget: budget } : {});
     const budget = budgetFor(base, 2);
@@ -180,7 +180,7 @@ describe("streamed = resident", () => {
   it("per-head patching and the low-rank stage (at the last layer: the head alone), layer-major on streamed models, give the resident numbers a copy at a time", async () => {
     const base = "fixtures/models/stories260k";
     const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 2 });
-    const settings = { heads: true, pcaLayer: 4, controls: false, bootstrap: 10, stabilityReps: 2 };
+    const settings = { heads: true, pcaLayer: 4, controls: false, bootstrap: 100, stabilityReps: 2 };
     const load = (dir: string, budget?: number) =>
       loadModelSync(dir, budget ? { stream: "bring-in", memoryBudget: budget } : {});
     const resident = [load(base), load("fixtures/models/stories260k-dpo")] as const;
@@ -354,7 +354,7 @@ describe.skipIf(!nativeStatus().ok)(
       const pairs = loadPairs("fixtures/data/stories/test.jsonl", base, { limit: 3 });
       const settings = {
         sites: ["resid_post" as const, "mlp_out" as const],
-        bootstrap: 20,
+        bootstrap: 100,
         stabilityReps: 2,
         heads: true,
       };

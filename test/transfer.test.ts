@@ -35,7 +35,7 @@ beforeAll(() => {
     "16",
     "--no-controls",
     "--bootstrap",
-    "10",
+    "100",
     "--stability",
     "2",
     "--workers",

@@ -379,8 +379,8 @@ describe("the model on webgpu", () => {
     try {
       const res = await runAnalysis(base, tuned, pairs, {
         ...DEFAULT_SETTINGS,
-        bootstrap: 20,
-        stabilityReps: 1,
+        bootstrap: 100,
+        stabilityReps: 2,
         folds: 2,
         batchPairs: 2,
         controls: false,
@@ -419,7 +419,7 @@ describe("a CLI run on webgpu", () => {
     "--sites",
     "resid_post",
     "--bootstrap",
-    "20",
+    "100",
     "--stability",
     "2",
     "--folds",

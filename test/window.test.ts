@@ -108,7 +108,7 @@ describe("--window", () => {
     const r = await runAnalysis(demo.base, demo.tuned, demo.pairs, {
       window: 2,
       sites: ["mlp_out"],
-      bootstrap: 10,
+      bootstrap: 100,
       stabilityReps: 2,
     });
     expect(r.patching.every((p) => p.window === 2 && p.controls !== null)).toBe(true);

@@ -105,7 +105,7 @@ function lassoFindings(r: Results): string[] {
       .map(([l]) => l);
     const set = (xs: number[]) => `{${xs.join(", ")}}`;
     let line = nz.length
-      ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${stable.length ? stable.join(", ") : "none"}.`
+      ? `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) regressing the per-pair gap on per-layer activation distances keeps ${nz.length} of ${r.num_layers} layers: ${nz.join(", ")}; layers selected in ≥ 80% of bootstrap refits: ${r.lasso.stability.every((v) => !Number.isFinite(v)) ? "not checked (no refits)" : stable.length ? stable.join(", ") : "none"}.`
       : `LASSO (α = ${num(r.lasso.alpha)} by ${r.lasso.folds}-fold CV) keeps no layer: per-layer activation distances do not predict the per-pair gap better than its mean.`;
     const perm = r.lasso.permutation;
     if (perm && nz.length)

@@ -99,6 +99,11 @@ const integer = (min: number) => (v: number) =>
   Number.isInteger(v) && v >= min ? null : `must be an integer ≥ ${min}`;
 const list = (text: string) => text.split(",").map((x) => x.trim());
 
+/** The fewest bootstrap resamples a recovery interval is made from (0 makes none). */
+export const MIN_BOOTSTRAP = 100;
+/** The fewest bootstrap refits LASSO stability selection is made from (0 makes none). */
+export const MIN_STABILITY_REPS = 2;
+
 /** The largest patch strength |α| a run takes: 1 is the whole difference; beyond ~100 a patch leaves both models' range. */
 export const MAX_ALPHA = 100;
 
@@ -197,16 +202,25 @@ export const RUN_SETTINGS: { readonly [K in keyof RunSettings]: SettingSpec<RunS
   },
   stabilityReps: {
     default: 100,
-    check: integer(0),
+    // a selection frequency needs two refits at least: one refit's is its own 0/1 selection, which the verdict
+    // would read as "selected in 100% of refits"
+    check: (v) =>
+      Number.isInteger(v) && (v === 0 || v >= MIN_STABILITY_REPS)
+        ? null
+        : `must be 0 (no stability selection) or at least ${MIN_STABILITY_REPS} refits`,
     flag: "--stability <n>",
-    help: "bootstrap refits for LASSO stability selection",
+    help: `bootstrap refits for LASSO stability selection (0: none, else at least ${MIN_STABILITY_REPS})`,
     parse: integerText("stabilityReps", 0),
   },
   bootstrap: {
     default: 1000,
-    check: integer(0),
+    // a 95% percentile interval from a few resamples is their spread, not an interval (1 gave "0.15..0.15")
+    check: (v) =>
+      Number.isInteger(v) && (v === 0 || v >= MIN_BOOTSTRAP)
+        ? null
+        : `must be 0 (no intervals) or at least ${MIN_BOOTSTRAP} resamples`,
     flag: "--bootstrap <n>",
-    help: "bootstrap resamples for recovery CIs",
+    help: `bootstrap resamples for recovery CIs (0: no intervals, else at least ${MIN_BOOTSTRAP})`,
     parse: integerText("bootstrap", 0),
   },
   pcaLayer: {

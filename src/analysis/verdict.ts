@@ -129,6 +129,8 @@ export function sparseVerdict(r: Results): string | null {
   const stable = l.stability.map((v, i) => [i, v] as const).filter(([, v]) => v >= 0.8);
   if (nz.length > r.num_layers / 2)
     return `${q} No: LASSO keeps ${nz.length} of ${r.num_layers} layers (${nz.join(", ")}).`;
+  if (l.stability.every((v) => !Number.isFinite(v)))
+    return `${q} Cannot tell: LASSO keeps layers ${nz.join(", ")}, but no bootstrap refits were run to check the selection (stability 0).`;
   if (!stable.length)
     return `${q} Cannot tell: LASSO keeps layers ${nz.join(", ")}, but none is selected in ≥ 80% of bootstrap refits.`;
   const beatsShuffled = perm ? `, and it predicts the gaps better than shuffled ones (${permutationWords(perm)})` : "";
