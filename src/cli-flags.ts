@@ -26,9 +26,10 @@ const FLAGS: Record<string, string> = {
  * inside a dotted path (a manifest's "settings.stabilityReps", a file "subspace.safetensors") is left as it is.
  */
 export function withFlags(message: string): string {
-  const camel = Object.keys(FLAGS).filter((k) => /[A-Z]/.test(k));
+  // camelCase: a lower-case letter then a capital (a one-letter name such as C is a one-word name)
+  const camel = Object.keys(FLAGS).filter((k) => /[a-z][A-Z]/.test(k));
   let m = message.replace(new RegExp(`(?<!\\w\\.|\\w)(${camel.join("|")})(?!\\.\\w|\\w)`, "g"), (k) => FLAGS[k]!);
   const lead = /^([a-zA-Z]+)(?=[ :,])/.exec(m)?.[1];
-  if (lead && FLAGS[lead] && !/[A-Z]/.test(lead)) m = FLAGS[lead] + m.slice(lead.length);
+  if (lead && FLAGS[lead] && !camel.includes(lead)) m = FLAGS[lead] + m.slice(lead.length);
   return m;
 }

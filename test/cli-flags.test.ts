@@ -15,6 +15,9 @@ describe("withFlags", () => {
     // names inside a dotted path are keys and files, not flags
     expect(withFlags("settings.stabilityReps: 2 vs 5")).toBe("settings.stabilityReps: 2 vs 5");
     expect(withFlags("use a smaller memoryBudget.")).toBe("use a smaller --memory-budget.");
+    // a one-letter setting (the probes' C) is an ordinary letter inside a sentence
+    expect(withFlags("it needs a C compiler")).toBe("it needs a C compiler");
+    expect(withFlags("C must be positive, got 0")).toBe("--C must be positive, got 0");
     expect(withFlags("subspace.safetensors: not found")).toBe("subspace.safetensors: not found");
     expect(withFlags("subspace has width 64, the model 32")).toBe("--subspace has width 64, the model 32");
   });

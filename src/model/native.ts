@@ -67,6 +67,16 @@ export function packageRoot(): string {
   return fileURLToPath(new URL("../../", `file://${here}`));
 }
 
+/** The first line of a build note the install left (native/*-failed.txt), or "it has not been built". */
+export function buildNote(root: string, note: string): string {
+  return fs.existsSync(root + note)
+    ? fs
+        .readFileSync(root + note, "utf8")
+        .trim()
+        .split("\n")[0]!
+    : "it has not been built";
+}
+
 let loaded: { addon: BlasAddon | null; why: string } | null = null;
 
 /** The addon, loaded once per thread, and why not when it cannot be. */
@@ -75,12 +85,7 @@ function load(): { addon: BlasAddon | null; why: string } {
   const root = packageRoot();
   const file = root + ADDON;
   if (!fs.existsSync(file)) {
-    const note = fs.existsSync(root + BUILD_NOTE)
-      ? fs
-          .readFileSync(root + BUILD_NOTE, "utf8")
-          .trim()
-          .split("\n")[0]
-      : "it has not been built";
+    const note = buildNote(root, BUILD_NOTE);
     return (loaded = {
       addon: null,
       why: `${note}; install OpenBLAS (apt-get install libopenblas-dev; macOS has Accelerate) and a C compiler, then run npm run build:native`,

@@ -9,7 +9,7 @@
 import * as fs from "node:fs";
 import { createRequire } from "node:module";
 import * as tf from "@tensorflow/tfjs-core";
-import { packageRoot } from "./native.js";
+import { buildNote, packageRoot } from "./native.js";
 
 /** Which adapters a start accepts: a hardware GPU only, or any adapter of Dawn's OpenGL ES backend (software renderers included). */
 export type AdapterChoice = "hardware" | "software";
@@ -91,12 +91,7 @@ function loadLoop(): { addon: LoopAddon | null; why: string } {
   // (not "a C compiler": the CLI would read the lone C as the --C flag)
   const how = "npm run build:native builds it with the system's compiler (gcc or clang)";
   if (!fs.existsSync(root + LOOP_ADDON)) {
-    const note = fs.existsSync(root + LOOP_NOTE)
-      ? fs
-          .readFileSync(root + LOOP_NOTE, "utf8")
-          .trim()
-          .split("\n")[0]
-      : "it has not been built";
+    const note = buildNote(root, LOOP_NOTE);
     return (loop = { addon: null, why: `its event-loop addon (${LOOP_ADDON}) is missing: ${note}; ${how}` });
   }
   try {
