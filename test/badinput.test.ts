@@ -372,6 +372,12 @@ describe("bad input", () => {
     const words: string[] = JSON.parse(fs.readFileSync(path.join(out, "results.json"), "utf8")).findings;
     expect(words[0]).toMatch(/^Verdict — is the tuned model better on these pairs\? No gap: .*float32 rounding/);
     expect(words.join(" ")).not.toMatch(/recovery peaks|patching only the top|LASSO \(|Steering|Logit lens/);
+    // nor does the report chart the estimators' fits to rounding: it says why they are not drawn
+    const html = fs.readFileSync(path.join(out, "report.html"), "utf8");
+    expect(html).not.toMatch(/PCA spectrum|LASSO coefficients/);
+    expect(html.match(/Not drawn: the two models&#39; margins differ by no more than float32 rounding/g)).toHaveLength(
+      2,
+    );
   });
 
   it("a tokenizer.json of an unknown model type is refused", () => {

@@ -2,6 +2,11 @@
 import * as vega from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
 import type { Results } from "../analysis/schema.js";
+import { betterVerdict } from "../analysis/verdict.js";
+
+/** What the report says in place of the estimators' charts when there is no gap. */
+const NOT_DRAWN =
+  "Not drawn: the two models' margins differ by no more than float32 rounding (the verdict above), so there is no gap for it to explain.";
 import type { Pair } from "../data/pairs.js";
 
 /** Escapes text for HTML element content and attribute values. */
@@ -648,6 +653,8 @@ export async function renderReport(
   meta: Record<string, string>,
   pairs: Pair[],
 ): Promise<string> {
+  // with no gap (identical models or responses) the estimators' charts would draw fits to rounding alone
+  const noGap = r.pairs.length > 0 && betterVerdict(r.pairs).answer === "no gap";
   const sections: Array<[string, TopLevelSpec[], string?]> = [
     [
       "Layer-wide causal patching",
@@ -671,12 +678,16 @@ export async function renderReport(
     ],
     ["Per-pair distributions", distributionSpecs(r)],
     ["Linear probes", [probeSpec(r)].filter((x): x is TopLevelSpec => x !== null)],
-    ["LASSO: which layers' activation distances predict the per-pair gap", lassoSpecs(r)],
-    ["Low-rank reconstruction", pcaSpecs(r)],
+    ["LASSO: which layers' activation distances predict the per-pair gap", noGap ? [] : lassoSpecs(r)],
+    ["Low-rank reconstruction", noGap ? [] : pcaSpecs(r)],
     ["Logit lens", [lensSpec(r)]],
   ];
   let body = "";
   for (const [title, specs, note] of sections) {
+    if (!specs.length && noGap && (title.startsWith("LASSO") || title.startsWith("Low-rank"))) {
+      body += `<h2>${escapeHtml(title)}</h2>\n<p class="note">${escapeHtml(NOT_DRAWN)}</p>\n`;
+      continue;
+    }
     if (!specs.length) continue;
     body += `<h2>${escapeHtml(title)}</h2>\n${note ? `<p class="note">${escapeHtml(note)}</p>\n` : ""}<div class="plots">`;
     for (const s of specs) body += `<figure>${await svg(s)}</figure>`;
